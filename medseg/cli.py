@@ -1,0 +1,240 @@
+"""The ``medseg`` command: one small function per subcommand over the library.
+
+A ``MedsegError`` becomes one line on stderr and exit code 2 (``--debug`` shows
+the traceback); every other exception is a bug and is shown in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("medseg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg.demo import run_demo
+
+    result = run_demo(args.out, cases=args.cases, size=args.size, overrides=args.set)
+    from medseg.metrics import markdown_table, summarise
+
+    summary = summarise(result.rows)
+    print(markdown_table(result.rows))
+    print(
+        f"\nmean foreground Dice on {len({r.case for r in result.rows})} held-out cases: {summary['all']['mean_dice']:.4f}"
+    )
+    print(f"masks:     {result.predictions}")
+    print(f"metrics:   {result.metrics_csv}")
+    print(f"overlays:  {', '.join(str(p) for p in result.overlays)}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+        if result.tracking_uri.startswith("sqlite:"):
+            print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.synthetic import make_dataset
+
+    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    print(path)
+    return 0
+
+
+def cmd_series(args: argparse.Namespace) -> int:
+    from medseg.io import scan_dicom
+
+    scan = scan_dicom(args.dir)
+    if not scan.series:
+        print(f"no image series found under {args.dir}")
+    for s in scan.series:
+        spacing = "x".join(f"{v:.3g}" for v in s.spacing)
+        size = "x".join(str(v) for v in s.size)
+        problems = f"  PROBLEMS: {'; '.join(s.problems)}" if s.problems else ""
+        print(
+            f"{s.series_id}  {s.modality or '-'}  {s.description or '-'!r}  {s.n_slices} slices  {size}  "
+            f"{spacing} mm  {s.orientation}{problems}"
+        )
+    for path, reason in scan.skipped:
+        print(f"skipped {path}: {reason}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from medseg.io import load_volume, write_nifti
+
+    volume = load_volume(args.input, series_id=args.series)
+    out = Path(args.output)
+    write_nifti(volume, out, overwrite=args.overwrite)
+    print(
+        f"{out}: {volume.shape} voxels, spacing {tuple(round(s, 4) for s in volume.spacing)} mm, {volume.axcodes()}"
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from medseg.data import check_dataset
+
+    problems = check_dataset(args.dataset)
+    for p in problems:
+        print(p)
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
+    from medseg.train import train
+
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.fold is not None:
+        overrides.append(f"train.fold={args.fold}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, args.data, out_dir=args.out, resume=args.resume)
+    print(f"bundle: {result.bundle}")
+    print(f"best validation Dice: {result.best_dice:.4f}")
+    if result.run_id:
+        print(f"MLflow run: {result.run_id}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from medseg.bundle import load_bundle
+    from medseg.infer import run_inference
+    from medseg.progress import track
+    from medseg.train import resolve_device
+
+    device = resolve_device(args.device)
+    bundles = [load_bundle(m, device=device) for m in args.model]
+    summary = run_inference(
+        bundles,
+        args.input,
+        args.output,
+        device=device,
+        tta=args.tta,
+        overwrite=args.overwrite,
+        progress=lambda items, desc: track(items, desc),
+    )
+    print(
+        f"{len(summary.written)} written, {len(summary.skipped)} skipped (exist), {len(summary.failed)} failed"
+    )
+    for path, reason in summary.failed:
+        print(f"FAILED {path}: {reason}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.metrics import evaluate_folders, markdown_table, write_csv
+
+    rows = evaluate_folders(args.pred, args.ref)
+    write_csv(rows, args.out)
+    print(markdown_table(rows))
+    print(f"\nper-case metrics: {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg", description="Medical image segmentation: DICOM/NIfTI -> U-Net -> masks."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> infer -> evaluate -> MLflow")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a Decathlon-layout synthetic CT dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dicom", action="store_true", help="also write every image as a DICOM series")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("series", help="list the DICOM series under a folder")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_series)
+
+    p = sub.add_parser("convert", help="DICOM series (or NIfTI) -> NIfTI with exact geometry")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--series", help="SeriesInstanceUID (or its hash) when the folder holds several")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("check", help="dataset integrity report; exit 1 on problems")
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="train a model on a Decathlon dataset folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--config")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--fold", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="segment NIfTI files / DICOM series with a bundle")
+    p.add_argument(
+        "--model", required=True, action="append", help="bundle folder or MLflow URI; repeat to ensemble"
+    )
+    p.add_argument("--input", required=True, nargs="+")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("evaluate", help="Dice per label and case between two folders of masks")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--out", default="metrics.csv")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as exc:
+        if args.debug:
+            raise
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130

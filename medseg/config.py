@@ -1,0 +1,200 @@
+"""Configuration: pydantic models read from YAML, validated once, unknown keys refused.
+
+``load_config(path, overrides)`` returns a :class:`Config`; overrides are
+``a.b=c`` strings whose values are parsed as YAML (``train.epochs=5``,
+``preprocess.spacing=[1.5,1.5,2.5]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.errors import ConfigError
+
+Triple = tuple[float, float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(_Strict):
+    """How image intensities are normalised before the network sees them.
+
+    ``ct``: clip to ``window`` (HU), then z-score with ``mean``/``std`` (dataset
+    foreground statistics, filled in by the plan when left empty).
+    ``mr``/``zscore``: per-image z-score over non-zero voxels. ``none``: as stored.
+    """
+
+    kind: Literal["ct", "mr", "zscore", "none"] = "ct"
+    window: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+class PreprocessConfig(_Strict):
+    orientation: str = "RAS"
+    spacing: Triple | None = None  # mm; None = planned from the dataset fingerprint
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    crop_foreground: bool = True
+    foreground_threshold: float | None = None  # raw intensity above which a voxel is "body"
+
+
+class AugmentConfig(_Strict):
+    flip_prob: float = 0.5
+    rotate_prob: float = 0.2
+    rotate_range_deg: float = 15.0
+    scale_prob: float = 0.2
+    scale_range: float = 0.15
+    intensity_shift_prob: float = 0.3
+    intensity_shift: float = 0.1
+    intensity_scale_prob: float = 0.3
+    intensity_scale: float = 0.1
+    noise_prob: float = 0.15
+    noise_std: float = 0.05
+    pos_neg_ratio: float = 2.0
+    samples_per_volume: int = 2
+
+
+class ModelConfig(_Strict):
+    name: str = "classic_unet"
+    spatial_dims: Literal[2, 3] = 3
+    features: int = 16
+    depth: int = 4  # number of 2x2 max-pool steps
+    norm: Literal["none", "batch", "instance"] = "instance"
+    dropout: float = 0.0
+
+
+class TrainConfig(_Strict):
+    epochs: int = 50
+    iterations_per_epoch: int | None = None  # None = one pass over the training cases
+    batch_size: int = 2
+    patch_size: Triple | None = None  # voxels; None = planned
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    val_every: int = 5
+    val_fraction: float = 0.2
+    fold: int | None = None
+    num_folds: int = 5
+    amp: bool = True  # only takes effect on CUDA
+    device: str | None = None  # None = cuda when present, else cpu
+    num_workers: int = 0
+    checkpoint_every_minutes: float = 10.0
+
+
+class InferConfig(_Strict):
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    blend_mode: Literal["gaussian", "constant"] = "gaussian"
+    tta: bool = False
+
+
+class PostprocessConfig(_Strict):
+    keep_largest: bool = True
+    min_volume_mm3: float = 0.0
+    fill_holes: bool = False
+    connectivity: Literal[6, 18, 26] = 26
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "medseg"
+    run_name: str | None = None
+    log_model: bool = True
+    registered_model_name: str | None = None
+
+
+class Config(_Strict):
+    seed: int = 0
+    labels: dict[int, str] | None = None  # None = taken from dataset.json
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("labels")
+    @classmethod
+    def _background_is_zero(cls, v: dict[int, str] | None) -> dict[int, str] | None:
+        if v is not None and 0 not in v:
+            raise ValueError("labels must include 0 (background)")
+        return v
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a plain config tree."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded or {}
+    tree = apply_overrides(tree, overrides)
+    return config_from_dict(tree, source=source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping to dotted keys (for MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,37 @@
+"""The few exception types medseg raises at its boundaries.
+
+Every error a user can cause (a bad file, a bad config, a missing series) is a
+``MedsegError``; the CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedsegError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+
+class InputError(MedsegError):
+    """A file or folder given as input cannot be used.
+
+    The message always names the file and the problem.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class ConfigError(MedsegError):
+    """A configuration file or override is invalid."""
+
+
+class OutputError(MedsegError):
+    """An output cannot be written (exists without --overwrite, disk full, ...)."""
+
+
+class TrackingError(MedsegError):
+    """The MLflow tracking store cannot be reached or used."""

@@ -1,0 +1,123 @@
+"""File formats live here and nowhere else: NIfTI, DICOM series, DICOM SEG.
+
+``load_volume(path)`` reads a NIfTI file or a DICOM series folder into a
+``Volume``; ``write_mask`` writes a label map in the exact grid of its source.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.dicom import read_dicom_series, scan_dicom, write_dicom_series
+from medseg.io.nifti import is_nifti, read_nifti, write_nifti
+from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
+
+__all__ = [
+    "Volume",
+    "atomic_path",
+    "case_stem",
+    "find_inputs",
+    "load_label",
+    "load_volume",
+    "read_dicom_series",
+    "read_nifti",
+    "scan_dicom",
+    "write_dicom_series",
+    "write_mask",
+    "write_nifti",
+    "write_text_atomic",
+]
+
+
+def load_volume(path: str | Path, *, series_id: str | None = None) -> Volume:
+    """Read an image: a NIfTI file, a DICOM file, or a folder holding one DICOM series."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_file() and is_nifti(path):
+        return read_nifti(path, kind="image")
+    if path.is_dir() or path.is_file():
+        return read_dicom_series(path, series_id=series_id)
+    raise InputError(path, "neither a NIfTI file nor a DICOM series folder")
+
+
+def load_label(path: str | Path, *, image: Volume | None = None) -> Volume:
+    """Read a label map; when ``image`` is given, its grid must match exactly."""
+    label = read_nifti(path, kind="label")
+    if image is not None:
+        check_same_grid(image, label)
+    return label
+
+
+def check_same_grid(image: Volume, label: Volume, *, atol: float = 1e-3) -> None:
+    if image.shape != label.shape:
+        raise InputError(
+            label.source, f"label shape {label.shape} differs from image {image.source} shape {image.shape}"
+        )
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise InputError(
+            label.source,
+            f"label affine differs from image {image.source} (max difference "
+            f"{np.abs(image.affine - label.affine).max():.4g} mm); resample the label onto the image grid",
+        )
+
+
+def find_inputs(paths: list[str | Path]) -> list[Path]:
+    """Expand ``infer --input`` arguments: NIfTI files, DICOM series folders, or folders of either."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(path, "not found")
+        if path.is_file():
+            found.append(path)
+            continue
+        niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+        if niftis:
+            found.extend(niftis)
+            found.extend(subdirs)
+        elif subdirs and not any(p.is_file() for p in path.iterdir() if not p.name.startswith(".")):
+            found.extend(subdirs)  # a folder of DICOM series folders
+        else:
+            found.append(path)  # a DICOM series folder
+    return found
+
+
+def write_mask(
+    mask: np.ndarray,
+    source: Volume,
+    path: str | Path,
+    *,
+    labels: dict[int, str],
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``mask`` (in ``source``'s grid) as NIfTI plus ``<stem>.json`` with label names and geometry."""
+    path = Path(path)
+    if mask.shape != source.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from source grid {source.shape}")
+    if mask.max(initial=0) > 255:
+        raise ValueError("mask holds labels above 255")
+    out = Volume(array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=str(path))
+    sidecar = {
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "source": {
+            "name": Path(source.source).name,
+            "format": source.meta.get("source_format", ""),
+            "shape": list(source.shape),
+            "spacing_mm": [round(s, 6) for s in source.spacing],
+            "affine": np.asarray(source.affine).round(6).tolist(),
+            "axcodes": source.axcodes(),
+        },
+        **(extra or {}),
+    }
+    json_path = path.with_name(case_stem(path) + ".json")
+    write_nifti(out, path, overwrite=overwrite)
+    write_text_atomic(json_path, json.dumps(sidecar, indent=2), overwrite=True)
+    return path

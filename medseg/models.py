@@ -1,0 +1,169 @@
+"""Network registry: the classic U-Net of Ronneberger et al. (2015) and MONAI's variants.
+
+``build_model(cfg.model, in_channels=1, out_channels=n_labels)`` looks the name up
+in ``MODELS``; an unknown name fails listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from medseg.config import ModelConfig
+from medseg.errors import ConfigError
+
+
+def _norm(kind: str, dims: int, channels: int) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3(x3) convolutions, each followed by ReLU (and optional normalisation before it)."""
+
+    def __init__(self, dims: int, in_ch: int, out_ch: int, norm: str = "none", dropout: float = 0.0) -> None:
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(((in_ch, out_ch), (out_ch, out_ch))):
+            layers += [
+                conv(a, b, kernel_size=3, padding=1, bias=norm == "none"),
+                _norm(norm, dims, b),
+                nn.ReLU(inplace=True),
+            ]
+            if dropout and i == 1:
+                layers.append((nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout))
+        super().__init__(*layers)
+
+
+class ClassicUNet(nn.Module):
+    """The U-Net of the paper, in 2D or 3D.
+
+    Contracting path: per level two 3x3 convolutions with ReLU, then 2x2 max-pooling,
+    features doubled per level. Expanding path: 2x2 transposed ("up-") convolution
+    halving the features, concatenation with the skip, two 3x3 convolutions with ReLU.
+    A 1x1 convolution maps to the classes. Differences from the paper, on purpose:
+    padded ("same") convolutions, so that output and input sizes match and sliding
+    windows tile exactly; optional normalisation (``norm="none"`` is the paper's form).
+
+    Input sizes must be divisible by ``2**depth``.
+
+    Example:
+        >>> net = ClassicUNet(spatial_dims=3, in_channels=1, out_channels=4, features=8, depth=2)
+        >>> net(torch.zeros(1, 1, 16, 16, 16)).shape
+        torch.Size([1, 4, 16, 16, 16])
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: int = 64,
+        depth: int = 4,
+        norm: str = "none",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        dims = spatial_dims
+        pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+        up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        conv1 = nn.Conv2d if dims == 2 else nn.Conv3d
+        widths = [features * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.down = nn.ModuleList()
+        in_ch = in_channels
+        for w in widths[:-1]:
+            self.down.append(DoubleConv(dims, in_ch, w, norm))
+            in_ch = w
+        self.pool = pool(kernel_size=2, stride=2)
+        self.bottom = DoubleConv(dims, widths[-2], widths[-1], norm, dropout)
+        self.up = nn.ModuleList()
+        self.decode = nn.ModuleList()
+        for w_low, w in zip(widths[:0:-1], widths[-2::-1], strict=True):
+            self.up.append(up(w_low, w, kernel_size=2, stride=2))
+            self.decode.append(DoubleConv(dims, 2 * w, w, norm))
+        self.head = conv1(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 2**self.depth
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f"ClassicUNet input spatial size {tuple(x.shape[2:])} must be divisible by {factor}"
+            )
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for upconv, block, skip in zip(self.up, self.decode, reversed(skips), strict=True):
+            x = block(torch.cat([skip, upconv(x)], dim=1))
+        return self.head(x)
+
+
+def _classic(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    return ClassicUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=cfg.features,
+        depth=cfg.depth,
+        norm=cfg.norm,
+        dropout=cfg.dropout,
+    )
+
+
+def _monai_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=tuple(cfg.features * 2**i for i in range(cfg.depth + 1)),
+        strides=(2,) * cfg.depth,
+        num_res_units=2,
+        norm="instance" if cfg.norm == "none" else cfg.norm,
+        dropout=cfg.dropout,
+    )
+
+
+def _basic_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    f = cfg.features
+    return BasicUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=(f, f, 2 * f, 4 * f, 8 * f, f),
+        dropout=cfg.dropout,
+    )
+
+
+MODELS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "classic_unet": _classic,
+    "monai_unet": _monai_unet,
+    "basic_unet": _basic_unet,
+}
+
+
+def divisor_of(cfg: ModelConfig) -> int:
+    """Patch sizes must be divisible by this."""
+    return 16 if cfg.name == "basic_unet" else 2**cfg.depth
+
+
+def build_model(cfg: ModelConfig, *, in_channels: int = 1, out_channels: int) -> nn.Module:
+    try:
+        factory = MODELS[cfg.name]
+    except KeyError:
+        raise ConfigError(
+            f"model.name: unknown model {cfg.name!r}. Available options are: {sorted(MODELS)}"
+        ) from None
+    return factory(cfg, in_channels, out_channels)

@@ -1,0 +1,175 @@
+"""MLflow tracking: one run per training, params, batched metrics, artifacts, the model.
+
+The store is ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///mlflow.db`` in the working folder. HTTP calls to a tracking server
+are bounded (timeout and retries), and an unreachable server is reported before
+any training work starts. ``Tracker`` with ``enabled=False`` records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medseg.config import TrackingConfig
+from medseg.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+# MLflow's defaults retry for minutes against a dead server; bound them unless the user chose.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _bound_http() -> None:
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+class Tracker:
+    """A thin, explicit wrapper over one MLflow run."""
+
+    def __init__(self, cfg: TrackingConfig, *, enabled: bool | None = None) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled if enabled is None else enabled
+        self.run_id: str | None = None
+        self.uri = resolve_uri(cfg) if self.enabled else ""
+        self.failures: list[str] = []
+
+    def start(
+        self, *, run_name: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None
+    ) -> None:
+        if not self.enabled:
+            return
+        _bound_http()
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            experiment = mlflow.set_experiment(self.cfg.experiment)
+            run = mlflow.start_run(
+                run_id=run_id,
+                experiment_id=None if run_id else experiment.experiment_id,
+                run_name=None if run_id else (self.cfg.run_name or run_name),
+                tags=tags,
+            )
+        except Exception as exc:
+            raise TrackingError(
+                f"MLflow tracking store {self.uri} cannot be used ({type(exc).__name__}: {str(exc)[:200]}); "
+                "start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or pass --set tracking.enabled=false"
+            ) from exc
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s in %s", self.run_id, self.uri)
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
+        if not self.enabled or self.run_id is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            message = f"{what} not logged to MLflow ({type(exc).__name__}: {str(exc)[:200]})"
+            self.failures.append(message)
+            log.warning(message)
+            return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], _param_value(v)) for k, v in params.items()]
+        client = mlflow.MlflowClient(self.uri)
+        for start in range(0, len(items), 100):
+            self._guard("params", client.log_batch, self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        import mlflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        client = mlflow.MlflowClient(self.uri)
+        self._guard(f"metrics of step {step}", client.log_batch, self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        path = Path(path)
+        fn = mlflow.log_artifacts if path.is_dir() else mlflow.log_artifact
+        self._guard(f"artifact {path.name}", fn, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        self._guard("tags", mlflow.set_tags, tags)
+
+    def log_model(self, network, input_example) -> None:
+        if not self.cfg.log_model:
+            return
+        import mlflow.pytorch
+
+        self._guard(
+            "model",
+            mlflow.pytorch.log_model,
+            network,
+            name="model",
+            input_example=input_example,
+            registered_model_name=self.cfg.registered_model_name,
+            pip_requirements=["torch", "monai", "numpy"],
+        )
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        self._guard("run end", mlflow.end_run, status=status)
+        if self.failures:
+            log.warning("MLflow: %d logging calls failed; first: %s", len(self.failures), self.failures[0])
+
+
+def download_bundle(model_uri: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path:
+    """Fetch the bundle folder logged with a run, for ``runs:/ID/model`` or ``models:/NAME/VERSION``."""
+    _bound_http()
+    import mlflow
+
+    uri = tracking_uri or resolve_uri(TrackingConfig())
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        if model_uri.startswith("models:/"):
+            name, _, version = model_uri[len("models:/") :].partition("/")
+            if version in ("", "latest"):
+                versions = client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise TrackingError(f"{model_uri}: no registered versions")
+                version = str(max(int(v.version) for v in versions))
+            run_id = client.get_model_version(name, version).run_id
+        elif model_uri.startswith("runs:/"):
+            run_id = model_uri[len("runs:/") :].split("/")[0]
+        else:
+            raise TrackingError(f"{model_uri}: expected runs:/<run id>/model or models:/<name>/<version>")
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle", dst_path=str(dest))
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(
+            f"{model_uri}: cannot fetch the bundle from MLflow ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    return Path(local)

@@ -1,0 +1,48 @@
+"""One contract run over every registered model (forward, backward, sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.config import ModelConfig
+from medseg.errors import ConfigError
+from medseg.models import MODELS, ClassicUNet, build_model, divisor_of
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dims", [2, 3])
+def test_forward_backward(name, dims):
+    cfg = ModelConfig(name=name, spatial_dims=dims, features=4, depth=2)
+    net = build_model(cfg, in_channels=1, out_channels=3)
+    size = divisor_of(cfg) * 2
+    x = torch.randn(2, 1, *([size] * dims), requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3, *([size] * dims))
+    y.mean().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+
+
+def test_classic_unet_structure():
+    net = ClassicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=64, depth=4, norm="none")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    ups = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    # 2 convs per level on the way down (4) + bottom (1) + up (4), then the 1x1 head
+    assert len(convs) == 2 * 9 + 1
+    assert all(c.kernel_size == (3, 3) for c in convs[:-1])
+    assert convs[-1].kernel_size == (1, 1)
+    assert [u.kernel_size for u in ups] == [(2, 2)] * 4
+    assert [c.out_channels for c in convs[:10:2]] == [64, 128, 256, 512, 1024]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.InstanceNorm2d) for m in net.modules())
+
+
+def test_indivisible_input_is_refused():
+    net = ClassicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=4, depth=2)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.zeros(1, 1, 10, 8, 8))
+
+
+def test_unknown_model_lists_options():
+    with pytest.raises(ConfigError, match="Available options are"):
+        build_model(ModelConfig(name="nope"), out_channels=2)
