@@ -95,7 +95,7 @@ class InferConfig(_Strict):
 
 
 class PostprocessConfig(_Strict):
-    keep_largest: bool = True
+    keep_largest: bool = False  # off by default: paired organs (kidneys, lungs) have two components
     min_volume_mm3: float = 0.0
     fill_holes: bool = False
     connectivity: Literal[6, 18, 26] = 26

@@ -27,6 +27,7 @@ DEMO_CONFIG: dict = {
     "train": {"epochs": 40, "batch_size": 2, "patch_size": [48, 48, 16], "lr": 3e-3, "val_every": 10},
     "augment": {"samples_per_volume": 2, "rotate_prob": 0.15, "scale_prob": 0.15},
     "infer": {"overlap": 0.25},
+    "postprocess": {"keep_largest": False, "min_volume_mm3": 30.0},
 }
 
 
