@@ -64,29 +64,63 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_series(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
     from medseg.io import scan_dicom
 
     scan = scan_dicom(args.dir)
-    if not scan.series:
-        print(f"no image series found under {args.dir}")
     for s in scan.series:
-        spacing = "x".join(f"{v:.3g}" for v in s.spacing)
-        size = "x".join(str(v) for v in s.size)
-        problems = f"  PROBLEMS: {'; '.join(s.problems)}" if s.problems else ""
+        spacing = " x ".join(f"{v:.4g}" for v in s.spacing)
+        size = " x ".join(str(v) for v in s.size)
+        print(f"series {s.series_id}  (hash {s.uid_hash})")
         print(
-            f"{s.series_id}  {s.modality or '-'}  {s.description or '-'!r}  {s.n_slices} slices  {size}  "
-            f"{spacing} mm  {s.orientation}{problems}"
+            f"  {s.modality or '-'}  {s.description or '(no description)'!r}  {s.n_slices} slices  "
+            f"size {size}  spacing {spacing} mm  {s.orientation}  {'original' if s.original else 'derived'}"
         )
-    for path, reason in scan.skipped:
-        print(f"skipped {path}: {reason}")
+        print(f"  {len(s.files)} files, transfer syntax {_ts_name(s.transfer_syntax)}")
+        for problem in s.problems:
+            print(f"  PROBLEM: {problem}")
+    if scan.skipped:
+        print(f"skipped {len(scan.skipped)} file(s):")
+        for path, reason in scan.skipped:
+            print(f"  {path}: {reason}")
+    if not scan.series:
+        reasons = sorted({reason for _, reason in scan.skipped})
+        detail = (
+            f" (skipped {len(scan.skipped)} files: {'; '.join(reasons[:4])})"
+            if scan.skipped
+            else " (no files)"
+        )
+        raise InputError(args.dir, f"no DICOM image series found{detail}")
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from medseg.io import load_volume, write_nifti
+def _ts_name(uid: str) -> str:
+    from pydicom.uid import UID
 
-    volume = load_volume(args.input, series_id=args.series)
-    out = Path(args.output)
+    return f"{UID(uid).name}" if uid else "unknown"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError, OutputError
+    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+
+    source, out = Path(args.input), Path(args.output)
+    if not is_nifti(out):
+        raise OutputError(f"{out}: the output must be a NIfTI file (.nii.gz or .nii)")
+    if out.exists() and not args.overwrite:
+        raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not source.exists():
+        raise InputError(source, "not found")
+    if out.resolve() == source.resolve():
+        raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
+    scan = None
+    if not (source.is_file() and is_nifti(source)):
+        scan = scan_dicom(source)
+        info = select_series(scan, source, args.series)
+        if len(scan.series) > 1:
+            how = "chosen with --series" if args.series else "the main one; pick another with --series"
+            print(f"{source}: {len(scan.series)} series found; converting {info.label()}, {how}")
+    volume = load_volume(source, series_id=args.series, allow_tilt=args.resample_tilt, scan=scan)
     write_nifti(volume, out, overwrite=args.overwrite)
     print(
         f"{out}: {volume.shape} voxels, spacing {tuple(round(s, 4) for s in volume.spacing)} mm, {volume.axcodes()}"
@@ -188,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--series", help="SeriesInstanceUID (or its hash) when the folder holds several")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--resample-tilt",
+        action="store_true",
+        help="resample a gantry-tilted series onto an orthogonal grid (default: refuse it)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("check", help="dataset integrity report; exit 1 on problems")
@@ -233,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as exc:
         if args.debug:
             raise
-        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"medseg {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)

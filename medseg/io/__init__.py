@@ -7,17 +7,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicom import read_dicom_series, scan_dicom, write_dicom_series
+from medseg.io.dicom import (
+    ScanResult,
+    SeriesInfo,
+    read_dicom_series,
+    scan_dicom,
+    select_series,
+    uid_hash,
+    write_dicom_series,
+)
 from medseg.io.nifti import is_nifti, read_nifti, write_nifti
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
 __all__ = [
+    "ScanResult",
+    "SeriesInfo",
     "Volume",
     "atomic_path",
     "case_stem",
@@ -27,6 +38,8 @@ __all__ = [
     "read_dicom_series",
     "read_nifti",
     "scan_dicom",
+    "select_series",
+    "uid_hash",
     "write_dicom_series",
     "write_mask",
     "write_nifti",
@@ -34,23 +47,49 @@ __all__ = [
 ]
 
 
-def load_volume(path: str | Path, *, series_id: str | None = None) -> Volume:
-    """Read an image: a NIfTI file, a DICOM file, or a folder holding one DICOM series."""
+def load_volume(
+    path: str | Path,
+    *,
+    series_id: str | None = None,
+    allow_tilt: bool = False,
+    scan: ScanResult | None = None,
+) -> Volume:
+    """Read an image: a NIfTI file, a DICOM file, or a folder holding DICOM series.
+
+    For DICOM, ``series_id`` picks a series (UID, its hash or a unique prefix); without it
+    the main series is chosen (see ``select_series``). ``allow_tilt`` resamples a
+    gantry-tilted series onto an orthogonal grid instead of refusing it.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
     if path.is_file() and is_nifti(path):
+        if series_id is not None:
+            raise InputError(path, "--series applies to DICOM folders, not to a NIfTI file")
         return read_nifti(path, kind="image")
     if path.is_dir() or path.is_file():
-        return read_dicom_series(path, series_id=series_id)
+        return read_dicom_series(path, series_id=series_id, allow_tilt=allow_tilt, scan=scan)
     raise InputError(path, "neither a NIfTI file nor a DICOM series folder")
 
 
-def load_label(path: str | Path, *, image: Volume | None = None) -> Volume:
-    """Read a label map; when ``image`` is given, its grid must match exactly."""
+def load_label(
+    path: str | Path, *, image: Volume | None = None, expected_labels: Iterable[int] | None = None
+) -> Volume:
+    """Read a label map; when ``image`` is given, its grid must match exactly; when
+    ``expected_labels`` is given, no other value may occur."""
     label = read_nifti(path, kind="label")
     if image is not None:
         check_same_grid(image, label)
+    if expected_labels is not None:
+        allowed = {int(v) for v in expected_labels} | {0}
+        found = {int(v) for v in np.unique(label.array)}
+        unexpected = sorted(found - allowed)
+        if unexpected:
+            raise InputError(
+                path,
+                f"label map holds values {unexpected} that are not among the declared labels "
+                f"{sorted(allowed)}; fix the labels or the label list",
+            )
     return label
 
 
@@ -62,8 +101,9 @@ def check_same_grid(image: Volume, label: Volume, *, atol: float = 1e-3) -> None
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise InputError(
             label.source,
-            f"label affine differs from image {image.source} (max difference "
-            f"{np.abs(image.affine - label.affine).max():.4g} mm); resample the label onto the image grid",
+            f"label grid differs from image {image.source}: affines differ by up to "
+            f"{np.abs(image.affine - label.affine).max():.4g} mm; resample the label onto the image grid "
+            "(nearest neighbour)",
         )
 
 

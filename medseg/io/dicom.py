@@ -1,21 +1,28 @@
 """DICOM series: find them in a folder, read one with exact geometry, write one.
 
-Reading is done with pydicom (decoders: pylibjpeg for JPEG/JPEG-LS/JPEG 2000/RLE,
+Reading is done with pydicom (decoders: pylibjpeg-libjpeg for JPEG baseline/lossless,
+pylibjpeg-openjpeg for JPEG 2000, pyjpegls for JPEG-LS, pylibjpeg-rle for RLE,
 python-gdcm as a fallback) and geometry is computed here from the headers, never
 trusted to a library default: slices are sorted by their position along the slice
-normal, gaps and duplicates are refused, and the affine is built from
-ImageOrientationPatient / ImagePositionPatient / PixelSpacing, in RAS millimetres.
+normal (not by InstanceNumber), gaps, duplicates, mixed orientation or spacing and
+gantry tilt are refused (tilt can be resampled on request), and the affine is built
+from ImageOrientationPatient / ImagePositionPatient / PixelSpacing, in RAS millimetres.
+Enhanced (multi-frame) objects are read frame by frame from their per-frame
+functional groups. Pixel data are checked before decoding: a truncated slice is refused.
 
 Patient-identifying fields are never copied out of a header: a ``Volume`` only
-gets the keys in ``SAFE_META_KEYS`` and a hash of the series UID.
+gets the keys in ``SAFE_META_KEYS`` and a hash of the series UID; messages and
+logs name files and hashed UIDs, never header values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,16 +37,56 @@ log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-# SOP classes that hold no pixel volume: structured reports, RT structures,
-# segmentations, presentation states, key objects, raw data.
-_NON_IMAGE_MODALITIES = {"SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "SEG", "PR", "KO", "REG", "RAW", "DOC"}
+# Objects that hold no pixel volume: structured reports, RT objects, segmentations,
+# presentation states, key objects, registrations, raw data, encapsulated documents.
+_NON_IMAGE_MODALITIES = {
+    "SR",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTDOSE",
+    "RTRECORD",
+    "SEG",
+    "PR",
+    "KO",
+    "REG",
+    "RAW",
+    "DOC",
+    "PLAN",
+    "FID",
+}
+_NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.66": "segmentation/registration/raw data object",
+    "1.2.840.10008.5.1.4.1.1.88": "structured report",
+    "1.2.840.10008.5.1.4.1.1.11": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.481": "RT object",
+    "1.2.840.10008.5.1.4.1.1.104": "encapsulated document",
+}
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _GAP_FACTOR = 1.5
 _ORIENTATION_TOL = 1e-3
+_SCOUT_MIN_ANGLE_DEG = 10.0  # a stray stack tilted less than this is a broken series, not a scout
+_PRIMARY_MODALITIES = {"CT", "MR", "PT", "NM", "US"}
 
 
 def uid_hash(uid: str) -> str:
     """Short stable hash of a UID: traceable in logs without revealing the UID."""
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def one_line(exc: BaseException | str) -> str:
+    """A library's exception text on one line (messages end up as a single stderr line)."""
+    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _quiet(path: Path) -> Iterator[None]:
+    """pydicom warns on stderr about odd values; medseg decides itself what is fatal."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught[:3]:
+        log.debug("%s: %s", path, one_line(str(w.message)))
 
 
 @dataclass
@@ -59,13 +106,20 @@ class _SliceHeader:
     image_type: tuple[str, ...]
     transfer_syntax: str
     manufacturer: str
+    frame: int | None = None  # index of the frame in an enhanced multi-frame object
+    slope: float | None = None  # per-frame rescale of an enhanced object
+    intercept: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name}[frame {self.frame + 1}]"
 
 
 @dataclass
 class SeriesInfo:
     """One image series (or one geometric stack within a series) found on disk."""
 
-    series_id: str  # SeriesInstanceUID, or "hash:<12 hex>" when the UID is blank
+    series_id: str  # SeriesInstanceUID, or "hash:<12 hex>" when the UID is blank; "#n" for extra stacks
     modality: str
     description: str
     files: list[Path]
@@ -74,14 +128,23 @@ class SeriesInfo:
     orientation: str  # axial / coronal / sagittal / oblique
     transfer_syntax: str
     problems: list[str] = field(default_factory=list)
+    original: bool = True  # ImageType ORIGINAL (not DERIVED/SECONDARY)
+    n_frames: int = 0
 
     @property
     def n_slices(self) -> int:
-        return len(self.files)
+        return self.n_frames or len(self.files)
 
     @property
     def uid_hash(self) -> str:
         return uid_hash(self.series_id)
+
+    def label(self) -> str:
+        """How messages and logs name the series: hashed UID, modality, description, size."""
+        return (
+            f"{self.uid_hash} ({self.modality or '?'}, {self.description or 'no description'!r}, "
+            f"{self.n_slices} slices, {self.orientation})"
+        )
 
 
 @dataclass
@@ -107,43 +170,63 @@ def _candidate_files(root: Path) -> Iterable[Path]:
             yield path
 
 
-def _read_header(path: Path) -> _SliceHeader | str:
-    """A slice's geometry header, or the reason the file is not a usable image slice."""
+def _floats(values, n: int) -> np.ndarray | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        return None
+    return arr
+
+
+def _check_geometry(iop: np.ndarray | None, ipp: np.ndarray | None, ps: np.ndarray | None) -> str | None:
+    if iop is None or ipp is None or ps is None:
+        return "malformed geometry tags (ImageOrientationPatient/ImagePositionPatient/PixelSpacing)"
+    if ps.min() <= 0:
+        return f"non-positive PixelSpacing {ps.tolist()}"
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+        return f"ImageOrientationPatient {iop.round(4).tolist()} is not two orthogonal unit vectors"
+    return None
+
+
+def _read_headers(path: Path) -> list[_SliceHeader] | str:
+    """A file's slice headers (one per frame), or the reason it is not a usable image."""
+    try:
+        with _quiet(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return "not a DICOM file"
     except Exception as exc:
-        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+        return f"unreadable DICOM header ({type(exc).__name__}: {one_line(exc)})"
+    try:
+        with _quiet(path):
+            return _headers_from_dataset(path, ds)
+    except Exception as exc:  # a malformed element surfaces only when it is accessed
+        return f"malformed DICOM header ({type(exc).__name__}: {one_line(exc)})"
+
+
+def _headers_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_SliceHeader] | str:
     modality = str(ds.get("Modality", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or "")
     if modality.upper() in _NON_IMAGE_MODALITIES:
         return f"non-image object (modality {modality})"
+    for prefix, what in _NON_IMAGE_SOP_PREFIXES.items():
+        if sop_class.startswith(prefix):
+            return f"non-image object ({what})"
     # stop_before_pixels hides PixelData: an image object is recognised by its dimensions
     if "Rows" not in ds or "Columns" not in ds:
         return "no pixel data (not an image object)"
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
-    if "LOCALIZER" in image_type:
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
         return "localizer/scout image"
-    if "SCREEN SHOT" in image_type or ("SECONDARY" in image_type and modality.upper() == "OT"):
-        return "derived screenshot"
+    if "SCREEN SHOT" in image_type or sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
+        return "derived screenshot / secondary capture"
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        return f"colour image (SamplesPerPixel {samples}), not a greyscale cross-sectional slice"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    iop_raw = ds.get("ImageOrientationPatient")
-    ipp_raw = ds.get("ImagePositionPatient")
-    ps_raw = ds.get("PixelSpacing")
-    if frames > 1 and (iop_raw is None or ipp_raw is None):
-        return "multi-frame (enhanced) object: not supported as a series slice yet"
-    if iop_raw is None or ipp_raw is None:
-        return "no ImageOrientationPatient/ImagePositionPatient (not a cross-sectional slice)"
-    if ps_raw is None:
-        return "no PixelSpacing"
-    try:
-        iop = np.asarray([float(v) for v in iop_raw], dtype=np.float64)
-        ipp = np.asarray([float(v) for v in ipp_raw], dtype=np.float64)
-        pixel_spacing = (float(ps_raw[0]), float(ps_raw[1]))
-    except (TypeError, ValueError):
-        return "malformed geometry tags (ImageOrientationPatient/ImagePositionPatient/PixelSpacing)"
-    if iop.shape != (6,) or ipp.shape != (3,) or min(pixel_spacing) <= 0:
-        return "malformed geometry tags (wrong number of values or non-positive spacing)"
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     # Blank series UIDs (anonymised by blanking) fall back to what still tells series apart.
     fallback = "|".join(
@@ -156,27 +239,92 @@ def _read_header(path: Path) -> _SliceHeader | str:
             "Modality",
         )
     )
-    series_key = uid or f"hash:{uid_hash(fallback)}"
     instance = ds.get("InstanceNumber")
-    return _SliceHeader(
-        path=path,
-        series_key=series_key,
-        series_uid=uid,
-        modality=modality,
-        description=str(ds.get("SeriesDescription", "") or ""),
-        iop=iop,
-        ipp=ipp,
-        pixel_spacing=pixel_spacing,
-        rows=int(ds.get("Rows", 0)),
-        cols=int(ds.get("Columns", 0)),
-        instance=int(instance) if instance not in (None, "") else None,
-        frames=frames,
-        image_type=image_type,
-        transfer_syntax=str(
-            getattr(ds.file_meta, "TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
-        ),
-        manufacturer=str(ds.get("Manufacturer", "") or ""),
-    )
+    common = {
+        "path": path,
+        "series_key": uid or f"hash:{uid_hash(fallback)}",
+        "series_uid": uid,
+        "modality": modality,
+        "description": str(ds.get("SeriesDescription", "") or ""),
+        "rows": int(ds.Rows),
+        "cols": int(ds.Columns),
+        "instance": int(instance) if instance not in (None, "") else None,
+        "frames": frames,
+        "image_type": image_type,
+        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
+        "manufacturer": str(ds.get("Manufacturer", "") or ""),
+    }
+    if common["rows"] <= 0 or common["cols"] <= 0:
+        return f"empty image matrix (Rows {common['rows']}, Columns {common['cols']})"
+    if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds, common)
+    iop_raw = ds.get("ImageOrientationPatient")
+    ipp_raw = ds.get("ImagePositionPatient")
+    ps_raw = ds.get("PixelSpacing")
+    if iop_raw is None or ipp_raw is None:
+        return "no ImageOrientationPatient/ImagePositionPatient (not a cross-sectional slice)"
+    if ps_raw is None:
+        return "no PixelSpacing"
+    iop, ipp, ps = _floats(iop_raw, 6), _floats(ipp_raw, 3), _floats(ps_raw, 2)
+    problem = _check_geometry(iop, ipp, ps)
+    if problem:
+        return problem
+    return [_SliceHeader(iop=iop, ipp=ipp, pixel_spacing=(float(ps[0]), float(ps[1])), **common)]
+
+
+def _enhanced_frames(ds: pydicom.Dataset, common: dict) -> list[_SliceHeader] | str:
+    """Per-frame geometry of an enhanced multi-frame object from its functional groups."""
+    frames = common["frames"]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if not per_frame or len(per_frame) != frames:
+        return (
+            f"multi-frame object ({frames} frames) without per-frame geometry "
+            "(PerFrameFunctionalGroupsSequence): cannot place its frames in space"
+        )
+
+    def group(fg, name: str):
+        for source in (fg, shared):
+            if source is not None and name in source and len(source[name]):
+                return source[name][0]
+        return None
+
+    headers = []
+    for f, fg in enumerate(per_frame):
+        pos, ori, pix = (
+            group(fg, "PlanePositionSequence"),
+            group(fg, "PlaneOrientationSequence"),
+            group(fg, "PixelMeasuresSequence"),
+        )
+        if pos is None or ori is None or pix is None:
+            return (
+                f"multi-frame object: frame {f + 1} has no plane position, orientation or pixel spacing "
+                "in its functional groups"
+            )
+        iop = _floats(ori.get("ImageOrientationPatient") or [], 6)
+        ipp = _floats(pos.get("ImagePositionPatient") or [], 3)
+        ps = _floats(pix.get("PixelSpacing") or [], 2)
+        problem = _check_geometry(iop, ipp, ps)
+        if problem:
+            return f"multi-frame object, frame {f + 1}: {problem}"
+        pvt = group(fg, "PixelValueTransformationSequence")
+        slope = intercept = None
+        if pvt is not None:
+            slope = float(pvt.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(pvt.get("RescaleIntercept", 0.0) or 0.0)
+        headers.append(
+            _SliceHeader(
+                iop=iop,
+                ipp=ipp,
+                pixel_spacing=(float(ps[0]), float(ps[1])),
+                frame=f,
+                slope=slope,
+                intercept=intercept,
+                **common,
+            )
+        )
+    return headers
 
 
 def _stacks(headers: list[_SliceHeader]) -> list[list[_SliceHeader]]:
@@ -196,16 +344,32 @@ def _stacks(headers: list[_SliceHeader]) -> list[list[_SliceHeader]]:
     return stacks
 
 
-def _stack_geometry(stack: list[_SliceHeader]) -> tuple[list[_SliceHeader], np.ndarray, list[str]]:
-    """Sort slices along the normal; return them, the LPS affine, and problems found."""
+def _normal(iop: np.ndarray) -> np.ndarray:
+    n = np.cross(iop[:3], iop[3:])
+    return n / np.linalg.norm(n)
+
+
+@dataclass
+class _Geometry:
+    ordered: list[_SliceHeader]
+    affine: np.ndarray  # LPS; for a tilted stack, the orthogonal grid it would be resampled to
+    problems: list[str]
+    shear_mm: np.ndarray | None = None  # in-plane shift per slice (gantry tilt), LPS mm
+
+
+def _stack_geometry(stack: list[_SliceHeader]) -> _Geometry:
+    """Sort slices along the normal; return them, the LPS affine, and the problems found."""
     ref = stack[0]
     row_dir, col_dir = ref.iop[:3], ref.iop[3:]
-    normal = np.cross(row_dir, col_dir)
+    normal = _normal(ref.iop)
     problems: list[str] = []
     ordered = sorted(stack, key=lambda h: float(np.dot(h.ipp, normal)))
     spacing_set = {tuple(np.round(h.pixel_spacing, 4)) for h in ordered}
     if len(spacing_set) > 1:
-        problems.append(f"inconsistent PixelSpacing within the series: {sorted(spacing_set)}")
+        odd = [h.name for h in ordered if tuple(np.round(h.pixel_spacing, 4)) != _common_spacing(ordered)]
+        problems.append(
+            f"inconsistent PixelSpacing within the series: {sorted(spacing_set)} (e.g. {', '.join(odd[:3])})"
+        )
     row_spacing, col_spacing = ref.pixel_spacing  # PixelSpacing = [between rows, between columns]
     affine = np.eye(4)
     affine[:3, 0] = row_dir * col_spacing
@@ -213,34 +377,59 @@ def _stack_geometry(stack: list[_SliceHeader]) -> tuple[list[_SliceHeader], np.n
     affine[:3, 3] = ordered[0].ipp
     if len(ordered) == 1:
         affine[:3, 2] = normal * 1.0
-        return ordered, affine, problems
+        return _Geometry(ordered, affine, problems)
     offsets = np.asarray([np.dot(h.ipp, normal) for h in ordered])
     steps = np.diff(offsets)
     if np.any(steps < 1e-3):
-        dup = [str(ordered[i + 1].path.name) for i in np.flatnonzero(steps < 1e-3)[:3]]
-        problems.append(f"duplicated slice positions (e.g. {', '.join(dup)})")
+        dup = [f"{ordered[i].name} and {ordered[i + 1].name}" for i in np.flatnonzero(steps < 1e-3)[:2]]
+        problems.append(f"duplicated slice positions ({'; '.join(dup)} lie at the same position)")
         affine[:3, 2] = normal
-        return ordered, affine, problems
+        return _Geometry(ordered, affine, problems)
     step = float(np.median(steps))
     if np.any(steps > _GAP_FACTOR * step):
         where = [
-            f"{offsets[i]:.2f}->{offsets[i + 1]:.2f} mm"
-            for i in np.flatnonzero(steps > _GAP_FACTOR * step)[:3]
+            f"between {ordered[i].name} and {ordered[i + 1].name} ({steps[i]:.2f} mm)"
+            for i in np.flatnonzero(steps > _GAP_FACTOR * step)[:2]
         ]
         problems.append(
-            f"missing slice(s): gap larger than {_GAP_FACTOR}x the median step {step:.3f} mm at {', '.join(where)}"
+            f"missing slice(s): gap larger than {_GAP_FACTOR}x the median step {step:.3f} mm "
+            f"{', '.join(where)}"
         )
     elif not np.allclose(steps, step, rtol=0.05, atol=0.01):
         problems.append(f"uneven slice spacing (steps from {steps.min():.3f} to {steps.max():.3f} mm)")
     slice_vec = (ordered[-1].ipp - ordered[0].ipp) / (len(ordered) - 1)
+    # Every slice must lie on the line from the first to the last (a tilt may not change along the stack).
+    residual = max(
+        float(np.linalg.norm(h.ipp - ordered[0].ipp - slice_vec * (off - offsets[0]) / (slice_vec @ normal)))
+        for h, off in zip(ordered, offsets, strict=True)
+    )
+    if residual > max(0.05 * step, 0.01) and not problems:
+        problems.append(f"slice positions do not lie on one line (off by up to {residual:.2f} mm)")
     cos_tilt = float(np.dot(slice_vec, normal) / np.linalg.norm(slice_vec))
+    shear = None
     if cos_tilt < 0.9999:
         tilt = float(np.degrees(np.arccos(min(1.0, cos_tilt))))
         problems.append(
-            f"gantry tilt of {tilt:.2f} degrees (slices are sheared): not supported; resample the series first"
+            f"gantry tilt of {tilt:.2f} degrees (slices are sheared): refused; "
+            "pass --resample-tilt (allow_tilt=True) to resample it onto an orthogonal grid"
         )
-    affine[:3, 2] = slice_vec
-    return ordered, affine, problems
+        shear = slice_vec - (slice_vec @ normal) * normal
+        affine[:3, 2] = (slice_vec @ normal) * normal
+    else:
+        affine[:3, 2] = slice_vec
+    return _Geometry(ordered, affine, problems, shear)
+
+
+def _common_spacing(ordered: list[_SliceHeader]) -> tuple:
+    """The PixelSpacing most slices share (what a stray slice is compared against)."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for h in ordered:
+        counts[tuple(np.round(h.pixel_spacing, 4))] += 1
+    return max(counts, key=counts.__getitem__)
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(min(1.0, abs(float(_normal(a) @ _normal(b)))))))
 
 
 def scan_dicom(root: str | Path) -> ScanResult:
@@ -251,138 +440,257 @@ def scan_dicom(root: str | Path) -> ScanResult:
     skipped: list[tuple[Path, str]] = []
     by_series: dict[str, list[_SliceHeader]] = defaultdict(list)
     for path in _candidate_files(root):
-        hdr = _read_header(path)
-        if isinstance(hdr, str):
-            skipped.append((path, hdr))
+        hdrs = _read_headers(path)
+        if isinstance(hdrs, str):
+            skipped.append((path, hdrs))
         else:
-            by_series[hdr.series_key].append(hdr)
+            for hdr in hdrs:
+                by_series[hdr.series_key].append(hdr)
     series: list[SeriesInfo] = []
     for key, headers in by_series.items():
         stacks = sorted(_stacks(headers), key=len, reverse=True)
+        main = stacks[0][0]
+        stray_problems: list[str] = []
         for n, stack in enumerate(stacks):
             if n > 0 and len(stack) <= 3:
-                for hdr in stack:
-                    skipped.append(
-                        (
-                            hdr.path,
-                            "slice whose orientation/size differs from the rest of its series (scout?)",
+                angle = _angle_deg(main.iop, stack[0].iop)
+                if angle >= _SCOUT_MIN_ANGLE_DEG:
+                    for hdr in stack:
+                        skipped.append(
+                            (hdr.path, f"slice at {angle:.0f} degrees to the rest of its series (scout?)")
                         )
+                elif (stack[0].rows, stack[0].cols) != (main.rows, main.cols):
+                    stray_problems.append(
+                        f"inconsistent image size within the series ({stack[0].name} is "
+                        f"{stack[0].rows}x{stack[0].cols}, the rest {main.rows}x{main.cols})"
+                    )
+                else:
+                    stray_problems.append(
+                        f"inconsistent ImageOrientationPatient within the series ({stack[0].name} "
+                        f"differs by {angle:.2f} degrees)"
                     )
                 continue
-            ordered, affine, problems = _stack_geometry(stack)
-            spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+            geo = _stack_geometry(stack)
+            spacing = tuple(float(s) for s in np.linalg.norm(geo.affine[:3, :3], axis=0))
             series_id = key if n == 0 else f"{key}#{n}"
+            frames = sum(1 for h in geo.ordered if h.frame is not None)
             series.append(
                 SeriesInfo(
                     series_id=series_id,
-                    modality=ordered[0].modality,
-                    description=ordered[0].description,
-                    files=[h.path for h in ordered],
-                    size=(ordered[0].cols, ordered[0].rows, len(ordered)),
+                    modality=geo.ordered[0].modality,
+                    description=geo.ordered[0].description,
+                    files=list(dict.fromkeys(h.path for h in geo.ordered)),
+                    size=(geo.ordered[0].cols, geo.ordered[0].rows, len(geo.ordered)),
                     spacing=spacing,  # type: ignore[arg-type]
-                    orientation=_orientation_name(ordered[0].iop),
-                    transfer_syntax=ordered[0].transfer_syntax,
-                    problems=problems,
+                    orientation=_orientation_name(geo.ordered[0].iop),
+                    transfer_syntax=geo.ordered[0].transfer_syntax,
+                    problems=(stray_problems if n == 0 else []) + geo.problems,
+                    original="DERIVED" not in main.image_type and "SECONDARY" not in main.image_type,
+                    n_frames=frames,
                 )
             )
-    series.sort(key=lambda s: s.n_slices, reverse=True)
+    series.sort(key=_rank, reverse=True)
     return ScanResult(series=series, skipped=skipped)
 
 
+def _rank(s: SeriesInfo) -> tuple:
+    """What a user means by "the" series: an original image of a cross-sectional modality, the largest."""
+    return (s.original, s.modality.upper() in _PRIMARY_MODALITIES, s.n_slices)
+
+
 def select_series(scan: ScanResult, root: Path, series_id: str | None = None) -> SeriesInfo:
-    """The series a user means: the one named, or the main one (most slices)."""
+    """The series a user means: the one named, or the main one (original images, most slices)."""
     if not scan.series:
         reasons = sorted({reason for _, reason in scan.skipped})
-        detail = f" (skipped {len(scan.skipped)} files: {'; '.join(reasons[:4])})" if scan.skipped else ""
-        raise InputError(root, f"no DICOM image series found{detail}")
+        if not scan.skipped:
+            raise InputError(root, "no DICOM image series found (no files in it)")
+        raise InputError(
+            root, f"no DICOM image series found (skipped {len(scan.skipped)} files: {'; '.join(reasons[:4])})"
+        )
     if series_id is not None:
         matches = [
             s
             for s in scan.series
-            if s.series_id == series_id or s.uid_hash == series_id or s.series_id.startswith(series_id)
+            if series_id in (s.series_id, s.uid_hash) or s.series_id.startswith(series_id)
         ]
         if not matches:
-            listing = ", ".join(s.series_id for s in scan.series)
-            raise InputError(root, f"no series {series_id!r}; found: {listing}")
-        return matches[0]
+            listing = "; ".join(s.label() for s in scan.series)
+            raise InputError(root, f"no series {series_id!r} here; found: {listing}")
+        if len(matches) > 1 and not any(series_id in (s.series_id, s.uid_hash) for s in matches):
+            listing = "; ".join(s.label() for s in matches)
+            raise InputError(root, f"--series {series_id!r} matches several series: {listing}")
+        return next((s for s in matches if series_id in (s.series_id, s.uid_hash)), matches[0])
     chosen = scan.series[0]
-    if len(scan.series) > 1:
-        if scan.series[1].n_slices == chosen.n_slices:
-            listing = "; ".join(
-                f"{s.series_id} ({s.n_slices} slices, {s.description or 'no description'})"
-                for s in scan.series
-            )
-            raise InputError(root, f"holds several series of equal size; choose one with --series: {listing}")
-        log.info(
-            "%s: %d series found; using series %s (%d slices, the largest)",
-            root,
-            len(scan.series),
-            uid_hash(chosen.series_id),
-            chosen.n_slices,
+    if len(scan.series) > 1 and _rank(scan.series[1]) == _rank(chosen):
+        listing = "; ".join(s.label() for s in scan.series)
+        raise InputError(
+            root, f"holds {len(scan.series)} series of equal rank; choose one with --series: {listing}"
         )
     return chosen
 
 
-def _decode_slice(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
+def _native_length_problem(ds: pydicom.Dataset) -> str | None:
+    """For uncompressed transfer syntaxes: is there as much pixel data as the header promises?"""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and ts.is_compressed:
+        return None
+    if "PixelData" not in ds:
+        return None
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    n = (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("NumberOfFrames", 1) or 1)
+        * int(ds.get("SamplesPerPixel", 1))
+    )
+    expected = (n * bits + 7) // 8
+    found = len(ds.PixelData)
+    if found < expected:
+        return f"pixel data truncated (expected {expected} bytes, found {found})"
+    return None
+
+
+def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
+    """All frames of a file as (frames, rows, cols), checked against its header."""
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
+        with _quiet(path):
+            ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise InputError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise InputError(path, f"expected a single 2D frame, got pixel array of shape {pixels.shape}")
-    return pixels, ds
+        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {one_line(exc)})") from exc
+    if "PixelData" not in ds:
+        raise InputError(path, "no pixel data (the file ends before it, or it was stripped)")
+    problem = _native_length_problem(ds)
+    if problem:
+        raise InputError(path, problem)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        with _quiet(path):
+            pixels = ds.pixel_array
+    except Exception as exc:
+        name = getattr(ts, "name", str(ts))
+        raise InputError(
+            path, f"pixel data cannot be decoded as {name} ({type(exc).__name__}: {one_line(exc)})"
+        ) from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (frames, int(ds.Rows), int(ds.Columns)) if frames > 1 else (int(ds.Rows), int(ds.Columns))
+    if pixels.shape != expected:
+        raise InputError(path, f"decoded pixel array {pixels.shape} does not match the header's {expected}")
+    return pixels.reshape((frames, int(ds.Rows), int(ds.Columns))), ds
 
 
-def read_dicom_series(root: str | Path, *, series_id: str | None = None) -> Volume:
+def _rescaled(pixels: np.ndarray, ds: pydicom.Dataset, hdr: _SliceHeader) -> np.ndarray:
+    """Stored values -> modality values (e.g. Hounsfield units), higher meaning brighter."""
+    if hdr.slope is not None:
+        slope, intercept = hdr.slope, float(hdr.intercept or 0.0)
+    else:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        raise InputError(hdr.path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+    values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        # MONOCHROME1: low stored values display bright. Mirror the stored range so higher means brighter.
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        values = np.float32((lo + hi) * slope + 2 * intercept) - values
+    return values
+
+
+def _resample_tilt(array: np.ndarray, geo: _Geometry) -> np.ndarray:
+    """Undo the gantry-tilt shear: shift every slice in-plane onto the orthogonal grid (linear)."""
+    from scipy import ndimage
+
+    assert geo.shear_mm is not None
+    col_spacing = np.linalg.norm(geo.affine[:3, 0])  # along i (row direction)
+    row_spacing = np.linalg.norm(geo.affine[:3, 1])  # along j (column direction)
+    di = float(geo.shear_mm @ geo.affine[:3, 0]) / col_spacing**2
+    dj = float(geo.shear_mm @ geo.affine[:3, 1]) / row_spacing**2
+    fill = float(array.min())
+    out = np.empty_like(array)
+    for k in range(array.shape[2]):
+        # target voxel (i, j) of slice k lies at (i - k*di, j - k*dj) of the sheared slice
+        out[:, :, k] = ndimage.shift(array[:, :, k], (-k * di, -k * dj), order=1, mode="constant", cval=fill)
+    return out
+
+
+def read_dicom_series(
+    root: str | Path,
+    *,
+    series_id: str | None = None,
+    allow_tilt: bool = False,
+    scan: ScanResult | None = None,
+) -> Volume:
     """Read one series from a folder (or a single file) into a RAS ``Volume`` of float32 values.
 
-    Values are rescaled per slice (RescaleSlope/RescaleIntercept, e.g. Hounsfield units for CT).
+    Values are rescaled per slice (RescaleSlope/RescaleIntercept, e.g. Hounsfield units for CT);
+    MONOCHROME1 is inverted so that higher always means brighter.
+
+    Args:
+        root: a folder (searched recursively) or one file.
+        series_id: SeriesInstanceUID, its 12-character hash, or a unique prefix.
+        allow_tilt: resample a gantry-tilted series onto an orthogonal grid instead of refusing it.
+        scan: a previous ``scan_dicom(root)`` result, to avoid reading the headers twice.
 
     Raises:
         InputError: no usable series, ambiguous choice, missing/duplicated slices,
-            inconsistent geometry, or undecodable pixels; the message names the file.
+            inconsistent geometry, truncated or undecodable pixels; the message names the file.
     """
     root = Path(root)
-    scan = scan_dicom(root)
+    scan = scan or scan_dicom(root)
     info = select_series(scan, root, series_id)
-    if info.problems:
-        raise InputError(root, f"series {uid_hash(info.series_id)}: " + "; ".join(info.problems))
-    headers = [h for h in (_read_header(p) for p in info.files) if not isinstance(h, str)]
-    ordered, affine_lps, problems = _stack_geometry(headers)
+    headers = []
+    for path in info.files:
+        hdrs = _read_headers(path)
+        if isinstance(hdrs, str):
+            raise InputError(path, hdrs)
+        headers.extend(hdrs)
+    stacks = sorted(_stacks(headers), key=len, reverse=True)
+    stack_no = int(info.series_id.rsplit("#", 1)[1]) if "#" in info.series_id else 0
+    geo = _stack_geometry(stacks[stack_no] if stack_no < len(stacks) else stacks[0])
+    problems = list(info.problems)
+    tilted = geo.shear_mm is not None
+    if tilted and allow_tilt:
+        problems = [p for p in problems if not p.startswith("gantry tilt")]
     if problems:
-        raise InputError(root, "; ".join(problems))
+        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems))
     slices = []
+    decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
-    for hdr in ordered:
-        pixels, ds = _decode_slice(hdr.path)
-        if pixels.shape != (hdr.rows, hdr.cols):
+    for hdr in geo.ordered:
+        if hdr.path not in decoded:
+            decoded.clear()  # keep at most one multi-frame file in memory
+            decoded[hdr.path] = _decode(hdr.path)
+        pixels, ds = decoded[hdr.path]
+        frame = hdr.frame or 0
+        if frame >= pixels.shape[0] or pixels.shape[1:] != (hdr.rows, hdr.cols):
             raise InputError(
-                hdr.path, f"pixel array {pixels.shape} does not match Rows x Columns {(hdr.rows, hdr.cols)}"
+                hdr.path, f"pixel array {pixels.shape} does not match the header ({hdr.rows}x{hdr.cols})"
             )
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         photometric = str(ds.get("PhotometricInterpretation", ""))
-        if photometric == "MONOCHROME1":
-            # MONOCHROME1: low values display bright. Flip so that higher means brighter.
-            bits = int(ds.get("BitsStored", 16))
-            values = (np.float32((2**bits - 1) * slope + 2 * intercept)) - values
-        slices.append(values.T)  # (rows, cols) -> (i along row direction, j along column direction)
+        # (rows, cols) -> (i along the row direction, j along the column direction)
+        slices.append(_rescaled(pixels[frame], ds, hdr).T)
     array = np.stack(slices, axis=-1)
+    if tilted:
+        array = _resample_tilt(array, geo)
+        log.warning(
+            "%s: series %s resampled onto an orthogonal grid to remove gantry tilt", root, info.uid_hash
+        )
+    if len(scan.series) > 1 and series_id is None:
+        log.info("%s: %d series found; read %s, the main one", root, len(scan.series), info.label())
     meta = {
         "modality": info.modality,
         "series_description": info.description,
         "series_uid_hash": info.uid_hash,
-        "manufacturer": ordered[0].manufacturer,
+        "manufacturer": geo.ordered[0].manufacturer,
         "transfer_syntax": info.transfer_syntax,
         "photometric": photometric,
-        "n_slices": len(ordered),
+        "n_slices": len(geo.ordered),
         "orientation": info.orientation,
         "source_format": "dicom",
         "kind": "image",
     }
-    return Volume(array=array, affine=LPS_TO_RAS @ affine_lps, meta=meta, source=str(root))
+    return Volume(array=array, affine=LPS_TO_RAS @ geo.affine, meta=meta, source=str(root))
 
 
 def write_dicom_series(

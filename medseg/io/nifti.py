@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import warnings
 import zlib
 from pathlib import Path
 
@@ -22,32 +23,58 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def read_nifti(path: str | Path, *, kind: str = "image") -> Volume:
-    """Read a NIfTI image (``kind="image"``, float32) or label map (``kind="label"``, uint8/int16).
+    """Read a NIfTI image (``kind="image"``, float32) or label map (``kind="label"``, uint8).
 
     Raises:
-        InputError: the file is missing, truncated, not NIfTI, not 3D, or holds NaN/Inf.
+        InputError: the file is missing, truncated, not NIfTI, not one 3D volume, has a
+            broken transform or scaling, or holds NaN/Inf (or non-integer labels).
     """
     path = Path(path)
+    # nibabel warns on stderr about odd headers; what matters is checked here and raised or logged.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume = _read_nifti(path, kind)
+    for w in caught[:3]:
+        log.debug("%s: %s", path, _one_line(w.message))
+    return volume
+
+
+def _read_nifti(path: Path, kind: str) -> Volume:
     if not path.exists():
         raise InputError(path, "file not found")
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
+        raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
-    if any(int(s) == 0 for s in shape):
-        raise InputError(path, f"has a zero-size dimension {shape}")
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    if any(int(s) <= 0 for s in shape):
+        raise InputError(path, f"has a zero-size dimension {shape}; the file holds no voxels")
+    # A trailing singleton time/channel axis (4D with one volume) is squeezed; NIfTI stores
+    # vector/multi-channel data in the 5th dimension.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
     if len(shape) != 3:
-        raise InputError(path, f"expected a 3D volume, got shape {img.shape}; split multi-volume files first")
+        what = "multi-channel (5D)" if len(img.shape) >= 5 else f"{shape[3]} volumes (4D)"
+        raise InputError(
+            path,
+            f"holds {what}, shape {img.shape}; medseg reads one 3D volume per file: split it "
+            "(e.g. fslsplit) and pass one volume",
+        )
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iufb" or dtype.fields is not None:
+        raise InputError(
+            path, f"voxel type {dtype} (RGB/complex) is not a scalar image; convert it to greyscale"
+        )
     _check_transform(path, img)
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise InputError(path, f"truncated or corrupt voxel data ({exc})") from exc
+        raise InputError(
+            path,
+            f"truncated or corrupt voxel data, the file holds less than its header says ({_one_line(exc)})",
+        ) from exc
     data = data.reshape(shape)
     if kind == "label":
         array = _as_label(path, data)
@@ -70,10 +97,27 @@ def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
     sform, s_code = img.get_sform(coded=True)
     qform, q_code = img.get_qform(coded=True)
     if s_code and q_code and not np.allclose(sform, qform, atol=1e-3):
-        log.warning("%s: sform and qform disagree; using the %s as nibabel does", path, "sform")
-    slope, inter = hdr.get_slope_inter()
-    if slope is not None and (not np.isfinite(slope) or (inter is not None and not np.isfinite(inter))):
-        raise InputError(path, f"invalid intensity scaling (scl_slope={slope}, scl_inter={inter})")
+        # nibabel's rule (and the NIfTI standard's intent): a coded sform wins over the qform.
+        log.warning(
+            "%s: sform and qform disagree (max difference %.3g mm); using the sform as nibabel does",
+            path,
+            float(np.abs(sform - qform).max()),
+        )
+    # nibabel treats scl_slope 0 (and NaN) as "no scaling"; 0 is the standard's "unset", NaN or
+    # infinity means the writer failed, so medseg refuses them rather than guess.
+    raw_slope, raw_inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    if not np.isfinite(raw_slope) or (raw_slope != 0 and not np.isfinite(raw_inter)):
+        raise InputError(
+            path,
+            f"invalid intensity scaling in the header (scl_slope={raw_slope}, scl_inter={raw_inter}); "
+            "set scl_slope to 0 (no scaling) or a finite value",
+        )
+    if raw_slope == 0 and raw_inter not in (0.0,) and np.isfinite(raw_inter):
+        log.debug("%s: scl_slope is 0, so no scaling applies (scl_inter %s ignored)", path, raw_inter)
+
+
+def _one_line(exc: BaseException | Warning) -> str:
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _as_label(path: Path, data: np.ndarray) -> np.ndarray:
@@ -83,7 +127,12 @@ def _as_label(path: Path, data: np.ndarray) -> np.ndarray:
             raise InputError(path, "label map holds NaN or infinite values")
         rounded = np.rint(values)
         if not np.array_equal(rounded, values):
-            raise InputError(path, "label map holds non-integer values; expected class indices 0..N")
+            odd = values[rounded != values]
+            raise InputError(
+                path,
+                f"label map holds {odd.size} non-integer values (e.g. {float(odd[0]):.4g}); expected class "
+                "indices 0..N (was it resampled with linear interpolation? use nearest neighbour)",
+            )
         values = rounded
     if values.size and values.min() < 0:
         raise InputError(path, f"label map holds negative values (min {values.min()})")
