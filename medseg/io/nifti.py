@@ -103,17 +103,20 @@ def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
             path,
             float(np.abs(sform - qform).max()),
         )
-    # nibabel treats scl_slope 0 (and NaN) as "no scaling"; 0 is the standard's "unset", NaN or
-    # infinity means the writer failed, so medseg refuses them rather than guess.
+    # nibabel's rule: scl_slope 0 or NaN means "no scaling" (nibabel itself writes NaN for float data).
+    # An infinite slope, or a real slope with a non-finite intercept, is a broken writer: refuse it.
     raw_slope, raw_inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
-    if not np.isfinite(raw_slope) or (raw_slope != 0 and not np.isfinite(raw_inter)):
+    scaled = np.isfinite(raw_slope) and raw_slope != 0
+    if np.isinf(raw_slope) or (scaled and not np.isfinite(raw_inter)):
         raise InputError(
             path,
             f"invalid intensity scaling in the header (scl_slope={raw_slope}, scl_inter={raw_inter}); "
-            "set scl_slope to 0 (no scaling) or a finite value",
+            "set scl_slope to 0 (no scaling) or finite values",
         )
-    if raw_slope == 0 and raw_inter not in (0.0,) and np.isfinite(raw_inter):
-        log.debug("%s: scl_slope is 0, so no scaling applies (scl_inter %s ignored)", path, raw_inter)
+    if not scaled:
+        log.debug(
+            "%s: scl_slope is %s, so no intensity scaling applies (as nibabel reads it)", path, raw_slope
+        )
 
 
 def _one_line(exc: BaseException | Warning) -> str:
