@@ -286,8 +286,9 @@ def _enhanced_frames(ds: pydicom.Dataset, common: dict) -> list[_SliceHeader] | 
 
     def group(fg, name: str):
         for source in (fg, shared):
-            if source is not None and name in source and len(source[name]):
-                return source[name][0]
+            seq = source.get(name) if source is not None else None
+            if seq:
+                return seq[0]
         return None
 
     headers = []
@@ -610,7 +611,7 @@ def _resample_tilt(array: np.ndarray, geo: _Geometry) -> np.ndarray:
     out = np.empty_like(array)
     for k in range(array.shape[2]):
         # target voxel (i, j) of slice k lies at (i - k*di, j - k*dj) of the sheared slice
-        out[:, :, k] = ndimage.shift(array[:, :, k], (-k * di, -k * dj), order=1, mode="constant", cval=fill)
+        out[:, :, k] = ndimage.shift(array[:, :, k], (k * di, k * dj), order=1, mode="constant", cval=fill)
     return out
 
 
@@ -653,7 +654,11 @@ def read_dicom_series(
     if tilted and allow_tilt:
         problems = [p for p in problems if not p.startswith("gantry tilt")]
     if problems:
-        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems))
+        broken = [(p, r) for p, r in scan.skipped if r.startswith(("unreadable", "malformed"))]
+        hint = ""
+        if broken:
+            hint = f" ({len(broken)} unreadable file(s) skipped, e.g. {broken[0][0]}: {broken[0][1]})"
+        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems) + hint)
     slices = []
     decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
