@@ -32,6 +32,9 @@ def _setup_logging(verbose: bool) -> None:
     root.propagate = False
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Decoders log their own errors before raising; medseg reports the failure itself, on one line.
+    for decoder in ("pydicom", "openjpeg", "pylibjpeg", "libjpeg", "jpeg_ls", "rle", "highdicom", "nibabel"):
+        logging.getLogger(decoder).setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -217,6 +217,13 @@ def _headers_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_SliceHeader]
             return f"non-image object ({what})"
     # stop_before_pixels hides PixelData: an image object is recognised by its dimensions
     if "Rows" not in ds or "Columns" not in ds:
+        declared = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if declared is not None and "Image Storage" in getattr(declared, "name", ""):
+            # pydicom stops quietly at the end of a truncated file: the file meta still says "image"
+            return (
+                f"unreadable DICOM header: the file declares {declared.name} but ends before its image "
+                "attributes (truncated file?)"
+            )
         return "no pixel data (not an image object)"
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
@@ -452,24 +459,27 @@ def scan_dicom(root: str | Path) -> ScanResult:
         stacks = sorted(_stacks(headers), key=len, reverse=True)
         main = stacks[0][0]
         stray_problems: list[str] = []
+        for stack in stacks[1:]:
+            if len(stack) > 3:
+                continue  # a stack of its own: listed as a series "<uid>#n"
+            angle = _angle_deg(main.iop, stack[0].iop)
+            if angle >= _SCOUT_MIN_ANGLE_DEG:
+                for hdr in stack:
+                    skipped.append(
+                        (hdr.path, f"slice at {angle:.0f} degrees to the rest of its series (scout?)")
+                    )
+            elif (stack[0].rows, stack[0].cols) != (main.rows, main.cols):
+                stray_problems.append(
+                    f"inconsistent image size within the series ({stack[0].name} is "
+                    f"{stack[0].rows}x{stack[0].cols}, the rest {main.rows}x{main.cols})"
+                )
+            else:
+                stray_problems.append(
+                    f"inconsistent ImageOrientationPatient within the series ({stack[0].name} "
+                    f"differs by {angle:.2f} degrees)"
+                )
         for n, stack in enumerate(stacks):
             if n > 0 and len(stack) <= 3:
-                angle = _angle_deg(main.iop, stack[0].iop)
-                if angle >= _SCOUT_MIN_ANGLE_DEG:
-                    for hdr in stack:
-                        skipped.append(
-                            (hdr.path, f"slice at {angle:.0f} degrees to the rest of its series (scout?)")
-                        )
-                elif (stack[0].rows, stack[0].cols) != (main.rows, main.cols):
-                    stray_problems.append(
-                        f"inconsistent image size within the series ({stack[0].name} is "
-                        f"{stack[0].rows}x{stack[0].cols}, the rest {main.rows}x{main.cols})"
-                    )
-                else:
-                    stray_problems.append(
-                        f"inconsistent ImageOrientationPatient within the series ({stack[0].name} "
-                        f"differs by {angle:.2f} degrees)"
-                    )
                 continue
             geo = _stack_geometry(stack)
             spacing = tuple(float(s) for s in np.linalg.norm(geo.affine[:3, :3], axis=0))
@@ -486,7 +496,7 @@ def scan_dicom(root: str | Path) -> ScanResult:
                     orientation=_orientation_name(geo.ordered[0].iop),
                     transfer_syntax=geo.ordered[0].transfer_syntax,
                     problems=(stray_problems if n == 0 else []) + geo.problems,
-                    original="DERIVED" not in main.image_type and "SECONDARY" not in main.image_type,
+                    original=not {"DERIVED", "SECONDARY"} & set(geo.ordered[0].image_type),
                     n_frames=frames,
                 )
             )
@@ -551,6 +561,23 @@ def _native_length_problem(ds: pydicom.Dataset) -> str | None:
     return None
 
 
+def _decoder_of_record(ts) -> str:
+    """pylibjpeg (or pyjpegls / pydicom's RLE) decodes; GDCM only where none of them can.
+
+    GDCM prints codec errors straight onto the process's stderr, where they would break
+    medseg's one-line error contract, and its result would not be the one the tests check.
+    """
+    if ts is None or not ts.is_compressed:
+        return ""
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        available = get_decoder(ts).available_plugins
+    except (NotImplementedError, ValueError):
+        return ""
+    return next((name for name in ("pylibjpeg", "pyjpegls", "pydicom") if name in available), "")
+
+
 def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     """All frames of a file as (frames, rows, cols), checked against its header."""
     try:
@@ -566,6 +593,7 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
         with _quiet(path):
+            ds.pixel_array_options(decoding_plugin=_decoder_of_record(ts))
             pixels = ds.pixel_array
     except Exception as exc:
         name = getattr(ts, "name", str(ts))
@@ -653,12 +681,15 @@ def read_dicom_series(
     tilted = geo.shear_mm is not None
     if tilted and allow_tilt:
         problems = [p for p in problems if not p.startswith("gantry tilt")]
+    broken = [(p, r) for p, r in scan.skipped if r.startswith(("unreadable", "malformed"))]
+    if broken:
+        # A DICOM file that cannot be parsed may be a slice of this series: never drop it silently.
+        more = f" ({len(broken) - 1} more such files)" if len(broken) > 1 else ""
+        raise InputError(
+            broken[0][0], f"{broken[0][1]}{more}; it may belong to the series being read: repair or remove it"
+        )
     if problems:
-        broken = [(p, r) for p, r in scan.skipped if r.startswith(("unreadable", "malformed"))]
-        hint = ""
-        if broken:
-            hint = f" ({len(broken)} unreadable file(s) skipped, e.g. {broken[0][0]}: {broken[0][1]})"
-        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems) + hint)
+        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems))
     slices = []
     decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
