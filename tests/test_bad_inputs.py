@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -365,19 +367,30 @@ def label_negative_values(tmp):
     return _pred_ref(tmp, pred, np.zeros((6, 6, 4), np.uint8)), "c1_seg.nii.gz", "negative values"
 
 
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory) -> dict[str, tuple[Path, list[str], str, str, subprocess.CompletedProcess]]:
+    """Build every case, then run them two at a time (each is a fresh ``python -m medseg``)."""
+    built = {}
+    for name, make in CASES.items():
+        tmp = tmp_path_factory.mktemp(name)
+        built[name] = (tmp, *make(tmp))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = {name: pool.submit(run_cli, *args, cwd=tmp) for name, (tmp, args, *_rest) in built.items()}
+        return {name: (*built[name], future.result()) for name, future in procs.items()}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_broken_input_gives_one_line_and_exit_2(tmp_path, name):
-    args, names, problem = CASES[name](tmp_path)
-    proc = run_cli(*args, cwd=tmp_path)
+def test_broken_input_gives_one_line_and_exit_2(battery, name):
+    tmp, _args, names, problem, proc = battery[name]
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1, proc.stderr
     assert names in lines[0], lines[0]
     assert problem in lines[0], lines[0]
-    out = tmp_path / "out"
+    out = tmp / "out"
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
-    print(f"{name}: {lines[0]}")  # the table in the closing note is printed from here (pytest -s)
+    print(f"\n{name}: {lines[0]}")  # the table in the closing note is printed from here (pytest -s)
 
 
 def test_battery_is_big_enough():
