@@ -175,6 +175,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         tta=args.tta,
         overwrite=args.overwrite,
         progress=lambda items, desc: track(items, desc),
+        dicom_seg=args.dicom_seg,
     )
     print(
         f"{len(summary.written)} written, {len(summary.skipped)} skipped (exist), {len(summary.failed)} failed"
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
+    p.add_argument(
+        "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
+    )
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("evaluate", help="Dice per label and case between two folders of masks")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from medseg.errors import InputError, MedsegError
-from medseg.io import Volume, case_stem, find_inputs, load_volume, write_mask
+from medseg.io import Volume, case_stem, find_inputs, load_volume, write_dicom_seg, write_mask
 from medseg.postprocess import postprocess_labels
 from medseg.transforms import build_preprocess, to_metatensor
 
@@ -183,6 +183,7 @@ def run_inference(
     tta: bool = False,
     overwrite: bool = False,
     progress=None,
+    dicom_seg: bool = False,
 ) -> InferenceSummary:
     """Segment every input; existing outputs are skipped unless ``overwrite``; a failing case is reported
     and the batch goes on."""
@@ -220,6 +221,12 @@ def run_inference(
                 "timings_s": {"load_s": load_s, **pred.timings},
             }
             write_mask(pred.mask.array, volume, target, labels=labels, extra=extra, overwrite=True)
+            if dicom_seg and volume.meta.get("source_format") == "dicom":
+                write_dicom_seg(
+                    pred.mask.array, path, target.with_suffix("").with_suffix(".dcm"), labels=labels
+                )
+            elif dicom_seg:
+                log.warning("%s: no DICOM SEG written: DICOM SEG needs a DICOM series as input", path.name)
             pred.timings["write_s"] = time.perf_counter() - t0
             log.info(
                 "%s -> %s (%s)",

@@ -23,6 +23,7 @@ from medseg.io.dicom import (
     uid_hash,
     write_dicom_series,
 )
+from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.nifti import is_nifti, read_nifti, write_nifti
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
@@ -40,6 +41,7 @@ __all__ = [
     "scan_dicom",
     "select_series",
     "uid_hash",
+    "write_dicom_seg",
     "write_dicom_series",
     "write_mask",
     "write_nifti",

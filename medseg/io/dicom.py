@@ -643,6 +643,42 @@ def _resample_tilt(array: np.ndarray, geo: _Geometry) -> np.ndarray:
     return out
 
 
+def _series_geometry(info: SeriesInfo) -> _Geometry:
+    """The sorted slices (grid order k) and geometry of a series found by ``scan_dicom``."""
+    headers = []
+    for path in info.files:
+        hdrs = _read_headers(path)
+        if isinstance(hdrs, str):
+            raise InputError(path, hdrs)
+        headers.extend(hdrs)
+    stacks = sorted(_stacks(headers), key=len, reverse=True)
+    stack_no = int(info.series_id.rsplit("#", 1)[1]) if "#" in info.series_id else 0
+    return _stack_geometry(stacks[stack_no] if stack_no < len(stacks) else stacks[0])
+
+
+def series_files_in_grid_order(
+    root: str | Path, *, series_id: str | None = None
+) -> tuple[SeriesInfo, list[Path]]:
+    """The files of the series ``read_dicom_series`` reads, in the order of its k axis.
+
+    Only for single-frame series on an orthogonal grid (one file per slice).
+
+    Raises:
+        InputError: the series cannot be read, is multi-frame, or is gantry-tilted.
+    """
+    root = Path(root)
+    scan = scan_dicom(root)
+    info = select_series(scan, root, series_id)
+    geo = _series_geometry(info)
+    if any(h.frame is not None for h in geo.ordered):
+        raise InputError(
+            root, f"series {info.uid_hash} is an enhanced multi-frame object: not supported here"
+        )
+    if info.problems or geo.problems:
+        raise InputError(root, f"series {info.uid_hash}: " + "; ".join(info.problems or geo.problems))
+    return info, [h.path for h in geo.ordered]
+
+
 def read_dicom_series(
     root: str | Path,
     *,
@@ -668,15 +704,7 @@ def read_dicom_series(
     root = Path(root)
     scan = scan or scan_dicom(root)
     info = select_series(scan, root, series_id)
-    headers = []
-    for path in info.files:
-        hdrs = _read_headers(path)
-        if isinstance(hdrs, str):
-            raise InputError(path, hdrs)
-        headers.extend(hdrs)
-    stacks = sorted(_stacks(headers), key=len, reverse=True)
-    stack_no = int(info.series_id.rsplit("#", 1)[1]) if "#" in info.series_id else 0
-    geo = _stack_geometry(stacks[stack_no] if stack_no < len(stacks) else stacks[0])
+    geo = _series_geometry(info)
     problems = list(info.problems)
     tilted = geo.shear_mm is not None
     if tilted and allow_tilt:
