@@ -1,0 +1,141 @@
+"""Privacy: patient data in DICOM headers never reaches a log, MLflow, an artifact, an output or a file name.
+
+A dataset whose DICOM headers hold recognisable fake patient data goes through ``series``,
+``convert``, ``train`` (MLflow tracking on, to a sqlite store in tmp) and ``infer`` (model from
+MLflow, DICOM SEG on); then everything written is searched for those strings: every file under
+the test folder (the MLflow database and artifacts included) except the input DICOM files and the
+DICOM SEG objects (which must carry the source's patient module to attach to the study), and all
+stdout/stderr with debug logging on. Series UIDs must appear only hashed outside the ``series`` listing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from medseg.io import read_dicom_series, uid_hash, write_dicom_series, write_nifti
+from medseg.synthetic import make_case
+from tests.conftest import run_cli
+from tests.test_end_to_end import TINY
+
+FAKE = {
+    "PatientName": "Quexley^Wilhelmina^Private",
+    "PatientID": "PID-7788991",
+    "PatientBirthDate": "19511231",
+    "AccessionNumber": "ACC-5544332",
+    "InstitutionName": "St Elsewhere Memorial Hospital",
+    "StudyDate": "19990317",
+    "ReferringPhysicianName": "Houseman^Gregoria",
+    "OtherPatientIDs": "OPID-3141592",
+    "PatientAddress": "12 Quince Lane Fakeville",
+}
+# what must not appear anywhere: each value and its distinctive parts
+NEEDLES = sorted(
+    {v for v in FAKE.values()} | {"Quexley", "Wilhelmina", "Houseman", "Gregoria", "Elsewhere", "Fakeville"}
+)
+SERIES_UID_ROOT = "1.2.826.0.1.3680043.10.7777"
+
+
+def _fake_patient_series(folder, image, index: int) -> str:
+    uid = f"{SERIES_UID_ROOT}.{index}"
+    paths = write_dicom_series(
+        image,
+        folder,
+        patient_name=FAKE["PatientName"],
+        patient_id=FAKE["PatientID"],
+        series_uid=uid,
+        series_description=f"abdomen {index}",
+    )
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for key, value in FAKE.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+    return uid
+
+
+def _findings(blob: bytes, where: str, needles: list[str]) -> list[str]:
+    low = blob.lower()
+    return [f"{needle!r} in {where}" for needle in needles if needle.lower().encode() in low]
+
+
+@pytest.mark.slow
+def test_no_patient_data_leaks_through_convert_series_train_infer(tmp_path):
+    data = tmp_path / "data"
+    training, uids = [], []
+    for index in range(4):
+        image, label = make_case((11, index), size=24, orientation="LPS")
+        name = f"case_{index:03d}"
+        uids.append(_fake_patient_series(data / "dicom" / name, image, index))
+        back = read_dicom_series(data / "dicom" / name)
+        np.testing.assert_allclose(back.affine, image.affine, atol=1e-4)  # the label's grid is the image's
+        write_nifti(label, data / "labelsTr" / f"{name}.nii.gz", dtype="uint8")
+        training.append({"image": f"./dicom/{name}", "label": f"./labelsTr/{name}.nii.gz"})
+    spec = {
+        "name": "privacy",
+        "labels": {"0": "background", "1": "liver", "2": "kidney", "3": "spleen"},
+        "modality": {"0": "CT"},
+        "training": training[:3],
+        "test": [],
+    }
+    (data / "dataset.json").write_text(json.dumps(spec))
+    # a NIfTI input next to the DICOM one: --dicom-seg must say it needs a DICOM source
+    write_nifti(make_case((11, 9), size=24)[0], tmp_path / "other.nii.gz", dtype="int16")
+
+    procs = {
+        "series": run_cli("-v", "series", "data/dicom", cwd=tmp_path, check=True),
+        "convert": run_cli("-v", "convert", "data/dicom/case_003", "conv.nii.gz", cwd=tmp_path, check=True),
+        "train": run_cli(
+            "-v", "train", "--data", "data", "--epochs", "1", "--out", "run", *TINY, cwd=tmp_path, check=True
+        ),
+    }
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
+    procs["infer"] = run_cli(
+        "-v",
+        "infer",
+        "--model",
+        f"runs:/{run.info.run_id}/model",
+        "--input",
+        "data/dicom/case_003",
+        "other.nii.gz",
+        "--output",
+        "pred",
+        "--dicom-seg",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "DICOM SEG needs a DICOM series" in procs["infer"].stderr
+    seg_path = tmp_path / "pred" / "case_003_seg.dcm"
+    assert (tmp_path / "pred" / "case_003_seg.nii.gz").exists()
+    assert not (tmp_path / "pred" / "other_seg.dcm").exists()
+    # by design the SEG carries the patient module of its source (so a PACS files it with the study)
+    assert str(pydicom.dcmread(seg_path).PatientName) == FAKE["PatientName"]
+
+    leaks: list[str] = []
+    checked = 0
+    for path in sorted(tmp_path.rglob("*")):
+        rel = path.relative_to(tmp_path)
+        leaks += _findings(str(rel).encode(), f"file name {rel}", [*NEEDLES, SERIES_UID_ROOT])
+        if not path.is_file() or rel.parts[:2] == ("data", "dicom") or path == seg_path:
+            continue
+        blob = path.read_bytes()
+        checked += 1
+        leaks += _findings(blob, str(rel), [*NEEDLES, SERIES_UID_ROOT])
+    for name, proc in procs.items():
+        leaks += _findings(proc.stderr.encode(), f"{name} stderr", [*NEEDLES, SERIES_UID_ROOT])
+        uid_needles = [] if name == "series" else [SERIES_UID_ROOT]  # the listing shows UIDs to choose from
+        leaks += _findings(proc.stdout.encode(), f"{name} stdout", NEEDLES + uid_needles)
+    assert not leaks, leaks
+    assert checked > 20  # the MLflow store, artifacts, bundle, masks, sidecars were all searched
+    assert (tmp_path / "mlflow.db").exists()
+    assert len([p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]) >= 5  # MLflow artifacts
+    # the series listing names the series by UID and hash; logs and messages only by hash
+    assert uids[3] in procs["series"].stdout
+    assert uid_hash(uids[3]) in procs["series"].stdout
+    assert uids[0] not in procs["train"].stderr
