@@ -174,3 +174,57 @@ def test_gantry_tilt_is_refused_or_resampled(tmp_path):
     # voxels the shear did not push out of the field of view come back at their world positions
     for k in range(vol.shape[2]):
         np.testing.assert_allclose(back.array[k:, :, k], vol.array[k:, :, k], atol=1e-3)
+
+
+def test_no_instance_numbers_and_scrambled_file_names(tmp_path):
+    vol = dc.ramp_volume()
+    paths = dc.series(tmp_path / "s", vol)
+    order = np.random.default_rng(0).permutation(len(paths))
+    for k, p in enumerate(paths):
+        dc.edit(p, lambda ds: ds.__delattr__("InstanceNumber"))
+        p.rename(p.with_name(f"IM{order[k]:04d}"))
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "s").array, vol.array)
+
+
+def test_two_stacks_in_one_series_are_listed_apart(tmp_path):
+    dc.series(tmp_path / "ax", dc.ramp_volume((12, 10, 6)), series_uid="1.2.826.9")
+    sag = Volume(
+        dc.ramp_volume((12, 10, 5)).array,
+        np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]]),
+    )
+    dc.series(tmp_path / "sag", sag, series_uid="1.2.826.9")
+    scan = scan_dicom(tmp_path)
+    assert [(s.series_id, s.orientation, s.n_slices) for s in scan.series] == [
+        ("1.2.826.9", "axial", 6),
+        ("1.2.826.9#1", "sagittal", 5),
+    ]
+    assert read_dicom_series(tmp_path, series_id="1.2.826.9#1").meta["orientation"] == "sagittal"
+
+
+def test_series_and_convert_commands(tmp_path):
+    from medseg.io import uid_hash
+    from tests.conftest import run_cli
+
+    dc.series(tmp_path / "study" / "a", dc.ramp_volume((12, 10, 6)), series_uid="1.2.826.1")
+    dc.series(tmp_path / "study" / "b", dc.ramp_volume((12, 10, 4)), series_uid="1.2.826.2")
+    dc.non_image(tmp_path / "study" / "sr.dcm", "SR")
+    proc = run_cli("series", "study", cwd=tmp_path, check=True)
+    out = proc.stdout
+    assert "series 1.2.826.1  (hash " + uid_hash("1.2.826.1") + ")" in out
+    assert "CT  'medseg synthetic'  6 slices  size 12 x 10 x 6  spacing 1 x 1 x 1 mm  axial  original" in out
+    assert "sr.dcm: non-image object (modality SR)" in out
+    assert "SYNTHETIC" not in out  # the patient name write_dicom_series puts in
+    proc = run_cli("convert", "study", "main.nii.gz", cwd=tmp_path, check=True)
+    assert (
+        f"2 series found; converting {uid_hash('1.2.826.1')} (CT, 'medseg synthetic', 6 slices" in proc.stdout
+    )
+    proc = run_cli(
+        "convert", "study", "b.nii.gz", "--series", uid_hash("1.2.826.2"), cwd=tmp_path, check=True
+    )
+    assert read_nifti_shape(tmp_path / "b.nii.gz") == (12, 10, 4)
+
+
+def read_nifti_shape(path):
+    import nibabel as nib
+
+    return nib.load(path).shape

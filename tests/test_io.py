@@ -106,3 +106,43 @@ def test_real_jpeg2000_ct_series(shared_data):
     direction = np.array(ref.GetDirection()).reshape(3, 3)
     np.testing.assert_allclose(vol.direction, np.diag([-1, -1, 1]) @ direction, atol=1e-5)
     np.testing.assert_array_equal(vol.array, ref_arr)
+
+
+def test_nifti_qform_sform_disagreement_follows_nibabel_and_warns(tmp_path, caplog):
+    import nibabel as nib
+
+    sform = np.diag([0.8, 0.8, 2.0, 1.0])
+    qform = np.diag([1.0, 1.0, 1.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), sform)
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=1)
+    nib.save(img, tmp_path / "x.nii.gz")
+    with caplog.at_level("WARNING", logger="medseg"):
+        vol = read_nifti(tmp_path / "x.nii.gz")
+    np.testing.assert_allclose(vol.affine, nib.load(tmp_path / "x.nii.gz").affine)  # nibabel's choice
+    np.testing.assert_allclose(vol.affine, sform)
+    assert "sform and qform disagree" in caplog.text
+    assert "x.nii.gz" in caplog.text
+
+
+def test_nifti_zero_slope_means_no_scaling_and_4d_single_volume_is_squeezed(tmp_path):
+    import nibabel as nib
+
+    arr = np.arange(60, dtype=np.int16).reshape(3, 4, 5, 1)
+    img = nib.Nifti1Image(arr, np.eye(4))
+    img.header["scl_slope"], img.header["scl_inter"] = 0.0, 50.0
+    nib.save(img, tmp_path / "x.nii.gz")
+    vol = read_nifti(tmp_path / "x.nii.gz")
+    assert vol.shape == (3, 4, 5)
+    np.testing.assert_array_equal(vol.array, arr[..., 0])
+
+
+def test_unexpected_label_values_are_named(tmp_path):
+    from medseg.io import load_label
+
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 7
+    path = write_nifti(Volume(lab, np.eye(4)), tmp_path / "lab.nii.gz")
+    with pytest.raises(InputError, match=r"lab\.nii\.gz: label map holds values \[7\]"):
+        load_label(path, expected_labels=[1, 2])
+    assert load_label(path, expected_labels=[7]).array.max() == 7
