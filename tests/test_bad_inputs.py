@@ -114,7 +114,11 @@ def dicom_duplicated_position(tmp):
 def dicom_inconsistent_pixel_spacing(tmp):
     paths = dc.series(tmp / "ct")
     dc.edit(paths[2], lambda ds: setattr(ds, "PixelSpacing", ["0.7", "0.7"]))
-    return convert(tmp / "ct"), paths[2].name, "inconsistent PixelSpacing"
+    return (
+        convert(tmp / "ct"),
+        f"{paths[2].name} has 0.7 x 0.7 mm, 5 other slices 1 x 1 mm",
+        "inconsistent PixelSpacing",
+    )
 
 
 @case
@@ -122,7 +126,11 @@ def dicom_inconsistent_orientation(tmp):
     paths = dc.series(tmp / "ct")
     c, s = np.cos(np.radians(3)), np.sin(np.radians(3))
     dc.edit(paths[2], lambda ds: setattr(ds, "ImageOrientationPatient", [-c, -s, 0, s, -c, 0]))
-    return convert(tmp / "ct"), paths[2].name, "inconsistent ImageOrientationPatient"
+    return (
+        convert(tmp / "ct"),
+        f"({paths[2].name} is turned by 3.00 degrees)",
+        "inconsistent ImageOrientationPatient",
+    )
 
 
 @case

@@ -372,11 +372,13 @@ def _stack_geometry(stack: list[_SliceHeader]) -> _Geometry:
     normal = _normal(ref.iop)
     problems: list[str] = []
     ordered = sorted(stack, key=lambda h: float(np.dot(h.ipp, normal)))
-    spacing_set = {tuple(np.round(h.pixel_spacing, 4)) for h in ordered}
+    spacing_set = {_rounded(h.pixel_spacing) for h in ordered}
     if len(spacing_set) > 1:
-        odd = [h.name for h in ordered if tuple(np.round(h.pixel_spacing, 4)) != _common_spacing(ordered)]
+        common = _common_spacing(ordered)
+        odd = [h for h in ordered if _rounded(h.pixel_spacing) != common]
         problems.append(
-            f"inconsistent PixelSpacing within the series: {sorted(spacing_set)} (e.g. {', '.join(odd[:3])})"
+            f"inconsistent PixelSpacing within the series: {odd[0].name} has {_mm(odd[0].pixel_spacing)}, "
+            f"{len(ordered) - len(odd)} other slices {_mm(common)}"
         )
     row_spacing, col_spacing = ref.pixel_spacing  # PixelSpacing = [between rows, between columns]
     affine = np.eye(4)
@@ -428,12 +430,29 @@ def _stack_geometry(stack: list[_SliceHeader]) -> _Geometry:
     return _Geometry(ordered, affine, problems, shear)
 
 
-def _common_spacing(ordered: list[_SliceHeader]) -> tuple:
+def _rounded(spacing: tuple[float, float]) -> tuple[float, float]:
+    return (round(float(spacing[0]), 4), round(float(spacing[1]), 4))
+
+
+def _mm(spacing: tuple[float, float]) -> str:
+    return f"{spacing[0]:g} x {spacing[1]:g} mm"
+
+
+def _common_spacing(ordered: list[_SliceHeader]) -> tuple[float, float]:
     """The PixelSpacing most slices share (what a stray slice is compared against)."""
-    counts: dict[tuple, int] = defaultdict(int)
+    counts: dict[tuple[float, float], int] = defaultdict(int)
     for h in ordered:
-        counts[tuple(np.round(h.pixel_spacing, 4))] += 1
+        counts[_rounded(h.pixel_spacing)] += 1
     return max(counts, key=counts.__getitem__)
+
+
+def _iop_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The larger of the angles between the row directions and between the column directions."""
+    cos = [
+        float(a[s] @ b[s]) / float(np.linalg.norm(a[s]) * np.linalg.norm(b[s]))
+        for s in (slice(0, 3), slice(3, 6))
+    ]
+    return float(np.degrees(np.arccos(np.clip(min(cos), -1.0, 1.0))))
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -476,7 +495,7 @@ def scan_dicom(root: str | Path) -> ScanResult:
             else:
                 stray_problems.append(
                     f"inconsistent ImageOrientationPatient within the series ({stack[0].name} "
-                    f"differs by {angle:.2f} degrees)"
+                    f"is turned by {_iop_angle_deg(main.iop, stack[0].iop):.2f} degrees)"
                 )
         for n, stack in enumerate(stacks):
             if n > 0 and len(stack) <= 3:
@@ -495,7 +514,8 @@ def scan_dicom(root: str | Path) -> ScanResult:
                     spacing=spacing,  # type: ignore[arg-type]
                     orientation=_orientation_name(geo.ordered[0].iop),
                     transfer_syntax=geo.ordered[0].transfer_syntax,
-                    problems=(stray_problems if n == 0 else []) + geo.problems,
+                    # a stray slice also leaves a gap: name the cause, not the symptom
+                    problems=(stray_problems if n == 0 and stray_problems else geo.problems),
                     original=not {"DERIVED", "SECONDARY"} & set(geo.ordered[0].image_type),
                     n_frames=frames,
                 )
@@ -516,7 +536,8 @@ def select_series(scan: ScanResult, root: Path, series_id: str | None = None) ->
         if not scan.skipped:
             raise InputError(root, "no DICOM image series found (no files in it)")
         raise InputError(
-            root, f"no DICOM image series found (skipped {len(scan.skipped)} files: {'; '.join(reasons[:4])})"
+            root,
+            f"no DICOM image series found (skipped {len(scan.skipped)} file(s): {'; '.join(reasons[:4])})",
         )
     if series_id is not None:
         matches = [
@@ -598,7 +619,9 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     except Exception as exc:
         name = getattr(ts, "name", str(ts))
         raise InputError(
-            path, f"pixel data cannot be decoded as {name} ({type(exc).__name__}: {one_line(exc)})"
+            path,
+            f"pixel data cannot be decoded as {name} ({type(exc).__name__}: {one_line(exc)}); the file is "
+            "corrupt or its declared transfer syntax is wrong",
         ) from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     expected = (frames, int(ds.Rows), int(ds.Columns)) if frames > 1 else (int(ds.Rows), int(ds.Columns))
