@@ -439,3 +439,35 @@ def test_check_reports_bad_cases_naming_files(tmp_path):
     assert f"{labels[1]}: label shape" in out
     assert f"differs from image {images[1]} shape" in out
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_write_is_reported_and_leaves_nothing(tmp_path):
+    """A full disk, simulated with a file-size limit: one line, exit 2, no partial output."""
+    import os
+    import resource
+    import signal
+    import sys
+
+    from tests.conftest import REPO
+
+    vol = dc.ramp_volume((64, 64, 16))
+    dc.series(tmp_path / "ct", vol)
+
+    def limit():  # runs in the child: writes past 20 kB fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "medseg", "convert", "ct", "out/big.nii", "--overwrite"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "out/big.nii: could not be written (File too large)" in lines[0]
+    assert not any((tmp_path / "out").iterdir())
