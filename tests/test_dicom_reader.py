@@ -208,6 +208,7 @@ def test_series_and_convert_commands(tmp_path):
     dc.series(tmp_path / "study" / "a", dc.ramp_volume((12, 10, 6)), series_uid="1.2.826.1")
     dc.series(tmp_path / "study" / "b", dc.ramp_volume((12, 10, 4)), series_uid="1.2.826.2")
     dc.non_image(tmp_path / "study" / "sr.dcm", "SR")
+    before = {p: p.read_bytes() for p in (tmp_path / "study").rglob("*") if p.is_file()}
     proc = run_cli("series", "study", cwd=tmp_path, check=True)
     out = proc.stdout
     assert "series 1.2.826.1  (hash " + uid_hash("1.2.826.1") + ")" in out
@@ -222,6 +223,7 @@ def test_series_and_convert_commands(tmp_path):
         "convert", "study", "b.nii.gz", "--series", uid_hash("1.2.826.2"), cwd=tmp_path, check=True
     )
     assert read_nifti_shape(tmp_path / "b.nii.gz") == (12, 10, 4)
+    assert {p: p.read_bytes() for p in (tmp_path / "study").rglob("*") if p.is_file()} == before  # untouched
 
 
 def read_nifti_shape(path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from medseg.io import read_dicom_series, uid_hash, write_dicom_series, write_nifti
 from medseg.synthetic import make_case
 from tests.conftest import run_cli
+from tests.test_dicom_seg import seg_voxels
 from tests.test_end_to_end import TINY
 
 FAKE = {
@@ -116,6 +118,14 @@ def test_no_patient_data_leaks_through_convert_series_train_infer(tmp_path):
     assert not (tmp_path / "pred" / "other_seg.dcm").exists()
     # by design the SEG carries the patient module of its source (so a PACS files it with the study)
     assert str(pydicom.dcmread(seg_path).PatientName) == FAKE["PatientName"]
+    # the SEG from `infer --dicom-seg` holds the NIfTI mask's voxels
+    numbers, seg = seg_voxels(seg_path, data / "dicom" / "case_003")
+    value_of_name = {name: int(value) for value, name in spec["labels"].items()}
+    relabel = np.zeros(len(seg.SegmentSequence) + 1, np.uint8)  # segment number -> label value
+    for item in seg.SegmentSequence:
+        relabel[int(item.SegmentNumber)] = value_of_name[item.SegmentLabel]
+    nifti_mask = np.asarray(nib.load(tmp_path / "pred" / "case_003_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(relabel[numbers], nifti_mask)
 
     leaks: list[str] = []
     checked = 0
