@@ -150,10 +150,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.metrics import evaluate_folders, markdown_table, write_csv
 
-    rows = evaluate_folders(args.pred, args.ref)
-    write_csv(rows, args.out)
-    print(markdown_table(rows))
-    print(f"\nper-case metrics: {args.out}")
+    rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
+    out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
+    print(markdown_table(rows, tolerance_mm=args.tolerance))
+    print(f"\nper-case metrics: {out}\nsummary: {out.with_suffix('.json')}")
     return 0
 
 
@@ -216,10 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("evaluate", help="Dice per label and case between two folders of masks")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--out", default="metrics.csv")
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, HD95, surface Dice and volumes per label and case between two folders of masks",
+    )
+    p.add_argument("--pred", required=True, help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
+    p.add_argument("--ref", required=True, help="folder of reference <case>.nii.gz")
+    p.add_argument("--out", default="metrics.csv", help="per-case CSV; the JSON summary goes beside it")
+    p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
