@@ -138,10 +138,21 @@ def cmd_infer(args: argparse.Namespace) -> int:
         tta=args.tta,
         overwrite=args.overwrite,
         progress=lambda items, desc: track(items, desc),
+        crf=True if args.crf else None,
+        save_probabilities=args.save_probabilities,
+        report=args.report,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        blend_mode=args.blend_mode,
+        cpu_bf16=True if args.cpu_bf16 else None,
     )
+    rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
-        f"{len(summary.written)} written, {len(summary.skipped)} skipped (exist), {len(summary.failed)} failed"
+        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (exist), "
+        f"{len(summary.failed)} failed"
     )
+    if summary.report:
+        print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if summary.failed else 0
@@ -212,8 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+")
     p.add_argument("--output", required=True)
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument(
+        "--crf", action="store_true", help="refine with the dense CRF (postprocess.crf in the bundle)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <stem>_seg_prob_<k>.nii.gz per class and <stem>_seg_entropy.nii.gz (uncertainty)",
+    )
+    p.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write report.html (QC: overlays, volumes, components, flags) in the output folder",
+    )
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the bundle's)")
+    p.add_argument(
+        "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
+    )
+    p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(

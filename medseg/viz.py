@@ -1,4 +1,5 @@
-"""Pictures a person can check: colour-mapped label overlays on axial, coronal and sagittal slices."""
+"""Pictures a person can check: colour-mapped label overlays on axial, coronal and sagittal slices
+through each structure, and training curves."""
 
 from __future__ import annotations
 
@@ -37,6 +38,93 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(array, ornt)
 
 
+def _slice_centre(lab: np.ndarray, label: int) -> np.ndarray:
+    """A voxel of ``label`` near the centre of its largest component (so a slice always cuts through it;
+    the centroid of two kidneys lies between them)."""
+    import cc3d
+
+    mask = lab == label
+    largest = cc3d.largest_k(mask, k=1, connectivity=26) > 0
+    pts = np.argwhere(largest if largest.any() else mask)
+    centroid = pts.mean(axis=0)
+    return pts[np.argmin(((pts - centroid) ** 2).sum(axis=1))]
+
+
+def overlay_png_bytes(
+    image: Volume,
+    mask: np.ndarray,
+    *,
+    labels: dict[int, str],
+    window: tuple[float, float] | None = None,
+    title: str = "",
+    per_structure: bool = True,
+    max_rows: int = 8,
+    dpi: int = 80,
+) -> bytes:
+    """PNG bytes: axial, coronal and sagittal slices, one row through each structure present.
+
+    Radiological convention (the patient's right on the viewer's left); a fixed colour
+    per label with a legend; CT shown in a soft-tissue window (-160..240 HU), MR and
+    others between the 1st and 99th percentiles. With ``per_structure=False`` (or no
+    structure present) a single row goes through the centre of the mask (or volume).
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    img = _to_ras(image.array, image.affine)
+    lab = _to_ras(np.asarray(mask), image.affine)
+    spacing = np.abs(np.diag(_to_ras_affine(image.affine)))
+    if window is None:
+        modality = str(image.meta.get("modality", "CT"))
+        window = (-160.0, 240.0) if modality == "CT" else tuple(float(v) for v in np.percentile(img, [1, 99]))
+    present = [int(k) for k in np.unique(lab) if k != 0]
+    rows: list[tuple[str, np.ndarray]] = []
+    if per_structure and present:
+        for k in present[:max_rows]:
+            rows.append((labels.get(k, str(k)), _slice_centre(lab, k)))
+    else:
+        centre = (
+            np.argwhere(lab > 0).mean(axis=0).round().astype(int)
+            if (lab > 0).any()
+            else np.array(img.shape) // 2
+        )
+        rows.append(("", centre))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows) + 0.6), squeeze=False)
+    for r, (name, centre) in enumerate(rows):
+        views = [
+            ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
+            ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0]),
+            ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1]),
+        ]
+        for ax, (view, sl, ml, aspect) in zip(axes[r], views, strict=True):
+            ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+            rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
+            fg = ml > 0
+            rgba[fg, :3] = PALETTE[ml[fg] % len(PALETTE)]
+            rgba[fg, 3] = 0.45
+            ax.imshow(rgba, origin="lower", aspect=aspect)
+            ax.set_title(f"{view} through {name}" if name else view, fontsize=9)
+            ax.axis("off")
+        axes[r][0].text(0.01, 0.5, "R", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
+        axes[r][0].text(0.96, 0.5, "L", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
+    handles = [
+        Patch(color=PALETTE[k % len(PALETTE)], label=f"{k}: {v}") for k, v in sorted(labels.items()) if k
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.6 / (3.6 * len(rows) + 0.6), 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def overlay_png(
     image: Volume,
     mask: np.ndarray,
@@ -45,50 +133,15 @@ def overlay_png(
     labels: dict[int, str],
     window: tuple[float, float] | None = None,
     title: str = "",
+    per_structure: bool = True,
 ) -> Path:
-    """Axial, coronal and sagittal slices through the mask's centre of mass, with a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    img = _to_ras(image.array, image.affine)
-    lab = _to_ras(mask, image.affine)
-    spacing = np.abs(np.diag(_to_ras_affine(image.affine)))
-    if window is None:
-        modality = str(image.meta.get("modality", "CT"))
-        window = (-160.0, 240.0) if modality == "CT" else tuple(np.percentile(img, [1, 99]))
-    centre = (
-        np.argwhere(lab > 0).mean(axis=0).round().astype(int) if (lab > 0).any() else np.array(img.shape) // 2
+    """Write :func:`overlay_png_bytes` to ``path`` (atomically)."""
+    data = overlay_png_bytes(
+        image, mask, labels=labels, window=window, title=title, per_structure=per_structure
     )
-    # radiological convention: the patient's right on the viewer's left (RAS x reversed)
-    views = [
-        ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
-        ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0]),
-        ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, (name, sl, ml, aspect) in zip(axes, views, strict=True):
-        ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-        rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
-        present = ml > 0
-        rgba[present, :3] = PALETTE[ml[present] % len(PALETTE)]
-        rgba[present, 3] = 0.45
-        ax.imshow(rgba, origin="lower", aspect=aspect)
-        ax.set_title(name)
-        ax.axis("off")
-    handles = [
-        Patch(color=PALETTE[k % len(PALETTE)], label=f"{k}: {v}") for k, v in sorted(labels.items()) if k
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+        tmp.write_bytes(data)
     return path
 
 
