@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.config import CRFConfig  # noqa: E402
-from medseg.crf import dense_crf  # noqa: E402
-from medseg.metrics import dice, hd95  # noqa: E402
+from medseg.config import CRFConfig
+from medseg.crf import dense_crf
+from medseg.metrics import dice, hd95
 
 HERE = Path(__file__).resolve().parent
 SHAPE = (120, 150, 100)
@@ -56,10 +56,14 @@ def phantom(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.
     return truth, image, np.stack([1.0 - p1, p1])
 
 
-def run_medseg(probs: np.ndarray, image: np.ndarray, cfg: CRFConfig, threads: int) -> tuple[np.ndarray, float]:
+def run_medseg(
+    probs: np.ndarray, image: np.ndarray, cfg: CRFConfig, threads: int
+) -> tuple[np.ndarray, float]:
     torch.set_num_threads(threads)
     p, im = torch.from_numpy(probs), torch.from_numpy(image)
-    dense_crf(p[:, :8, :8, :8].contiguous(), im[:8, :8, :8].contiguous(), spacing=(1, 1, 1), cfg=cfg)  # warm-up
+    dense_crf(
+        p[:, :8, :8, :8].contiguous(), im[:8, :8, :8].contiguous(), spacing=(1, 1, 1), cfg=cfg
+    )  # warm-up
     t0 = time.perf_counter()
     q = dense_crf(p, im, spacing=(1.0, 1.0, 1.0), cfg=cfg)
     seconds = time.perf_counter() - t0
@@ -83,7 +87,9 @@ def simplecrf_params(cfg: CRFConfig, pos_w: float, bil_w: float) -> dict:
     }
 
 
-def run_simplecrf(python: str, probs: np.ndarray, image: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
+def run_simplecrf(
+    python: str, probs: np.ndarray, image: np.ndarray, params: dict
+) -> tuple[np.ndarray, float]:
     lo, hi = INTENSITY_RANGE
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -98,7 +104,10 @@ def run_simplecrf(python: str, probs: np.ndarray, image: np.ndarray, params: dic
 
 
 def scores(labels: np.ndarray, truth: np.ndarray) -> dict:
-    return {"dice": round(dice(labels == 1, truth), 4), "hd95_mm": round(hd95(labels == 1, truth, (1, 1, 1)), 2)}
+    return {
+        "dice": round(dice(labels == 1, truth), 4),
+        "hd95_mm": round(hd95(labels == 1, truth, (1, 1, 1)), 2),
+    }
 
 
 def main() -> None:
@@ -148,11 +157,19 @@ def main() -> None:
         truth256, image256, probs256 = phantom((256, 256, 256), seed=1)
         for threads in (1, 2):
             labels, seconds = run_medseg(probs256, image256, cfg, threads)
-            results["medseg"][f"256^3_threads_{threads}"] = {**scores(labels, truth256), "seconds": round(seconds, 3)}
+            results["medseg"][f"256^3_threads_{threads}"] = {
+                **scores(labels, truth256),
+                "seconds": round(seconds, 3),
+            }
             print(f"medseg CRF 256^3, {threads} thread(s): {results['medseg'][f'256^3_threads_{threads}']}")
         if have_simplecrf:
-            labels, seconds = run_simplecrf(args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 2.0, 3.0))
-            results["simplecrf"]["256^3_PosW_2_BilateralW_3"] = {**scores(labels, truth256), "seconds": round(seconds, 3)}
+            labels, seconds = run_simplecrf(
+                args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 2.0, 3.0)
+            )
+            results["simplecrf"]["256^3_PosW_2_BilateralW_3"] = {
+                **scores(labels, truth256),
+                "seconds": round(seconds, 3),
+            }
             print(f"SimpleCRF 256^3: {results['simplecrf']['256^3_PosW_2_BilateralW_3']}")
         results["before_256^3"] = scores(probs256.argmax(0).astype(np.uint8), truth256)
 

@@ -108,7 +108,7 @@ def test_shape_mismatch_is_refused():
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    truth, image, probs = noisy_sphere()
+    _truth, image, probs = noisy_sphere()
     cpu = dense_crf(probs, image, spacing=(1, 1, 1))
     gpu = dense_crf(probs.cuda(), image.cuda(), spacing=(1, 1, 1)).cpu()
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
