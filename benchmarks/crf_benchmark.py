@@ -70,7 +70,7 @@ def run_medseg(
     return q.argmax(0).numpy().astype(np.uint8), seconds
 
 
-def simplecrf_params(cfg: CRFConfig, pos_w: float, bil_w: float) -> dict:
+def simplecrf_params(cfg: CRFConfig, pos_w: float, bil_w: float, intensity_scale: float = 1.0) -> dict:
     lo, hi = INTENSITY_RANGE
     return {
         "MaxIterations": float(ITERATIONS),
@@ -83,7 +83,7 @@ def simplecrf_params(cfg: CRFConfig, pos_w: float, bil_w: float) -> dict:
         "BilateralCStd": cfg.bilateral_sigma_mm,
         "BilateralZStd": cfg.bilateral_sigma_mm,
         "ModalityNum": 1,
-        "BilateralModsStds": [cfg.bilateral_intensity_sigma * 255.0 / (hi - lo)],
+        "BilateralModsStds": [intensity_scale * cfg.bilateral_intensity_sigma * 255.0 / (hi - lo)],
     }
 
 
@@ -97,7 +97,9 @@ def run_simplecrf(
         np.save(work / "image.npy", np.ascontiguousarray(img8))
         np.save(work / "probs.npy", np.ascontiguousarray(np.moveaxis(probs, 0, -1).astype(np.float32)))
         (work / "params.json").write_text(json.dumps(params))
-        subprocess.run([python, str(HERE / "simplecrf_runner.py"), str(work)], check=True)
+        subprocess.run(
+            [python, str(HERE / "simplecrf_runner.py"), str(work)], check=True, stdout=subprocess.DEVNULL
+        )
         labels = np.load(work / "labels.npy")
         seconds = json.loads((work / "time.json").read_text())["seconds"]
     return labels, seconds
@@ -143,11 +145,12 @@ def main() -> None:
 
     have_simplecrf = Path(args.simplecrf_python).exists()
     if have_simplecrf:
-        # SimpleCRF's kernels are not normalised like medseg's: try its demo weights and two more
-        for pos_w, bil_w in ((2.0, 3.0), (3.0, 5.0), (1.0, 5.0)):
-            params = simplecrf_params(cfg, pos_w, bil_w)
+        # SimpleCRF's kernels are not normalised like medseg's, so the same weights mean other things:
+        # its demo weights, and the best of a small sweep run here (0.3 / 1.0, intensity sigma x 0.5)
+        for pos_w, bil_w, scale in ((2.0, 3.0, 1.0), (1.0, 1.0, 1.0), (0.3, 1.0, 0.5)):
+            params = simplecrf_params(cfg, pos_w, bil_w, scale)
             labels, seconds = run_simplecrf(args.simplecrf_python, probs, image, params)
-            key = f"PosW_{pos_w:g}_BilateralW_{bil_w:g}"
+            key = f"PosW_{pos_w:g}_BilateralW_{bil_w:g}_intensity_x{scale:g}"
             results["simplecrf"][key] = {**scores(labels, truth), "seconds": round(seconds, 3)}
             print(f"SimpleCRF {key}: {results['simplecrf'][key]}")
     else:
@@ -164,13 +167,13 @@ def main() -> None:
             print(f"medseg CRF 256^3, {threads} thread(s): {results['medseg'][f'256^3_threads_{threads}']}")
         if have_simplecrf:
             labels, seconds = run_simplecrf(
-                args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 2.0, 3.0)
+                args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 0.3, 1.0, 0.5)
             )
-            results["simplecrf"]["256^3_PosW_2_BilateralW_3"] = {
+            results["simplecrf"]["256^3_PosW_0.3_BilateralW_1_intensity_x0.5"] = {
                 **scores(labels, truth256),
                 "seconds": round(seconds, 3),
             }
-            print(f"SimpleCRF 256^3: {results['simplecrf']['256^3_PosW_2_BilateralW_3']}")
+            print(f"SimpleCRF 256^3: {results['simplecrf']['256^3_PosW_0.3_BilateralW_1_intensity_x0.5']}")
         results["before_256^3"] = scores(probs256.argmax(0).astype(np.uint8), truth256)
 
     out = Path(args.out)
