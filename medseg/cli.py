@@ -130,6 +130,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     bundles = [load_bundle(m, device=device) for m in args.model]
+    tracker = None
+    if args.mlflow_run:
+        from medseg.config import TrackingConfig
+        from medseg.tracking import Tracker
+
+        tracker = Tracker(TrackingConfig())
+        tracker.start(run_id=args.mlflow_run)
     summary = run_inference(
         bundles,
         args.input,
@@ -145,7 +152,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         blend_mode=args.blend_mode,
         cpu_bf16=True if args.cpu_bf16 else None,
+        tracker=tracker,
     )
+    if tracker is not None:
+        tracker.end()
     rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
         f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (exist), "
@@ -245,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
     )
     p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
+    p.add_argument(
+        "--mlflow-run",
+        metavar="RUN_ID",
+        help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
+    )
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(

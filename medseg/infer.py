@@ -50,6 +50,7 @@ from medseg.transforms import build_preprocess, to_metatensor
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
+    from medseg.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +412,7 @@ def run_inference(
     sw_batch_size: int | None = None,
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
+    tracker: Tracker | None = None,
 ) -> InferenceSummary:
     """Segment every input; existing outputs are skipped unless ``overwrite``; a failing case is reported
     and the batch goes on. Under torchrun each rank takes every WORLD_SIZE-th case.
@@ -418,7 +420,9 @@ def run_inference(
     Per case: ``<stem>_seg.nii.gz`` and ``<stem>_seg.json`` (labels, geometry, options,
     per-stage timings), with ``save_probabilities`` also ``<stem>_seg_prob_<k>.nii.gz``
     and ``<stem>_seg_entropy.nii.gz``. With ``report``, ``report.html`` (QC of the cases
-    segmented in this run) is written at the end.
+    segmented in this run) is written at the end. With a started ``tracker`` (an MLflow
+    run), per-case stage timings go to it as metrics (step = case index) and the report
+    as an artifact.
     """
     output_dir = Path(output_dir)
     paths = find_inputs(list(inputs))
@@ -487,6 +491,8 @@ def run_inference(
                 json.dumps({k: round(v, 3) for k, v in timings.items()}),
             )
             summary.written.append(target)
+            if tracker is not None:
+                tracker.log_metrics({f"infer_{k}": v for k, v in timings.items()}, step=index)
             if report:
                 from medseg.report import case_qc
 
@@ -519,6 +525,8 @@ def run_inference(
             skipped=[p.name for p in summary.skipped],
             model=", ".join(str(b.path) for b in bundles),
         )
+    if tracker is not None and summary.report is not None:
+        tracker.log_artifact(summary.report, "inference")
     log.info(
         "%d written, %d skipped (exist), %d failed",
         len(summary.written),

@@ -196,3 +196,25 @@ def test_windows_on_gpu_accumulation_on_cpu():
     whole = sliding_window_logits(net, image, roi_size=(16, 16, 16), device="cuda", accumulate_on_cpu=False)
     assert split.device.type == "cpu"
     torch.testing.assert_close(split.float(), whole.float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_stage_timings_and_report_go_to_mlflow(trained, tmp_path):
+    import mlflow
+
+    from medseg.bundle import load_bundle
+    from medseg.config import TrackingConfig
+    from medseg.infer import run_inference
+    from medseg.tracking import Tracker
+
+    root, (b0, _) = trained
+    images = sorted((root / "data" / "imagesTs").glob("*.nii.gz"))
+    tracker = Tracker(TrackingConfig(experiment="inference"))
+    tracker.start(run_name="batch")
+    run_inference([load_bundle(b0)], images, tmp_path / "out", tracker=tracker, report=True)
+    tracker.end()
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(tracker.run_id, "infer_network_s")
+    assert [m.step for m in history] == [0, 1]
+    assert client.get_metric_history(tracker.run_id, "infer_write_s")
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "inference")] == ["inference/report.html"]
