@@ -124,12 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from medseg.bundle import load_bundle
-    from medseg.infer import run_inference
+    from medseg.infer import expand_models, run_inference
     from medseg.progress import track
     from medseg.train import resolve_device
 
     device = resolve_device(args.device)
-    bundles = [load_bundle(m, device=device) for m in args.model]
+    bundles = [load_bundle(m, device=device) for m in expand_models(args.model)]
     tracker = None
     if args.mlflow_run:
         from medseg.config import TrackingConfig
@@ -228,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment NIfTI files / DICOM series with a bundle")
     p.add_argument(
-        "--model", required=True, action="append", help="bundle folder or MLflow URI; repeat to ensemble"
+        "--model",
+        required=True,
+        action="append",
+        help="bundle folder, folder of fold bundles (fold_*/bundle) or MLflow URI; repeat to ensemble",
     )
     p.add_argument("--input", required=True, nargs="+")
     p.add_argument("--output", required=True)

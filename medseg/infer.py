@@ -353,6 +353,32 @@ class InferenceSummary:
     world_size: int = 1
 
 
+def expand_models(models: list[str | Path]) -> list[str]:
+    """``--model`` values to bundle locations: a bundle folder or MLflow URI as is; a folder holding
+    several fold bundles (``fold_*/bundle``, as ``train`` writes them) becomes all of them (an ensemble)."""
+    out: list[str] = []
+    for model in models:
+        path = Path(str(model))
+        text = str(model)
+        if text.startswith(("runs:/", "models:/")) or not path.is_dir() or (path / "config.yaml").is_file():
+            out.append(text)
+            continue
+        found = sorted(
+            {p.parent for p in path.glob("*/model.safetensors")}
+            | {p.parent for p in path.glob("*/bundle/model.safetensors")}
+        )
+        if not found:
+            raise InputError(path, "neither a bundle folder nor a folder of fold bundles (fold_*/bundle)")
+        log.info(
+            "%s: ensemble of %d bundles (%s)",
+            path,
+            len(found),
+            ", ".join(str(f.relative_to(path)) for f in found),
+        )
+        out.extend(str(f) for f in found)
+    return out
+
+
 def mask_path(output_dir: Path, input_path: Path) -> Path:
     return output_dir / f"{case_stem(input_path)}_seg.nii.gz"
 

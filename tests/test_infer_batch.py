@@ -218,3 +218,20 @@ def test_stage_timings_and_report_go_to_mlflow(trained, tmp_path):
     assert [m.step for m in history] == [0, 1]
     assert client.get_metric_history(tracker.run_id, "infer_write_s")
     assert [a.path for a in client.list_artifacts(tracker.run_id, "inference")] == ["inference/report.html"]
+
+
+def test_folder_of_fold_bundles_is_an_ensemble(tmp_path):
+    from medseg.errors import InputError
+    from medseg.infer import expand_models
+
+    for fold in (0, 1):
+        bundle = tmp_path / "model" / f"fold_{fold}" / "bundle"
+        bundle.mkdir(parents=True)
+        (bundle / "model.safetensors").write_bytes(b"")
+        (bundle / "config.yaml").write_text("{}")
+    (tmp_path / "model" / "notes").mkdir()
+    found = expand_models([tmp_path / "model"])
+    assert [Path(p).parent.name for p in found] == ["fold_0", "fold_1"]
+    assert expand_models([found[0], "runs:/abc/model"]) == [found[0], "runs:/abc/model"]
+    with pytest.raises(InputError, match="fold bundles"):
+        expand_models([tmp_path / "model" / "notes"])
