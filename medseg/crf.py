@@ -77,7 +77,7 @@ class GridFilter:
     all four axes. Everything that depends only on geometry and the guide is
     computed once and reused by every mean-field iteration; a call costs two
     ``index_add_`` passes, small matrix products and one ``grid_sample``: fast on CPU
-    and GPU, no compiled extension. Memory: about 40 bytes per voxel.
+    and GPU, no compiled extension. Memory: about 32 bytes per voxel with a guide, 16 without.
     """
 
     def __init__(
@@ -118,9 +118,10 @@ class GridFilter:
         fb = (pos_b.view(X, Y, Z) - b0).reshape(-1)
         base = (ix[:, None, None] * gy + iy[None, :, None]) * nb
         self.idx0 = ((base + b0) * gz + iz[None, None, :]).reshape(-1)
-        self.idx1 = self.idx0 + gz  # the next intensity bin
-        self.w0 = (1.0 - fb)[None]
-        self.w1 = fb[None]
+        if nb > 1:  # the next intensity bin and the two intensity weights
+            self.idx1 = self.idx0 + gz
+            self.w0 = (1.0 - fb)[None]
+            self.w1 = fb[None]
         # slice along (z, intensity): one 2D grid_sample per (x, y) row, coordinates in [-1, 1]
         zc = (pos_z * (2.0 / (gz - 1)) - 1.0)[None, :].expand(X * Y, Z)
         bc = (pos_b.view(X * Y, Z) * (2.0 / max(nb - 1, 1)) - 1.0) if nb > 1 else torch.zeros_like(zc)
