@@ -26,7 +26,7 @@ import numpy as np
 
 from medseg.io import Volume, write_text_atomic
 from medseg.postprocess import count_components
-from medseg.viz import PALETTE, overlay_png_bytes
+from medseg.viz import label_colour, overlay_png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ img.overlay { max-width: 100%; border: 1px solid #ccc; background: black; }
 
 
 def _swatch(label: int) -> str:
-    r, g, b = (int(np.rint(v * 255)) for v in PALETTE[label % len(PALETTE)])
+    r, g, b = (int(np.rint(v * 255)) for v in label_colour(label))
     return f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>'
 
 

@@ -9,26 +9,39 @@ import numpy as np
 
 from medseg.io import Volume, atomic_path
 
-# A fixed colour per label index (tab10-like), so the same structure always has the same colour.
-PALETTE = (
-    np.array(
-        [
-            [0, 0, 0],
-            [230, 25, 75],
-            [60, 180, 75],
-            [255, 225, 25],
-            [0, 130, 200],
-            [245, 130, 48],
-            [145, 30, 180],
-            [70, 240, 240],
-            [240, 50, 230],
-            [210, 245, 60],
-            [250, 190, 212],
-        ],
-        dtype=np.float32,
+# A fixed colour per label index, so the same structure always has the same colour: background black,
+# then 10 distinct colours for the usual few labels, then 40 more (matplotlib's tab20b and tab20c) for
+# whole-body label sets; beyond 50 labels the colours repeat.
+_FIRST = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+]
+
+
+def _build_palette() -> np.ndarray:
+    from matplotlib import colormaps
+
+    more = [colormaps[name](i)[:3] for name in ("tab20b", "tab20c") for i in range(20)]
+    return np.vstack([[[0.0, 0.0, 0.0]], np.asarray(_FIRST, np.float32) / 255.0, np.asarray(more)]).astype(
+        np.float32
     )
-    / 255.0
-)
+
+
+PALETTE = _build_palette()
+
+
+def label_colour(label: int | np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of a label (or an array of labels); 0 is black, others never are."""
+    k = np.asarray(label)
+    return PALETTE[np.where(k == 0, 0, 1 + (k - 1) % (len(PALETTE) - 1))]
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -58,7 +71,7 @@ def overlay_png_bytes(
     window: tuple[float, float] | None = None,
     title: str = "",
     per_structure: bool = True,
-    max_rows: int = 8,
+    max_rows: int = 12,
     dpi: int = 80,
 ) -> bytes:
     """PNG bytes: axial, coronal and sagittal slices, one row through each structure present.
@@ -87,6 +100,8 @@ def overlay_png_bytes(
     if per_structure and present:
         for k in present[:max_rows]:
             rows.append((labels.get(k, str(k)), _slice_centre(lab, k)))
+        if len(present) > max_rows:
+            title = f"{title} (slices through the first {max_rows} of {len(present)} structures)".strip()
     else:
         centre = (
             np.argwhere(lab > 0).mean(axis=0).round().astype(int)
@@ -94,7 +109,8 @@ def overlay_png_bytes(
             else np.array(img.shape) // 2
         )
         rows.append(("", centre))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows) + 0.6), squeeze=False)
+    legend_h = 0.3 + 0.22 * -(-max(1, sum(1 for k in labels if k)) // 5)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows) + legend_h), squeeze=False)
     for r, (name, centre) in enumerate(rows):
         views = [
             ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
@@ -105,20 +121,20 @@ def overlay_png_bytes(
             ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
             rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
             fg = ml > 0
-            rgba[fg, :3] = PALETTE[ml[fg] % len(PALETTE)]
+            rgba[fg, :3] = label_colour(ml[fg])
             rgba[fg, 3] = 0.45
             ax.imshow(rgba, origin="lower", aspect=aspect)
             ax.set_title(f"{view} through {name}" if name else view, fontsize=9)
             ax.axis("off")
         axes[r][0].text(0.01, 0.5, "R", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
         axes[r][0].text(0.96, 0.5, "L", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
-    handles = [
-        Patch(color=PALETTE[k % len(PALETTE)], label=f"{k}: {v}") for k, v in sorted(labels.items()) if k
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False)
+    handles = [Patch(color=label_colour(k), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
+    ncol = min(len(handles), 5) or 1
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.6 / (3.6 * len(rows) + 0.6), 1, 1))
+    height = 3.6 * len(rows) + legend_h
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1 - (0.35 / height if title else 0)))
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
