@@ -142,7 +142,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         args.input,
         args.output,
         device=device,
-        tta=args.tta,
+        tta=True if args.tta else None,
         overwrite=args.overwrite,
         progress=lambda items, desc: track(items, desc),
         crf=True if args.crf else None,

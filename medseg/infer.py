@@ -428,7 +428,7 @@ def run_inference(
     output_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    tta: bool = False,
+    tta: bool | None = None,
     overwrite: bool = False,
     progress=None,
     crf: bool | None = None,
@@ -464,6 +464,7 @@ def run_inference(
                 "separate output folders",
             )
         targets[target] = path
+    tta = bundles[0].config.infer.tta if tta is None else tta
     rank, world = rank_and_world()
     if world > 1:
         paths = paths[rank::world]

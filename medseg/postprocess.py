@@ -14,6 +14,7 @@ The CRF refinement works on probabilities in the model grid and lives in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cc3d
@@ -21,6 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.config import PostprocessConfig
+
+log = logging.getLogger(__name__)
 
 
 def keep_largest_component(mask: np.ndarray, *, connectivity: int = 26, k: int = 1) -> np.ndarray:
@@ -96,6 +99,11 @@ def postprocess_labels(
     labels = np.asarray(labels)
     out = np.zeros_like(labels)
     ids = [int(k) for k in label_ids if int(k) != 0]
+    unknown = sorted(set(cfg.per_label) - set(ids))
+    if unknown:
+        log.warning(
+            "postprocess.per_label names label(s) %s, which the model does not have (%s)", unknown, ids
+        )
     steps = {k: steps_for_label(cfg, k) for k in ids}
     for label in ids:
         mask = labels == label
