@@ -118,7 +118,7 @@ class CRFConfig(_Strict):
     iterations: int = Field(5, ge=1)
     smooth_sigma_mm: float = Field(3.0, gt=0.0)  # Gaussian smoothness kernel
     smooth_weight: float = Field(1.0, ge=0.0)
-    bilateral_sigma_mm: float = Field(10.0, gt=0.0)  # bilateral appearance kernel, spatial part
+    bilateral_sigma_mm: float = Field(5.0, gt=0.0)  # bilateral appearance kernel, spatial part
     bilateral_intensity_sigma: float = Field(0.5, gt=0.0)  # in the normalised image's units
     bilateral_weight: float = Field(4.0, ge=0.0)
 
