@@ -146,8 +146,8 @@ def main() -> None:
     have_simplecrf = Path(args.simplecrf_python).exists()
     if have_simplecrf:
         # SimpleCRF's kernels are not normalised like medseg's, so the same weights mean other things:
-        # its demo weights, and the best of a small sweep run here (0.3 / 1.0, intensity sigma x 0.5)
-        for pos_w, bil_w, scale in ((2.0, 3.0, 1.0), (1.0, 1.0, 1.0), (0.3, 1.0, 0.5)):
+        # its demo weights, and the two best of a small sweep run here (12 settings)
+        for pos_w, bil_w, scale in ((2.0, 3.0, 1.0), (0.5, 2.0, 0.5), (0.3, 2.0, 0.5)):
             params = simplecrf_params(cfg, pos_w, bil_w, scale)
             labels, seconds = run_simplecrf(args.simplecrf_python, probs, image, params)
             key = f"PosW_{pos_w:g}_BilateralW_{bil_w:g}_intensity_x{scale:g}"
@@ -167,13 +167,13 @@ def main() -> None:
             print(f"medseg CRF 256^3, {threads} thread(s): {results['medseg'][f'256^3_threads_{threads}']}")
         if have_simplecrf:
             labels, seconds = run_simplecrf(
-                args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 0.3, 1.0, 0.5)
+                args.simplecrf_python, probs256, image256, simplecrf_params(cfg, 0.3, 2.0, 0.5)
             )
-            results["simplecrf"]["256^3_PosW_0.3_BilateralW_1_intensity_x0.5"] = {
+            results["simplecrf"]["256^3_PosW_0.3_BilateralW_2_intensity_x0.5"] = {
                 **scores(labels, truth256),
                 "seconds": round(seconds, 3),
             }
-            print(f"SimpleCRF 256^3: {results['simplecrf']['256^3_PosW_0.3_BilateralW_1_intensity_x0.5']}")
+            print(f"SimpleCRF 256^3: {results['simplecrf']['256^3_PosW_0.3_BilateralW_2_intensity_x0.5']}")
         results["before_256^3"] = scores(probs256.argmax(0).astype(np.uint8), truth256)
 
     out = Path(args.out)
