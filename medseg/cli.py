@@ -161,25 +161,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from medseg.bundle import load_bundle
-    from medseg.infer import run_inference
+    from medseg.infer import expand_models, run_inference
     from medseg.progress import track
     from medseg.train import resolve_device
 
     device = resolve_device(args.device)
-    bundles = [load_bundle(m, device=device) for m in args.model]
+    bundles = [load_bundle(m, device=device) for m in expand_models(args.model)]
+    tracker = None
+    if args.mlflow_run:
+        from medseg.config import TrackingConfig
+        from medseg.tracking import Tracker
+
+        tracker = Tracker(TrackingConfig())
+        tracker.start(run_id=args.mlflow_run)
     summary = run_inference(
         bundles,
         args.input,
         args.output,
         device=device,
-        tta=args.tta,
+        tta=True if args.tta else None,
         overwrite=args.overwrite,
         progress=lambda items, desc: track(items, desc),
         dicom_seg=args.dicom_seg,
+        crf=True if args.crf else None,
+        save_probabilities=args.save_probabilities,
+        report=args.report,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        blend_mode=args.blend_mode,
+        cpu_bf16=True if args.cpu_bf16 else None,
+        tracker=tracker,
     )
+    if tracker is not None:
+        tracker.end()
+    rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
-        f"{len(summary.written)} written, {len(summary.skipped)} skipped (exist), {len(summary.failed)} failed"
+        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (exist), "
+        f"{len(summary.failed)} failed"
     )
+    if summary.report:
+        print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if summary.failed else 0
@@ -188,10 +209,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.metrics import evaluate_folders, markdown_table, write_csv
 
-    rows = evaluate_folders(args.pred, args.ref)
-    write_csv(rows, args.out)
-    print(markdown_table(rows))
-    print(f"\nper-case metrics: {args.out}")
+    rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
+    out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
+    print(markdown_table(rows, tolerance_mm=args.tolerance))
+    print(f"\nper-case metrics: {out}\nsummary: {out.with_suffix('.json')}")
     return 0
 
 
@@ -250,22 +271,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment NIfTI files / DICOM series with a bundle")
     p.add_argument(
-        "--model", required=True, action="append", help="bundle folder or MLflow URI; repeat to ensemble"
+        "--model",
+        required=True,
+        action="append",
+        help="bundle folder, folder of fold bundles (fold_*/bundle) or MLflow URI; repeat to ensemble",
     )
     p.add_argument("--input", required=True, nargs="+")
     p.add_argument("--output", required=True)
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument(
+        "--crf", action="store_true", help="refine with the dense CRF (postprocess.crf in the bundle)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
     p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
     )
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <stem>_seg_prob_<k>.nii.gz per class and <stem>_seg_entropy.nii.gz (uncertainty)",
+    )
+    p.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write report.html (QC: overlays, volumes, components, flags) in the output folder",
+    )
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the bundle's)")
+    p.add_argument(
+        "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
+    )
+    p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
+    p.add_argument(
+        "--mlflow-run",
+        metavar="RUN_ID",
+        help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
+    )
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("evaluate", help="Dice per label and case between two folders of masks")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--out", default="metrics.csv")
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, HD95, surface Dice and volumes per label and case between two folders of masks",
+    )
+    p.add_argument("--pred", required=True, help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
+    p.add_argument("--ref", required=True, help="folder of reference <case>.nii.gz")
+    p.add_argument("--out", default="metrics.csv", help="per-case CSV; the JSON summary goes beside it")
+    p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -88,17 +88,59 @@ class TrainConfig(_Strict):
 
 
 class InferConfig(_Strict):
-    overlap: float = 0.25
-    sw_batch_size: int = 2
+    """Sliding-window inference settings (saved in the bundle; ``infer`` flags override them)."""
+
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(2, ge=1)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
+    # Windows run on the inference device; the full-volume accumulation stays on the CPU
+    # when the model grid holds more voxels than this (MONAI's sw_device/device split), so a
+    # 512x512x1000 CT does not run out of GPU memory.
+    accumulate_on_cpu_voxels: int = Field(256**3, ge=0)
+    # CPU only, opt-in: bfloat16 autocast with channels-last 3D for the network forward.
+    cpu_bf16: bool = False
+
+
+class LabelPostprocess(_Strict):
+    """Per-label override of the global post-processing steps (unset fields inherit)."""
+
+    keep_largest: bool | None = None
+    components: int | None = Field(None, ge=1)
+    min_volume_mm3: float | None = Field(None, ge=0.0)
+    fill_holes: bool | None = None
+
+
+class CRFConfig(_Strict):
+    """Mean-field dense CRF over the softmax, in the model grid (see medseg.crf)."""
+
+    enabled: bool = False
+    iterations: int = Field(5, ge=1)
+    smooth_sigma_mm: float = Field(3.0, gt=0.0)  # Gaussian smoothness kernel
+    smooth_weight: float = Field(1.0, ge=0.0)
+    bilateral_sigma_mm: float = Field(5.0, gt=0.0)  # bilateral appearance kernel, spatial part
+    bilateral_intensity_sigma: float = Field(0.5, gt=0.0)  # in the normalised image's units
+    bilateral_weight: float = Field(4.0, ge=0.0)
 
 
 class PostprocessConfig(_Strict):
+    """Connected components, hole filling and small-object removal, per label.
+
+    ``keep_largest`` keeps the ``components`` largest components of each label
+    (``largest_of: label``) or of the whole foreground (``largest_of: foreground``,
+    which keeps a structure made of several labels together). ``per_label`` overrides
+    any step for one label, e.g. ``{2: {components: 2}}`` for a label holding both
+    kidneys, or ``{2: {keep_largest: false}}``.
+    """
+
     keep_largest: bool = False  # off by default: paired organs (kidneys, lungs) have two components
-    min_volume_mm3: float = 0.0
+    components: int = Field(1, ge=1)
+    largest_of: Literal["label", "foreground"] = "label"
+    min_volume_mm3: float = Field(0.0, ge=0.0)
     fill_holes: bool = False
     connectivity: Literal[6, 18, 26] = 26
+    per_label: dict[int, LabelPostprocess] = Field(default_factory=dict)
+    crf: CRFConfig = Field(default_factory=CRFConfig)
 
 
 class TrackingConfig(_Strict):

@@ -1,7 +1,22 @@
 """Segmentation metrics per label and case, and folder-to-folder evaluation.
 
-Conventions: Dice of an empty prediction against an empty reference is 1.0 (nothing
-to find, nothing found); empty against non-empty (either way) is 0.0.
+Per case and label: Dice, HD95 (mm), surface Dice at a tolerance (mm), and the
+predicted and reference volumes (ml). Distances are physical: they use the voxel
+spacing of the grid (anisotropic grids are handled exactly by the Euclidean
+distance transform).
+
+Conventions (also written into the JSON summary):
+
+- Surfaces are the mask voxels with at least one 6-neighbour outside the mask
+  (a mask touching the edge of the grid has its surface there).
+- HD95 is the larger of the two directed 95th percentiles of surface-to-surface
+  distances (as MONAI's ``compute_hausdorff_distance(percentile=95)``).
+- Surface Dice at tolerance t (Nikolov et al. 2021): the fraction of surface voxels
+  of both masks lying within t mm of the other mask's surface.
+- Both empty: Dice 1, HD95 0 mm, surface Dice 1 (nothing to find, nothing found).
+- One empty, the other not: Dice 0, surface Dice 0, HD95 undefined (NaN in Python
+  and empty in the CSV, ``null`` in JSON). The summary takes HD95 statistics over
+  the cases where it is defined and counts the others as ``hd95_undefined``.
 """
 
 from __future__ import annotations
@@ -9,13 +24,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from medseg.errors import InputError
-from medseg.io import case_stem, check_same_grid, read_nifti, write_text_atomic
+from medseg.io import Volume, case_stem, read_nifti, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE_MM = 2.0
+CONVENTIONS = {
+    "surface": "mask voxels with a 6-neighbour outside the mask",
+    "hd95": "max of the two directed 95th percentiles of surface distances, mm",
+    "surface_dice": "fraction of both surfaces within the tolerance of the other surface",
+    "both_empty": "dice 1, hd95 0, surface_dice 1",
+    "one_empty": "dice 0, surface_dice 0, hd95 undefined (null), counted in hd95_undefined",
+}
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -30,6 +59,56 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: list[int]) -> dict
     return {k: dice(pred == k, ref == k) for k in labels if k != 0}
 
 
+_CROSS = ndimage.generate_binary_structure(3, 1)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+
+
+def surface_distances(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each surface voxel of ``pred`` to ``ref``'s surface, and the reverse.
+
+    Both masks must be non-empty. Work is limited to the bounding box of both masks
+    plus a margin, so small structures in large scans stay cheap.
+    """
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    both = pred | ref
+    lo = np.argwhere(both).min(axis=0)
+    hi = np.argwhere(both).max(axis=0) + 1
+    box = tuple(slice(max(0, a - 1), min(n, b + 1)) for a, b, n in zip(lo, hi, both.shape, strict=True))
+    sp, sr = _surface(pred[box]), _surface(ref[box])
+    to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return to_ref[sp], to_pred[sr]
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm (see the module conventions)."""
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if not pred.any() and not ref.any():
+        return 0.0
+    if not pred.any() or not ref.any():
+        return float("nan")
+    d_pr, d_rp = surface_distances(pred, ref, spacing)
+    return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
+
+
+def surface_dice(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float], *, tolerance_mm: float
+) -> float:
+    """Normalised surface Dice at ``tolerance_mm`` (see the module conventions)."""
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if not pred.any() and not ref.any():
+        return 1.0
+    if not pred.any() or not ref.any():
+        return 0.0
+    d_pr, d_rp = surface_distances(pred, ref, spacing)
+    return float(((d_pr <= tolerance_mm).sum() + (d_rp <= tolerance_mm).sum()) / (d_pr.size + d_rp.size))
+
+
 @dataclass
 class EvalRow:
     case: str
@@ -38,6 +117,54 @@ class EvalRow:
     dice: float
     pred_ml: float
     ref_ml: float
+    hd95_mm: float = float("nan")
+    surface_dice: float = float("nan")
+
+
+def evaluate_pair(
+    pred: Volume,
+    ref: Volume,
+    *,
+    case: str,
+    labels: dict[int, str] | None = None,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+) -> list[EvalRow]:
+    """Metrics per foreground label for one prediction against its reference (same grid)."""
+    _check_same_grid(pred, ref)
+    spacing = ref.spacing
+    voxel_ml = float(abs(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
+    ids = sorted(labels) if labels else sorted(set(np.unique(ref.array)) | set(np.unique(pred.array)))
+    rows = []
+    for label in ids:
+        if label == 0:
+            continue
+        p, r = pred.array == label, ref.array == label
+        rows.append(
+            EvalRow(
+                case=case,
+                label=int(label),
+                name=(labels or {}).get(label, str(label)),
+                dice=dice(p, r),
+                pred_ml=float(p.sum()) * voxel_ml,
+                ref_ml=float(r.sum()) * voxel_ml,
+                hd95_mm=hd95(p, r, spacing),
+                surface_dice=surface_dice(p, r, spacing, tolerance_mm=tolerance_mm),
+            )
+        )
+    return rows
+
+
+def _check_same_grid(pred: Volume, ref: Volume, *, atol: float = 1e-3) -> None:
+    if pred.shape != ref.shape:
+        raise InputError(
+            pred.source, f"grid {pred.shape} differs from the reference {ref.source} grid {ref.shape}"
+        )
+    if not np.allclose(pred.affine, ref.affine, atol=atol):
+        raise InputError(
+            pred.source,
+            f"affine differs from the reference {ref.source} (max difference "
+            f"{np.abs(pred.affine - ref.affine).max():.4g} mm); masks must be in the reference grid",
+        )
 
 
 def _pred_case_name(path: Path) -> str:
@@ -45,42 +172,41 @@ def _pred_case_name(path: Path) -> str:
     return stem[: -len("_seg")] if stem.endswith("_seg") else stem
 
 
-def evaluate_folders(
-    pred_dir: str | Path, ref_dir: str | Path, *, labels: dict[int, str] | None = None
-) -> list[EvalRow]:
-    """Match ``<case>_seg.nii.gz`` (or ``<case>.nii.gz``) in ``pred_dir`` to ``<case>.nii.gz`` in ``ref_dir``."""
+def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """Pairs (case, prediction, reference) matched by name, and the reference cases with no prediction.
+
+    ``<case>_seg.nii.gz`` (or ``<case>.nii.gz``) in ``pred_dir`` matches ``<case>.nii.gz`` in ``ref_dir``.
+    """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
             raise InputError(folder, "not a folder")
-    preds = {_pred_case_name(p): p for p in sorted(pred_dir.glob("*.nii*"))}
-    refs = {case_stem(p): p for p in sorted(ref_dir.glob("*.nii*"))}
+    preds = {_pred_case_name(p): p for p in sorted(pred_dir.glob("*.nii*")) if not p.name.startswith(".")}
+    refs = {case_stem(p): p for p in sorted(ref_dir.glob("*.nii*")) if not p.name.startswith(".")}
     common = sorted(set(preds) & set(refs))
     if not common:
         raise InputError(pred_dir, f"no case names in common with {ref_dir}")
+    return [(c, preds[c], refs[c]) for c in common], sorted(set(refs) - set(preds))
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    *,
+    labels: dict[int, str] | None = None,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+) -> list[EvalRow]:
+    """Evaluate every prediction in ``pred_dir`` that has a reference of the same case name in ``ref_dir``."""
+    pairs, missing = match_cases(pred_dir, ref_dir)
+    if missing:
+        log.warning("%d reference case(s) have no prediction: %s", len(missing), ", ".join(missing[:10]))
     if labels is None:
-        labels = _labels_from_sidecar(preds[common[0]])
+        labels = _labels_from_sidecar(pairs[0][1])
     rows: list[EvalRow] = []
-    for case in common:
-        pred = read_nifti(preds[case], kind="label")
-        ref = read_nifti(refs[case], kind="label")
-        check_same_grid(ref, pred)
-        voxel_ml = float(abs(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
-        ids = sorted(labels) if labels else sorted(set(np.unique(ref.array)) | set(np.unique(pred.array)))
-        for label in ids:
-            if label == 0:
-                continue
-            p, r = pred.array == label, ref.array == label
-            rows.append(
-                EvalRow(
-                    case,
-                    int(label),
-                    (labels or {}).get(label, str(label)),
-                    dice(p, r),
-                    float(p.sum()) * voxel_ml,
-                    float(r.sum()) * voxel_ml,
-                )
-            )
+    for case, pred_path, ref_path in pairs:
+        pred = read_nifti(pred_path, kind="label")
+        ref = read_nifti(ref_path, kind="label")
+        rows.extend(evaluate_pair(pred, ref, case=case, labels=labels, tolerance_mm=tolerance_mm))
     return rows
 
 
@@ -93,39 +219,98 @@ def _labels_from_sidecar(mask_path: Path) -> dict[int, str] | None:
         return None
 
 
-def summarise(rows: list[EvalRow]) -> dict[str, dict[str, float]]:
-    by_label: dict[str, list[float]] = {}
-    for row in rows:
-        by_label.setdefault(row.name, []).append(row.dice)
-    summary = {
-        name: {"mean_dice": float(np.mean(v)), "median_dice": float(np.median(v)), "n": len(v)}
-        for name, v in by_label.items()
-    }
-    summary["all"] = {
-        "mean_dice": float(np.mean([r.dice for r in rows])) if rows else float("nan"),
+def _stats(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    return float(np.mean(finite)), float(np.median(finite))
+
+
+def _summary_of(rows: list[EvalRow]) -> dict[str, float]:
+    mean_d, median_d = _stats([r.dice for r in rows])
+    mean_h, median_h = _stats([r.hd95_mm for r in rows])
+    mean_s, median_s = _stats([r.surface_dice for r in rows])
+    return {
+        "mean_dice": mean_d,
+        "median_dice": median_d,
+        "mean_hd95_mm": mean_h,
+        "median_hd95_mm": median_h,
+        "hd95_undefined": sum(1 for r in rows if math.isnan(r.hd95_mm)),
+        "mean_surface_dice": mean_s,
+        "median_surface_dice": median_s,
         "n": len(rows),
     }
+
+
+def summarise(rows: list[EvalRow]) -> dict[str, dict[str, float]]:
+    """Mean and median per label name, and over all rows (``"all"``)."""
+    by_label: dict[str, list[EvalRow]] = {}
+    for row in rows:
+        by_label.setdefault(row.name, []).append(row)
+    summary = {name: _summary_of(v) for name, v in by_label.items()}
+    summary["all"] = _summary_of(rows)
     return summary
 
 
-def write_csv(rows: list[EvalRow], path: str | Path) -> Path:
+def _fmt(value: float, digits: int) -> str:
+    return "" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _json_safe(tree):
+    if isinstance(tree, dict):
+        return {k: _json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_json_safe(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
+def write_csv(rows: list[EvalRow], path: str | Path, *, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Path:
+    """Per-case CSV at ``path`` and the JSON summary beside it (same name, ``.json``)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case", "label", "name", "dice", "pred_ml", "ref_ml"])
+    writer.writerow(
+        ["case", "label", "name", "dice", "hd95_mm", f"surface_dice_{tolerance_mm:g}mm", "pred_ml", "ref_ml"]
+    )
     for r in rows:
-        writer.writerow([r.case, r.label, r.name, f"{r.dice:.6f}", f"{r.pred_ml:.4f}", f"{r.ref_ml:.4f}"])
+        writer.writerow(
+            [
+                r.case,
+                r.label,
+                r.name,
+                _fmt(r.dice, 6),
+                _fmt(r.hd95_mm, 4),
+                _fmt(r.surface_dice, 6),
+                f"{r.pred_ml:.4f}",
+                f"{r.ref_ml:.4f}",
+            ]
+        )
     path = Path(path)
     write_text_atomic(path, buf.getvalue())
-    write_text_atomic(path.with_suffix(".json"), json.dumps(summarise(rows), indent=2))
+    summary = {
+        "tolerance_mm": tolerance_mm,
+        "conventions": CONVENTIONS,
+        "labels": summarise(rows),
+        "cases": [asdict(r) for r in rows],
+    }
+    write_text_atomic(path.with_suffix(".json"), json.dumps(_json_safe(summary), indent=2))
     return path
 
 
-def markdown_table(rows: list[EvalRow]) -> str:
+def markdown_table(rows: list[EvalRow], *, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> str:
     summary = summarise(rows)
-    lines = ["| label | mean Dice | median Dice | cases |", "|---|---|---|---|"]
+    lines = [
+        f"| label | mean Dice | median Dice | mean HD95 (mm) | median HD95 (mm) | "
+        f"surface Dice @{tolerance_mm:g} mm | cases |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in summary.items():
-        if name == "all":
-            continue
-        lines.append(f"| {name} | {s['mean_dice']:.4f} | {s['median_dice']:.4f} | {s['n']} |")
-    lines.append(f"| **all** | {summary['all']['mean_dice']:.4f} | | {summary['all']['n']} |")
+        label = "**all**" if name == "all" else name
+        undefined = f" ({s['hd95_undefined']} undefined)" if s["hd95_undefined"] else ""
+        lines.append(
+            f"| {label} | {_fmt(s['mean_dice'], 4)} | {_fmt(s['median_dice'], 4)} | "
+            f"{_fmt(s['mean_hd95_mm'], 2)}{undefined} | {_fmt(s['median_hd95_mm'], 2)} | "
+            f"{_fmt(s['mean_surface_dice'], 4)} | {s['n']} |"
+        )
     return "\n".join(lines)

@@ -2,9 +2,20 @@
 
 Pure array functions on ``np.ndarray`` label maps; physical sizes use the voxel
 spacing in mm. Components are found with ``cc3d`` (26-connectivity by default).
+Every function returns a new array: inputs are never modified in place (MONAI's
+``KeepLargestConnectedComponent`` does modify a torch input).
+
+``postprocess_labels(labels, cfg, spacing=..., label_ids=...)`` applies, per label,
+small-component removal (mm^3), keep-the-largest (per label or per foreground, k
+components) and hole filling, with per-label overrides from ``cfg.per_label``.
+The CRF refinement works on probabilities in the model grid and lives in
+:mod:`medseg.crf`.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import cc3d
 import numpy as np
@@ -12,13 +23,15 @@ from scipy import ndimage
 
 from medseg.config import PostprocessConfig
 
+log = logging.getLogger(__name__)
 
-def keep_largest_component(mask: np.ndarray, *, connectivity: int = 26) -> np.ndarray:
-    """Keep only the largest connected component of a binary mask."""
+
+def keep_largest_component(mask: np.ndarray, *, connectivity: int = 26, k: int = 1) -> np.ndarray:
+    """Keep only the ``k`` largest connected components of a binary mask."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
-    return cc3d.largest_k(mask, k=1, connectivity=connectivity) > 0
+    return cc3d.largest_k(mask, k=k, connectivity=connectivity) > 0
 
 
 def remove_small_components(
@@ -38,28 +51,81 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(np.asarray(mask, dtype=bool))
 
 
+def count_components(mask: np.ndarray, *, connectivity: int = 26) -> int:
+    """Number of connected components of a binary mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return 0
+    _, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    return int(n)
+
+
+@dataclass(frozen=True)
+class LabelSteps:
+    """The post-processing steps that apply to one label after per-label overrides."""
+
+    keep_largest: bool
+    components: int
+    min_volume_mm3: float
+    fill_holes: bool
+
+
+def steps_for_label(cfg: PostprocessConfig, label: int) -> LabelSteps:
+    override = cfg.per_label.get(int(label))
+
+    def pick(name: str):
+        value = getattr(override, name) if override is not None else None
+        return getattr(cfg, name) if value is None else value
+
+    return LabelSteps(
+        keep_largest=bool(pick("keep_largest")),
+        components=int(pick("components")),
+        min_volume_mm3=float(pick("min_volume_mm3")),
+        fill_holes=bool(pick("fill_holes")),
+    )
+
+
 def postprocess_labels(
     labels: np.ndarray, cfg: PostprocessConfig, *, spacing: tuple[float, float, float], label_ids: list[int]
 ) -> np.ndarray:
-    """Apply the configured steps per foreground label; voxels removed become background."""
+    """Apply the configured steps per foreground label; voxels removed become background.
+
+    Order: small components are removed per label; keep-largest then runs per label
+    (``largest_of: label``) or once over the whole foreground (``largest_of:
+    foreground``, for the labels whose steps say ``keep_largest``); holes are filled
+    last, into background voxels only (a hole holding another label is that label's).
+    ``labels`` is not modified.
+    """
+    labels = np.asarray(labels)
     out = np.zeros_like(labels)
-    for label in label_ids:
-        if label == 0:
-            continue
+    ids = [int(k) for k in label_ids if int(k) != 0]
+    unknown = sorted(set(cfg.per_label) - set(ids))
+    if unknown:
+        log.warning(
+            "postprocess.per_label names label(s) %s, which the model does not have (%s)", unknown, ids
+        )
+    steps = {k: steps_for_label(cfg, k) for k in ids}
+    for label in ids:
         mask = labels == label
         if not mask.any():
             continue
-        if cfg.min_volume_mm3 > 0:
+        s = steps[label]
+        if s.min_volume_mm3 > 0:
             mask = remove_small_components(
-                mask, min_volume_mm3=cfg.min_volume_mm3, spacing=spacing, connectivity=cfg.connectivity
+                mask, min_volume_mm3=s.min_volume_mm3, spacing=spacing, connectivity=cfg.connectivity
             )
-        if cfg.keep_largest:
-            mask = keep_largest_component(mask, connectivity=cfg.connectivity)
+        if s.keep_largest and cfg.largest_of == "label":
+            mask = keep_largest_component(mask, connectivity=cfg.connectivity, k=s.components)
         out[mask] = label
-    if cfg.fill_holes:
-        for label in label_ids:
-            if label == 0:
-                continue
+    if cfg.largest_of == "foreground":
+        chosen = [k for k in ids if steps[k].keep_largest]
+        if chosen:
+            k = max(steps[c].components for c in chosen)
+            foreground = keep_largest_component(out > 0, connectivity=cfg.connectivity, k=k)
+            drop = np.isin(out, chosen) & ~foreground
+            out[drop] = 0
+    for label in ids:
+        if steps[label].fill_holes:
             filled = fill_holes(out == label) & (out == 0)
             out[filled] = label
     return out

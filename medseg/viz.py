@@ -1,4 +1,5 @@
-"""Pictures a person can check: colour-mapped label overlays on axial, coronal and sagittal slices."""
+"""Pictures a person can check: colour-mapped label overlays on axial, coronal and sagittal slices
+through each structure, and training curves."""
 
 from __future__ import annotations
 
@@ -8,26 +9,39 @@ import numpy as np
 
 from medseg.io import Volume, atomic_path
 
-# A fixed colour per label index (tab10-like), so the same structure always has the same colour.
-PALETTE = (
-    np.array(
-        [
-            [0, 0, 0],
-            [230, 25, 75],
-            [60, 180, 75],
-            [255, 225, 25],
-            [0, 130, 200],
-            [245, 130, 48],
-            [145, 30, 180],
-            [70, 240, 240],
-            [240, 50, 230],
-            [210, 245, 60],
-            [250, 190, 212],
-        ],
-        dtype=np.float32,
+# A fixed colour per label index, so the same structure always has the same colour: background black,
+# then 10 distinct colours for the usual few labels, then 40 more (matplotlib's tab20b and tab20c) for
+# whole-body label sets; beyond 50 labels the colours repeat.
+_FIRST = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+]
+
+
+def _build_palette() -> np.ndarray:
+    from matplotlib import colormaps
+
+    more = [colormaps[name](i)[:3] for name in ("tab20b", "tab20c") for i in range(20)]
+    return np.vstack([[[0.0, 0.0, 0.0]], np.asarray(_FIRST, np.float32) / 255.0, np.asarray(more)]).astype(
+        np.float32
     )
-    / 255.0
-)
+
+
+PALETTE = _build_palette()
+
+
+def label_colour(label: int | np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of a label (or an array of labels); 0 is black, others never are."""
+    k = np.asarray(label)
+    return PALETTE[np.where(k == 0, 0, 1 + (k - 1) % (len(PALETTE) - 1))]
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -35,6 +49,96 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     ornt = nib.orientations.io_orientation(affine)
     return nib.orientations.apply_orientation(array, ornt)
+
+
+def _slice_centre(lab: np.ndarray, label: int) -> np.ndarray:
+    """A voxel of ``label`` near the centre of its largest component (so a slice always cuts through it;
+    the centroid of two kidneys lies between them)."""
+    import cc3d
+
+    mask = lab == label
+    largest = cc3d.largest_k(mask, k=1, connectivity=26) > 0
+    pts = np.argwhere(largest if largest.any() else mask)
+    centroid = pts.mean(axis=0)
+    return pts[np.argmin(((pts - centroid) ** 2).sum(axis=1))]
+
+
+def overlay_png_bytes(
+    image: Volume,
+    mask: np.ndarray,
+    *,
+    labels: dict[int, str],
+    window: tuple[float, float] | None = None,
+    title: str = "",
+    per_structure: bool = True,
+    max_rows: int = 12,
+    dpi: int = 80,
+) -> bytes:
+    """PNG bytes: axial, coronal and sagittal slices, one row through each structure present.
+
+    Radiological convention (the patient's right on the viewer's left); a fixed colour
+    per label with a legend; CT shown in a soft-tissue window (-160..240 HU), MR and
+    others between the 1st and 99th percentiles. With ``per_structure=False`` (or no
+    structure present) a single row goes through the centre of the mask (or volume).
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    img = _to_ras(image.array, image.affine)
+    lab = _to_ras(np.asarray(mask), image.affine)
+    spacing = np.abs(np.diag(_to_ras_affine(image.affine)))
+    if window is None:
+        modality = str(image.meta.get("modality", "CT"))
+        window = (-160.0, 240.0) if modality == "CT" else tuple(float(v) for v in np.percentile(img, [1, 99]))
+    present = [int(k) for k in np.unique(lab) if k != 0]
+    rows: list[tuple[str, np.ndarray]] = []
+    if per_structure and present:
+        for k in present[:max_rows]:
+            rows.append((labels.get(k, str(k)), _slice_centre(lab, k)))
+        if len(present) > max_rows:
+            title = f"{title} (slices through the first {max_rows} of {len(present)} structures)".strip()
+    else:
+        centre = (
+            np.argwhere(lab > 0).mean(axis=0).round().astype(int)
+            if (lab > 0).any()
+            else np.array(img.shape) // 2
+        )
+        rows.append(("", centre))
+    legend_h = 0.3 + 0.22 * -(-max(1, sum(1 for k in labels if k)) // 5)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows) + legend_h), squeeze=False)
+    for r, (name, centre) in enumerate(rows):
+        views = [
+            ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
+            ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0]),
+            ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1]),
+        ]
+        for ax, (view, sl, ml, aspect) in zip(axes[r], views, strict=True):
+            ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+            rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
+            fg = ml > 0
+            rgba[fg, :3] = label_colour(ml[fg])
+            rgba[fg, 3] = 0.45
+            ax.imshow(rgba, origin="lower", aspect=aspect)
+            ax.set_title(f"{view} through {name}" if name else view, fontsize=9)
+            ax.axis("off")
+        axes[r][0].text(0.01, 0.5, "R", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
+        axes[r][0].text(0.96, 0.5, "L", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
+    handles = [Patch(color=label_colour(k), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
+    ncol = min(len(handles), 5) or 1
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    height = 3.6 * len(rows) + legend_h
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1 - (0.35 / height if title else 0)))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def overlay_png(
@@ -45,50 +149,15 @@ def overlay_png(
     labels: dict[int, str],
     window: tuple[float, float] | None = None,
     title: str = "",
+    per_structure: bool = True,
 ) -> Path:
-    """Axial, coronal and sagittal slices through the mask's centre of mass, with a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    img = _to_ras(image.array, image.affine)
-    lab = _to_ras(mask, image.affine)
-    spacing = np.abs(np.diag(_to_ras_affine(image.affine)))
-    if window is None:
-        modality = str(image.meta.get("modality", "CT"))
-        window = (-160.0, 240.0) if modality == "CT" else tuple(np.percentile(img, [1, 99]))
-    centre = (
-        np.argwhere(lab > 0).mean(axis=0).round().astype(int) if (lab > 0).any() else np.array(img.shape) // 2
+    """Write :func:`overlay_png_bytes` to ``path`` (atomically)."""
+    data = overlay_png_bytes(
+        image, mask, labels=labels, window=window, title=title, per_structure=per_structure
     )
-    # radiological convention: the patient's right on the viewer's left (RAS x reversed)
-    views = [
-        ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
-        ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0]),
-        ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, (name, sl, ml, aspect) in zip(axes, views, strict=True):
-        ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-        rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
-        present = ml > 0
-        rgba[present, :3] = PALETTE[ml[present] % len(PALETTE)]
-        rgba[present, 3] = 0.45
-        ax.imshow(rgba, origin="lower", aspect=aspect)
-        ax.set_title(name)
-        ax.axis("off")
-    handles = [
-        Patch(color=PALETTE[k % len(PALETTE)], label=f"{k}: {v}") for k, v in sorted(labels.items()) if k
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+        tmp.write_bytes(data)
     return path
 
 

@@ -1,0 +1,203 @@
+"""Dense CRF refinement of class probabilities, in PyTorch (CPU or GPU).
+
+Mean-field inference for a fully connected 3D CRF (Krähenbühl & Koltun 2011) with
+Potts compatibility and two kernels:
+
+- smoothness: a Gaussian over position (sigma in mm), applied exactly by separable
+  1D convolutions;
+- appearance: a bilateral kernel over position (sigma in mm) and intensity (sigma
+  in the normalised image's units), applied with a bilateral grid (Chen, Paris &
+  Durand 2007): the probabilities are splatted into a coarse (x, y, z, intensity)
+  grid whose cells are one sigma wide, blurred there, and sliced back with
+  trilinear interpolation in space and linear interpolation in intensity.
+
+Both filters are normalised (each voxel receives a weighted *average* of its
+neighbours' label distribution), so the weights read as "how many logits a fully
+agreeing neighbourhood is worth". One iteration:
+``Q = softmax(log P + w_s * G(Q) + w_b * B(Q))``.
+
+No compiled extension is needed (MONAI's ``CRF`` needs ``monai._C``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from medseg.config import CRFConfig
+
+Spacing = tuple[float, float, float]
+
+
+def _interp_matrix(n: int, cell: float, device: torch.device) -> torch.Tensor:
+    """(n, g) linear-interpolation weights from a coarse axis of cells ``cell`` voxels wide.
+
+    Voxel i sits at coarse position i / cell + 1 (one empty cell of margin each side,
+    so the blur can spread past the border); row i holds the two tent weights.
+    """
+    pos = torch.arange(n, device=device, dtype=torch.float32) / cell + 1.0
+    g = math.floor(float(pos[-1])) + 3
+    lo = torch.floor(pos).long()
+    frac = pos - lo
+    m = torch.zeros((n, g), device=device, dtype=torch.float32)
+    rows = torch.arange(n, device=device)
+    m[rows, lo] = 1.0 - frac
+    m[rows, lo + 1] = frac
+    return m
+
+
+def _binomial_blur(grid: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """[1, 4, 6, 4, 1] / 16 blur (variance one cell^2) along ``dims``, zero outside."""
+    for d in dims:
+        n = grid.shape[d]
+        shape = list(grid.shape)
+        shape[d] = n + 4
+        g = grid.new_zeros(shape)
+        g.narrow(d, 2, n).copy_(grid)
+        grid = g.narrow(d, 2, n) * 6.0
+        grid += 4.0 * (g.narrow(d, 1, n) + g.narrow(d, 3, n))
+        grid += g.narrow(d, 0, n) + g.narrow(d, 4, n)
+        grid /= 16.0
+    return grid
+
+
+# nearest splat (box, variance 1/12 cell^2) + binomial blur (1) + tent slice (1/6) has a variance of
+# 1.25 cell^2: cells of sigma / 1.118 give a kernel close to a Gaussian of the requested sigma.
+_CELL_PER_SIGMA = 1.0 / math.sqrt(1.25)
+
+
+class GridFilter:
+    """A normalised Gaussian (no guide) or bilateral (with a guide image) filter on a coarse grid.
+
+    Chen, Paris & Durand (2007): values are splatted into a grid over (x, y,
+    intensity, z) whose cells are about one sigma wide (nearest cell in space, linear
+    in intensity), blurred there, and sliced back with linear interpolation along
+    all four axes. Everything that depends only on geometry and the guide is
+    computed once and reused by every mean-field iteration; a call costs two
+    ``index_add_`` passes, small matrix products and one ``grid_sample``: fast on CPU
+    and GPU, no compiled extension. Memory: about 32 bytes per voxel with a guide, 16 without.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        *,
+        sigma_vox: tuple[float, float, float],
+        guide: torch.Tensor | None = None,
+        sigma_intensity: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.shape = X, Y, Z = tuple(int(s) for s in shape)
+        device = torch.device(device)
+        cells = [max(s * _CELL_PER_SIGMA, 1e-3) for s in sigma_vox]
+        # x and y are sliced by small dense matrices; z and intensity by grid_sample
+        self.mx = _interp_matrix(X, cells[0], device)
+        self.my = _interp_matrix(Y, cells[1], device)
+        gx, gy = self.mx.shape[1], self.my.shape[1]
+        pos_z = torch.arange(Z, device=device, dtype=torch.float32) / cells[2] + 1.0
+        gz = math.floor(float(pos_z[-1])) + 3
+        if guide is None:
+            nb = 1
+            pos_b = torch.zeros(X * Y * Z, device=device)
+        else:
+            guide = guide.to(device).float().reshape(-1)
+            # robust intensity range: a few outliers must not blow up the intensity axis
+            sample = guide[:: max(1, guide.numel() // 1_000_000)]
+            q = torch.quantile(sample, torch.tensor([0.001, 0.999], device=device))
+            lo, hi = float(q[0]), float(q[1])
+            pos_b = (guide.clamp(lo, hi) - lo) / (sigma_intensity * _CELL_PER_SIGMA) + 1.0
+            nb = math.floor(float(pos_b.max())) + 3
+        self.gshape = (gx, gy, nb, gz)
+        # splat: nearest cell in x, y, z; linear in intensity (two taps)
+        ix = torch.round(torch.arange(X, device=device) / cells[0] + 1.0).long()
+        iy = torch.round(torch.arange(Y, device=device) / cells[1] + 1.0).long()
+        iz = torch.round(pos_z).long()
+        b0 = torch.floor(pos_b).long().view(X, Y, Z)
+        fb = (pos_b.view(X, Y, Z) - b0).reshape(-1)
+        base = (ix[:, None, None] * gy + iy[None, :, None]) * nb
+        self.idx0 = ((base + b0) * gz + iz[None, None, :]).reshape(-1)
+        if nb > 1:  # the next intensity bin and the two intensity weights
+            self.idx1 = self.idx0 + gz
+            self.w0 = (1.0 - fb)[None]
+            self.w1 = fb[None]
+        # slice along (z, intensity): one 2D grid_sample per (x, y) row, coordinates in [-1, 1]
+        zc = (pos_z * (2.0 / (gz - 1)) - 1.0)[None, :].expand(X * Y, Z)
+        bc = (pos_b.view(X * Y, Z) * (2.0 / max(nb - 1, 1)) - 1.0) if nb > 1 else torch.zeros_like(zc)
+        self.slice_grid = torch.stack([zc, bc], dim=-1)[:, None]  # (X*Y, 1, Z, 2)
+        self.norm = self._filter(torch.ones((1, X * Y * Z), device=device))
+
+    def _filter(self, values: torch.Tensor) -> torch.Tensor:
+        """(C, N) values -> (C, N) unnormalised filter response."""
+        c = values.shape[0]
+        X, Y, _Z = self.shape
+        gx, gy, nb, gz = self.gshape
+        g = torch.zeros((c, gx * gy * nb * gz), device=values.device, dtype=torch.float32)
+        if nb == 1:
+            g.index_add_(1, self.idx0, values)
+        else:
+            g.index_add_(1, self.idx0, values * self.w0)
+            g.index_add_(1, self.idx1, values * self.w1)
+        g = _binomial_blur(g.view(c, gx, gy, nb, gz), (1, 2, 3, 4) if nb > 1 else (1, 2, 4))
+        g = torch.einsum("cxybz,ix->ciybz", g, self.mx)
+        g = torch.einsum("cxybz,jy->cxjbz", g, self.my)  # (C, X, Y, B, gz)
+        g = g.reshape(c, X * Y, nb, gz).transpose(0, 1)  # (X*Y, C, B, gz)
+        out = F.grid_sample(g, self.slice_grid, mode="bilinear", align_corners=True)  # (X*Y, C, 1, Z)
+        return out[:, :, 0].transpose(0, 1).reshape(c, -1)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """Filter (C, X, Y, Z) values: a weighted average over each voxel's neighbourhood."""
+        c = values.shape[0]
+        out = self._filter(values.reshape(c, -1).float()) / self.norm.clamp_min(1e-6)
+        return out.view(c, *self.shape)
+
+
+def dense_crf(
+    probs: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    spacing: Spacing,
+    cfg: CRFConfig | None = None,
+) -> torch.Tensor:
+    """Refine class probabilities (C, X, Y, Z) with a dense CRF guided by ``image`` (X, Y, Z) or (1, X, Y, Z).
+
+    ``spacing`` is the voxel size in mm of this grid; ``image`` is in normalised units
+    (the network's input). Returns refined probabilities on the same device.
+    """
+    cfg = cfg or CRFConfig()
+    if image.ndim == 4:
+        image = image[0]
+    if probs.ndim != 4 or tuple(probs.shape[1:]) != tuple(image.shape):
+        raise ValueError(f"probs {tuple(probs.shape)} and image {tuple(image.shape)} do not match")
+    probs = probs.float()
+    image = image.to(probs.device).float()
+    unary = torch.log(probs.clamp_min(1e-6))
+    smooth_vox = tuple(cfg.smooth_sigma_mm / s for s in spacing)
+    bil_vox = tuple(cfg.bilateral_sigma_mm / s for s in spacing)
+    shape = tuple(image.shape)
+    smooth = GridFilter(shape, sigma_vox=smooth_vox, device=probs.device) if cfg.smooth_weight > 0 else None
+    bilateral = (
+        GridFilter(
+            shape,
+            sigma_vox=bil_vox,
+            guide=image,
+            sigma_intensity=cfg.bilateral_intensity_sigma,
+            device=probs.device,
+        )
+        if cfg.bilateral_weight > 0
+        else None
+    )
+    q = probs
+    for _ in range(cfg.iterations):
+        energy = unary.clone()
+        for weight, kernel in ((cfg.smooth_weight, smooth), (cfg.bilateral_weight, bilateral)):
+            if kernel is None:
+                continue
+            # the filters are linear and normalised (a constant stays constant), so the last
+            # class's response is 1 minus the others': one channel fewer to filter
+            part = kernel(q[:-1])
+            energy[:-1] += weight * part
+            energy[-1] += weight * (1.0 - part.sum(dim=0))
+        q = torch.softmax(energy, dim=0)
+    return q

@@ -1,0 +1,248 @@
+"""Quality-control report of an inference batch: one self-contained ``report.html``.
+
+Per case: the overlays (base64 PNG, slices through each structure), and per
+structure its volume (ml), number of connected components, whether the mask
+touches the border of the field of view (a cut-off organ), the TTA disagreement
+when TTA ran, and a flag when a volume is far from the training range. The
+training range comes from the bundle metadata ``label_volumes_ml`` (``{label:
+[min, max]}`` or ``{label: {"min": .., "max": ..}}``); without it no flag is
+raised. "Far" means below half the smallest or above 1.5 times the largest
+training volume, or absent when every training case had the structure.
+
+No external resource is referenced: the file opens offline, and can be mailed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.io import Volume, write_text_atomic
+from medseg.postprocess import count_components
+from medseg.viz import label_colour, overlay_png_bytes
+
+log = logging.getLogger(__name__)
+
+FAR_BELOW = 0.5
+FAR_ABOVE = 1.5
+
+
+@dataclass
+class StructureQC:
+    label: int
+    name: str
+    volume_ml: float
+    components: int
+    touches_border: bool
+    range_flag: str | None = None  # why the volume is far from the training range, or None
+
+
+@dataclass
+class CaseQC:
+    name: str
+    structures: list[StructureQC]
+    tta_disagreement: float | None
+    overlay_png: bytes
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _training_range(ranges: Any, label: int) -> tuple[float, float] | None:
+    if not isinstance(ranges, dict):
+        return None
+    entry = ranges.get(str(label), ranges.get(label))
+    try:
+        if isinstance(entry, dict):
+            return float(entry["min"]), float(entry["max"])
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            return float(entry[0]), float(entry[1])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def range_flag(volume_ml: float, training: tuple[float, float] | None) -> str | None:
+    """Why ``volume_ml`` is far from the training range ``(min, max)`` (None when it is not, or unknown)."""
+    if training is None:
+        return None
+    lo, hi = training
+    if volume_ml == 0.0 and lo > 0:
+        return f"absent (training {lo:.1f}-{hi:.1f} ml)"
+    if volume_ml < FAR_BELOW * lo:
+        return f"small: {volume_ml:.1f} ml < {FAR_BELOW:g} x training minimum {lo:.1f} ml"
+    if volume_ml > FAR_ABOVE * hi:
+        return f"large: {volume_ml:.1f} ml > {FAR_ABOVE:g} x training maximum {hi:.1f} ml"
+    return None
+
+
+def touches_border(mask: np.ndarray) -> bool:
+    """Whether a binary mask has voxels on any face of its grid."""
+    m = np.asarray(mask, bool)
+    return bool(
+        m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() or m[:, :, 0].any() or m[:, :, -1].any()
+    )
+
+
+def case_qc(
+    name: str,
+    image: Volume,
+    mask: np.ndarray,
+    *,
+    labels: dict[int, str],
+    tta_disagreement: float | None = None,
+    volume_ranges: Any = None,
+    connectivity: int = 26,
+) -> CaseQC:
+    """QC figures of one segmented case (the mask in the image's grid)."""
+    voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+    structures = []
+    warnings = []
+    for k, label_name in sorted(labels.items()):
+        if k == 0:
+            continue
+        m = mask == k
+        volume = float(m.sum()) * voxel_ml
+        s = StructureQC(
+            label=int(k),
+            name=label_name,
+            volume_ml=volume,
+            components=count_components(m, connectivity=connectivity),
+            touches_border=touches_border(m),
+            range_flag=range_flag(volume, _training_range(volume_ranges, k)),
+        )
+        if s.range_flag:
+            warnings.append(f"{label_name}: {s.range_flag}")
+        if s.touches_border:
+            warnings.append(f"{label_name} touches the border of the field of view")
+        structures.append(s)
+    png = overlay_png_bytes(image, mask, labels=labels, title=name)
+    return CaseQC(
+        name=name,
+        structures=structures,
+        tta_disagreement=tta_disagreement,
+        overlay_png=png,
+        shape=image.shape,
+        spacing=image.spacing,
+        warnings=warnings,
+    )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-top: 1px solid #ccc; padding-top: 16px; }
+table { border-collapse: collapse; margin: 8px 0; background: white; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: left; font-size: 14px; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #555; }
+.flag { color: #b00020; font-weight: 600; } .ok { color: #1b7f3b; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: 6px 10px; margin: 6px 0; }
+img.overlay { max-width: 100%; border: 1px solid #ccc; background: black; }
+"""
+
+
+def _swatch(label: int) -> str:
+    r, g, b = (int(np.rint(v * 255)) for v in label_colour(label))
+    return f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>'
+
+
+def render_html(
+    cases: list[CaseQC],
+    *,
+    labels: dict[int, str],
+    failed: list[tuple[str, str]] | None = None,
+    skipped: list[str] | None = None,
+    model: str = "",
+) -> str:
+    esc = html.escape
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>medseg QC report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>medseg segmentation QC report</h1>",
+        f"<p>Model: {esc(model)}<br>Written {now}. {len(cases)} case(s) segmented, "
+        f"{len(skipped or [])} skipped (output existed), {len(failed or [])} failed.</p>",
+    ]
+    flagged = [c.name for c in cases if c.warnings]
+    if flagged:
+        parts.append(f'<p class="flag">Cases to look at: {esc(", ".join(flagged))}</p>')
+    if failed:
+        parts.append("<h2>Failed cases</h2><table><tr><th>input</th><th>reason</th></tr>")
+        parts += [f"<tr><td>{esc(n)}</td><td>{esc(r)}</td></tr>" for n, r in failed]
+        parts.append("</table>")
+    # overview: one row per case, one column per structure
+    names = [v for k, v in sorted(labels.items()) if k]
+    parts.append('<h2>Overview (volume, ml)</h2><table id="overview"><tr><th>case</th>')
+    parts += [f"<th>{esc(n)}</th>" for n in names]
+    parts.append("<th>TTA disagreement</th><th>flags</th></tr>")
+    for c in cases:
+        cells = "".join(
+            f'<td class="num{" flag" if s.range_flag else ""}">{s.volume_ml:.1f}</td>' for s in c.structures
+        )
+        tta = "" if c.tta_disagreement is None else f"{100 * c.tta_disagreement:.1f} %"
+        parts.append(
+            f'<tr><td><a href="#case-{esc(c.name)}">{esc(c.name)}</a></td>{cells}'
+            f'<td class="num">{tta}</td><td>{len(c.warnings)}</td></tr>'
+        )
+    parts.append("</table>")
+    for c in cases:
+        parts.append(f'<h2 id="case-{esc(c.name)}" class="case">{esc(c.name)}</h2>')
+        spacing = " x ".join(f"{s:.3g}" for s in c.spacing)
+        parts.append(f"<p>Grid {' x '.join(map(str, c.shape))} voxels, spacing {spacing} mm.")
+        if c.tta_disagreement is not None:
+            parts.append(
+                f" TTA disagreement: <b>{100 * c.tta_disagreement:.2f} %</b> of predicted-foreground voxels "
+                "where at least one flip disagrees."
+            )
+        parts.append("</p>")
+        for w in c.warnings:
+            parts.append(f'<div class="warn">{esc(w)}</div>')
+        parts.append(
+            '<table class="structures"><tr><th>structure</th><th>volume (ml)</th><th>components</th>'
+            "<th>touches FOV border</th><th>training range</th></tr>"
+        )
+        for s in c.structures:
+            border = '<span class="flag">yes</span>' if s.touches_border else "no"
+            flag = (
+                f'<span class="flag">{esc(s.range_flag)}</span>'
+                if s.range_flag
+                else '<span class="ok">ok</span>'
+            )
+            parts.append(
+                f"<tr><td>{_swatch(s.label)}{esc(s.name)}</td><td class='num'>{s.volume_ml:.2f}</td>"
+                f"<td class='num'>{s.components}</td><td>{border}</td><td>{flag}</td></tr>"
+            )
+        parts.append("</table>")
+        b64 = base64.b64encode(c.overlay_png).decode("ascii")
+        parts.append(
+            f'<img class="overlay" alt="overlays of {esc(c.name)}" src="data:image/png;base64,{b64}">'
+        )
+    if skipped:
+        parts.append(f"<h2>Skipped (output existed)</h2><p>{esc(', '.join(skipped))}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    cases: list[CaseQC],
+    path: str | Path,
+    *,
+    labels: dict[int, str],
+    failed: list[tuple[str, str]] | None = None,
+    skipped: list[str] | None = None,
+    model: str = "",
+) -> Path:
+    """Write the self-contained QC report (atomically)."""
+    path = Path(path)
+    write_text_atomic(path, render_html(cases, labels=labels, failed=failed, skipped=skipped, model=model))
+    log.info("QC report: %s", path)
+    return path

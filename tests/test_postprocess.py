@@ -1,0 +1,106 @@
+"""Per-label post-processing: keep-largest (per label / per foreground, k components), dust in mm^3, holes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.config import PostprocessConfig, load_config
+from medseg.postprocess import count_components, postprocess_labels
+from medseg.synthetic import make_case
+
+
+def _noisy_phantom():
+    _, label = make_case((7, 2), size=32, orientation="RAS")
+    labels = label.array.copy()
+    assert count_components(labels == 2) == 2  # two kidneys, one label
+    specks = np.zeros_like(labels)
+    specks[0, 0, 0] = 1  # liver speck in a corner
+    specks[-1, -1, -1] = 3  # spleen speck
+    labels = np.where(specks > 0, specks, labels)
+    return label, labels
+
+
+def test_per_label_override_keeps_both_kidneys():
+    label, labels = _noisy_phantom()
+    before = labels.copy()
+    cfg = PostprocessConfig(keep_largest=True, per_label={2: {"components": 2}})
+    out = postprocess_labels(labels, cfg, spacing=label.spacing, label_ids=[0, 1, 2, 3])
+    np.testing.assert_array_equal(labels, before)  # input untouched
+    assert out[0, 0, 0] == 0
+    assert out[-1, -1, -1] == 0
+    assert count_components(out == 2) == 2
+    np.testing.assert_array_equal(out, label.array)
+
+    cfg = PostprocessConfig(keep_largest=True)  # one component per label drops a kidney
+    out = postprocess_labels(labels, cfg, spacing=label.spacing, label_ids=[0, 1, 2, 3])
+    assert count_components(out == 2) == 1
+
+    cfg = PostprocessConfig(keep_largest=True, per_label={2: {"keep_largest": False}})
+    out = postprocess_labels(labels, cfg, spacing=label.spacing, label_ids=[0, 1, 2, 3])
+    assert count_components(out == 2) == 2
+    assert out[0, 0, 0] == 0
+
+
+def test_per_label_override_from_yaml_set():
+    cfg = load_config(
+        None, ["postprocess.per_label={2: {keep_largest: false}}", "postprocess.keep_largest=true"]
+    )
+    assert cfg.postprocess.per_label[2].keep_largest is False
+    assert cfg.postprocess.per_label[2].min_volume_mm3 is None
+
+
+def test_keep_largest_of_foreground():
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:10, 2:10, 2:10] = 1
+    labels[10:14, 2:10, 2:10] = 2  # touches label 1: one foreground component
+    labels[16:19, 16:19, 16:19] = 2  # a separate piece of label 2
+    cfg = PostprocessConfig(keep_largest=True, largest_of="foreground")
+    out = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert (out[10:14, 2:10, 2:10] == 2).all()  # kept: connected to label 1
+    assert (out[16:19, 16:19, 16:19] == 0).all()
+    cfg = PostprocessConfig(keep_largest=True, largest_of="label")
+    out = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert (out[10:14, 2:10, 2:10] == 2).all()
+    assert (out[16:19, 16:19, 16:19] == 0).all()
+    labels[10:14, 2:10, 2:10] = 0  # now the separate piece is label 2's largest
+    out = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert (out[16:19, 16:19, 16:19] == 2).all()
+
+
+@pytest.mark.parametrize(("spacing", "kept"), [((1.0, 1.0, 1.0), False), ((2.0, 2.0, 2.0), True)])
+def test_min_volume_is_physical(spacing, kept):
+    labels = np.zeros((16, 16, 16), np.uint8)
+    labels[1:9, 1:9, 1:9] = 1
+    labels[12:14, 12:14, 12:14] = 1  # 8 voxels: 8 mm^3 at 1 mm, 64 mm^3 at 2 mm
+    cfg = PostprocessConfig(min_volume_mm3=30.0)
+    out = postprocess_labels(labels, cfg, spacing=spacing, label_ids=[0, 1])
+    assert bool(out[12, 12, 12]) is kept
+    assert out[4, 4, 4] == 1
+
+
+def test_fill_holes_only_into_background_and_per_label():
+    labels = np.zeros((14, 14, 14), np.uint8)
+    labels[2:12, 2:12, 2:12] = 1
+    labels[5, 5, 5] = 0  # a hole
+    labels[7:9, 7:9, 7:9] = 2  # another structure inside: not overwritten
+    cfg = PostprocessConfig(fill_holes=True)
+    out = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert out[5, 5, 5] == 1
+    assert (out[7:9, 7:9, 7:9] == 2).all()
+    cfg = PostprocessConfig(fill_holes=True, per_label={1: {"fill_holes": False}})
+    out = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert out[5, 5, 5] == 0
+
+
+def test_connectivity_matters():
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1, 1, 1] = 1
+    labels[2, 2, 2] = 1  # touches only by a corner
+    labels[4:6, 4:6, 4:6] = 1
+    assert count_components(labels == 1, connectivity=26) == 2
+    assert count_components(labels == 1, connectivity=6) == 3
+    out6 = postprocess_labels(
+        labels, PostprocessConfig(keep_largest=True, connectivity=6), spacing=(1, 1, 1), label_ids=[0, 1]
+    )
+    assert out6.sum() == 8
