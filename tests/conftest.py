@@ -35,7 +35,12 @@ def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) ->
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Tests never write to the user's mlflow.db: each gets its own store in tmp."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow also keeps a process-wide URI (set_tracking_uri) that outlives a test: reset it too.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
 
 
 @pytest.fixture
