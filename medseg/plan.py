@@ -117,7 +117,7 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
         tr.batch_size = int(np.clip(fits, 2, MAX_BATCH)) if covers_image else 2
     if tr.scheduler is None:
         tr.scheduler = "poly" if tr.optimizer == "sgd" else "cosine"
-    log.info("%s", plan_summary(plan, fp))
+    log.debug("%s", plan_summary(plan, fp))
     return plan
 
 

@@ -477,6 +477,7 @@ def _train(
             num_folds=cfg.train.num_folds,
         )
         if dist.main:
+            log.info("%s", plan_summary(cfg, fp))
             write_text_atomic(run_dir / "plan.yaml", dump_config(cfg))
             write_text_atomic(run_dir / "plan.txt", plan_summary(cfg, fp) + "\n")
             write_text_atomic(
@@ -502,6 +503,7 @@ def _train(
                     "n_val": len(val_cases),
                     "device": device.type,
                     "world_size": dist.world,
+                    "train_cases_per_rank": len(_shard(train_cases, dist, even=True)),
                     **({"git_commit": commit} if commit else {}),
                     **{f"version.{k}": v for k, v in package_versions().items()},
                 }
