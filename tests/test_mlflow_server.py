@@ -104,7 +104,8 @@ def test_train_against_real_server(tiny_dataset, tmp_path, mlflow_server, monkey
     assert params["preprocess.intensity.kind"] == "ct"
     assert params["preprocess.intensity.window"] != "None"  # planned from the foreground
     assert len(params["fingerprint_hash"]) == 16
-    assert params["version.torch"] and params["version.monai"] and params["version.mlflow"]
+    for package in ("torch", "monai", "mlflow"):
+        assert params[f"version.{package}"]
     metrics = run.data.metrics
     for key in ("train_loss", "lr", "samples_per_s", "data_wait_fraction", "val_dice", "val_dice_liver"):
         assert key in metrics, key
@@ -156,6 +157,7 @@ def test_unreachable_server_fails_fast(tiny_dataset, tmp_path, monkeypatch):
     elapsed = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "cannot be reached" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "cannot be reached" in lines[0]
     assert not (tmp_path / "run" / "fingerprint.json").exists(), "no work before the server check"
     assert elapsed < 90, elapsed  # a bound on hanging (MLflow alone retried 246 s), not a speed test
