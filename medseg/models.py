@@ -162,6 +162,18 @@ class DeepSupervisionUNet(nn.Module):
         self.net = net
         self.num_aux = num_aux
         self.aux_outputs: list[torch.Tensor] = []
+        # DynUNet registers its blocks twice (``skip_layers`` aliases them): keep each tensor once
+        # in the state dict, so safetensors can store it, and fill the aliases back on load
+        first: dict[int, str] = {}
+        self._aliases: dict[str, str] = {}
+        for name, tensor in net.state_dict(keep_vars=True).items():
+            key = f"net.{name}"
+            if id(tensor) in first:
+                self._aliases[key] = first[id(tensor)]
+            else:
+                first[id(tensor)] = key
+        self._register_state_dict_hook(_drop_aliases)
+        self._register_load_state_dict_pre_hook(_fill_aliases, with_module=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
@@ -171,6 +183,17 @@ class DeepSupervisionUNet(nn.Module):
             return heads[0]
         self.aux_outputs = []
         return out
+
+
+def _drop_aliases(module: DeepSupervisionUNet, state_dict, prefix: str, local_metadata) -> None:
+    for alias in module._aliases:
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_aliases(module: DeepSupervisionUNet, state_dict, prefix: str, *args) -> None:
+    for alias, canonical in module._aliases.items():
+        if prefix + alias not in state_dict and prefix + canonical in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + canonical]
 
 
 def deep_supervision_weights(num_aux: int) -> list[float]:

@@ -54,7 +54,7 @@ from medseg.metrics import dice_per_label
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
 from medseg.tracking import Tracker, git_commit, package_versions
-from medseg.transforms import build_augment, build_preprocess
+from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
 
 log = logging.getLogger(__name__)
 
@@ -547,9 +547,9 @@ def _loop(
 
     set_determinism(seed=cfg.seed)
     preprocess = build_preprocess(cfg)
-    augment = build_augment(cfg)
+    augment = build_augment(cfg, precomputed=True)
     augment.set_random_state(seed=cfg.seed + dist.rank)
-    chain = Compose([preprocess, augment])
+    chain = Compose([preprocess, build_sampling_prep(cfg), augment])
     train_items = _shard(_items(train_cases), dist, even=True)
     if cfg.train.cache == "disk":
         cache_dir = run_dir / "cache"

@@ -18,9 +18,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -33,6 +36,7 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
@@ -144,11 +148,30 @@ def bias_field_prob(cfg: Config) -> float:
     return 0.15 if cfg.preprocess.intensity.kind == "mr" else 0.0
 
 
-def build_augment(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
+def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
+    """Deterministic part of patch sampling, cached with the preprocessing: pad to the patch
+    size and locate the voxels of each class once, instead of at every step (74 -> 9 ms here)."""
+    patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
+    index: Any = (
+        ClassesToIndicesd(keys="label", num_classes=_num_classes(cfg))
+        if cfg.augment.crop == "label_classes"
+        else FgBgToIndicesd(keys="label")
+    )
+    return Compose([SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), index])
+
+
+def _num_classes(cfg: Config) -> int | None:
+    return max(cfg.labels) + 1 if cfg.labels else None
+
+
+def build_augment(
+    cfg: Config, *, keys: tuple[str, ...] = ("image", "label"), precomputed: bool = False
+) -> Compose:
     """Random chain, per training step: foreground-biased patch crop, spatial, then intensity augmentation.
 
     Every transform is MONAI's own; its probability comes from ``cfg.augment`` and a
     probability of 0 leaves it out of the chain. Seed it with ``chain.set_random_state``.
+    ``precomputed``: the items went through ``build_sampling_prep`` (as training caches them).
     """
     aug = cfg.augment
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
@@ -159,12 +182,13 @@ def build_augment(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) ->
             keys=keys,
             label_key="label",
             spatial_size=patch,
-            num_classes=max(cfg.labels) + 1 if cfg.labels else None,
+            num_classes=_num_classes(cfg),
             num_samples=aug.samples_per_volume,
-            image_key="image",
+            indices_key="label_cls_indices" if precomputed else None,
             warn=False,
         )
     else:
+        # background patches anywhere in the (body-cropped) volume, as nnU-Net samples them
         crop = RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
@@ -172,10 +196,21 @@ def build_augment(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) ->
             pos=aug.pos_neg_ratio,
             neg=1.0,
             num_samples=aug.samples_per_volume,
-            image_key="image",
+            fg_indices_key="label_fg_indices" if precomputed else None,
+            bg_indices_key="label_bg_indices" if precomputed else None,
             allow_smaller=False,
         )
-    chain: list[Any] = [SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), crop]
+    if precomputed:
+        chain: list[Any] = [
+            crop,
+            DeleteItemsd(
+                keys=["label_cls_indices"]
+                if aug.crop == "label_classes"
+                else ["label_fg_indices", "label_bg_indices"]
+            ),
+        ]
+    else:
+        chain = [SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), crop]
     if aug.elastic_prob > 0:
         # displacement in voxels of the patch grid; applied before the other spatial transforms
         chain.append(
@@ -304,7 +339,9 @@ def augment_preview(
     axes[0][0].set_ylabel("axial", fontsize=8)
     axes[1][0].set_ylabel("coronal", fontsize=8)
     enabled = ", ".join(
-        type(t).__name__.removeprefix("Rand").removesuffix("d") for t in augment.transforms[1:-1]
+        type(t).__name__.removeprefix("Rand").removesuffix("d")
+        for t in augment.transforms
+        if isinstance(t, Randomizable)
     )
     fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
     fig.tight_layout()

@@ -42,6 +42,8 @@ def test_each_transform_is_in_the_chain_when_enabled(field, name):
 def test_defaults_and_crop():
     names = _names(_cfg())
     assert names[:2] == ["SpatialPadd", "RandCropByPosNegLabeld"]
+    precomputed = [type(t).__name__ for t in build_augment(_cfg(), precomputed=True).transforms]
+    assert precomputed[:2] == ["RandCropByPosNegLabeld", "DeleteItemsd"]
     assert names.count("RandFlipd") == 3  # every axis
     assert "RandAffined" in names  # rotation and scaling
     assert "RandBiasFieldd" not in names  # CT by default: no bias field
