@@ -112,6 +112,8 @@ class Tracker:
         self.enabled = cfg.enabled if enabled is None else enabled
         self.run_id: str | None = None
         self.uri = resolve_uri(cfg) if self.enabled else ""
+        if self.enabled:
+            _bound_http(cfg)  # MLflow reads these at every call, so every call below is bounded
         self.failures: list[str] = []
         self.offline = False  # set when a call fails mid-run: nothing more is sent
         self.not_logged: list[str] = []

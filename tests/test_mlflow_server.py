@@ -161,3 +161,34 @@ def test_unreachable_server_fails_fast(tiny_dataset, tmp_path, monkeypatch):
     assert "cannot be reached" in lines[0]
     assert not (tmp_path / "run" / "fingerprint.json").exists(), "no work before the server check"
     assert elapsed < 90, elapsed  # a bound on hanging (MLflow alone retried 246 s), not a speed test
+
+
+def test_server_lost_mid_run_goes_offline_and_says_what_was_not_logged(caplog, monkeypatch):
+    from medseg.config import TrackingConfig
+    from medseg.tracking import Tracker
+
+    # a run whose server has gone away: the port is closed now
+    for key in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    tracker = Tracker(
+        TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", http_retries=1, http_timeout_s=5)
+    )
+    tracker.run_id = "0" * 32
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # the bound MLflow reads at each call
+    t0 = time.monotonic()
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    assert tracker.offline
+    tracker.log_metrics({"train_loss": 0.5}, step=2)  # not attempted: training is not held up
+    tracker.log_artifact(__file__)
+    tracker.end()
+    assert time.monotonic() - t0 < 30  # one bounded retry, not MLflow's 7 over about 250 s
+    assert tracker.not_logged[:3] == [
+        "metrics of step 1",
+        "metrics of step 2",
+        "artifact test_mlflow_server.py",
+    ]
+    assert "NOT logged" in caplog.text
