@@ -60,7 +60,10 @@ def bytes_per_voxel(model: ModelConfig) -> float:
 
 
 def detect_memory_gb(device: str | None) -> float:
-    """Memory for training: most of a CUDA device, else a quarter of the free RAM (at most 16 GB)."""
+    """Memory for training: most of a CUDA device, else a quarter of the RAM (at most 16 GB).
+
+    Total, not free, memory: the same machine plans the same patch for every fold and rerun.
+    """
     import torch
 
     if (device is None or str(device).startswith("cuda")) and torch.cuda.is_available():
@@ -69,10 +72,10 @@ def detect_memory_gb(device: str | None) -> float:
     try:
         import os
 
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (ValueError, OSError, AttributeError):
-        free = 8.0
-    return round(min(16.0, max(1.0, free / 4)), 1)
+        total = 8.0
+    return round(min(16.0, max(1.0, total / 4)), 1)
 
 
 def _fit_patch(extent_vox: np.ndarray, divisor: int, max_voxels: float) -> tuple[float, float, float]:
