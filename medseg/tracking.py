@@ -11,6 +11,7 @@ drops mid-run the tracker goes offline: training goes on, nothing more is sent, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -127,6 +128,7 @@ class Tracker:
         check_reachable(self.uri, timeout_s=min(10.0, float(self.cfg.http_timeout_s)))
         import mlflow
 
+        self._previous_uri = (_global_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
         mlflow.set_tracking_uri(self.uri)
         try:
             experiment = mlflow.set_experiment(self.cfg.experiment)
@@ -231,6 +233,12 @@ class Tracker:
             _forget_active_run()
         else:
             self._guard("run end", mlflow.end_run, status=status)
+        # leave MLflow's process-wide tracking URI (and the variable it sets) as we found them
+        previous_uri, previous_env = getattr(self, "_previous_uri", (None, None))
+        with contextlib.suppress(Exception):
+            mlflow.set_tracking_uri(previous_uri)
+        if previous_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
         if self.not_logged:
             shown = ", ".join(self.not_logged[:12]) + (" ..." if len(self.not_logged) > 12 else "")
             log.warning(
@@ -241,6 +249,16 @@ class Tracker:
                 self.failures[0] if self.failures else "",
                 shown,
             )
+
+
+def _global_tracking_uri() -> str | None:
+    """The URI set with ``mlflow.set_tracking_uri`` in this process, if any (not the env default)."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        return utils._tracking_uri
+    except (ImportError, AttributeError):
+        return None
 
 
 def _forget_active_run() -> None:
