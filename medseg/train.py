@@ -428,9 +428,7 @@ def _train(
                 )
         except MedsegError as exc:
             problem = exc
-    problem = dist.broadcast(problem)
-    if problem is not None:
-        raise problem
+    _raise_everywhere(problem, dist)
     ckpt_path = dist.broadcast(str(found[0]) if found else None)
     state = (found[1] if dist.main else _load_checkpoint(Path(ckpt_path))) if ckpt_path else None
     if state is not None and "config" in state:
@@ -447,9 +445,7 @@ def _train(
             tracker.start(run_name=_run_name(data_root, cfg), run_id=state.get("run_id") if state else None)
         except TrackingError as exc:
             error = exc
-    error = dist.broadcast(error)
-    if error is not None:
-        raise error
+    _raise_everywhere(error, dist)
 
     status = "FAILED"
     history: list[dict[str, float]] = []
@@ -525,6 +521,15 @@ def _train(
     return TrainResult(
         run_dir=run_dir, bundle=bundle_dir, run_id=tracker.run_id, best_dice=best, history=history, config=cfg
     )
+
+
+def _raise_everywhere(error: MedsegError | None, dist: Dist) -> None:
+    """Rank 0's error stops every rank (its message travels, not the object: InputError does not pickle)."""
+    message = dist.broadcast(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise MedsegError(f"rank 0 stopped: {message}")
 
 
 def _loop(
