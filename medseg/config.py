@@ -108,7 +108,7 @@ class TrainConfig(_Strict):
     fold: int | None = None
     num_folds: int = 5
     amp: bool = True  # only takes effect on CUDA (bf16 where supported, else fp16 + grad scaler)
-    cpu_bf16: bool = False  # bf16 autocast and channels-last 3D on CPU
+    cpu_bf16: bool = False  # bf16 autocast + channels-last 3D on CPU; only CPUs with AVX512-BF16/AMX gain
     device: str | None = None  # None = cuda when present, else cpu
     num_workers: int = 0
     cache: Literal["memory", "disk"] = "memory"  # disk = PersistentDataset under the run folder
