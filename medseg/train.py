@@ -575,10 +575,17 @@ def _loop(
     else:
         train_ds = CacheDataset(train_items, transform=chain, cache_rate=1.0, num_workers=0, progress=False)
     generator = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    sampler = None
+    if cfg.train.iterations_per_epoch:
+        # a fixed number of steps per epoch (each rank), drawing through its shard as often as needed
+        sampler = torch.utils.data.RandomSampler(
+            train_ds, num_samples=cfg.train.iterations_per_epoch * cfg.train.batch_size, generator=generator
+        )
     loader = DataLoader(
         train_ds,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=cfg.train.num_workers,
         collate_fn=list_data_collate,
         generator=generator,
@@ -821,6 +828,7 @@ def _epoch_record(epoch, losses, samples, wait, compute, optimizer, dist: Dist) 
         "train_loss": loss_sum / n if n else float("nan"),
         "lr": optimizer.param_groups[0]["lr"],
         "samples_per_s": total_samples / elapsed,
+        "steps": n / len(stats),
         "data_wait_fraction": float(np.mean([s[3] / max(s[3] + s[4], 1e-9) for s in stats])),
     }
 

@@ -41,6 +41,7 @@ def test_dynunet_sgd_bf16_fold_early_stopping(tiny_dataset, tmp_path):
             "fold": 1,
             "num_folds": 3,
             "early_stopping_patience": 1,
+            "iterations_per_epoch": 3,
         },
         augment={"crop": "label_classes"},
     )
@@ -53,6 +54,8 @@ def test_dynunet_sgd_bf16_fold_early_stopping(tiny_dataset, tmp_path):
     _, val = split_cases(load_dataset(tiny_dataset).training, seed=0, fold=1, num_folds=3)
     assert splits["fold"] == 1
     assert splits["val"] == [c.name for c in val]
+    # 3 steps of batch 2 per epoch (the shard has 2 cases), one patch per case
+    assert [h["steps"] for h in result.history] == [3] * len(result.history)
     # poly decay per epoch: lr_e = lr * (1 - e / epochs) ** 0.9
     lrs = [h["lr"] for h in result.history]
     assert lrs[:2] == pytest.approx([0.01, 0.01 * (2 / 3) ** 0.9])
