@@ -31,6 +31,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -519,12 +521,24 @@ def _train(
             tracker.log_artifact(run_dir / "plan.yaml")
             tracker.log_artifact(run_dir / "splits.json")
             tracker.log_artifact(fp_path)
-        result = _loop(
-            cfg, run_dir, dataset, train_cases, val_cases, label_ids, state, tracker, dist, device, fp
-        )
+        with _stop_on_sigterm() as stop_requested:
+            result = _loop(
+                cfg,
+                run_dir,
+                dataset,
+                train_cases,
+                val_cases,
+                label_ids,
+                state,
+                tracker,
+                dist,
+                device,
+                fp,
+                stop_requested,
+            )
         history, best = result
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingStoppedError):
         status = "KILLED"
         raise
     finally:
@@ -533,6 +547,29 @@ def _train(
     return TrainResult(
         run_dir=run_dir, bundle=bundle_dir, run_id=tracker.run_id, best_dice=best, history=history, config=cfg
     )
+
+
+class TrainingStoppedError(MedsegError):
+    """SIGTERM (a scheduler pre-empting the job) stopped training after saving its state."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While training: SIGTERM sets an event; the loop saves a checkpoint at the step's end and stops."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame) -> None:
+        log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+        event.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_everywhere(error: MedsegError | None, dist: Dist) -> None:
@@ -556,6 +593,7 @@ def _loop(
     dist: Dist,
     device: torch.device,
     fp: dict[str, Any],
+    stop_requested: threading.Event,
 ) -> tuple[list[dict[str, float]], float]:
     labels = cfg.labels or {}
     ckpt_dir = run_dir / "checkpoints"
@@ -724,7 +762,8 @@ def _loop(
             if interactive:
                 _progress_line(epoch, epochs, step + 1, n_batches, losses, history, t_epoch)
             due = every_s > 0 and time.monotonic() - last_ckpt >= every_s and step + 1 < n_batches
-            if dist.broadcast(due):
+            due, stopping = dist.broadcast((due, stop_requested.is_set()))
+            if due or stopping:
                 save(
                     TIMED_CHECKPOINT,
                     epoch,
@@ -734,6 +773,11 @@ def _loop(
                 )
                 last_ckpt = time.monotonic()
                 t_wait = time.perf_counter()
+            if stopping:
+                raise TrainingStoppedError(
+                    f"stopped by a signal at epoch {epoch + 1} step {step + 1}; the state is saved in "
+                    f"{ckpt_dir / TIMED_CHECKPOINT}: continue with --resume"
+                )
         record = _epoch_record(epoch, losses, samples, wait, compute, optimizer, dist)  # lr of this epoch
         scheduler.step()
         is_val_epoch = val_loader is not None and (

@@ -123,3 +123,33 @@ def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
         find_checkpoint(tmp_path, "auto")
     # nothing at all: a fresh start
     assert find_checkpoint(tmp_path / "empty", "auto") is None
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_dataset, tmp_path):
+    """A scheduler's SIGTERM (pre-emption) ends training with its state saved, ready to resume."""
+    import threading
+
+    from medseg.config import load_config
+    from medseg.train import TrainingStoppedError, train
+
+    overrides = [TINY[i + 1] for i in range(len(TINY)) if TINY[i] == "--set"]
+    cfg = load_config(None, [*overrides, f"train.epochs={EPOCHS}", "tracking.enabled=false"])
+    ckpt = tmp_path / "run" / "checkpoints" / TIMED_CHECKPOINT
+
+    def terminate_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(TrainingStoppedError, match="continue with --resume"):
+        train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    watcher.join(timeout=5)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step_in_epoch"] >= 1
+    assert not (tmp_path / "run" / "bundle").exists()
+    # the handler was removed again: SIGTERM means what it meant before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
