@@ -53,7 +53,7 @@ def bytes_per_voxel(model: ModelConfig) -> float:
 
     Each level stores about 8 feature maps of its width (2 convs, norms, activations, plus
     the decoder's concatenation); level ``l`` has ``features * 2**l`` channels on ``8**-l``
-    of the voxels, a geometric sum of ratio 1/4. Measured here within 2x for classic_unet.
+    of the voxels, a geometric sum of ratio 1/4. A heuristic (not measured per architecture).
     """
     width = model.features * (4.0 / 3.0)
     return 8 * width * 4 * 2  # x2: encoder and decoder

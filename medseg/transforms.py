@@ -150,7 +150,7 @@ def bias_field_prob(cfg: Config) -> float:
 
 def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
     """Deterministic part of patch sampling, cached with the preprocessing: pad to the patch
-    size and locate the voxels of each class once, instead of at every step (74 -> 9 ms here)."""
+    size and locate the voxels of each class once, instead of at every step (74 -> 9 ms per 80x80x40 volume here)."""
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
     index: Any = (
         ClassesToIndicesd(keys="label", num_classes=_num_classes(cfg))
