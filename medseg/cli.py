@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -151,11 +152,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.data, out_dir=args.out, resume=args.resume)
+    result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
+    print(f"run folder: {result.run_dir}")
     print(f"bundle: {result.bundle}")
     print(f"best validation Dice: {result.best_dice:.4f}")
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
+    return 0
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
+    from medseg.transforms import augment_preview
+
+    cfg = load_config(args.config, args.set)
+    path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
+    print(path)
     return 0
 
 
@@ -264,10 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
     p.add_argument("--fold", type=int)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="auto|CHECKPOINT",
+        help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("augment-preview", help="picture of augmented training patches with their labels")
+    p.add_argument("--data", required=True, help="Decathlon dataset folder")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--config")
+    p.add_argument("--samples", type=int, default=8, help="patches to show")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_augment_preview)
 
     p = sub.add_parser("infer", help="segment NIfTI files / DICOM series with a bundle")
     p.add_argument(

@@ -45,46 +45,75 @@ class PreprocessConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    flip_prob: float = 0.5
+    """Random augmentation, applied per training step; each transform has its own probability.
+
+    The defaults follow nnU-Net's set, scaled for speed on CPUs; set a probability to 0 to
+    switch a transform off. ``bias_field_prob`` None = on (0.15) for MR, off for CT.
+    """
+
+    crop: Literal["pos_neg", "label_classes"] = "pos_neg"  # foreground-biased patch sampling
+    pos_neg_ratio: float = 2.0  # pos_neg: patches centred on foreground per background patch
+    samples_per_volume: int = 2
+    elastic_prob: float = 0.1
+    elastic_sigma: tuple[float, float] = (5.0, 7.0)  # voxels, smoothing of the displacement field
+    elastic_magnitude: tuple[float, float] = (50.0, 150.0)
     rotate_prob: float = 0.2
     rotate_range_deg: float = 15.0
     scale_prob: float = 0.2
     scale_range: float = 0.15
-    intensity_shift_prob: float = 0.3
-    intensity_shift: float = 0.1
-    intensity_scale_prob: float = 0.3
-    intensity_scale: float = 0.1
+    zoom_prob: float = 0.15
+    zoom_range: tuple[float, float] = (0.85, 1.2)
+    flip_prob: float = 0.5  # per axis
     noise_prob: float = 0.15
     noise_std: float = 0.05
-    pos_neg_ratio: float = 2.0
-    samples_per_volume: int = 2
+    blur_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # voxels
+    intensity_scale_prob: float = 0.3
+    intensity_scale: float = 0.1
+    intensity_shift_prob: float = 0.3
+    intensity_shift: float = 0.1
+    contrast_prob: float = 0.15
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    bias_field_prob: float | None = None
+    bias_field_coeff: tuple[float, float] = (0.0, 0.1)
+    low_res_prob: float = 0.1
+    low_res_zoom: tuple[float, float] = (0.5, 1.0)
 
 
 class ModelConfig(_Strict):
-    name: str = "classic_unet"
+    name: str = "classic_unet"  # classic_unet, monai_unet, basic_unet, dynunet
     spatial_dims: Literal[2, 3] = 3
     features: int = 16
     depth: int = 4  # number of 2x2 max-pool steps
     norm: Literal["none", "batch", "instance"] = "instance"
     dropout: float = 0.0
+    deep_supervision: bool = True  # dynunet only: auxiliary losses at coarser decoder levels
 
 
 class TrainConfig(_Strict):
     epochs: int = 50
     iterations_per_epoch: int | None = None  # None = one pass over the training cases
-    batch_size: int = 2
+    batch_size: int | None = None  # None = planned (2, or what fits the memory)
     patch_size: Triple | None = None  # voxels; None = planned
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["poly", "cosine"] | None = None  # None: poly for sgd, cosine for adamw
     lr: float = 2e-3
     weight_decay: float = 1e-5
+    grad_clip: float = 12.0
     val_every: int = 5
     val_fraction: float = 0.2
+    val_surface_metrics: bool = True  # HD95 (mm) and surface Dice per label at validation
+    surface_dice_tolerance_mm: float = 2.0
+    early_stopping_patience: int | None = None  # validations without improvement before stopping
     fold: int | None = None
     num_folds: int = 5
-    amp: bool = True  # only takes effect on CUDA
+    amp: bool = True  # only takes effect on CUDA (bf16 where supported, else fp16 + grad scaler)
+    cpu_bf16: bool = False  # bf16 autocast + channels-last 3D on CPU; only CPUs with AVX512-BF16/AMX gain
     device: str | None = None  # None = cuda when present, else cpu
     num_workers: int = 0
+    cache: Literal["memory", "disk"] = "memory"  # disk = PersistentDataset under the run folder
     checkpoint_every_minutes: float = 10.0
+    memory_budget_gb: float | None = None  # for the plan's patch/batch size; None = detected
 
 
 class InferConfig(_Strict):
@@ -150,6 +179,8 @@ class TrackingConfig(_Strict):
     run_name: str | None = None
     log_model: bool = True
     registered_model_name: str | None = None
+    http_timeout_s: int = 20  # per HTTP call to a tracking server (MLflow's default is 120)
+    http_retries: int = 2  # MLflow's default is 7, which blocked minutes against a dead server
 
 
 class Config(_Strict):

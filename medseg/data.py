@@ -146,6 +146,7 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
         "spacing_median": np.median(spacings, axis=0).round(4).tolist(),
         "spacing_min": np.min(spacings, axis=0).round(4).tolist(),
         "spacing_max": np.max(spacings, axis=0).round(4).tolist(),
+        "spacing_p10": np.percentile(spacings, 10, axis=0).round(4).tolist(),
         "extent_mm_median": np.median(extents, axis=0).round(2).tolist(),
         "foreground_intensity": {
             "mean": float(fg_values.mean()),

@@ -147,10 +147,89 @@ def _basic_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Mod
     )
 
 
+class DeepSupervisionUNet(nn.Module):
+    """MONAI's DynUNet (the nnU-Net architecture) with deep supervision kept out of ``forward``'s type.
+
+    ``forward`` always returns the full-resolution logits ``(B, C, *spatial)``, so inference,
+    sliding windows and the model contract treat it like any other network. In training
+    mode with deep supervision the auxiliary logits of the coarser decoder levels
+    (upsampled to full size by DynUNet) are kept in ``aux_outputs`` for the loss
+    (``deep_supervision_weights``), and cleared by the next call.
+    """
+
+    def __init__(self, net: nn.Module, num_aux: int) -> None:
+        super().__init__()
+        self.net = net
+        self.num_aux = num_aux
+        self.aux_outputs: list[torch.Tensor] = []
+        # DynUNet registers its blocks twice (``skip_layers`` aliases them): keep each tensor once
+        # in the state dict, so safetensors can store it, and fill the aliases back on load
+        first: dict[int, str] = {}
+        self._aliases: dict[str, str] = {}
+        for name, tensor in net.state_dict(keep_vars=True).items():
+            key = f"net.{name}"
+            if id(tensor) in first:
+                self._aliases[key] = first[id(tensor)]
+            else:
+                first[id(tensor)] = key
+        self._register_state_dict_hook(_drop_aliases)
+        self._register_load_state_dict_pre_hook(_fill_aliases, with_module=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training and self.num_aux and out.ndim == x.ndim + 1:
+            heads = torch.unbind(out, dim=1)
+            self.aux_outputs = list(heads[1:])
+            return heads[0]
+        self.aux_outputs = []
+        return out
+
+
+def _drop_aliases(module: DeepSupervisionUNet, state_dict, prefix: str, local_metadata) -> None:
+    for alias in module._aliases:
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_aliases(module: DeepSupervisionUNet, state_dict, prefix: str, *args) -> None:
+    for alias, canonical in module._aliases.items():
+        if prefix + alias not in state_dict and prefix + canonical in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + canonical]
+
+
+def deep_supervision_weights(num_aux: int) -> list[float]:
+    """nnU-Net's weights for the main output and the auxiliary ones: 1, 1/2, 1/4, ... normalised."""
+    w = [0.5**i for i in range(num_aux + 1)]
+    return [v / sum(w) for v in w]
+
+
+def _dynunet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    levels = cfg.depth + 1
+    strides = [1] + [2] * cfg.depth
+    num_aux = min(2, cfg.depth - 1) if cfg.deep_supervision else 0
+    net = DynUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=[3] * levels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=[min(cfg.features * 2**i, 320) for i in range(levels)],
+        dropout=cfg.dropout or None,
+        norm_name=("INSTANCE", {"affine": True}) if cfg.norm != "batch" else "BATCH",
+        deep_supervision=num_aux > 0,
+        deep_supr_num=max(1, num_aux),
+        res_block=False,
+    )
+    return DeepSupervisionUNet(net, num_aux)
+
+
 MODELS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "classic_unet": _classic,
     "monai_unet": _monai_unet,
     "basic_unet": _basic_unet,
+    "dynunet": _dynunet,
 }
 
 

@@ -11,24 +11,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -129,37 +141,212 @@ def intensity_transforms(cfg: Config) -> list[Any]:
     return []
 
 
-def build_augment(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
-    """Random chain, per training step: foreground-biased patch crop, then spatial and intensity augmentation."""
+def bias_field_prob(cfg: Config) -> float:
+    """The bias-field probability: as configured, else on for MR and off for CT."""
+    if cfg.augment.bias_field_prob is not None:
+        return cfg.augment.bias_field_prob
+    return 0.15 if cfg.preprocess.intensity.kind == "mr" else 0.0
+
+
+def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
+    """Deterministic part of patch sampling, cached with the preprocessing: pad to the patch
+    size and locate the voxels of each class once, instead of at every step (74 -> 9 ms per 80x80x40 volume here)."""
+    patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
+    index: Any = (
+        ClassesToIndicesd(keys="label", num_classes=_num_classes(cfg))
+        if cfg.augment.crop == "label_classes"
+        else FgBgToIndicesd(keys="label")
+    )
+    return Compose([SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), index])
+
+
+def _num_classes(cfg: Config) -> int | None:
+    return max(cfg.labels) + 1 if cfg.labels else None
+
+
+def build_augment(
+    cfg: Config, *, keys: tuple[str, ...] = ("image", "label"), precomputed: bool = False
+) -> Compose:
+    """Random chain, per training step: foreground-biased patch crop, spatial, then intensity augmentation.
+
+    Every transform is MONAI's own; its probability comes from ``cfg.augment`` and a
+    probability of 0 leaves it out of the chain. Seed it with ``chain.set_random_state``.
+    ``precomputed``: the items went through ``build_sampling_prep`` (as training caches them).
+    """
     aug = cfg.augment
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
     rot = math.radians(aug.rotate_range_deg)
-    return Compose(
-        [
-            SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=patch,
-                pos=aug.pos_neg_ratio,
-                neg=1.0,
-                num_samples=aug.samples_per_volume,
-                image_key="image",
-                allow_smaller=False,
+    if aug.crop == "label_classes":
+        crop: Any = RandCropByLabelClassesd(
+            keys=keys,
+            label_key="label",
+            spatial_size=patch,
+            num_classes=_num_classes(cfg),
+            num_samples=aug.samples_per_volume,
+            indices_key="label_cls_indices" if precomputed else None,
+            warn=False,
+        )
+    else:
+        # background patches anywhere in the (body-cropped) volume, as nnU-Net samples them
+        crop = RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=aug.pos_neg_ratio,
+            neg=1.0,
+            num_samples=aug.samples_per_volume,
+            fg_indices_key="label_fg_indices" if precomputed else None,
+            bg_indices_key="label_bg_indices" if precomputed else None,
+            allow_smaller=False,
+        )
+    if precomputed:
+        chain: list[Any] = [
+            crop,
+            DeleteItemsd(
+                keys=["label_cls_indices"]
+                if aug.crop == "label_classes"
+                else ["label_fg_indices", "label_bg_indices"]
             ),
+        ]
+    else:
+        chain = [SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), crop]
+    if aug.elastic_prob > 0:
+        # displacement in voxels of the patch grid; applied before the other spatial transforms
+        chain.append(
+            Rand3DElasticd(
+                keys=keys,
+                sigma_range=aug.elastic_sigma,
+                magnitude_range=aug.elastic_magnitude,
+                prob=aug.elastic_prob,
+                mode=modes,
+                padding_mode="border",
+            )
+        )
+    if aug.rotate_prob > 0 or aug.scale_prob > 0:
+        chain.append(
             RandAffined(
                 keys=keys,
                 prob=max(aug.rotate_prob, aug.scale_prob),
-                rotate_range=(rot, rot, rot),
-                scale_range=(aug.scale_range,) * 3,
+                rotate_range=(rot, rot, rot) if aug.rotate_prob > 0 else None,
+                scale_range=(aug.scale_range,) * 3 if aug.scale_prob > 0 else None,
                 mode=modes,
                 padding_mode="border",
-            ),
-            *[RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)],
-            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
-            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
-            RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std),
-            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+            )
+        )
+    if aug.zoom_prob > 0:
+        chain.append(
+            RandZoomd(
+                keys=keys,
+                prob=aug.zoom_prob,
+                min_zoom=aug.zoom_range[0],
+                max_zoom=aug.zoom_range[1],
+                mode=tuple("nearest" if k == "label" else "trilinear" for k in keys),
+                padding_mode="edge",
+                keep_size=True,
+            )
+        )
+    if aug.flip_prob > 0:
+        chain += [RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
+    if aug.low_res_prob > 0:
+        chain.append(
+            RandSimulateLowResolutiond(keys="image", prob=aug.low_res_prob, zoom_range=aug.low_res_zoom)
+        )
+    if aug.blur_prob > 0:
+        lo, hi = aug.blur_sigma
+        chain.append(
+            RandGaussianSmoothd(
+                keys="image", sigma_x=(lo, hi), sigma_y=(lo, hi), sigma_z=(lo, hi), prob=aug.blur_prob
+            )
+        )
+    if aug.noise_prob > 0:
+        chain.append(RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std))
+    if bias_field_prob(cfg) > 0:
+        chain.append(
+            RandBiasFieldd(keys="image", prob=bias_field_prob(cfg), coeff_range=aug.bias_field_coeff)
+        )
+    if aug.intensity_scale_prob > 0:
+        chain.append(
+            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob)
+        )
+    if aug.intensity_shift_prob > 0:
+        chain.append(
+            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob)
+        )
+    if aug.contrast_prob > 0:
+        chain.append(
+            RandAdjustContrastd(
+                keys="image", prob=aug.contrast_prob, gamma=aug.gamma_range, retain_stats=True
+            )
+        )
+    chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(chain)
+
+
+def augment_preview(
+    cfg: Config, data_root: str | Path, out: str | Path, *, samples: int = 8, seed: int = 0
+) -> Path:
+    """A PNG grid of augmented training patches (what the model sees) with their labels overlaid.
+
+    The dataset is planned as ``train`` would plan it; each column is one patch drawn by
+    the training chain (the axial slice through its centre on top, the coronal one below).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medseg.data import fingerprint, load_dataset
+    from medseg.io import atomic_path
+    from medseg.plan import make_plan
+    from medseg.viz import PALETTE
+
+    dataset = load_dataset(data_root)
+    cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
+    cfg = make_plan(cfg, fingerprint(dataset, seed=cfg.seed))
+    preprocess, augment = build_preprocess(cfg), build_augment(cfg)
+    augment.set_random_state(seed=seed)
+    rng = np.random.default_rng(seed)
+    cases = [dataset.training[i] for i in rng.permutation(len(dataset.training))[: max(1, samples)]]
+    patches: list[dict[str, Any]] = []
+    for case in cases * samples:
+        item = preprocess({"image": str(case.image), "label": str(case.label)})
+        drawn = augment(item)
+        patches += drawn if isinstance(drawn, list) else [drawn]
+        if len(patches) >= samples:
+            break
+    patches = patches[:samples]
+    fig, axes = plt.subplots(2, len(patches), figsize=(2.2 * len(patches), 4.6), squeeze=False)
+    for col, patch in enumerate(patches):
+        image = np.asarray(patch["image"])[0]
+        label = np.asarray(patch["label"])[0].round().astype(int)
+        centre = [s // 2 for s in image.shape]
+        views = [
+            (image[:, :, centre[2]].T, label[:, :, centre[2]].T),
+            (image[:, centre[1], :].T, label[:, centre[1], :].T),
         ]
+        for row, (sl, lab) in enumerate(views):
+            ax = axes[row][col]
+            ax.imshow(sl, cmap="gray", origin="lower", vmin=-2.5, vmax=2.5)
+            rgba = np.zeros((*lab.shape, 4), dtype=np.float32)
+            present = lab > 0
+            rgba[present, :3] = PALETTE[lab[present] % len(PALETTE)]
+            rgba[present, 3] = 0.4
+            ax.imshow(rgba, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][col].set_title(f"patch {col + 1}", fontsize=8)
+    axes[0][0].set_ylabel("axial", fontsize=8)
+    axes[1][0].set_ylabel("coronal", fontsize=8)
+    enabled = ", ".join(
+        type(t).__name__.removeprefix("Rand").removesuffix("d")
+        for t in augment.transforms
+        if isinstance(t, Randomizable)
     )
+    fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,74 @@
+"""DistributedDataParallel under torchrun: two Gloo processes on CPU, one MLflow run, one bundle."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(tiny_dataset, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "medseg",
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        "run",
+        "--epochs",
+        "2",
+        *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
+        *("--set", "train.patch_size=[16, 16, 16]"),
+        *("--set", "model.features=4"),
+        *("--set", "model.depth=2"),
+        *("--set", "train.val_every=1"),
+        *("--set", "augment.samples_per_volume=1"),
+        *("--set", "train.device=cpu"),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("bundle:") == 1, "only rank 0 reports"
+    run_dir = tmp_path / "run"
+    assert (run_dir / "bundle" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+    import mlflow
+    import torch
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
+    assert len(runs) == 1, "one MLflow run for all ranks"
+    run = runs[0]
+    assert run.data.params["world_size"] == "2"
+    # 3 training cases over 2 ranks: each caches 2 (one repeated so both step together)
+    assert run.data.params["train_cases_per_rank"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "val_dice")) == 2
+    # the checkpoint holds both ranks' random streams, so a resume replays each rank exactly
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2
+    assert len(state["ranks"]) == 2
+    assert state["run_id"] == run.info.run_id

@@ -1,0 +1,104 @@
+"""Plans from the dataset fingerprint: spacing, normalisation by modality, patch, batch, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from medseg.config import Config
+from medseg.plan import make_plan, target_spacing
+
+BASE_FP = {
+    "n_cases": 10,
+    "modality": "CT",
+    "hash": "0" * 16,
+    "spacing_median": [0.8, 0.8, 1.0],
+    "spacing_p10": [0.7, 0.7, 0.8],
+    "extent_mm_median": [400.0, 400.0, 300.0],
+    "foreground_intensity": {"mean": 80.0, "std": 40.0, "p00_5": -50.0, "p99_5": 250.0},
+}
+
+
+def test_spacing_is_the_median_for_isotropic_data():
+    assert target_spacing(BASE_FP) == (0.8, 0.8, 1.0)
+
+
+def test_anisotropic_coarse_axis_takes_10th_percentile():
+    fp = {
+        **BASE_FP,
+        "spacing_median": [0.7, 0.7, 5.0],
+        "spacing_p10": [0.6, 0.6, 3.0],
+        "extent_mm_median": [350, 350, 100],
+    }
+    # 5 mm is >3x 0.7 mm and 20 slices are >3x fewer than 500 voxels: nnU-Net's rule applies
+    assert target_spacing(fp) == (0.7, 0.7, 3.0)
+    # anisotropic spacing but many slices: the median stays
+    fp_many = {**fp, "extent_mm_median": [350, 350, 5000]}
+    assert target_spacing(fp_many) == (0.7, 0.7, 5.0)
+
+
+def test_ct_and_mr_normalisation():
+    ct = make_plan(Config(), BASE_FP)
+    it = ct.preprocess.intensity
+    assert it.kind == "ct"
+    assert it.window == (-50.0, 250.0)
+    assert (it.mean, it.std) == (80.0, 40.0)
+    mr = make_plan(Config(), {**BASE_FP, "modality": "MR"})
+    assert mr.preprocess.intensity.kind == "mr"
+    assert mr.preprocess.intensity.window is None
+
+
+def test_patch_fits_memory_and_batch_grows_only_when_patch_covers_image():
+    small = make_plan(Config.model_validate({"train": {"memory_budget_gb": 1.0}}), BASE_FP)
+    big = make_plan(Config.model_validate({"train": {"memory_budget_gb": 16.0}}), BASE_FP)
+    vox = lambda c: c.train.patch_size[0] * c.train.patch_size[1] * c.train.patch_size[2]
+    assert vox(small) < vox(big)
+    for plan in (small, big):
+        assert all(p % 16 == 0 for p in plan.train.patch_size)  # classic_unet depth 4
+        assert plan.train.batch_size == 2  # the patch does not cover the image
+    tiny_images = {**BASE_FP, "extent_mm_median": [24.0, 24.0, 30.0]}
+    tiny = make_plan(Config.model_validate({"train": {"memory_budget_gb": 4.0}}), tiny_images)
+    assert tiny.train.patch_size == (32.0, 32.0, 32.0)
+    assert tiny.train.batch_size > 2
+
+
+def test_scheduler_by_optimiser_and_overrides_win():
+    assert make_plan(Config(), BASE_FP).train.scheduler == "cosine"
+    sgd = make_plan(Config.model_validate({"train": {"optimizer": "sgd"}}), BASE_FP)
+    assert sgd.train.scheduler == "poly"
+    fixed = Config.model_validate(
+        {"preprocess": {"spacing": [2, 2, 2]}, "train": {"patch_size": [64, 64, 32], "batch_size": 3}}
+    )
+    plan = make_plan(fixed, BASE_FP)
+    assert plan.preprocess.spacing == (2.0, 2.0, 2.0)
+    assert plan.train.patch_size == (64.0, 64.0, 32.0)
+    assert plan.train.batch_size == 3
+
+
+@pytest.mark.slow
+def test_train_with_no_config_uses_the_plan(tiny_dataset, tmp_path, capsys):
+    from medseg.cli import main
+
+    out = tmp_path / "run"
+    # no --config, no --set: everything but the epoch count comes from the plan
+    assert main(["train", "--data", str(tiny_dataset), "--epochs", "1", "--out", str(out)]) == 0
+    assert "bundle:" in capsys.readouterr().out
+    fp = json.loads((out / "fingerprint.json").read_text())
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    bundle_cfg = yaml.safe_load((out / "bundle" / "config.yaml").read_text())
+    assert plan["preprocess"]["spacing"] == pytest.approx(fp["spacing_median"], abs=1e-3)
+    assert plan["train"]["patch_size"] is not None
+    assert plan["preprocess"]["intensity"]["window"] is not None
+    for section in ("preprocess", "train"):
+        assert bundle_cfg[section] == plan[section]
+    assert "spacing" in (out / "plan.txt").read_text()
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])[0]
+    assert run.data.params["train.patch_size"] == str(plan["train"]["patch_size"])
+    assert run.data.params["fingerprint_hash"] == fp["hash"]
+    assert "plan.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,0 +1,155 @@
+"""Never lose work: SIGKILL a training process after its first checkpoint, resume it, compare."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from medseg.errors import InputError
+from medseg.train import CHECKPOINT, TIMED_CHECKPOINT, find_checkpoint
+from tests.conftest import REPO, run_cli
+
+EPOCHS = 4
+TINY = [
+    "--epochs",
+    str(EPOCHS),
+    *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
+    *("--set", "train.patch_size=[16, 16, 16]"),
+    *("--set", "model.features=4"),
+    *("--set", "model.depth=2"),
+    *("--set", "train.val_every=2"),
+    *("--set", "train.val_surface_metrics=false"),
+    *("--set", "augment.samples_per_volume=2"),
+    *("--set", "tracking.log_model=false"),
+    # a checkpoint by time after every step, so the kill lands mid-epoch
+    *("--set", "train.checkpoint_every_minutes=0.00001"),
+]
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsys):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medseg", "train", "--data", str(tiny_dataset), "--out", "killed", *TINY],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not ((ckpt_dir / TIMED_CHECKPOINT).exists() or (ckpt_dir / CHECKPOINT).exists()):
+        assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "bundle").exists(), "the run finished before it was killed"
+    first = sorted(p.name for p in ckpt_dir.iterdir())
+
+    # without --resume the folder is refused; with it the run goes on (a fresh process, as after a crash)
+    from medseg.cli import main
+
+    args = ["train", "--data", str(tiny_dataset), *TINY]
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    resumed = run_cli(*args, "--out", "killed", "--resume", cwd=tmp_path, check=True)
+    assert "resuming" in resumed.stderr
+    # the reference: the same run, uninterrupted (in this process, to spare a start-up)
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
+    assert len(runs) == 2, "a resumed run must continue its MLflow run, not open another"
+    assert all(run.info.status == "FINISHED" for run in runs)
+    state = torch.load(tmp_path / "killed" / "checkpoints" / CHECKPOINT, weights_only=True)
+    killed_id = state["run_id"]
+    straight_id = next(r.info.run_id for r in runs if r.info.run_id != killed_id)
+    assert state["epoch"] == EPOCHS
+
+    for key in ("lr", "train_loss"):
+        killed, straight = _history(client, killed_id, key), _history(client, straight_id, key)
+        assert [s for s, _ in killed] == list(range(1, EPOCHS + 1)), f"{key}: steps {killed} (first {first})"
+        assert [s for s, _ in straight] == list(range(1, EPOCHS + 1))
+        if key == "lr":
+            assert [v for _, v in killed] == pytest.approx([v for _, v in straight], rel=1e-9)
+        else:
+            # same batches, same augmentation, same weights: the same losses up to float noise
+            assert [v for _, v in killed] == pytest.approx([v for _, v in straight], rel=1e-3), first
+    val_k = _history(client, killed_id, "val_dice")
+    val_s = _history(client, straight_id, "val_dice")
+    assert [s for s, _ in val_k] == [2, 4]
+    assert [v for _, v in val_k] == pytest.approx([v for _, v in val_s], abs=1e-3)
+    assert (tmp_path / "killed" / "bundle" / "model.safetensors").exists()
+
+
+def _fake_checkpoint(path, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "epoch": 1, "global_step": step}, path)
+
+
+def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
+    ckpt = tmp_path / "checkpoints"
+    _fake_checkpoint(ckpt / CHECKPOINT, step=4)
+    (ckpt / TIMED_CHECKPOINT).write_bytes(b"\x00partial write")
+    path, state = find_checkpoint(tmp_path, "auto")
+    assert path.name == CHECKPOINT
+    assert state["global_step"] == 4
+    assert "skipping checkpoint" in caplog.text
+
+    # the newest valid one wins
+    _fake_checkpoint(ckpt / TIMED_CHECKPOINT, step=6)
+    path, _ = find_checkpoint(tmp_path, "auto")
+    assert path.name == TIMED_CHECKPOINT
+
+    # all corrupt: refused, not silently restarted
+    for p in ckpt.iterdir():
+        p.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="no checkpoint there loads"):
+        find_checkpoint(tmp_path, "auto")
+    # nothing at all: a fresh start
+    assert find_checkpoint(tmp_path / "empty", "auto") is None
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_dataset, tmp_path):
+    """A scheduler's SIGTERM (pre-emption) ends training with its state saved, ready to resume."""
+    import threading
+
+    from medseg.config import load_config
+    from medseg.train import TrainingStoppedError, train
+
+    overrides = [TINY[i + 1] for i in range(len(TINY)) if TINY[i] == "--set"]
+    cfg = load_config(None, [*overrides, f"train.epochs={EPOCHS}", "tracking.enabled=false"])
+    ckpt = tmp_path / "run" / "checkpoints" / TIMED_CHECKPOINT
+
+    def terminate_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(TrainingStoppedError, match="continue with --resume"):
+        train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    watcher.join(timeout=5)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step_in_epoch"] >= 1
+    assert not (tmp_path / "run" / "bundle").exists()
+    # the handler was removed again: SIGTERM means what it meant before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

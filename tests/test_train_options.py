@@ -1,0 +1,87 @@
+"""Training options end to end at tiny sizes: DynUNet with deep supervision, SGD + poly, CPU bf16,
+class-balanced crop, disk cache, k-fold splits, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medseg.config import Config
+from medseg.data import load_dataset, split_cases
+from medseg.train import train
+
+TINY = {
+    "preprocess": {"spacing": [2.0, 2.0, 3.0]},
+    "model": {"features": 4, "depth": 2},
+    "train": {"patch_size": [16, 16, 16], "val_every": 1, "val_surface_metrics": False},
+    "augment": {"samples_per_volume": 1},
+    "tracking": {"enabled": False},
+}
+
+
+def _cfg(**sections) -> Config:
+    tree = json.loads(json.dumps(TINY))
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return Config.model_validate(tree)
+
+
+@pytest.mark.slow
+def test_dynunet_sgd_bf16_fold_early_stopping(tiny_dataset, tmp_path):
+    cfg = _cfg(
+        model={"name": "dynunet", "deep_supervision": True},
+        train={
+            "epochs": 3,
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "cpu_bf16": True,
+            "cache": "disk",
+            "fold": 1,
+            "num_folds": 3,
+            "early_stopping_patience": 1,
+            "iterations_per_epoch": 3,
+        },
+        augment={"crop": "label_classes"},
+    )
+    result = train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    assert result.config.train.scheduler == "poly"
+    assert (tmp_path / "run" / "bundle" / "model.safetensors").is_file()
+    assert any((tmp_path / "run" / "cache").iterdir()), "disk cache under the run folder"
+    # the k-fold split is written to the run and is the one split_cases gives
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    _, val = split_cases(load_dataset(tiny_dataset).training, seed=0, fold=1, num_folds=3)
+    assert splits["fold"] == 1
+    assert splits["val"] == [c.name for c in val]
+    # 3 steps of batch 2 per epoch (the shard has 2 cases), one patch per case
+    assert [h["steps"] for h in result.history] == [3] * len(result.history)
+    # poly decay per epoch: lr_e = lr * (1 - e / epochs) ** 0.9
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[:2] == pytest.approx([0.01, 0.01 * (2 / 3) ** 0.9])
+    # early stopping stops after one validation without improvement, or runs out of epochs
+    dices = [h["val_dice"] for h in result.history]
+    stopped = len(dices) < 3
+    assert stopped == any(b <= max(dices[:i]) for i, b in enumerate(dices) if i)
+    from medseg.bundle import load_bundle
+
+    bundle = load_bundle(result.bundle)
+    assert type(bundle.network).__name__ == "DeepSupervisionUNet"
+    out = bundle.network(torch.zeros(1, 1, 16, 16, 16))
+    assert out.shape == (1, 4, 16, 16, 16)  # eval mode: the main head only
+
+
+def test_deep_supervision_heads_in_training_mode():
+    from medseg.config import ModelConfig
+    from medseg.models import build_model, deep_supervision_weights
+
+    net = build_model(ModelConfig(name="dynunet", features=4, depth=3), out_channels=3)
+    net.train()
+    y = net(torch.zeros(2, 1, 16, 16, 16))
+    assert y.shape == (2, 3, 16, 16, 16)
+    assert len(net.aux_outputs) == 2
+    assert all(a.shape == y.shape for a in net.aux_outputs)
+    assert sum(deep_supervision_weights(2)) == pytest.approx(1.0)
+    net.eval()
+    net(torch.zeros(1, 1, 16, 16, 16))
+    assert net.aux_outputs == []
