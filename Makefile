@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check medseg tests benchmarks workflows
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/crf_benchmark.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -126,6 +126,7 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
     rng = np.random.default_rng(seed)
     spacings, extents, samples = [], [], []
     label_voxels = {k: 0 for k in dataset.labels}
+    label_ml: dict[int, list[float]] = {k: [] for k in dataset.labels if k}
     for case in dataset.training:
         image = load_volume(case.image)
         label = load_label(case.label, image=image)
@@ -136,8 +137,12 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
         if fg.size:
             samples.append(rng.choice(fg, size=min(fg.size, max_samples_per_case), replace=False))
         counts = np.bincount(label.array.ravel(), minlength=max(dataset.labels) + 1)
+        voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
         for k in label_voxels:
-            label_voxels[k] += int(counts[k]) if k < len(counts) else 0
+            n = int(counts[k]) if k < len(counts) else 0
+            label_voxels[k] += n
+            if k:
+                label_ml[k].append(n * voxel_ml)
     fg_values = np.concatenate(samples) if samples else np.zeros(1, np.float32)
     fp = {
         "n_cases": len(dataset.training),
@@ -155,6 +160,8 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
             "p99_5": float(np.percentile(fg_values, 99.5)),
         },
         "label_voxels": {str(k): v for k, v in label_voxels.items()},
+        # per-label volume range over the training cases: inference flags volumes far outside it
+        "label_volumes_ml": {str(k): [round(min(v), 3), round(max(v), 3)] for k, v in label_ml.items() if v},
     }
     fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     return fp

@@ -682,6 +682,7 @@ def _loop(
         "fingerprint_hash": fp["hash"],
         "dataset": dataset.root.resolve().name,
         "train_cases": len(train_cases),
+        "label_volumes_ml": fp.get("label_volumes_ml", {}),
     }
     every_s = max(0.0, cfg.train.checkpoint_every_minutes * 60.0)
     last_ckpt = time.monotonic()

@@ -37,10 +37,11 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     """Tests never write to the user's mlflow.db: each gets its own store in tmp."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # MLflow also keeps a process-wide URI (set_tracking_uri) that outlives a test: reset it too.
-    import mlflow
+    # MLflow also keeps a process-wide URI (set_tracking_uri) that would outlive a test and shadow the
+    # variable above: clear it, so that each test's environment decides.
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
 
 
 @pytest.fixture
