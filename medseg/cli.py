@@ -52,6 +52,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"masks:     {result.predictions}")
     print(f"metrics:   {result.metrics_csv}")
     print(f"overlays:  {', '.join(str(p) for p in result.overlays)}")
+    if result.report:
+        print(f"QC report: {result.report}")
     if result.run_id:
         print(f"MLflow run {result.run_id} in {result.tracking_uri}")
         if result.tracking_uri.startswith("sqlite:"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from medseg.config import Config, apply_overrides, config_from_dict
 from medseg.data import load_dataset
 from medseg.infer import run_inference
-from medseg.metrics import EvalRow, evaluate_folders, markdown_table, summarise, write_csv
+from medseg.metrics import EvalRow, evaluate_folders, summarise, write_csv
 from medseg.progress import track
 from medseg.synthetic import make_dataset
 
@@ -40,6 +40,7 @@ class DemoResult:
     run_id: str | None
     tracking_uri: str
     overlays: list[Path]
+    report: Path | None = None
 
 
 def run_demo(
@@ -62,11 +63,12 @@ def run_demo(
     bundle = load_bundle(result.bundle)
     dataset = load_dataset(data)
     predictions = out / "predictions"
-    run_inference(
+    inference = run_inference(
         [bundle],
         [c.image for c in dataset.test],
         predictions,
         overwrite=True,
+        report=True,
         progress=lambda items, desc: track(items, desc),
     )
     rows = evaluate_folders(predictions, data / "labelsTs", labels=bundle.labels)
@@ -97,8 +99,9 @@ def run_demo(
         for png in overlays:
             tracker.log_artifact(png, "overlays")
         tracker.end()
-    log.info("\n%s", markdown_table(rows))
-    return DemoResult(data, predictions, metrics_csv, rows, result.run_id, tracker.uri, overlays)
+    return DemoResult(
+        data, predictions, metrics_csv, rows, result.run_id, tracker.uri, overlays, report=inference.report
+    )
 
 
 def _deep_copy(tree: dict) -> dict:

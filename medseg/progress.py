@@ -27,3 +27,40 @@ def track(items: Iterable[T], description: str, *, total: int | None = None) -> 
         yield item
         if total:
             log.debug("%s %d/%d", description, i + 1, total)
+
+
+class TrainingProgress:
+    """A rich progress bar over all training steps, with loss, last validation Dice and ETA.
+
+    Disabled (does nothing) when ``enabled`` is false: training then logs one line per epoch.
+    """
+
+    def __init__(self, *, total_steps: int, enabled: bool) -> None:
+        self._progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self._task = self._progress.add_task("training", total=total_steps, status="")
+        self._progress.start()
+
+    def update(self, *, completed: int, epoch: int, epochs: int, loss: float, dice: float | None) -> None:
+        if self._progress is None:
+            return
+        status = f"loss {loss:.4f}" + (f" Dice {dice:.3f}" if dice is not None else "")
+        self._progress.update(
+            self._task, completed=completed, description=f"epoch {epoch}/{epochs}", status=status
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -55,6 +55,7 @@ from medseg.io import atomic_path, write_text_atomic
 from medseg.metrics import dice_per_label
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
+from medseg.progress import TrainingProgress
 from medseg.tracking import Tracker, git_commit, package_versions
 from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
 
@@ -716,6 +717,7 @@ def _loop(
     import sys
 
     interactive = dist.main and sys.stderr.isatty()
+    bar = TrainingProgress(total_steps=epochs * len(loader), enabled=interactive)
     stop = False
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -736,7 +738,7 @@ def _loop(
         rng_epoch_start = rng_now = None
         step_in_epoch = 0
         n_batches = len(loader)
-        t_wait = t_epoch = time.perf_counter()
+        t_wait = time.perf_counter()
         for step, batch in enumerate(batches, start=skip):
             t_start = time.perf_counter()
             wait += t_start - t_wait
@@ -761,7 +763,14 @@ def _loop(
             t_wait = time.perf_counter()
             compute += t_wait - t_start
             if interactive:
-                _progress_line(epoch, epochs, step + 1, n_batches, losses, history, t_epoch)
+                dice = next((h["val_dice"] for h in reversed(history) if "val_dice" in h), None)
+                bar.update(
+                    completed=epoch * n_batches + step + 1,
+                    epoch=epoch + 1,
+                    epochs=epochs,
+                    loss=float(np.mean(losses[-n_batches:])),
+                    dice=dice,
+                )
             due = every_s > 0 and time.monotonic() - last_ckpt >= every_s and step + 1 < n_batches
             due, stopping = dist.broadcast((due, stop_requested.is_set()))
             if due or stopping:
@@ -775,6 +784,7 @@ def _loop(
                 last_ckpt = time.monotonic()
                 t_wait = time.perf_counter()
             if stopping:
+                bar.close()
                 raise TrainingStoppedError(
                     f"stopped by a signal at epoch {epoch + 1} step {step + 1}; the state is saved in "
                     f"{ckpt_dir / TIMED_CHECKPOINT}: continue with --resume"
@@ -837,29 +847,9 @@ def _loop(
             break
     if val_loader is None and dist.main:
         save_bundle(bundle_dir, network, cfg, {**meta, "best_epoch": epochs, "val_dice": {}})
+    bar.close()
     dist.barrier()
     return history, best
-
-
-def _progress_line(
-    epoch: int, epochs: int, step: int, n: int, losses: list[float], history, t0: float
-) -> None:
-    """One updating status line on an interactive terminal: loss, last Dice, ETA."""
-    import sys
-
-    done = epoch * n + step
-    rate = step / max(time.perf_counter() - t0, 1e-9)
-    eta = (epochs * n - done) / max(rate, 1e-9)
-    dice = next((h["val_dice"] for h in reversed(history) if "val_dice" in h), None)
-    dice_text = f" Dice {dice:.3f}" if dice is not None else ""
-    bar = "#" * int(20 * step / max(n, 1))
-    sys.stderr.write(
-        f"\r epoch {epoch + 1}/{epochs} [{bar:<20}] {step}/{n} loss {np.mean(losses[-n:]):.4f}"
-        f"{dice_text} ETA {int(eta // 60)}:{int(eta % 60):02d} "
-    )
-    if step == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def _epoch_record(epoch, losses, samples, wait, compute, optimizer, dist: Dist) -> dict[str, float]:
