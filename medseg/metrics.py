@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import InputError
-from medseg.io import Volume, case_stem, read_nifti, write_text_atomic
+from medseg.io import Volume, case_stem, check_same_grid, read_nifti, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ def evaluate_pair(
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
 ) -> list[EvalRow]:
     """Metrics per foreground label for one prediction against its reference (same grid)."""
-    _check_same_grid(pred, ref)
+    check_same_grid(
+        ref, pred, other_kind="mask", reference_kind="reference", fix="masks must be in the reference grid"
+    )
     spacing = ref.spacing
     voxel_ml = float(abs(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
     ids = sorted(labels) if labels else sorted(set(np.unique(ref.array)) | set(np.unique(pred.array)))
@@ -152,19 +154,6 @@ def evaluate_pair(
             )
         )
     return rows
-
-
-def _check_same_grid(pred: Volume, ref: Volume, *, atol: float = 1e-3) -> None:
-    if pred.shape != ref.shape:
-        raise InputError(
-            pred.source, f"grid {pred.shape} differs from the reference {ref.source} grid {ref.shape}"
-        )
-    if not np.allclose(pred.affine, ref.affine, atol=atol):
-        raise InputError(
-            pred.source,
-            f"affine differs from the reference {ref.source} (max difference "
-            f"{np.abs(pred.affine - ref.affine).max():.4g} mm); masks must be in the reference grid",
-        )
 
 
 def _pred_case_name(path: Path) -> str:

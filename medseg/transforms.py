@@ -297,7 +297,6 @@ def augment_preview(
     import matplotlib.pyplot as plt
 
     from medseg.data import fingerprint, load_dataset
-    from medseg.io import atomic_path
     from medseg.plan import make_plan
     from medseg.viz import PALETTE
 
@@ -345,8 +344,6 @@ def augment_preview(
     )
     fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out
+    from medseg.viz import save_figure
+
+    return save_figure(fig, out, dpi=90)

@@ -187,8 +187,17 @@ def training_curves_png(history: list[dict[str, float]], path: str | Path) -> Pa
         ax[1].set_xlabel("epoch")
         ax[1].legend()
     fig.tight_layout()
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 90) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path

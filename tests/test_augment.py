@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medseg.config import Config
-from medseg.transforms import augment_preview, build_augment
+from medseg.transforms import build_augment
 
 PROBS = {
     "elastic_prob": "Rand3DElasticd",

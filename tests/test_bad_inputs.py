@@ -17,7 +17,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless
 
 from medseg.io import Volume, write_nifti
 from tests import dicom_cases as dc
@@ -352,13 +351,17 @@ def label_grid_differs_from_image(tmp):
     shifted = np.diag([0.8, 0.8, 2.0, 1.0])
     shifted[:3, 3] = 5.0
     args = _pred_ref(tmp, lab, lab, pred_affine=shifted)
-    return args, "c1_seg.nii.gz: affine differs from the reference ref/c1.nii.gz", "max difference 5 mm"
+    return (
+        args,
+        "c1_seg.nii.gz: mask grid differs from reference ref/c1.nii.gz",
+        "affines differ by up to 5 mm",
+    )
 
 
 @case
 def label_shape_differs_from_image(tmp):
     args = _pred_ref(tmp, np.zeros((6, 6, 5), np.uint8), np.zeros((6, 6, 4), np.uint8))
-    return args, "c1_seg.nii.gz: grid (6, 6, 5) differs from the reference ref/c1.nii.gz", "(6, 6, 4)"
+    return args, "c1_seg.nii.gz: mask shape (6, 6, 5) differs from reference ref/c1.nii.gz", "shape (6, 6, 4)"
 
 
 @case

@@ -95,17 +95,27 @@ def load_label(
     return label
 
 
-def check_same_grid(image: Volume, label: Volume, *, atol: float = 1e-3) -> None:
-    if image.shape != label.shape:
+def check_same_grid(
+    reference: Volume,
+    other: Volume,
+    *,
+    atol: float = 1e-3,
+    other_kind: str = "label",
+    reference_kind: str = "image",
+    fix: str = "resample the label onto the image grid (nearest neighbour)",
+) -> None:
+    """Refuse ``other`` unless it has ``reference``'s shape and affine; the message names both files."""
+    if reference.shape != other.shape:
         raise InputError(
-            label.source, f"label shape {label.shape} differs from image {image.source} shape {image.shape}"
+            other.source,
+            f"{other_kind} shape {other.shape} differs from {reference_kind} {reference.source} "
+            f"shape {reference.shape}",
         )
-    if not np.allclose(image.affine, label.affine, atol=atol):
+    if not np.allclose(reference.affine, other.affine, atol=atol):
         raise InputError(
-            label.source,
-            f"label grid differs from image {image.source}: affines differ by up to "
-            f"{np.abs(image.affine - label.affine).max():.4g} mm; resample the label onto the image grid "
-            "(nearest neighbour)",
+            other.source,
+            f"{other_kind} grid differs from {reference_kind} {reference.source}: affines differ by up to "
+            f"{np.abs(reference.affine - other.affine).max():.4g} mm; {fix}",
         )
 
 
