@@ -176,3 +176,59 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli("train", "--data", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "dataset.json" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_command_at_tiny_settings(tmp_path):
+    """`medseg demo` itself (the README's main job), with smaller numbers; its Dice equals `evaluate`'s."""
+    import csv
+
+    proc = run_cli(
+        "demo",
+        "--out",
+        "demo",
+        "--cases",
+        "5",
+        "--size",
+        "24",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "model.features=4",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "train.patch_size=[16,16,16]",
+        "--set",
+        "preprocess.spacing=[2.0,2.0,3.0]",
+        "--set",
+        "train.val_every=1",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "mean foreground Dice on 1 held-out cases" in proc.stdout
+    assert "mlflow ui --backend-store-uri" in proc.stdout
+    demo = tmp_path / "demo"
+    from medseg.io import load_volume
+
+    masks = sorted((demo / "predictions").glob("*_seg.nii.gz"))
+    assert [m.name for m in masks] == ["case_004_seg.nii.gz"]
+    image = load_volume(demo / "data" / "imagesTs" / "case_004.nii.gz")
+    mask = nib.load(masks[0])
+    assert mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+    assert (demo / "predictions" / "report.html").exists()
+
+    run_cli(
+        "evaluate",
+        "--pred",
+        "demo/predictions",
+        "--ref",
+        "demo/data/labelsTs",
+        "--out",
+        "again.csv",
+        cwd=tmp_path,
+        check=True,
+    )
+    read = lambda p: [(r["case"], r["name"], r["dice"]) for r in csv.DictReader(p.open())]
+    assert read(demo / "metrics.csv") == read(tmp_path / "again.csv")
