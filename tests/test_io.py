@@ -57,9 +57,12 @@ def test_nifti_roundtrip_and_atomic_overwrite(tmp_path):
     back = read_nifti(path, kind="label")
     np.testing.assert_array_equal(back.array, label.array)
     np.testing.assert_allclose(back.affine, label.affine, atol=1e-5)
+    plain = tmp_path / "plain"
+    plain.touch()
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not left private by mkstemp
     with pytest.raises(OutputError, match="--overwrite"):
         write_nifti(label, path, overwrite=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab.nii.gz", "plain"]
 
 
 def test_nifti_nan_is_refused(tmp_path):
