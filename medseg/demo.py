@@ -6,6 +6,7 @@ in minutes on two CPU cores; every stage is the real one.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,9 @@ def run_demo(
     if not (data / "dataset.json").exists():
         log.info("generating %d synthetic cases in %s", cases, data)
         make_dataset(data, cases=cases, size=size, seed=0)
-    cfg: Config = config_from_dict(apply_overrides(_deep_copy(DEMO_CONFIG), overrides), source="demo config")
+    cfg: Config = config_from_dict(
+        apply_overrides(copy.deepcopy(DEMO_CONFIG), overrides), source="demo config"
+    )
     run_dir = out / "run"
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     result = train(cfg, data, out_dir=run_dir, resume=resume)
@@ -102,9 +105,3 @@ def run_demo(
     return DemoResult(
         data, predictions, metrics_csv, rows, result.run_id, tracker.uri, overlays, report=inference.report
     )
-
-
-def _deep_copy(tree: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(tree)

@@ -18,6 +18,7 @@ batch goes on, cases are split across ranks under ``torchrun``, and a QC report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
-from medseg.config import CRFConfig
+from medseg.config import CRFConfig, InferConfig
 from medseg.errors import InputError, MedsegError
 from medseg.io import (
     Volume,
@@ -160,16 +161,13 @@ def model_grid_probabilities(
     *,
     device: str | torch.device = "cpu",
     tta: bool = False,
-    overlap: float | None = None,
-    sw_batch_size: int | None = None,
-    blend_mode: str | None = None,
-    cpu_bf16: bool | None = None,
     crf: CRFConfig | None = None,
 ) -> ModelGridResult:
     """Probabilities in the bundle's model grid and that grid's affine (voxel -> RAS mm).
 
-    Options left as None come from the bundle's ``infer`` config. ``crf`` (when
-    enabled) refines the probabilities with the dense CRF in this grid.
+    Sliding-window settings come from the bundle's ``infer`` config (see
+    ``with_infer_overrides``). ``crf`` (when enabled) refines the probabilities with
+    the dense CRF in this grid.
     """
     cfg = bundle.config
     timings: dict[str, float] = {}
@@ -185,13 +183,13 @@ def model_grid_probabilities(
         bundle.network,
         image.as_tensor(),
         roi_size=tuple(int(p) for p in cfg.train.patch_size),
-        overlap=cfg.infer.overlap if overlap is None else overlap,
-        sw_batch_size=cfg.infer.sw_batch_size if sw_batch_size is None else sw_batch_size,
-        mode=cfg.infer.blend_mode if blend_mode is None else blend_mode,
+        overlap=cfg.infer.overlap,
+        sw_batch_size=cfg.infer.sw_batch_size,
+        mode=cfg.infer.blend_mode,
         tta=tta,
         device=device,
         accumulate_on_cpu=n_voxels > cfg.infer.accumulate_on_cpu_voxels,
-        cpu_bf16=cfg.infer.cpu_bf16 if cpu_bf16 is None else cpu_bf16,
+        cpu_bf16=cfg.infer.cpu_bf16,
         flip_labels=flip_labels,
     )
     timings["network_s"] = time.perf_counter() - t0
@@ -281,6 +279,18 @@ def entropy_map(probabilities: np.ndarray) -> np.ndarray:
     return (ent / math.log(n)).astype(np.float32) if n > 1 else np.zeros(p.shape[1:], np.float32)
 
 
+def with_infer_overrides(bundles: list[Bundle], **overrides: Any) -> list[Bundle]:
+    """The bundles with their ``infer`` config updated by the overrides that are not None (validated)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return bundles
+    out = []
+    for bundle in bundles:
+        infer_cfg = InferConfig.model_validate({**bundle.config.infer.model_dump(), **given})
+        out.append(dataclasses.replace(bundle, config=bundle.config.model_copy(update={"infer": infer_cfg})))
+    return out
+
+
 def predict_volume(
     bundles: list[Bundle],
     volume: Volume,
@@ -299,6 +309,9 @@ def predict_volume(
 
     ``crf``: None follows the first bundle's ``postprocess.crf.enabled``; True/False force it.
     """
+    bundles = with_infer_overrides(
+        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+    )
     timings: dict[str, float] = {}
     cfg = bundles[0].config
     crf_cfg = cfg.postprocess.crf.model_copy(
@@ -311,10 +324,6 @@ def predict_volume(
             volume,
             device=device,
             tta=tta,
-            overlap=overlap,
-            sw_batch_size=sw_batch_size,
-            blend_mode=blend_mode,
-            cpu_bf16=cpu_bf16,
             crf=crf_cfg,
         )
         for k, v in r.timings.items():
@@ -452,6 +461,9 @@ def run_inference(
     run), per-case stage timings go to it as metrics (step = case index) and the report
     as an artifact.
     """
+    bundles = with_infer_overrides(
+        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+    )
     output_dir = Path(output_dir)
     paths = find_inputs(list(inputs))
     if not paths:
@@ -492,10 +504,6 @@ def run_inference(
                 tta=tta,
                 crf=crf,
                 probabilities=save_probabilities,
-                overlap=overlap,
-                sw_batch_size=sw_batch_size,
-                blend_mode=blend_mode,
-                cpu_bf16=cpu_bf16,
             )
             timings = {"load_s": load_s, **pred.timings}
             t0 = time.perf_counter()
