@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.errors import OutputError
+from medseg.errors import InputError, OutputError
 from medseg.io import Volume, atomic_path, write_nifti, write_text_atomic
 from medseg.io.volume import partial_name, sweep_partials
 
@@ -190,3 +190,107 @@ def test_unwritable_output_folder_is_an_output_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="could not be written"), atomic_path(blocker / "sub" / "m.nii.gz"):
         pass
+
+
+# ----------------------------------------------------------------------------- absurd sizes
+
+_BOMB_READ = textwrap.dedent(
+    """
+    import resource, sys
+    from medseg.errors import InputError
+    from medseg.io import read_nifti
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        read_nifti(sys.argv[1], max_bytes=int(sys.argv[2]))
+    except InputError as exc:
+        print("InputError", exc)
+    else:
+        print("read")
+    print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """
+)
+
+
+def _nifti_header_bytes(shape: tuple[int, ...], dtype=np.int16) -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((1, 1, 1), dtype), np.eye(4))
+    img.header.set_data_shape(shape)
+    img.header["vox_offset"] = 352
+    return img.header.binaryblock + b"\0" * 4
+
+
+def test_tiny_nifti_claiming_32767_cubed_is_one_line(tmp_path):
+    """A 66-byte NIfTI claiming 32767^3 voxels made nibabel allocate it (MemoryError traceback, exit 1)."""
+    import gzip
+
+    from tests.conftest import run_cli
+
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(_nifti_header_bytes((32767, 32767, 32767)), 9))
+    assert path.stat().st_size < 100
+    proc = run_cli("convert", str(path), "out.nii.gz", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "32767x32767x32767" in proc.stderr
+    assert "memory limit" in proc.stderr
+    # uncompressed, the same header is refused as truncated before anything is mapped
+    raw = tmp_path / "bomb.nii"
+    raw.write_bytes(_nifti_header_bytes((32767, 32767, 32767)))
+    proc = run_cli("convert", str(raw), "out.nii.gz", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "holds less than its header says" in proc.stderr
+
+
+def test_small_gzip_holding_gigabytes_is_not_decompressed(tmp_path):
+    """A 1 MB gzip holding 1 GiB was decompressed in full (2.6 GB RSS): the cap refuses it from the header."""
+    import zlib
+
+    path = tmp_path / "zeros.nii.gz"
+    shape = (1024, 1024, 1024)  # 1 GiB of uint8 zeros
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    chunk = bytes(2**24)
+    with open(path, "wb") as fh:
+        fh.write(comp.compress(_nifti_header_bytes(shape, np.uint8)))
+        for _ in range(2**30 // len(chunk)):
+            fh.write(comp.compress(chunk))
+        fh.write(comp.flush())
+    assert path.stat().st_size < 2 * 2**20
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOMB_READ, str(path), str(256 * 2**20)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "InputError" in proc.stdout
+    assert "1024x1024x1024 voxels of uint8" in proc.stdout
+    assert "memory limit of 256.0 MiB" in proc.stdout
+    assert int(proc.stdout.split("grew_mb")[1]) < 64, proc.stdout  # nothing was decompressed
+
+
+def test_preflight_estimates_from_the_header_and_refuses_over_budget(tmp_path):
+    from medseg.io import write_dicom_series
+    from medseg.io.preflight import parse_size, preflight
+
+    vol = Volume(np.zeros((32, 32, 16), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    nii = write_nifti(vol, tmp_path / "ct.nii.gz", dtype="int16")
+    est = preflight(nii, max_memory=2**30, n_classes=3, overhead_bytes=0)
+    native = 32 * 32 * 16
+    assert est.parts["read"] == native * (2 + 4)
+    assert est.header.shape == (32, 32, 16)
+    # a finer model grid (0.5 mm from 1x1x2 mm) holds 2*2*4 = 16 times the voxels
+    fine = preflight(nii, max_memory=2**30, n_classes=3, spacing=(0.5, 0.5, 0.5), overhead_bytes=0)
+    assert fine.parts["model grid"] == 16 * est.parts["model grid"]
+    assert fine.parts["network output"] > est.parts["network output"]
+    with pytest.raises(InputError, match=r"needs about .* for 32x32x16 voxels, more than the memory limit"):
+        preflight(nii, max_memory=native * 8, overhead_bytes=0)
+    # a DICOM series is sized from its headers, without reading pixels
+    write_dicom_series(vol, tmp_path / "dicom")
+    assert preflight(tmp_path / "dicom", max_memory=2**30).header.shape == (32, 32, 16)
+    assert parse_size("8G") == 8 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1000") == 1000
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_size("lots")
