@@ -33,6 +33,7 @@ SAFE_META_KEYS = frozenset(
         "body_part",
         "transfer_syntax",
         "photometric",
+        "pixel_values",  # what the reader did to the stored values (MONOCHROME1, modality LUT, BitsStored)
         "n_slices",
         "source_format",
         "orientation",
