@@ -38,6 +38,7 @@ def test_monochrome1_is_inverted_to_higher_is_brighter(tmp_path):
     def invert(ds):
         ds.PixelData = (65535 - ds.pixel_array.astype(np.int64)).astype(np.uint16).tobytes()
         ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.Modality = "DX"  # display values: mirrored; a MONOCHROME1 CT keeps its HU (test_dicom_pixels)
 
     for p in paths:
         dc.edit(p, invert)
