@@ -146,3 +146,119 @@ def test_broken_nrrd_gives_one_line(tmp_path, rng, problem):
         load_volume(path)
     assert str(info.value).startswith(str(path))
     assert "\n" not in str(info.value)
+
+
+# ---- zipped DICOM studies -------------------------------------------------------------------------
+
+
+def _study(folder):
+    """Two series in one study: an oblique main series (7 slices) and a shorter one (3 slices)."""
+    from tests.dicom_cases import ramp_volume, series
+
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(0.2, 0.1, -0.3) @ np.diag([0.8, 0.9, 2.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    main = series(folder / "SE1", ramp_volume((10, 9, 7), affine), series_description="main")
+    other = series(folder / "SE2", ramp_volume((10, 9, 3), seed=5), series_description="other")
+    return main, other
+
+
+def _zip(folder, path, extra=()):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                zf.write(file, f"PATIENT/STUDY/{file.relative_to(folder)}")
+        for info, data in extra:
+            zf.writestr(info, data)
+    return path
+
+
+def test_zipped_study_reads_as_the_folder_does_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import pydicom
+
+    from medseg.io import uid_hash
+
+    _study(tmp_path / "study")
+    zipped = _zip(tmp_path / "study", tmp_path / "study.zip", extra=[("__MACOSX/._x", b"\0\5\26\7")])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))  # where extraction happens, to check clean-up
+    from_folder, from_zip = load_volume(tmp_path / "study"), load_volume(zipped)
+    np.testing.assert_array_equal(from_zip.array, from_folder.array)
+    np.testing.assert_array_equal(from_zip.affine, from_folder.affine)
+    assert from_zip.meta == from_folder.meta
+    assert from_zip.shape[2] == 7
+    assert from_zip.source == str(zipped)
+    # --series picks the other series, as in a folder
+    uid = pydicom.dcmread(next((tmp_path / "study" / "SE2").iterdir())).SeriesInstanceUID
+    other = load_volume(zipped, series_id=uid_hash(uid))
+    np.testing.assert_array_equal(other.array, load_volume(tmp_path / "study", series_id=uid).array)
+    with pytest.raises(InputError, match=r"^.*study\.zip: "):
+        load_volume(zipped, series_id="nonexistent")
+    assert list(scratch.iterdir()) == []
+
+
+def _hostile(tmp_path, kind):
+    import zipfile
+
+    path = tmp_path / f"{kind}.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok/slice.dcm", b"x" * 100)
+        if kind == "dotdot":
+            zf.writestr("ok/../../evil.dcm", b"x")
+        elif kind == "absolute":
+            zf.writestr("/tmp/evil.dcm", b"x")
+        elif kind == "symlink":
+            info = zipfile.ZipInfo("ok/link.dcm")
+            info.create_system = 3
+            info.external_attr = (0o120777) << 16
+            zf.writestr(info, "/etc/passwd")
+        elif kind == "bomb":
+            zf.writestr("ok/zeros.dcm", bytes(64 << 20))  # 64 MiB of zeros -> about 64 KiB
+        elif kind == "entries":
+            for i in range(60):
+                zf.writestr(f"ok/{i}.dcm", b"x")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("dotdot", "'..'"),
+        ("absolute", "absolute path"),
+        ("symlink", "symbolic link"),
+        ("bomb", "zip bomb"),
+        ("entries", "entries, more than"),
+        ("notzip", "not a readable zip"),
+    ],
+)
+def test_hostile_zips_are_refused_before_anything_is_written(tmp_path, monkeypatch, kind, says):
+    from medseg.io.archive import ZipLimits, extracted_zip
+
+    if kind == "notzip":
+        path = tmp_path / "notzip.zip"
+        path.write_bytes(b"PK\3\4 not really")
+    else:
+        path = _hostile(tmp_path, kind)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    with pytest.raises(InputError, match=says) as info, extracted_zip(path, limits=ZipLimits(max_entries=50)):
+        pass
+    assert str(info.value).startswith(str(path))
+    assert "\n" not in str(info.value)
+    assert list(scratch.iterdir()) == []
+    assert not (tmp_path.parent / "evil.dcm").exists()
+
+
+def test_convert_refuses_a_hostile_zip_with_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    _hostile(tmp_path, "dotdot")
+    proc = run_cli("convert", "dotdot.zip", "out.nii.gz", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "'..'" in proc.stderr
+    assert not (tmp_path / "out.nii.gz").exists()
