@@ -25,7 +25,9 @@ from medseg.io.dicom import (
     write_dicom_series,
 )
 from medseg.io.dicom_seg import write_dicom_seg
-from medseg.io.nifti import is_nifti, read_nifti, write_nifti
+from medseg.io.labeltables import write_label_tables
+from medseg.io.nifti import is_nifti, read_label_names, read_nifti, write_nifti
+from medseg.io.rtstruct import write_rtstruct
 from medseg.io.sitk import MASK_SUFFIX, is_sitk_image, read_sitk, sitk_format, write_sitk
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
@@ -43,6 +45,7 @@ __all__ = [
     "load_volume",
     "mask_path",
     "read_dicom_series",
+    "read_label_names",
     "read_nifti",
     "read_sitk",
     "scan_dicom",
@@ -50,8 +53,10 @@ __all__ = [
     "uid_hash",
     "write_dicom_seg",
     "write_dicom_series",
+    "write_label_tables",
     "write_mask",
     "write_nifti",
+    "write_rtstruct",
     "write_sitk",
     "write_text_atomic",
 ]
