@@ -262,3 +262,51 @@ def test_convert_refuses_a_hostile_zip_with_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert "'..'" in proc.stderr
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+# ---- end to end: `medseg infer` on NRRD, MetaImage and a zipped study -------------------------------
+
+
+@pytest.mark.slow
+def test_infer_on_nrrd_metaimage_and_a_zipped_study(tmp_path):
+    """Masks on the input's exact grid for .nrrd/.mha inputs; the same mask from a zip as from its folder."""
+    from tests.conftest import run_cli
+    from tests.test_end_to_end import TINY
+
+    run_cli(
+        "synth",
+        "--out",
+        "data",
+        "--cases",
+        "3",
+        "--size",
+        "24",
+        "--seed",
+        "2",
+        "--dicom",
+        cwd=tmp_path,
+        check=True,
+    )
+    run_cli("train", "--data", "data", "--epochs", "1", "--out", "run", *TINY, cwd=tmp_path, check=True)
+    image = sitk.ReadImage(str(tmp_path / "data" / "imagesTs" / "case_002.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "a.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "b.mha"))
+    _zip(tmp_path / "data" / "dicom" / "case_002", tmp_path / "study.zip")
+    files = ["a.nrrd", "b.mha", "data/imagesTs/case_002.nii.gz"]
+    run_cli("infer", "--model", "run/bundle", "--input", *files, "--output", "pred", cwd=tmp_path, check=True)
+    studies = ["study.zip", "data/dicom/case_002"]
+    run_cli(
+        "infer", "--model", "run/bundle", "--input", *studies, "--output", "dcm", cwd=tmp_path, check=True
+    )
+    pred, dcm = tmp_path / "pred", tmp_path / "dcm"
+    nifti_mask = nib.load(pred / "case_002_seg.nii.gz")
+    assert np.asarray(nifti_mask.dataobj).any()  # the model found something to compare
+    for name in ("a", "b"):
+        source = load_volume(tmp_path / f"{name}.{'nrrd' if name == 'a' else 'mha'}")
+        mask = nib.load(pred / f"{name}_seg.nii.gz")
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(nifti_mask.dataobj))
+    from_zip, from_folder = nib.load(dcm / "study_seg.nii.gz"), nib.load(dcm / "case_002_seg.nii.gz")
+    np.testing.assert_array_equal(from_zip.affine, from_folder.affine)
+    np.testing.assert_array_equal(np.asarray(from_zip.dataobj), np.asarray(from_folder.dataobj))
