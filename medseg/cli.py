@@ -109,7 +109,7 @@ def _ts_name(uid: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
-    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -121,7 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
     scan = None
-    if not (source.is_file() and is_nifti(source)):
+    if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
         info = select_series(scan, source, args.series)
         if len(scan.series) > 1:
