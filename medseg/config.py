@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import ConfigError
 
@@ -31,6 +31,7 @@ class IntensityConfig(_Strict):
     """
 
     kind: Literal["ct", "mr", "zscore", "none"] = "ct"
+    name: str | None = None  # the channel's name in dataset.json (e.g. "FLAIR"), for multi-channel plans
     window: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
@@ -40,6 +41,12 @@ class PreprocessConfig(_Strict):
     orientation: str = "RAS"
     spacing: Triple | None = None  # mm; None = planned from the dataset fingerprint
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    # multi-channel inputs: one normalisation per channel, in channel order (planned from the
+    # dataset's channel names); None = one channel, normalised by ``intensity``
+    channels: list[IntensityConfig] | None = None
+    # channels of a case on different grids: resample them onto the first channel's (linear)
+    # instead of refusing the case
+    resample_channels: bool = False
     crop_foreground: bool = True
     foreground_threshold: float | None = None  # raw intensity above which a voxel is "body"
 
@@ -83,6 +90,8 @@ class AugmentConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "classic_unet"  # classic_unet, monai_unet, basic_unet, dynunet
     spatial_dims: Literal[2, 3] = 3
+    # image channels; None = planned from the dataset (1 when unplanned)
+    in_channels: int | None = Field(None, ge=1)
     features: int = 16
     depth: int = 4  # number of 2x2 max-pool steps
     norm: Literal["none", "batch", "instance"] = "instance"
@@ -183,8 +192,15 @@ class TrackingConfig(_Strict):
     http_retries: int = 2  # MLflow's default is 7, which blocked minutes against a dead server
 
 
+class DataConfig(_Strict):
+    """How a dataset folder is read (``dataset.json`` entries)."""
+
+    allow_outside_root: bool = False  # accept entries that lead outside the dataset folder
+
+
 class Config(_Strict):
     seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
     labels: dict[int, str] | None = None  # None = taken from dataset.json
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -193,6 +209,15 @@ class Config(_Strict):
     infer: InferConfig = Field(default_factory=InferConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> Config:
+        channels, declared = self.preprocess.channels, self.model.in_channels
+        if channels is not None and declared is not None and len(channels) != declared:
+            raise ValueError(
+                f"model.in_channels is {declared} but preprocess.channels lists {len(channels)} channels"
+            )
+        return self
 
     @field_validator("labels")
     @classmethod

@@ -36,10 +36,26 @@ def read_nifti(path: str | Path, *, kind: str = "image") -> Volume:
         volume = _read_nifti(path, kind)
     for w in caught[:3]:
         log.debug("%s: %s", path, _one_line(w.message))
-    return volume
+    return volume[0]
 
 
-def _read_nifti(path: Path, kind: str) -> Volume:
+def read_nifti_channels(path: str | Path) -> list[Volume]:
+    """Read a multi-channel NIfTI image as one ``Volume`` per channel (all on the file's grid).
+
+    Channels lie on the 4th axis (as MSD Task01 BrainTumour stores FLAIR/T1/T1gd/T2) or on the
+    5th with a singleton 4th (the NIfTI vector layout); a 3D file gives one channel. The checks
+    are ``read_nifti``'s.
+    """
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volumes = _read_nifti(path, "image", channels=True)
+    for w in caught[:3]:
+        log.debug("%s: %s", path, _one_line(w.message))
+    return volumes
+
+
+def _read_nifti(path: Path, kind: str, *, channels: bool = False) -> list[Volume]:
     if not path.exists():
         raise InputError(path, "file not found")
     try:
@@ -55,7 +71,12 @@ def _read_nifti(path: Path, kind: str) -> Volume:
     # vector/multi-channel data in the 5th dimension.
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != 3:
+    if channels and len(shape) == 5 and shape[3] == 1:
+        shape = (*shape[:3], shape[4])
+    n_channels = int(shape[3]) if channels and len(shape) == 4 else 1
+    if n_channels > 1:
+        shape = shape[:3]
+    elif len(shape) != 3:
         what = "multi-channel (5D)" if len(img.shape) >= 5 else f"{shape[3]} volumes (4D)"
         raise InputError(
             path,
@@ -75,7 +96,7 @@ def _read_nifti(path: Path, kind: str) -> Volume:
             path,
             f"truncated or corrupt voxel data, the file holds less than its header says ({_one_line(exc)})",
         ) from exc
-    data = data.reshape(shape)
+    data = data.reshape((*shape, n_channels))
     if kind == "label":
         array = _as_label(path, data)
     else:
@@ -84,7 +105,11 @@ def _read_nifti(path: Path, kind: str) -> Volume:
         if n_bad:
             raise InputError(path, f"{n_bad} voxels are NaN or infinite; fix or mask them before use")
     meta = {"source_format": "nifti", "dtype": str(img.get_data_dtype()), "kind": kind}
-    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), meta=meta, source=str(path))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return [
+        Volume(array=array[..., c], affine=affine.copy(), meta=meta, source=str(path))
+        for c in range(n_channels)
+    ]
 
 
 def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
