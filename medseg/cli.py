@@ -62,9 +62,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
     from medseg.synthetic import make_dataset
 
-    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    if args.modality == "ct" and args.channels != 1:
+        raise ConfigError(f"--channels {args.channels}: synthetic CT has one channel; use --modality mr")
+    if args.channels < 1:
+        raise ConfigError(f"--channels {args.channels}: expected at least 1")
+    path = make_dataset(
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        dicom=args.dicom,
+        modality=args.modality,
+        channels=args.channels,
+        layout=args.layout,
+    )
     print(path)
     return 0
 
@@ -137,7 +151,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
-    problems = check_dataset(args.dataset)
+    problems = check_dataset(
+        args.dataset, allow_outside_root=args.allow_outside_root, resample_channels=args.resample_channels
+    )
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -153,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    overrides += _dataset_overrides(args)
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -165,11 +182,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """``--allow-outside-root`` and ``--resample-channels`` as config overrides."""
+    out = []
+    if args.allow_outside_root:
+        out.append("data.allow_outside_root=true")
+    if args.resample_channels:
+        out.append("preprocess.resample_channels=true")
+    return out
+
+
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+    )
+    p.add_argument(
+        "--resample-channels",
+        action="store_true",
+        help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+    )
+
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.transforms import augment_preview
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set or []) + _dataset_overrides(args))
     path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
     print(path)
     return 0
@@ -247,12 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("synth", help="write a Decathlon-layout synthetic CT dataset")
+    p = sub.add_parser("synth", help="write a synthetic dataset (CT, or multi-channel MR)")
     p.add_argument("--out", required=True)
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dicom", action="store_true", help="also write every image as a DICOM series")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
+    p.add_argument(
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("series", help="list the DICOM series under a folder")
@@ -272,10 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("check", help="dataset integrity report; exit 1 on problems")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="Decathlon or nnU-Net v2 raw dataset folder")
+    _add_dataset_flags(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("train", help="train a model on a Decathlon dataset folder")
+    p = sub.add_parser("train", help="train a model on a Decathlon or nnU-Net v2 dataset folder")
     p.add_argument("--data", required=True)
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
@@ -289,11 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    _add_dataset_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("augment-preview", help="picture of augmented training patches with their labels")
-    p.add_argument("--data", required=True, help="Decathlon dataset folder")
+    p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 raw dataset folder")
     p.add_argument("--out", required=True, help="PNG to write")
+    _add_dataset_flags(p)
     p.add_argument("--config")
     p.add_argument("--samples", type=int, default=8, help="patches to show")
     p.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ from medseg.io.dicom import (
     write_dicom_series,
 )
 from medseg.io.dicom_seg import write_dicom_seg
-from medseg.io.nifti import is_nifti, read_nifti, read_nifti_channels, write_nifti
+from medseg.io.nifti import is_nifti, read_nifti, read_nifti_channels, write_nifti, write_nifti_channels
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "write_dicom_series",
     "write_mask",
     "write_nifti",
+    "write_nifti_channels",
     "write_text_atomic",
 ]
 
