@@ -319,12 +319,16 @@ def load_channels(paths: str | Path | Sequence[str | Path], *, resample: bool = 
     for path in paths:
         path = Path(path)
         volumes += read_nifti_channels(path) if path.is_file() and is_nifti(path) else [load_volume(path)]
+    return on_one_grid(volumes, resample=resample)
+
+
+def on_one_grid(volumes: list[Volume], *, resample: bool = False) -> list[Volume]:
+    """The channels, checked to share the first one's grid (or resampled onto it with ``resample``)."""
     first = volumes[0]
     out = [first]
     for index, volume in enumerate(volumes[1:], start=1):
-        if resample and (
-            volume.shape != first.shape or not np.allclose(volume.affine, first.affine, atol=1e-3)
-        ):
+        same = volume.shape == first.shape and np.allclose(volume.affine, first.affine, atol=1e-3)
+        if resample and not same:
             log.info("channel %d resampled onto channel 0's grid", index)
             volume = resample_onto(volume, first)
         check_same_grid(
@@ -336,6 +340,84 @@ def load_channels(paths: str | Path | Sequence[str | Path], *, resample: bool = 
         )
         out.append(volume)
     return out
+
+
+_CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", re.IGNORECASE)
+
+
+def group_channel_inputs(paths: Sequence[str | Path], n_channels: int) -> list[tuple[str, list[Path]]]:
+    """Inference inputs as cases for a model taking ``n_channels`` channels: ``(stem, files)`` each.
+
+    With one channel every input is a case. With several, a NIfTI holding them all (4D) is a
+    case, and nnU-Net-named files ``CASE_0000`` .. ``CASE_000N`` are grouped into case ``CASE``;
+    a case missing a channel file is refused, naming it. A DICOM folder stays one input (its
+    channels are series: ``load_input_channels(..., series=[...])``).
+    """
+    from medseg.io import case_stem
+
+    paths = [Path(p) for p in paths]
+    if n_channels == 1:
+        return [(case_stem(p), [p]) for p in paths]
+    cases: list[tuple[str, list[Path]]] = []
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    for path in paths:
+        match = _CHANNEL_FILE.match(path.name)
+        if match and path.is_file() and not _is_multichannel_nifti(path):
+            groups.setdefault((path.parent, match.group(1)), {})[int(match.group(2))] = path
+        else:
+            cases.append((case_stem(path), [path]))
+    for (folder, stem), files in groups.items():
+        if sorted(files) != list(range(n_channels)):
+            missing = sorted(set(range(n_channels)) - set(files))
+            raise InputError(
+                folder / f"{stem}_{(missing or [max(files)])[0]:04d}",
+                f"case {stem} has channel files {sorted(files)}; the model takes {n_channels} "
+                f"({stem}_0000 .. {stem}_{n_channels - 1:04d})",
+            )
+        cases.append((stem, [files[c] for c in range(n_channels)]))
+    return cases
+
+
+def _is_multichannel_nifti(path: Path) -> bool:
+    if not is_nifti(path):
+        return False
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape  # the header only
+    except Exception:
+        return False
+    return len(shape) >= 4 and int(np.prod(shape[3:])) > 1
+
+
+def load_input_channels(
+    files: Sequence[str | Path],
+    *,
+    n_channels: int,
+    series: Sequence[str] | None = None,
+    resample: bool = False,
+    channel_names: Sequence[str] | None = None,
+) -> list[Volume]:
+    """One inference case's channels, checked against what the model takes.
+
+    ``files``: one 4D NIfTI, one file per channel, or one DICOM folder whose channels are
+    the series named by ``series`` (one UID or hash per channel, in channel order).
+    """
+    if series and len(series) > 1:
+        if len(files) != 1:
+            raise InputError(files[0], "--series once per channel needs one DICOM folder or study per case")
+        volumes = on_one_grid([load_volume(files[0], series_id=uid) for uid in series], resample=resample)
+    elif series:
+        volumes = [load_volume(files[0], series_id=series[0])]
+    else:
+        volumes = load_channels(files, resample=resample)
+    if len(volumes) != n_channels:
+        names = f" ({', '.join(channel_names)})" if channel_names else ""
+        how = "--series once per channel" if Path(files[0]).is_dir() else "a 4D NIfTI or CASE_000k files"
+        raise InputError(
+            files[0], f"gives {len(volumes)} channel(s); the model takes {n_channels}{names}: pass {how}"
+        )
+    return volumes
 
 
 def resample_onto(volume: Volume, reference: Volume) -> Volume:
