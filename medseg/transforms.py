@@ -276,16 +276,16 @@ def build_augment(
                 padding_mode="border",
             )
         )
-    if aug.rotate_prob > 0 or aug.scale_prob > 0:
+    # rotation and scaling each with its own probability, as the config promises
+    if aug.rotate_prob > 0:
         chain.append(
-            RandAffined(
-                keys=keys,
-                prob=max(aug.rotate_prob, aug.scale_prob),
-                rotate_range=(rot, rot, rot) if aug.rotate_prob > 0 else None,
-                scale_range=(aug.scale_range,) * 3 if aug.scale_prob > 0 else None,
-                mode=modes,
-                padding_mode="border",
-            )
+            RandAffined(keys=keys, prob=aug.rotate_prob, rotate_range=(rot, rot, rot), mode=modes,
+                        padding_mode="border")
+        )
+    if aug.scale_prob > 0:
+        chain.append(
+            RandAffined(keys=keys, prob=aug.scale_prob, scale_range=(aug.scale_range,) * 3, mode=modes,
+                        padding_mode="border")
         )
     if aug.zoom_prob > 0:
         chain.append(
