@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io import Volume, check_same_grid, is_nifti, load_label, load_volume, read_nifti_channels
+from medseg.io import Volume, check_same_grid, is_nifti, load_label, load_volume
+from medseg.io.nifti import read_nifti_channels
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.io import Volume, write_dicom_series, write_nifti, write_nifti_channels, write_text_atomic
+from medseg.io import Volume, write_dicom_series, write_nifti, write_text_atomic
+from medseg.io.nifti import write_nifti_channels
 
 LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
 ORIENTATIONS = ("RAS", "LPS", "RAS", "LPS", "sagittal", "coronal", "oblique")

@@ -19,7 +19,8 @@ from medseg.data import (
     load_input_channels,
 )
 from medseg.errors import InputError
-from medseg.io import Volume, read_nifti, read_nifti_channels, write_nifti, write_nifti_channels
+from medseg.io import Volume, read_nifti, write_nifti
+from medseg.io.nifti import read_nifti_channels, write_nifti_channels
 from medseg.models import build_model
 from medseg.plan import channel_kind, make_plan
 from medseg.synthetic import make_dataset, make_mr_case

@@ -24,7 +24,7 @@ from medseg.io.dicom import (
     write_dicom_series,
 )
 from medseg.io.dicom_seg import write_dicom_seg
-from medseg.io.nifti import is_nifti, read_nifti, read_nifti_channels, write_nifti, write_nifti_channels
+from medseg.io.nifti import is_nifti, read_nifti, write_nifti
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "load_volume",
     "read_dicom_series",
     "read_nifti",
-    "read_nifti_channels",
     "scan_dicom",
     "select_series",
     "uid_hash",
@@ -46,7 +45,6 @@ __all__ = [
     "write_dicom_series",
     "write_mask",
     "write_nifti",
-    "write_nifti_channels",
     "write_text_atomic",
 ]
 

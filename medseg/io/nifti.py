@@ -55,6 +55,24 @@ def read_nifti_channels(path: str | Path) -> list[Volume]:
     return volumes
 
 
+def write_nifti_channels(
+    volumes: list[Volume], path: str | Path, *, overwrite: bool = True, dtype: str | None = None
+) -> Path:
+    """Write channels on one grid as one 4D NIfTI (channels on the 4th axis, as MSD Task01), atomically."""
+    path = Path(path)
+    first = volumes[0]
+    if any(v.shape != first.shape or not np.allclose(v.affine, first.affine) for v in volumes):
+        raise ValueError("every channel of a 4D NIfTI must lie on the first channel's grid")
+    array = np.stack([v.array if dtype is None else v.array.astype(dtype) for v in volumes], axis=-1)
+    img = nib.Nifti1Image(array, first.affine)
+    img.set_sform(first.affine, code=1)
+    img.set_qform(first.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
 def _read_nifti(path: Path, kind: str, *, channels: bool = False) -> list[Volume]:
     if not path.exists():
         raise InputError(path, "file not found")
@@ -178,24 +196,6 @@ def write_nifti(
     img = nib.Nifti1Image(array, volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        nib.save(img, str(tmp))
-    return path
-
-
-def write_nifti_channels(
-    volumes: list[Volume], path: str | Path, *, overwrite: bool = True, dtype: str | None = None
-) -> Path:
-    """Write channels on one grid as one 4D NIfTI (channels on the 4th axis, as MSD Task01), atomically."""
-    path = Path(path)
-    first = volumes[0]
-    if any(v.shape != first.shape or not np.allclose(v.affine, first.affine) for v in volumes):
-        raise ValueError("every channel of a 4D NIfTI must lie on the first channel's grid")
-    array = np.stack([v.array if dtype is None else v.array.astype(dtype) for v in volumes], axis=-1)
-    img = nib.Nifti1Image(array, first.affine)
-    img.set_sform(first.affine, code=1)
-    img.set_qform(first.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(img, str(tmp))
