@@ -164,12 +164,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.train import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
-    overrides += _dataset_overrides(args)
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -192,16 +191,31 @@ def _dataset_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
+    for name in ("check", "train", "augment-preview"):
+        p = commands[name]
+        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        )
+        p.add_argument(
+            "--resample-channels",
+            action="store_true",
+            help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        )
+    p = commands["synth"]
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
     p.add_argument(
-        "--allow-outside-root",
-        action="store_true",
-        help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
     )
     p.add_argument(
-        "--resample-channels",
-        action="store_true",
-        help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
     )
 
 
@@ -287,22 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("synth", help="write a synthetic dataset (CT, or multi-channel MR)")
+    p = sub.add_parser("synth", help="write a Decathlon-layout synthetic CT dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dicom", action="store_true", help="also write every image as a DICOM series")
-    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
-    p.add_argument(
-        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
-    )
-    p.add_argument(
-        "--layout",
-        choices=["msd", "nnunet"],
-        default="msd",
-        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
-    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("series", help="list the DICOM series under a folder")
@@ -322,11 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("check", help="dataset integrity report; exit 1 on problems")
-    p.add_argument("dataset", help="Decathlon or nnU-Net v2 raw dataset folder")
-    _add_dataset_flags(p)
+    p.add_argument("dataset")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("train", help="train a model on a Decathlon or nnU-Net v2 dataset folder")
+    p = sub.add_parser("train", help="train a model on a Decathlon dataset folder")
     p.add_argument("--data", required=True)
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
@@ -340,13 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
-    _add_dataset_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("augment-preview", help="picture of augmented training patches with their labels")
-    p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 raw dataset folder")
+    p.add_argument("--data", required=True, help="Decathlon dataset folder")
     p.add_argument("--out", required=True, help="PNG to write")
-    _add_dataset_flags(p)
     p.add_argument("--config")
     p.add_argument("--samples", type=int, default=8, help="patches to show")
     p.add_argument("--seed", type=int, default=0)
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="metrics.csv", help="per-case CSV; the JSON summary goes beside it")
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.set_defaults(func=cmd_evaluate)
+    _add_dataset_options(sub.choices)
     return parser
 
 

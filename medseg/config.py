@@ -22,6 +22,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataConfig(_Strict):
+    """How a dataset folder is read (``dataset.json`` entries)."""
+
+    allow_outside_root: bool = False  # accept entries that lead outside the dataset folder
+
+
 class IntensityConfig(_Strict):
     """How image intensities are normalised before the network sees them.
 
@@ -90,13 +96,13 @@ class AugmentConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "classic_unet"  # classic_unet, monai_unet, basic_unet, dynunet
     spatial_dims: Literal[2, 3] = 3
-    # image channels; None = planned from the dataset (1 when unplanned)
-    in_channels: int | None = Field(None, ge=1)
     features: int = 16
     depth: int = 4  # number of 2x2 max-pool steps
     norm: Literal["none", "batch", "instance"] = "instance"
     dropout: float = 0.0
     deep_supervision: bool = True  # dynunet only: auxiliary losses at coarser decoder levels
+    # image channels; None = planned from the dataset (1 when unplanned)
+    in_channels: int | None = Field(None, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -195,15 +201,8 @@ class TrackingConfig(_Strict):
     http_retries: int = 2  # MLflow's default is 7, which blocked minutes against a dead server
 
 
-class DataConfig(_Strict):
-    """How a dataset folder is read (``dataset.json`` entries)."""
-
-    allow_outside_root: bool = False  # accept entries that lead outside the dataset folder
-
-
 class Config(_Strict):
     seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
     labels: dict[int, str] | None = None  # None = taken from dataset.json
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -212,6 +211,7 @@ class Config(_Strict):
     infer: InferConfig = Field(default_factory=InferConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
     def _channels_agree(self) -> Config:

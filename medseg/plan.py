@@ -21,7 +21,6 @@ Rules (nnU-Net's, made visible):
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 ANISOTROPY = 3.0
 MAX_PATCH_VOXELS = 128**3
 MAX_BATCH = 8
-_MR_NAME = re.compile(r"^(MR|MRI|T1|T2|FLAIR|ADC|DWI|PD|SWI|DCE|HBV)", re.IGNORECASE)
+MR_NAMES = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI", "PD", "SWI", "DCE", "HBV")  # prefixes, any case
 
 
 def channel_kind(name: str) -> str:
@@ -46,7 +45,7 @@ def channel_kind(name: str) -> str:
         return "ct"
     if name.lower() in ("nonorm", "none"):
         return "none"
-    return "mr" if _MR_NAME.match(name) else "zscore"
+    return "mr" if name.upper().startswith(MR_NAMES) else "zscore"
 
 
 def _plan_ct(it: IntensityConfig, stats: dict[str, float]) -> None:
@@ -174,6 +173,15 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     return plan
 
 
+def _norm_text(it: IntensityConfig) -> str:
+    return {
+        "ct": f"CT: clip to {it.window} then z-score (mean {it.mean}, std {it.std})",
+        "mr": "per-image z-score over non-zero voxels",
+        "zscore": "per-image z-score over non-zero voxels",
+        "none": "none",
+    }[it.kind]
+
+
 def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
     """A few lines a person reads: what was planned from which dataset properties."""
     channels = cfg.preprocess.channels or [cfg.preprocess.intensity]
@@ -188,12 +196,3 @@ def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
         f"  optimiser  {cfg.train.optimizer} lr {cfg.train.lr} with {cfg.train.scheduler} decay, "
         f"{cfg.train.epochs} epochs"
     )
-
-
-def _norm_text(it: IntensityConfig) -> str:
-    return {
-        "ct": f"CT: clip to {it.window} then z-score (mean {it.mean}, std {it.std})",
-        "mr": "per-image z-score over non-zero voxels",
-        "zscore": "per-image z-score over non-zero voxels",
-        "none": "none",
-    }[it.kind]
