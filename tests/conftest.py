@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/data beside the repository; a worktree elsewhere points at it with MEDSEG_SHARED_DATA
-SHARED_DATA = (
-    Path(os.environ.get("MEDSEG_SHARED_DATA") or REPO.parent / "shared" / "data") / "totalsegmentator"
-)
+SHARED_DATA = REPO.parent / "shared" / "data" / "totalsegmentator"
 
 
 def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
