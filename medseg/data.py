@@ -94,6 +94,19 @@ class _Entries:
         self.allow = allow_outside_root
         self.seen: dict[Path, str] = {}
 
+    def folder(self, rel: str) -> Path:
+        """A folder of the layout (``imagesTr``...), refused when it is a link out of the root."""
+        path = self.root / rel
+        if (
+            not self.allow
+            and path.exists()
+            and not Path(os.path.realpath(path)).is_relative_to(self.real_root)
+        ):
+            raise InputError(
+                path, f"is a symbolic link that leads outside the dataset folder ({OUTSIDE_HINT})"
+            )
+        return path
+
     def resolve(self, rel: Any) -> Path:
         spec = self.spec_path
         if not isinstance(rel, str) or not rel.strip():
@@ -279,14 +292,14 @@ def _nnunet_folder(
 ) -> list[Case]:
     pattern = re.compile(rf"(.+)_(\d{{4}}){re.escape(ending)}$")
     found: dict[str, dict[int, str]] = {}
-    for name in _listing(root / images_dir, ending):
+    for name in _listing(entries.folder(images_dir), ending):
         match = pattern.match(name)
         if not match:
             raise InputError(
                 root / images_dir / name, f"is not named CASE_XXXX{ending} (one file per channel)"
             )
         found.setdefault(match.group(1), {})[int(match.group(2))] = name
-    label_names = set(_listing(root / labels_dir, ending))
+    label_names = set(_listing(entries.folder(labels_dir), ending))
     cases = []
     for case_id, files in sorted(found.items()):
         if sorted(files) != list(range(n_channels)):

@@ -235,3 +235,14 @@ def test_the_same_file_twice_is_refused(tmp_path, second):
     (root / "dataset.json").write_text(json.dumps(spec))
     with pytest.raises(InputError, match="lists the same file twice"):
         load_dataset(root)
+
+
+def test_nnunet_folder_linked_outside_is_refused(tmp_path, nnunet_ct):
+    root = tmp_path / "Dataset007_Linked"
+    root.mkdir()
+    shutil.copy(nnunet_ct / "dataset.json", root / "dataset.json")
+    shutil.copytree(nnunet_ct / "labelsTr", root / "labelsTr")
+    (root / "imagesTr").symlink_to(nnunet_ct / "imagesTr")
+    with pytest.raises(InputError, match="is a symbolic link that leads outside the dataset folder"):
+        load_dataset(root)
+    assert len(load_dataset(root, allow_outside_root=True).training) == 3
