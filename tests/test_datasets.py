@@ -75,6 +75,16 @@ def test_nnunet_folder_is_read_as_it_is(nnunet_ct):
     assert check_dataset(nnunet_ct) == []
 
 
+def test_augment_preview_reads_a_multichannel_nnunet_folder(tmp_path):
+    root = tmp_path / "Dataset008_MR"
+    make_dataset(root, cases=2, size=16, seed=1, modality="mr", channels=2, layout="nnunet")
+    proc = run_cli(
+        "augment-preview", "--data", str(root), "--out", "grid.png", "--samples", "2", *TINY, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
 def test_nnunet_integrity_problems_are_named(tmp_path, nnunet_ct):
     root = tmp_path / "Dataset002_Broken"
     shutil.copytree(nnunet_ct, root)
