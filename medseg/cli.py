@@ -63,9 +63,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
     from medseg.synthetic import make_dataset
 
-    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    if args.modality == "ct" and args.channels != 1:
+        raise ConfigError(f"--channels {args.channels}: synthetic CT has one channel; use --modality mr")
+    if args.channels < 1:
+        raise ConfigError(f"--channels {args.channels}: expected at least 1")
+    path = make_dataset(
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        dicom=args.dicom,
+        modality=args.modality,
+        channels=args.channels,
+        layout=args.layout,
+    )
     print(path)
     return 0
 
@@ -138,7 +152,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
-    problems = check_dataset(args.dataset)
+    problems = check_dataset(
+        args.dataset, allow_outside_root=args.allow_outside_root, resample_channels=args.resample_channels
+    )
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -149,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.train import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
@@ -166,11 +182,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """``--allow-outside-root`` and ``--resample-channels`` as config overrides."""
+    out = []
+    if args.allow_outside_root:
+        out.append("data.allow_outside_root=true")
+    if args.resample_channels:
+        out.append("preprocess.resample_channels=true")
+    return out
+
+
+def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
+    for name in ("check", "train", "augment-preview"):
+        p = commands[name]
+        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        )
+        p.add_argument(
+            "--resample-channels",
+            action="store_true",
+            help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        )
+    p = commands["synth"]
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
+    p.add_argument(
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
+    )
+
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.transforms import augment_preview
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set or []) + _dataset_overrides(args))
     path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
     print(path)
     return 0
@@ -490,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=_bounded(float, low=0.0), default=2.0, help="surface Dice tolerance in mm"
     )
     p.set_defaults(func=cmd_evaluate)
+    _add_dataset_options(sub.choices)
     return parser
 
 

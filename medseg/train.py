@@ -199,8 +199,8 @@ def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _items(cases) -> list[dict[str, str]]:
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+def _items(cases) -> list[dict[str, Any]]:
+    return [c.item() for c in cases]  # image: one path, or one per channel
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -598,7 +598,7 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepa
         if fp_path.exists():
             fp = json.loads(fp_path.read_text())
         else:
-            fp = fingerprint(dataset, seed=cfg.seed)
+            fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     cfg = make_plan(cfg, fp)
@@ -637,7 +637,7 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
 def _train(
     cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
 ) -> TrainResult:
-    dataset = load_dataset(data_root)
+    dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
     if not dist.main:
