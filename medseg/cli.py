@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger("medseg")
 
@@ -153,6 +153,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.register:
+        overrides.append(f"tracking.registered_model_name={args.register}")
+    if args.alias:
+        if not args.register:
+            raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
+        overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -289,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the logged MLflow model as a new version of NAME (default: not registered)",
+    )
+    p.add_argument(
+        "--alias",
+        metavar="ALIAS",
+        help="point ALIAS (e.g. champion) of the registered model at the new version: models:/NAME@ALIAS",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("augment-preview", help="picture of augmented training patches with their labels")
