@@ -184,6 +184,7 @@ def _save(bundle_dir: Path, path: str | Path, code: Path) -> None:
         input_example=input_example(bundle_dir),
         pip_requirements=requirements(bundle_dir),
         metadata={"medseg_bundle_hash": _hash(bundle_dir)},
+        model_config={"device": ""},  # "" = CUDA when present; load_model(..., model_config={"device": "cpu"})
     )
 
 
