@@ -232,7 +232,6 @@ class Tracker:
         self.offline = False  # set when a call fails mid-run: nothing more is sent
         self.not_logged: list[str] = []
         self._client: MlflowClient | None = None
-        self._bundle_dir: Path | None = None
 
     @property
     def client(self) -> MlflowClient:
@@ -328,8 +327,6 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         path = Path(path)
-        if path.is_dir() and artifact_path == "bundle":
-            self._bundle_dir = path  # what log_model (below) wraps
         if path.is_dir():
             self._guard(
                 f"artifact {path.name}",
@@ -370,14 +367,6 @@ class Tracker:
             registered_name=name,
             alias=alias,
         )
-
-    def log_model(self, network: Any = None, input_example: Any = None) -> str | None:
-        """The pyfunc bundle model of the bundle folder logged last at ``bundle`` (the arguments are
-        not used: the model wraps the whole bundle, not the bare network). Kept for train.py's
-        current call; new code calls :meth:`log_bundle_model`."""
-        if self._bundle_dir is None:
-            return None
-        return self.log_bundle_model(self._bundle_dir)
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``status``; say what was not logged, if anything."""

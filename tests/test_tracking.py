@@ -39,7 +39,7 @@ def test_disabled_tracking_imports_and_writes_nothing(tmp_path):
         "from medseg.tracking import Tracker\n"
         "t = Tracker(TrackingConfig(enabled=False))\n"
         "t.start(run_name='x'); t.log_params({'a': 1}); t.log_metrics({'m': 1.0}, step=1)\n"
-        "t.log_artifact(__file__ if '__file__' in dir() else '.'); t.log_model(); t.end()\n"
+        "t.log_artifact(__file__ if '__file__' in dir() else '.'); t.log_bundle_model('.'); t.end()\n"
         "assert t.logged_steps('m') == set()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'sqlalchemy', 'pandas')))\n"
     )

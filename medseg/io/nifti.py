@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import warnings
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.preflight import default_max_memory, format_bytes
 from medseg.io.volume import Volume, atomic_path
 
 log = logging.getLogger(__name__)
@@ -22,24 +24,30 @@ def is_nifti(path: str | Path) -> bool:
     return name.endswith((".nii", ".nii.gz"))
 
 
-def read_nifti(path: str | Path, *, kind: str = "image") -> Volume:
+def read_nifti(path: str | Path, *, kind: str = "image", max_bytes: int | None = None) -> Volume:
     """Read a NIfTI image (``kind="image"``, float32) or label map (``kind="label"``, uint8).
 
+    ``max_bytes`` caps the memory reading may take (the stored voxels, decompressed,
+    plus the float32 copy), checked from the header before any voxel is read; None =
+    ``preflight.default_max_memory()``. A compressed file is never decompressed beyond
+    what its header declares.
+
     Raises:
-        InputError: the file is missing, truncated, not NIfTI, not one 3D volume, has a
-            broken transform or scaling, or holds NaN/Inf (or non-integer labels).
+        InputError: the file is missing, truncated, not NIfTI, not one 3D volume, too large
+            for the memory limit, has a broken transform or scaling, or holds NaN/Inf (or
+            non-integer labels).
     """
     path = Path(path)
     # nibabel warns on stderr about odd headers; what matters is checked here and raised or logged.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume = _read_nifti(path, kind)
+        volume = _read_nifti(path, kind, max_bytes)
     for w in caught[:3]:
         log.debug("%s: %s", path, _one_line(w.message))
     return volume
 
 
-def _read_nifti(path: Path, kind: str) -> Volume:
+def _read_nifti(path: Path, kind: str, max_bytes: int | None) -> Volume:
     if not path.exists():
         raise InputError(path, "file not found")
     try:
@@ -68,6 +76,7 @@ def _read_nifti(path: Path, kind: str) -> Volume:
             path, f"voxel type {dtype} (RGB/complex) is not a scalar image; convert it to greyscale"
         )
     _check_transform(path, img)
+    _check_size(path, img, max_bytes)
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
@@ -85,6 +94,39 @@ def _read_nifti(path: Path, kind: str) -> Volume:
             raise InputError(path, f"{n_bad} voxels are NaN or infinite; fix or mask them before use")
     meta = {"source_format": "nifti", "dtype": str(img.get_data_dtype()), "kind": kind}
     return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), meta=meta, source=str(path))
+
+
+def _check_size(path: Path, img: nib.Nifti1Image, max_bytes: int | None) -> None:
+    """Refuse, from the header alone, a file whose voxels cannot be there or cannot fit in memory.
+
+    nibabel allocates what the header declares before it reads: a 66-byte file claiming
+    32767^3 voxels would otherwise end in a MemoryError, a small gzip of zeros in gigabytes.
+    """
+    n_voxels = math.prod(int(s) for s in img.shape)
+    itemsize = int(img.get_data_dtype().itemsize)
+    stored = n_voxels * itemsize
+    offset = int(getattr(img.dataobj, "offset", 352))
+    if not path.name.lower().endswith(".gz"):
+        available = path.stat().st_size - offset
+        if available < stored:
+            raise InputError(
+                path,
+                f"truncated or corrupt voxel data, the file holds less than its header says "
+                f"({available} of {stored} bytes of voxels)",
+            )
+    # the stored voxels, float64 while nibabel applies a slope, and the float32 image
+    slope, inter = float(img.header["scl_slope"]), float(img.header["scl_inter"])
+    scaled = (np.isfinite(slope) and slope not in (0.0, 1.0)) or (np.isfinite(inter) and inter != 0.0)
+    needed = stored + n_voxels * (4 + (8 if scaled else 0))
+    budget = default_max_memory() if max_bytes is None else int(max_bytes)
+    if needed > budget:
+        shape = "x".join(str(int(s)) for s in img.shape)
+        raise InputError(
+            path,
+            f"its header declares {shape} voxels of {img.get_data_dtype()}: reading them needs about "
+            f"{format_bytes(needed)}, more than the memory limit of {format_bytes(budget)} "
+            "(a corrupt header, or an image to crop or downsample first)",
+        )
 
 
 def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
