@@ -695,9 +695,5 @@ def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) 
             tracker.log_artifact(run_dir / "overlays", "overlays")
         if bundle_dir.exists():
             tracker.log_artifact(bundle_dir, "bundle")
-            if tracker.enabled and cfg.tracking.log_model:
-                from medseg.bundle import load_bundle
-
-                patch = [1, 1, *[int(p) for p in cfg.train.patch_size or ()]]
-                tracker.log_model(load_bundle(bundle_dir).network, np.zeros(patch, dtype=np.float32))
+            tracker.log_bundle_model(bundle_dir)  # the whole pipeline as a pyfunc; registered/aliased per config
     tracker.end(status)
