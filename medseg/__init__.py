@@ -2,7 +2,7 @@
 
 Importing medseg prints nothing and changes no global state. The public API:
 ``load_bundle(path)`` for inference, and the stage modules (``medseg.io``,
-``medseg.train``, ``medseg.infer``, ...).
+``medseg.train``, ``medseg.predict``, ``medseg.batch``, ...).
 """
 
 from __future__ import annotations

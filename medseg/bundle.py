@@ -42,7 +42,7 @@ class Bundle:
 
     def predict(self, volume: Volume, *, device: str | torch.device = "cpu", tta: bool = False) -> Volume:
         """Segment ``volume``; the mask has its exact shape and affine."""
-        from medseg.infer import predict_volume
+        from medseg.predict import predict_volume
 
         return predict_volume([self], volume, device=device, tta=tta).mask
 

@@ -11,11 +11,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.batch import run_inference
 from medseg.config import Config, apply_overrides, config_from_dict
 from medseg.data import load_dataset
-from medseg.infer import run_inference
 from medseg.metrics import EvalRow, evaluate_folders, summarise, write_csv
-from medseg.progress import track
 from medseg.synthetic import make_dataset
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def run_demo(
         predictions,
         overwrite=True,
         report=True,
-        progress=lambda items, desc: track(items, desc),
+        progress=True,
     )
     rows = evaluate_folders(predictions, data / "labelsTs", labels=bundle.labels)
     metrics_csv = write_csv(rows, out / "metrics.csv")
