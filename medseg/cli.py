@@ -362,7 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the data, the run and the predictions")
     p.add_argument("--cases", type=_bounded(int, low=4), default=20, help="synthetic cases to make")
     p.add_argument("--size", type=_bounded(int, low=16, high=512), default=64, help="voxels per side")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = command("synth", "write a Decathlon-layout synthetic CT dataset")
@@ -405,7 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|CHECKPOINT",
         help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
     )
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+    )
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.set_defaults(func=cmd_train)
 
@@ -416,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=8, help="patches to show")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="config override, e.g. augment.flip_prob=0"
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set augment.flip_prob=0 (repeatable)",
     )
     p.set_defaults(func=cmd_augment_preview)
 

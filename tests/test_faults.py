@@ -62,6 +62,11 @@ def test_atomic_write_does_not_touch_the_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", forbidden)
     out = write_text_atomic(tmp_path / "a.txt", "x")
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+    # a writer that replaces the temp file with a private one (safetensors does) still gives the usual mode
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        tmp.unlink()
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 # ----------------------------------------------------------------------------- leftovers of killed writers
@@ -183,6 +188,36 @@ def test_disk_full_is_one_line_and_leaves_no_temp_file(tmp_path):
         assert "could not be written" in lines[name]
         assert "|" not in lines[name]
     assert lines["left:"] == "[]", proc.stdout
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_is_one_line_exit_2(tiny_dataset, tmp_path):
+    """Disk full during a checkpoint gave a torch RuntimeError traceback, exit 1, and a .partial left."""
+    unshare = shutil.which("unshare")
+    if not unshare or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces here to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    tiny = "preprocess.spacing=[2,2,3] train.patch_size=[16,16,16] model.features=4 model.depth=2"
+    script = (
+        f'mount -t tmpfs -o size=120k tmpfs "$1" || exit 99; "{sys.executable}" -m medseg train --data "$2" '
+        f'--out "$1/run" --set train.epochs=1 tracking.enabled=false {tiny}; echo "rc=$?"; '
+        'find "$1" -name "*partial*" | sed "s/^/LEFT /"'
+    )
+    proc = subprocess.run(
+        [unshare, "-rm", "sh", "-c", script, "sh", str(disk), str(tiny_dataset)],
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "rc=2" in proc.stdout, proc.stdout + proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert "no space left on the device" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert "LEFT" not in proc.stdout  # no temp file left on the full disk
 
 
 def test_unwritable_output_folder_is_an_output_error(tmp_path):

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -202,12 +203,15 @@ def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_partial(final)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, as the kernel applied it
     except OSError as exc:
         raise _write_failure(final, exc) from exc  # type: ignore[misc]
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+            if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) != mode:
+                os.chmod(tmp, mode)  # a writer that replaced the file (safetensors: 0600) gets the usual mode
         os.replace(tmp, final)
     except BaseException as exc:
         failure = _write_failure(final, exc)  # before the unlink, which frees the space it measures
