@@ -16,7 +16,7 @@ import pytest
 
 from medseg.errors import InputError, OutputError
 from medseg.io import Volume, atomic_path, write_nifti, write_text_atomic
-from medseg.io.volume import partial_name, sweep_partials
+from medseg.io.volume import _host_tag, partial_name, sweep_partials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_long_input_name_fits_the_temp_name(tmp_path):
 def test_temp_name_keeps_format_suffix_not_uid_parts(tmp_path):
     name = partial_name("1.2.840.113619.2.55.3.nii.gz", folder=tmp_path)
     assert name.endswith(".partial.nii.gz")
-    assert f".{os.getpid()}-" in name
+    assert f".{os.getpid()}@{_host_tag()}-" in name
 
 
 def test_atomic_write_does_not_touch_the_umask(tmp_path, monkeypatch):
@@ -80,16 +80,18 @@ def _dead_pid() -> int:
 
 def test_sweep_removes_partials_of_dead_writers_only(tmp_path):
     dead = _dead_pid()
+    host = _host_tag()
     (tmp_path / "checkpoints").mkdir()
     dead_files = [
-        tmp_path / "checkpoints" / f".last.pt.{dead}-0a1b2c3d.partial.pt",
-        tmp_path / f".case_seg.nii.gz.{dead}-deadbeef.partial.nii.gz",
+        tmp_path / "checkpoints" / f".last.pt.{dead}@{host}-0a1b2c3d.partial.pt",
+        tmp_path / f".case_seg.nii.gz.{dead}@{host}-deadbeef.partial.nii.gz",
     ]
-    live = tmp_path / f".best.pt.{os.getpid()}-0a1b2c3d.partial.pt"
+    live = tmp_path / f".best.pt.{os.getpid()}@{host}-0a1b2c3d.partial.pt"
+    other_host = tmp_path / f".best.pt.{dead}@{'0' if host[0] != '0' else '1'}{host[1:]}-0a1b2c3d.partial.pt"
     old_legacy = [tmp_path / "checkpoints" / ".best.pt.partial", tmp_path / ".last.pt.k3j_x9ab.partial.pt"]
     new_legacy = tmp_path / ".weights.pt.zz11yy22.partial.pt"
     user_file = tmp_path / ".notes.partial.txt.bak"
-    for p in [*dead_files, live, *old_legacy, new_legacy, user_file]:
+    for p in [*dead_files, live, other_host, *old_legacy, new_legacy, user_file]:
         p.write_bytes(b"x")
     for p in old_legacy:
         os.utime(p, (time.time() - 7200, time.time() - 7200))
@@ -98,6 +100,7 @@ def test_sweep_removes_partials_of_dead_writers_only(tmp_path):
 
     assert sorted(removed) == sorted(dead_files + old_legacy)
     assert live.exists()
+    assert other_host.exists()  # that PID is not this machine's to judge: removed only by age
     assert new_legacy.exists()
     assert user_file.exists()
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Iterator, Mapping
@@ -107,9 +109,10 @@ def case_stem(path: str | Path) -> str:
     return name
 
 
-# Temp names: ".{final name, cut to fit}.{writer PID}-{token}.partial{format suffix}". The PID lets a
-# later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's file.
-_PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)-[0-9a-z]{8}\.partial(?:\.[^.]+){0,2}$")
+# Temp names: ".{final name, cut to fit}.{writer PID}@{host tag}-{token}.partial{format suffix}". The
+# PID lets a later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's
+# file; the host tag keeps a PID of another machine or container (shared folder) from being judged here.
+_PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.partial(?:\.[^.]+){0,2}$")
 # Names of partials written before the PID was part of the name (mkstemp's 8 random characters,
 # train's ".best.pt.partial"): removed only when older than ``legacy_age_s``.
 _LEGACY_PARTIAL_RE = re.compile(r"^\..+\.(?:[0-9a-z_]{8}\.partial(?:\.[^.]+){0,2}|partial)$")
@@ -133,10 +136,14 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()[:6]
+
+
 def partial_name(final_name: str, *, folder: str | Path = ".", token: str | None = None) -> str:
     """The temporary name for writing ``final_name``: within the file system's name limit, PID inside."""
     token = token or secrets.token_hex(4)
-    tail = f".{os.getpid()}-{token}.partial{_format_suffix(final_name)}"
+    tail = f".{os.getpid()}@{_host_tag()}-{token}.partial{_format_suffix(final_name)}"
     room = _name_max(Path(folder)) - len(tail.encode()) - 1  # the leading dot
     head = final_name.encode()[: max(room, 1)].decode(errors="ignore")
     return f".{head}{tail}"
@@ -247,8 +254,9 @@ def _pid_alive(pid: int) -> bool:
 def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: float = 3600.0) -> list[Path]:
     """Remove temp files left by writers that died (SIGKILL, power loss) in ``folder``.
 
-    A temp file whose name carries a PID is removed when that process no longer
-    exists; one in the older PID-less form when it is older than ``legacy_age_s``.
+    A temp file whose name carries a PID of this host is removed when that process
+    no longer exists; one written on another host (a shared folder) or in the older
+    PID-less form when it is older than ``legacy_age_s``.
     Files of live writers are kept. Call it at the start of a run, on the run or
     output folder (best while holding ``medseg.locks.exclusive`` on it).
 
@@ -278,9 +286,9 @@ def _is_stale_partial(path: Path, name: str, now: float, legacy_age_s: float) ->
     if not name.startswith("."):
         return False
     match = _PARTIAL_RE.match(name)
-    if match:
+    if match and match.group("host") == _host_tag():
         return not _pid_alive(int(match.group("pid")))
-    if _LEGACY_PARTIAL_RE.match(name):
+    if match or _LEGACY_PARTIAL_RE.match(name):  # another host's writer, or a name without a PID: by age
         try:
             return now - path.lstat().st_mtime > legacy_age_s
         except OSError:
