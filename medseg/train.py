@@ -68,7 +68,14 @@ from medseg.io import write_text_atomic
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
 from medseg.progress import TrainingProgress
-from medseg.runtime import Dist, autocast, channels_last, init_distributed, resolve_precision
+from medseg.runtime import (
+    Dist,
+    autocast,
+    channels_last,
+    init_distributed,
+    resolve_precision,
+    set_memory_format,
+)
 from medseg.tracking import Tracker, git_commit, package_versions
 from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
 from medseg.validation import FirstCase, summarise, validate
@@ -101,7 +108,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signum = signal.SIGTERM
+        self.signum: int = signal.SIGTERM
 
     def set(self, signum: int) -> None:
         self.signum = signum
@@ -273,7 +280,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
         if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = set_memory_format(self.network, torch.channels_last_3d)
         self.model: torch.nn.Module = self.network
         if self.dist.active:
             ids = [device.index] if device.type == "cuda" else None
@@ -535,7 +542,8 @@ def _run_name(data_root: Path, cfg: Config) -> str:
 
 def _resume_state(cfg: Config, run_dir: Path, resume: bool | str, dist: Dist) -> TrainState | None:
     """The checkpoint to continue from (rank 0 decides, every rank loads the same file)."""
-    found, problem = None, None
+    found: tuple[Path, TrainState] | None = None
+    problem: MedsegError | None = None
     if dist.main:
         try:
             if resume:
@@ -635,7 +643,8 @@ def _train(
         # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now
         cfg = Config.model_validate(state.config)
     tracker = _start_tracking(cfg, data_root, state, dist)
-    status, history, best = "FAILED", [], -1.0
+    status, best = "FAILED", -1.0
+    history: list[dict[str, float]] = []
     try:
         prep = _prepare(cfg, dataset, run_dir, dist)
         cfg = prep.cfg

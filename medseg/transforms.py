@@ -291,14 +291,11 @@ def augment_preview(
     The dataset is planned as ``train`` would plan it; each column is one patch drawn by
     the training chain (the axial slice through its centre on top, the coronal one below).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from medseg.data import fingerprint, load_dataset
     from medseg.plan import make_plan
-    from medseg.viz import PALETTE
+    from medseg.viz import label_colour
 
     dataset = load_dataset(data_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
@@ -315,7 +312,8 @@ def augment_preview(
         if len(patches) >= samples:
             break
     patches = patches[:samples]
-    fig, axes = plt.subplots(2, len(patches), figsize=(2.2 * len(patches), 4.6), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(patches), 4.6), layout="tight")
+    axes = fig.subplots(2, len(patches), squeeze=False)
     for col, patch in enumerate(patches):
         image = np.asarray(patch["image"])[0]
         label = np.asarray(patch["label"])[0].round().astype(int)
@@ -329,7 +327,7 @@ def augment_preview(
             ax.imshow(sl, cmap="gray", origin="lower", vmin=-2.5, vmax=2.5)
             rgba = np.zeros((*lab.shape, 4), dtype=np.float32)
             present = lab > 0
-            rgba[present, :3] = PALETTE[lab[present] % len(PALETTE)]
+            rgba[present, :3] = label_colour(lab[present])
             rgba[present, 3] = 0.4
             ax.imshow(rgba, origin="lower")
             ax.set_xticks([])
@@ -343,7 +341,6 @@ def augment_preview(
         if isinstance(t, Randomizable)
     )
     fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
-    fig.tight_layout()
     from medseg.viz import save_figure
 
     return save_figure(fig, out, dpi=90)

@@ -15,16 +15,13 @@ from medseg.checkpoint import LAST as CHECKPOINT
 from medseg.checkpoint import TIMED as TIMED_CHECKPOINT
 from medseg.checkpoint import TrainState, find_checkpoint, save_state
 from medseg.errors import InputError
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, TINY_ARGS, run_cli
 
 EPOCHS = 4
 TINY = [
     "--epochs",
     str(EPOCHS),
-    *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
-    *("--set", "train.patch_size=[16, 16, 16]"),
-    *("--set", "model.features=4"),
-    *("--set", "model.depth=2"),
+    *TINY_ARGS,
     *("--set", "train.val_every=2"),
     *("--set", "train.val_surface_metrics=false"),
     *("--set", "augment.samples_per_volume=2"),
