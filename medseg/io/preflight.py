@@ -117,16 +117,16 @@ def _nifti_header(path: Path) -> ImageHeader:
         img = nib.load(str(path))  # the header only: voxels are read on demand
     except Exception as exc:
         raise InputError(path, f"not a readable NIfTI file ({' '.join(str(exc).split())})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     hdr = img.header
-    zooms = tuple(float(z) for z in hdr.get_zooms()[:3]) + (1.0,) * max(0, 3 - len(img.shape))
-    slope = float(hdr["scl_slope"]) if "scl_slope" in hdr else 0.0
-    scaled = bool(np.isfinite(slope) and slope not in (0.0, 1.0)) or (
-        "scl_inter" in hdr and np.isfinite(float(hdr["scl_inter"])) and float(hdr["scl_inter"]) != 0.0
-    )
+    zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * max(0, 3 - len(img.shape))
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    scaled = bool(np.isfinite(slope) and slope not in (0.0, 1.0)) or bool(np.isfinite(inter) and inter != 0.0)
     return ImageHeader(
         shape=tuple(int(s) for s in img.shape),
         itemsize=int(img.get_data_dtype().itemsize),
-        spacing=zooms[:3],  # type: ignore[arg-type]
+        spacing=(zooms[0], zooms[1], zooms[2]),
         scaled=scaled,
         compressed=path.name.lower().endswith(".gz"),
     )
