@@ -161,7 +161,7 @@ def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
         )
 
 
-def _one_line(exc: BaseException | Warning) -> str:
+def _one_line(exc: BaseException | Warning | str) -> str:
     return " ".join((str(exc) or type(exc).__name__).split())
 
 
