@@ -332,3 +332,32 @@ def test_preflight_estimates_from_the_header_and_refuses_over_budget(tmp_path):
     assert parse_size("1000") == 1000
     with pytest.raises(ValueError, match="expected a size"):
         parse_size("lots")
+
+
+def test_preflight_for_an_ensemble_uses_the_bundles_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from medseg.config import load_config
+    from medseg.io.preflight import preflight, preflight_inference
+
+    nii = write_nifti(Volume(np.zeros((64, 64, 32), np.float32), np.eye(4)), tmp_path / "ct.nii.gz")
+    tiny = ["train.patch_size=[16,16,16]", "model.features=4", "model.depth=2", "labels={0: bg, 1: a, 2: b}"]
+    coarse = SimpleNamespace(
+        config=load_config(None, [*tiny, "preprocess.spacing=[2,2,2]"]), labels={0: "bg", 1: "a"}
+    )
+    fine = SimpleNamespace(
+        config=load_config(None, [*tiny, "preprocess.spacing=[1,1,1]"]), labels={0: "", 1: "", 2: ""}
+    )
+    both = preflight_inference(nii, [coarse, fine], max_memory=2**34, tta=True)
+    alone = preflight(
+        nii,
+        max_memory=2**34,
+        spacing=(1, 1, 1),
+        n_classes=3,
+        n_models=2,
+        tta=True,
+        patch_size=(16, 16, 16),
+        features=4,
+    )
+    assert both.parts == alone.parts  # the finest grid, most classes, both members, TTA
+    assert both.parts["network"] == 16**3 * 4 * 4 * 8 * 2  # two windows in flight
