@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger("medseg")
 
@@ -63,9 +63,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
     from medseg.synthetic import make_dataset
 
-    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    if args.modality == "ct" and args.channels != 1:
+        raise ConfigError(f"--channels {args.channels}: synthetic CT has one channel; use --modality mr")
+    if args.channels < 1:
+        raise ConfigError(f"--channels {args.channels}: expected at least 1")
+    path = make_dataset(
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        dicom=args.dicom,
+        modality=args.modality,
+        channels=args.channels,
+        layout=args.layout,
+    )
     print(path)
     return 0
 
@@ -109,7 +123,7 @@ def _ts_name(uid: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
-    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -121,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
     scan = None
-    if not (source.is_file() and is_nifti(source)):
+    if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
         info = select_series(scan, source, args.series)
         if len(scan.series) > 1:
@@ -138,7 +152,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
-    problems = check_dataset(args.dataset)
+    problems = check_dataset(
+        args.dataset, allow_outside_root=args.allow_outside_root, resample_channels=args.resample_channels
+    )
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -149,11 +165,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.train import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.register:
+        overrides.append(f"tracking.registered_model_name={args.register}")
+    if args.alias:
+        if not args.register:
+            raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
+        overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -166,11 +188,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """``--allow-outside-root`` and ``--resample-channels`` as config overrides."""
+    out = []
+    if args.allow_outside_root:
+        out.append("data.allow_outside_root=true")
+    if args.resample_channels:
+        out.append("preprocess.resample_channels=true")
+    return out
+
+
+def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
+    for name in ("check", "train", "augment-preview"):
+        p = commands[name]
+        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        )
+        p.add_argument(
+            "--resample-channels",
+            action="store_true",
+            help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        )
+    p = commands["synth"]
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
+    p.add_argument(
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
+    )
+
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.transforms import augment_preview
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set or []) + _dataset_overrides(args))
     path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
     print(path)
     return 0
@@ -221,6 +281,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for path, reason in summary.failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "monai-bundle":
+        from medseg.monai_bundle import export_monai_bundle
+
+        out = export_monai_bundle(args.model, args.output)
+        print(f"monai-bundle: {out}")
+        print(
+            f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json "
+            f"--bundle_root {out} --dataset_dir IMAGES --output_dir MASKS"
+        )
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -419,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
     )
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the logged MLflow model as a new version of NAME (default: not registered)",
+    )
+    p.add_argument(
+        "--alias",
+        metavar="ALIAS",
+        help="point ALIAS (e.g. champion) of the registered model at the new version: models:/NAME@ALIAS",
+    )
     p.set_defaults(func=cmd_train)
 
     p = command("augment-preview", "picture of augmented training patches with their labels")
@@ -506,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=_bounded(float, low=0.0), default=2.0, help="surface Dice tolerance in mm"
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("export", "export a bundle for other tools: a MONAI bundle that runs with MONAI alone")
+    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
+    p.add_argument("--format", required=True, choices=["monai-bundle"], help="what to write")
+    p.add_argument("-o", "--output", required=True, help="new folder for the MONAI bundle")
+    p.set_defaults(func=cmd_export)
+    _add_dataset_options(sub.choices)
     return parser
 
 
