@@ -327,6 +327,14 @@ def test_preflight_estimates_from_the_header_and_refuses_over_budget(tmp_path):
     # a DICOM series is sized from its headers, without reading pixels
     write_dicom_series(vol, tmp_path / "dicom")
     assert preflight(tmp_path / "dicom", max_memory=2**30).header.shape == (32, 32, 16)
+    # NRRD/MetaImage from SimpleITK's header; a zipped study by what it expands to
+    from medseg.io import write_sitk
+
+    nrrd = write_sitk(vol, tmp_path / "ct.nrrd")
+    assert preflight(nrrd, max_memory=2**30).header.shape[:3] == (32, 32, 16)
+    shutil.make_archive(str(tmp_path / "study"), "zip", tmp_path / "dicom")
+    zipped = preflight(tmp_path / "study.zip", max_memory=2**30).header
+    assert zipped.shape[0] * 2 >= 32 * 32 * 16 * 2  # at least the pixel bytes
     assert parse_size("8G") == 8 * 2**30
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1000") == 1000

@@ -48,7 +48,7 @@ class ImageHeader:
 
     shape: tuple[int, ...]
     itemsize: int  # bytes per stored voxel (all components)
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float] | None  # None: unknown (a zipped study), taken as the model grid's
     scaled: bool = False  # a slope/intercept turns the stored values into float64 while reading
     compressed: bool = False
 
@@ -109,15 +109,18 @@ def default_max_memory(fraction: float = DEFAULT_FRACTION) -> int:
 def read_header(path: str | Path, *, series_id: str | None = None) -> ImageHeader:
     """The shape, voxel size and spacing a file's header declares; no voxel is read."""
     from medseg.io.nifti import is_nifti
+    from medseg.io.sitk import is_sitk_image
 
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
     if path.is_file() and is_nifti(path):
         return _nifti_header(path)
-    if path.is_dir() or path.suffix.lower() in (".dcm", "") or not _sitk_readable(path):
-        return _dicom_header(path, series_id)
-    return _sitk_header(path)
+    if path.is_file() and is_sitk_image(path):
+        return _sitk_header(path)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _zip_header(path)
+    return _dicom_header(path, series_id)
 
 
 def _nifti_header(path: Path) -> ImageHeader:
@@ -152,8 +155,18 @@ def _dicom_header(path: Path, series_id: str | None) -> ImageHeader:
     )
 
 
-def _sitk_readable(path: Path) -> bool:
-    return path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd"))
+def _zip_header(path: Path) -> ImageHeader:
+    """A zipped study, sized by what it expands to (16-bit voxels, the native grid): an upper bound."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(path, f"not a readable zip archive ({exc})") from exc
+    return ImageHeader(
+        shape=(max(expanded // 2, 1), 1, 1), itemsize=2, spacing=None, scaled=True, compressed=True
+    )
 
 
 def _sitk_header(path: Path) -> ImageHeader:
@@ -204,7 +217,7 @@ def estimate_case_bytes(
     """
     native = math.prod(header.shape)
     grid = [float(n) for n in header.shape[:3]]
-    if spacing is not None:
+    if spacing is not None and header.spacing is not None:
         grid = [
             n * max(float(s), 1e-6) / max(float(t), 1e-6)
             for n, s, t in zip(grid, header.spacing, spacing, strict=False)
