@@ -202,7 +202,7 @@ def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
     """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
     for name in ("check", "train", "augment-preview"):
         p = commands[name]
-        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.description = f"{p.description or ''}. DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
         p.add_argument(
             "--allow-outside-root",
             action="store_true",
@@ -469,11 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = command("check", "dataset integrity report; exit 1 on problems")
-    p.add_argument("dataset", help="Decathlon dataset folder (with dataset.json)")
+    p.add_argument("dataset", help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.set_defaults(func=cmd_check)
 
     p = command("train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
-    p.add_argument("--data", required=True, help="Decathlon dataset folder (with dataset.json)")
+    p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
     p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
     p.add_argument("--fold", type=_non_negative_int, help="cross-validation fold (shortcut for train.fold)")
