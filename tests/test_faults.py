@@ -369,3 +369,63 @@ def test_preflight_for_an_ensemble_uses_the_bundles_settings(tmp_path):
     )
     assert both.parts == alone.parts  # the finest grid, most classes, both members, TTA
     assert both.parts["network"] == 16**3 * 4 * 4 * 8 * 2  # two windows in flight
+
+
+# ----------------------------------------------------------------------------- folders written as one unit
+
+
+def _bundle(folder: Path, version: str) -> None:
+    for name in ("model.safetensors", "config.yaml", "metadata.json"):
+        (folder / name).write_text(f"{name} {version}")
+
+
+def _versions(folder: Path) -> set[str]:
+    return {p.read_text().split()[-1] for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
+def test_atomic_dir_replaces_a_folder_as_one_unit(tmp_path, monkeypatch, exchange):
+    from medseg.io import volume
+
+    if not exchange:
+
+        def unsupported(_a, _b):
+            raise OSError(38, "renameat2 is not available")
+
+        monkeypatch.setattr(volume, "_rename_exchange", unsupported)
+    with volume.atomic_dir(tmp_path / "bundle") as staging:
+        _bundle(staging, "1")
+    assert _versions(tmp_path / "bundle") == {"1"}
+    with volume.atomic_dir(tmp_path / "bundle") as staging:
+        _bundle(staging, "2")
+    assert _versions(tmp_path / "bundle") == {"2"}
+
+    def half_written() -> None:
+        with volume.atomic_dir(tmp_path / "bundle") as staging:
+            _bundle(staging, "3")
+            raise RuntimeError("killed half way")
+
+    with pytest.raises(RuntimeError):
+        half_written()
+    assert _versions(tmp_path / "bundle") == {"2"}  # never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    with (
+        pytest.raises(OutputError, match="already exists"),
+        volume.atomic_dir(tmp_path / "bundle", overwrite=False),
+    ):
+        pass
+
+
+def test_sweep_removes_dead_staging_folders_and_restores_a_folder_set_aside(tmp_path):
+    from medseg.io.volume import _host_tag
+
+    dead, host = _dead_pid(), _host_tag()
+    staging = tmp_path / f".bundle.{dead}@{host}-0a1b2c3d.partial.tmp"
+    aside = tmp_path / f".best.{dead}@{host}-0a1b2c3d.replaced.tmp"
+    for folder in (staging, aside):
+        folder.mkdir()
+        _bundle(folder, "old")
+    removed = sweep_partials(tmp_path)
+    assert sorted(removed) == sorted([staging, aside])
+    assert not staging.exists()
+    assert _versions(tmp_path / "best") == {"old"}  # its writer died between the two renames: put back

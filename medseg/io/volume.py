@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 import time
@@ -115,6 +116,7 @@ def case_stem(path: str | Path) -> str:
 _PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.partial(?:\.[^.]+){0,2}$")
 # Names of partials written before the PID was part of the name (mkstemp's 8 random characters,
 # train's ".best.pt.partial"): removed only when older than ``legacy_age_s``.
+_REPLACED_RE = re.compile(r"^\.(?P<final>.+)\.\d+@[0-9a-f]{6}-[0-9a-f]{8}\.replaced(?:\.[^.]+){0,2}$")
 _LEGACY_PARTIAL_RE = re.compile(r"^\..+\.(?:[0-9a-z_]{8}\.partial(?:\.[^.]+){0,2}|partial)$")
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
 
@@ -149,15 +151,17 @@ def partial_name(final_name: str, *, folder: str | Path = ".", token: str | None
     return f".{head}{tail}"
 
 
-def _create_partial(final: Path) -> Path:
-    """Create an empty temp file beside ``final``; the kernel applies the umask (mode 0666)."""
+def _create_partial(final: Path, *, folder: bool = False) -> Path:
+    """Create an empty temp file (or folder) beside ``final``; the kernel applies the umask."""
     for _ in range(100):
         tmp = final.parent / partial_name(final.name, folder=final.parent)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
         except FileExistsError:
             continue
-        os.close(fd)
         return tmp
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))
 
@@ -229,6 +233,81 @@ def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     _fsync_folder(final.parent)
 
 
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it becomes ``final`` as one unit.
+
+    For outputs that are several files meant to agree (a bundle: weights, config, metadata).
+    An existing ``final`` is swapped with the staging folder in one step (renameat2
+    RENAME_EXCHANGE) and then removed; where the file system cannot exchange, it is renamed
+    aside first (``sweep_partials`` puts it back if the writer dies in between). On any
+    error the staging folder is removed and ``final`` is untouched; a failed write is an
+    ``OutputError`` naming ``final``.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise OutputError(f"{final}: already exists (pass --overwrite to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = _create_partial(final, folder=True)
+    except OSError as exc:
+        raise _write_failure(final, exc) from exc  # type: ignore[misc]
+    try:
+        yield staging
+        _fsync_tree(staging)
+        _move_into_place(staging, final)
+    except BaseException as exc:
+        failure = _write_failure(final, exc)
+        shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise failure from exc
+        raise
+    _fsync_folder(final.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_folder(Path(root))
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    try:
+        _rename_exchange(staging, final)
+    except OSError:
+        # no RENAME_EXCHANGE here: set the old one aside under a name sweep_partials restores from
+        aside = final.parent / partial_name(final.name, folder=final.parent).replace(
+            ".partial", ".replaced", 1
+        )
+        os.rename(final, aside)
+        os.rename(staging, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
+
+
+def _rename_exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError) as exc:
+        raise OSError(errno.ENOSYS, "renameat2 is not available") from exc
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename durable (best effort: some file systems cannot fsync a folder)."""
     with contextlib.suppress(OSError):
@@ -267,9 +346,13 @@ def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: 
     if not folder.is_dir():
         return []
     removed: list[Path] = []
-    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
     now = time.time()
-    for root, _dirs, files in walker:
+    for root, dirs, files in os.walk(folder):
+        for name in list(dirs):  # staging folders of atomic_dir, and folders it set aside
+            path = Path(root) / name
+            if name.startswith(".") and _sweep_folder(path, name, now, legacy_age_s):
+                removed.append(path)
+                dirs.remove(name)
         for name in files:
             path = Path(root) / name
             if not _is_stale_partial(path, name, now, legacy_age_s):
@@ -277,9 +360,28 @@ def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: 
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+        if not recursive:
+            break
     if removed:
         logger.info("removed %d temporary file(s) left by interrupted writes in %s", len(removed), folder)
     return removed
+
+
+def _sweep_folder(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
+    """Remove a dead writer's staging folder; put back a folder it had set aside. True when handled."""
+    aside = _REPLACED_RE.match(name)
+    if aside and _is_stale_partial(path, name.replace(".replaced", ".partial", 1), now, legacy_age_s):
+        final = path.parent / aside.group("final")
+        if not final.exists():
+            os.rename(path, final)  # the writer died between its two renames: the old folder comes back
+            logger.warning("%s: restored from %s, left by an interrupted replacement", final, path.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        return True
+    if _PARTIAL_RE.match(name) and _is_stale_partial(path, name, now, legacy_age_s):
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
 
 
 def _is_stale_partial(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
