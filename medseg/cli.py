@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -198,7 +199,7 @@ def _dataset_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+def _add_dataset_options(commands: Mapping[str, argparse.ArgumentParser]) -> None:
     """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
     for name in ("check", "train", "augment-preview"):
         p = commands[name]
@@ -269,6 +270,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             blend_mode=args.blend_mode,
             cpu_bf16=True if args.cpu_bf16 else None,
             tracker=tracker,
+            max_memory=args.max_memory,
         )
     finally:
         if tracker is not None:
@@ -279,7 +281,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         f"{len(summary.failed)} failed"
     )
     if summary.differing:
-        print(f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them")
+        print(
+            f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them"
+        )
     if summary.report:
         print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
@@ -370,6 +374,15 @@ def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from auto, cpu, cuda, cuda:N)")
     return text
+
+
+def _memory_size(text: str) -> int:
+    from medseg.io.preflight import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _input_path(text: str) -> str:
@@ -575,6 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="memory a case may need, e.g. 8G or 512M: a case whose header says it needs more fails with "
+        "the estimate and the batch goes on (default: half of this machine's memory)",
     )
     p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
     p.add_argument(

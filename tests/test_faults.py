@@ -429,3 +429,59 @@ def test_sweep_removes_dead_staging_folders_and_restores_a_folder_set_aside(tmp_
     assert sorted(removed) == sorted([staging, aside])
     assert not staging.exists()
     assert _versions(tmp_path / "best") == {"old"}  # its writer died between the two renames: put back
+
+
+def test_infer_refuses_a_case_over_max_memory_and_the_batch_goes_on(tmp_path):
+    """The memory preflight in a batch: the absurd case fails with its estimate, the others are written."""
+    import gzip
+
+    import torch
+
+    from medseg.bundle import save_bundle
+    from medseg.config import load_config
+    from medseg.models import build_model
+    from medseg.synthetic import make_case
+    from tests.conftest import run_cli
+
+    cfg = load_config(
+        None,
+        [
+            "labels={0: background, 1: liver}",
+            "preprocess.spacing=[2,2,3]",
+            "preprocess.intensity.window=[-200,300]",
+            "preprocess.intensity.mean=50",
+            "preprocess.intensity.std=100",
+            "model.features=4",
+            "model.depth=2",
+            "train.patch_size=[16,16,16]",
+        ],
+    )
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=2), cfg, {})
+    inputs = tmp_path / "inputs"
+    write_nifti(make_case(0, size=16)[0], inputs / "small.nii.gz")
+    (inputs / "huge.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((32767, 32767, 32767)), 9))
+    proc = run_cli(
+        "infer",
+        "-m",
+        "bundle",
+        "-i",
+        "inputs",
+        "-o",
+        "out",
+        "--max-memory",
+        "4G",
+        "--no-report",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr  # some cases failed
+    assert (tmp_path / "out" / "small_seg.nii.gz").exists()
+    assert not (tmp_path / "out" / "huge_seg.nii.gz").exists()
+    failed = [line for line in proc.stderr.splitlines() if "huge.nii.gz" in line and "FAILED" in line]
+    assert failed, proc.stderr
+    assert "needs about" in failed[0]
+    assert "memory limit of 4.0 GiB" in failed[0]
+    assert "MemoryError" not in proc.stderr
+    bad = run_cli("infer", "-m", "bundle", "-i", "inputs", "-o", "out", "--max-memory", "lots", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "expected a size such as 8G" in bad.stderr
