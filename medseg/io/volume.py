@@ -114,9 +114,10 @@ def case_stem(path: str | Path) -> str:
 # PID lets a later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's
 # file; the host tag keeps a PID of another machine or container (shared folder) from being judged here.
 _PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.partial(?:\.[^.]+){0,2}$")
+# A folder atomic_dir set aside while replacing it (where RENAME_EXCHANGE is missing).
+_REPLACED_RE = re.compile(r"^\.(?P<final>.+)\.\d+@[0-9a-f]{6}-[0-9a-f]{8}\.replaced(?:\.[^.]+){0,2}$")
 # Names of partials written before the PID was part of the name (mkstemp's 8 random characters,
 # train's ".best.pt.partial"): removed only when older than ``legacy_age_s``.
-_REPLACED_RE = re.compile(r"^\.(?P<final>.+)\.\d+@[0-9a-f]{6}-[0-9a-f]{8}\.replaced(?:\.[^.]+){0,2}$")
 _LEGACY_PARTIAL_RE = re.compile(r"^\..+\.(?:[0-9a-z_]{8}\.partial(?:\.[^.]+){0,2}|partial)$")
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
 
@@ -284,14 +285,18 @@ def _move_into_place(staging: Path, final: Path) -> None:
         _rename_exchange(staging, final)
     except OSError:
         # no RENAME_EXCHANGE here: set the old one aside under a name sweep_partials restores from
-        aside = final.parent / partial_name(final.name, folder=final.parent).replace(
-            ".partial", ".replaced", 1
-        )
+        aside = final.parent / _marker(partial_name(final.name, folder=final.parent), ".partial", ".replaced")
         os.rename(final, aside)
         os.rename(staging, final)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
+
+
+def _marker(name: str, old: str, new: str) -> str:
+    """``name`` with its last ``old`` marker (".partial", ".replaced") changed to ``new``."""
+    i = name.rfind(old)
+    return name[:i] + new + name[i + len(old) :]
 
 
 def _rename_exchange(a: Path, b: Path) -> None:
@@ -370,7 +375,7 @@ def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: 
 def _sweep_folder(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
     """Remove a dead writer's staging folder; put back a folder it had set aside. True when handled."""
     aside = _REPLACED_RE.match(name)
-    if aside and _is_stale_partial(path, name.replace(".replaced", ".partial", 1), now, legacy_age_s):
+    if aside and _is_stale_partial(path, _marker(name, ".replaced", ".partial"), now, legacy_age_s):
         final = path.parent / aside.group("final")
         if not final.exists():
             os.rename(path, final)  # the writer died between its two renames: the old folder comes back
