@@ -485,3 +485,14 @@ def test_infer_refuses_a_case_over_max_memory_and_the_batch_goes_on(tmp_path):
     bad = run_cli("infer", "-m", "bundle", "-i", "inputs", "-o", "out", "--max-memory", "lots", cwd=tmp_path)
     assert bad.returncode == 2
     assert "expected a size such as 8G" in bad.stderr
+
+
+def test_multichannel_nifti_claiming_absurd_size_is_refused_from_the_header(tmp_path):
+    import gzip
+
+    from medseg.io.nifti import read_nifti_channels
+
+    path = tmp_path / "channels.nii.gz"
+    path.write_bytes(gzip.compress(_nifti_header_bytes((4096, 4096, 4096, 4)), 9))
+    with pytest.raises(InputError, match=r"4096x4096x4096x4 voxels .* more than the memory limit"):
+        read_nifti_channels(path)
