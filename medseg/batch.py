@@ -46,6 +46,7 @@ from medseg.io import (
     write_nifti,
     write_text_atomic,
 )
+from medseg.io.preflight import preflight_inference
 from medseg.predict import (
     Prediction,
     crf_config,
@@ -81,6 +82,7 @@ class InferOptions:
     save_probabilities: bool = False
     report: bool = False
     overwrite: bool = False
+    max_memory: int | None = None  # bytes a case may need (--max-memory); None = half this machine's memory
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape a mask's content, as its sidecar records them."""
@@ -108,6 +110,7 @@ def resolve_options(
     save_probabilities: bool = False,
     report: bool = False,
     overwrite: bool = False,
+    max_memory: int | None = None,
 ) -> tuple[list[Bundle], InferOptions]:
     """The bundles with the sliding-window overrides applied, and the batch's ``InferOptions``.
 
@@ -130,6 +133,7 @@ def resolve_options(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
     )
     return bundles, options
 
@@ -351,9 +355,17 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     """Load, predict and write one case, the sidecar last; returns the stage timings."""
     t0 = time.perf_counter()
     batch.hook("load", 0, 0)
+    options = batch.options
+    # sized from the header before any voxel is read: a case over the budget fails alone
+    preflight_inference(
+        files.input,
+        batch.bundles,
+        max_memory=options.max_memory,
+        tta=options.tta,
+        save_probabilities=options.save_probabilities,
+    )
     volume = load_volume(files.input)
     timings = {"load_s": time.perf_counter() - t0}
-    options = batch.options
     pred = ensemble_to_source_grid(
         batch.bundles,
         volume,
@@ -553,6 +565,7 @@ def run_inference(
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
     tracker: Tracker | None = None,
+    max_memory: int | None = None,
 ) -> InferenceSummary:
     """Segment every input into ``output_dir``: done cases are skipped unless ``overwrite``, a failing
     case is reported and the batch goes on. Under torchrun each rank takes every WORLD_SIZE-th case.
@@ -561,7 +574,9 @@ def run_inference(
     module docstring. With ``report``, ``report.html`` is rebuilt from every sidecar in the folder at
     the end. With a started ``tracker`` (an MLflow run), per-case stage timings go to it as metrics
     (step = case index) and the report as an artifact. ``progress`` shows cases, the current
-    case's stage and windows with an ETA on a terminal.
+    case's stage and windows with an ETA on a terminal. ``max_memory`` (bytes; None = half this
+    machine's memory) is each case's budget: a case whose header says it needs more
+    (``medseg.io.preflight``) fails with the estimate before any voxel is read.
 
     Raises:
         StoppedError: SIGTERM or SIGINT stopped the batch (after the rollback and the report).
@@ -581,6 +596,7 @@ def run_inference(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
     )
     output_dir = Path(output_dir)
     cases = plan_cases(list(inputs), output_dir, options, bundles[0].labels)
