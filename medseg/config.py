@@ -107,7 +107,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = None  # validations without improvement before stopping
     fold: int | None = None
     num_folds: int = 5
-    amp: bool = True  # mixed precision where it pays: CUDA (bf16, else fp16 + grad scaler); CPU by measurement
+    amp: bool = (
+        True  # mixed precision where it pays: CUDA (bf16, else fp16 + grad scaler); CPU by measurement
+    )
     # auto: CUDA bf16/fp16; CPU bf16 only where measured >= 1.2x faster than fp32 here (medseg.runtime)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cpu_bf16: bool = False  # force bf16 autocast + channels-last 3D on CPU (same as precision=bf16 on CPU)

@@ -153,16 +153,27 @@ class EpochStats:
     samples: int = 0
 
     def partial(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "wait": self.wait, "compute": self.compute, "samples": self.samples}
+        return {
+            "losses": list(self.losses),
+            "wait": self.wait,
+            "compute": self.compute,
+            "samples": self.samples,
+        }
 
     @classmethod
     def from_partial(cls, d: dict[str, Any]) -> EpochStats:
-        return cls(list(d.get("losses", [])), float(d.get("wait", 0.0)), float(d.get("compute", 0.0)),
-                   int(d.get("samples", 0)))
+        return cls(
+            list(d.get("losses", [])),
+            float(d.get("wait", 0.0)),
+            float(d.get("compute", 0.0)),
+            int(d.get("samples", 0)),
+        )
 
 
 def _epoch_record(epoch: int, stats: EpochStats, lr: float, dist: Dist) -> dict[str, float]:
-    gathered = dist.gather((float(np.sum(stats.losses)), len(stats.losses), stats.samples, stats.wait, stats.compute))
+    gathered = dist.gather(
+        (float(np.sum(stats.losses)), len(stats.losses), stats.samples, stats.wait, stats.compute)
+    )
     n = sum(s[1] for s in gathered)
     elapsed = max(max(s[3] + s[4] for s in gathered), 1e-9)
     return {
@@ -294,8 +305,11 @@ class Trainer:
         if len(state.ranks) == self.dist.world:
             self._resume = state.ranks[self.dist.rank]
         else:
-            log.warning("checkpoint was written by %d processes, this run has %d: random streams restart",
-                        len(state.ranks), self.dist.world)
+            log.warning(
+                "checkpoint was written by %d processes, this run has %d: random streams restart",
+                len(state.ranks),
+                self.dist.world,
+            )
         if self.dist.main:
             log.info("resuming %s at epoch %d step %d", self.run_dir, self.epoch + 1, self.step_in_epoch)
             _sync_history(self.tracker, self.history)
@@ -377,8 +391,13 @@ class Trainer:
         n = len(self.loader)
         dice = next((h["val_dice"] for h in reversed(self.history) if "val_dice" in h), None)
         loss = float(np.mean(stats.losses[-n:]))
-        self.bar.update(completed=epoch * n + self.step_in_epoch, epoch=epoch + 1,
-                        epochs=self.cfg.train.epochs, loss=loss, dice=dice)
+        self.bar.update(
+            completed=epoch * n + self.step_in_epoch,
+            epoch=epoch + 1,
+            epochs=self.cfg.train.epochs,
+            loss=loss,
+            dice=dice,
+        )
 
     def _checkpoint_within_epoch(self, epoch: int, epoch_rng: dict[str, Any], stats: EpochStats) -> bool:
         """``timed.pt`` when due by time or steps, or on a stop signal (then stop). True when written."""
@@ -403,12 +422,21 @@ class Trainer:
 
     def _is_val_epoch(self, epoch: int) -> bool:
         done = epoch + 1
-        return self.val_loader is not None and (done % self.cfg.train.val_every == 0 or done == self.cfg.train.epochs)
+        return self.val_loader is not None and (
+            done % self.cfg.train.val_every == 0 or done == self.cfg.train.epochs
+        )
 
     def _validate(self, epoch: int, record: dict[str, float]) -> bool:
         """Validation metrics into ``record``; a new best writes the bundle. True when improved."""
-        rows, first = validate(self.network, self.val_loader or [], self.cfg, self.device, self.label_ids,
-                               precision=self.precision, keep_first=self.dist.main)
+        rows, first = validate(
+            self.network,
+            self.val_loader or [],
+            self.cfg,
+            self.device,
+            self.label_ids,
+            precision=self.precision,
+            keep_first=self.dist.main,
+        )
         rows = [r for rank_rows in self.dist.gather(rows) for r in rank_rows]
         record.update(summarise(rows, self.labels))
         if record["val_dice"] <= self.best:
@@ -416,7 +444,9 @@ class Trainer:
             return False
         self.best, self.stale = record["val_dice"], 0
         if self.dist.main:
-            per_label = {self.labels[k]: record.get(f"val_dice_{self.labels[k]}") for k in self.label_ids if k}
+            per_label = {
+                self.labels[k]: record.get(f"val_dice_{self.labels[k]}") for k in self.label_ids if k
+            }
             self._save_bundle(epoch + 1, per_label)
             if first is not None:
                 _overlay(first, self.run_dir / "overlays" / "val_best.png", self.labels, epoch + 1)
@@ -432,9 +462,16 @@ class Trainer:
             drop(self.ckpt_dir, TIMED)  # older than last.pt now
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
             val = f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-            log.info("epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%)", epoch + 1,
-                     self.cfg.train.epochs, record["train_loss"], val, record["lr"], record["samples_per_s"],
-                     100 * record["data_wait_fraction"])
+            log.info(
+                "epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%)",
+                epoch + 1,
+                self.cfg.train.epochs,
+                record["train_loss"],
+                val,
+                record["lr"],
+                record["samples_per_s"],
+                100 * record["data_wait_fraction"],
+            )
         self._last_ckpt = time.monotonic()
 
     def _early_stop(self) -> bool:
@@ -493,8 +530,14 @@ def _overlay(first: FirstCase, path: Path, labels: dict[int, str], epoch: int) -
 
     window = (float(np.percentile(first.image, 1)), float(np.percentile(first.image, 99)))
     try:
-        overlay_png(Volume(first.image.astype(np.float32), first.affine), first.prediction.astype(np.uint8), path,
-                    labels=labels, window=window, title=f"validation, epoch {epoch}: predicted mask")
+        overlay_png(
+            Volume(first.image.astype(np.float32), first.affine),
+            first.prediction.astype(np.uint8),
+            path,
+            labels=labels,
+            window=window,
+            title=f"validation, epoch {epoch}: predicted mask",
+        )
     except Exception as exc:  # a picture must never stop training
         log.warning("validation overlay not written (%s)", exc)
 
@@ -592,20 +635,32 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepa
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     cfg = make_plan(cfg, fp)
-    train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
-                                         fold=cfg.train.fold, num_folds=cfg.train.num_folds)
+    train_cases, val_cases = split_cases(
+        dataset.training,
+        seed=cfg.seed,
+        val_fraction=cfg.train.val_fraction,
+        fold=cfg.train.fold,
+        num_folds=cfg.train.num_folds,
+    )
     if dist.main:
         summary = plan_summary(cfg, fp)
         log.info("%s", summary)
         write_text_atomic(run_dir / "plan.yaml", dump_config(cfg))
         write_text_atomic(run_dir / "plan.txt", summary + "\n")
-        splits = {"fold": cfg.train.fold, "num_folds": cfg.train.num_folds, "seed": cfg.seed,
-                  "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
+        splits = {
+            "fold": cfg.train.fold,
+            "num_folds": cfg.train.num_folds,
+            "seed": cfg.seed,
+            "train": [c.name for c in train_cases],
+            "val": [c.name for c in val_cases],
+        }
         write_text_atomic(run_dir / "splits.json", json.dumps(splits, indent=2))
     return _Prepared(cfg, fp, train_cases, val_cases)
 
 
-def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist) -> None:
+def _log_run_params(
+    tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist
+) -> None:
     commit = git_commit()
     tracker.log_params(
         {
@@ -625,7 +680,13 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
 
 
 def _train(
-    cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
+    cfg: Config,
+    data_root: Path,
+    out_dir,
+    resume: bool | str,
+    dist: Dist,
+    device: torch.device,
+    stop: StopFlag,
 ) -> TrainResult:
     dataset = load_dataset(data_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
@@ -641,12 +702,26 @@ def _train(
         cfg = prep.cfg
         if state is None:
             _log_run_params(tracker, prep, run_dir, device, dist)
-        meta = {"fingerprint_hash": prep.fp["hash"], "dataset": dataset.root.resolve().name,
-                "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.get("label_volumes_ml", {})}
+        meta = {
+            "fingerprint_hash": prep.fp["hash"],
+            "dataset": dataset.root.resolve().name,
+            "train_cases": len(prep.train_cases),
+            "label_volumes_ml": prep.fp.get("label_volumes_ml", {}),
+        }
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
-        trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
-                          tracker=tracker, meta=meta, stop=stop, state=state)
+        trainer = Trainer(
+            cfg,
+            run_dir,
+            prep.train_cases,
+            prep.val_cases,
+            dist=dist,
+            device=device,
+            tracker=tracker,
+            meta=meta,
+            stop=stop,
+            state=state,
+        )
         history, best = trainer.run()
         status = "FINISHED"
     except (KeyboardInterrupt, StoppedError):
@@ -655,8 +730,14 @@ def _train(
     finally:
         if dist.main:
             _finish(tracker, run_dir, history, cfg, status)
-    return TrainResult(run_dir=run_dir, bundle=run_dir / "bundle", run_id=tracker.run_id, best_dice=best,
-                       history=history, config=cfg)
+    return TrainResult(
+        run_dir=run_dir,
+        bundle=run_dir / "bundle",
+        run_id=tracker.run_id,
+        best_dice=best,
+        history=history,
+        config=cfg,
+    )
 
 
 def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) -> None:

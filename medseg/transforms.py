@@ -226,13 +226,23 @@ def build_augment(
     # rotation and scaling each with its own probability, as the config promises
     if aug.rotate_prob > 0:
         chain.append(
-            RandAffined(keys=keys, prob=aug.rotate_prob, rotate_range=(rot, rot, rot), mode=modes,
-                        padding_mode="border")
+            RandAffined(
+                keys=keys,
+                prob=aug.rotate_prob,
+                rotate_range=(rot, rot, rot),
+                mode=modes,
+                padding_mode="border",
+            )
         )
     if aug.scale_prob > 0:
         chain.append(
-            RandAffined(keys=keys, prob=aug.scale_prob, scale_range=(aug.scale_range,) * 3, mode=modes,
-                        padding_mode="border")
+            RandAffined(
+                keys=keys,
+                prob=aug.scale_prob,
+                scale_range=(aug.scale_range,) * 3,
+                mode=modes,
+                padding_mode="border",
+            )
         )
     if aug.zoom_prob > 0:
         chain.append(

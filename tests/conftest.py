@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "totalsegmentator"
+# ../shared/data beside the repository; MEDSEG_SHARED_DATA points elsewhere (a git worktree, CI)
+SHARED_DATA = (
+    Path(os.environ.get("MEDSEG_SHARED_DATA") or REPO.parent / "shared" / "data") / "totalsegmentator"
+)
 
 
 def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

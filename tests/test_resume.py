@@ -101,8 +101,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
 
 
 def _fake_checkpoint(path, step: int) -> None:
-    state = TrainState(model={}, optimizer={}, scheduler={}, scaler={}, epoch=1, step_in_epoch=0,
-                       global_step=step, best=-1.0, stale=0, history=[], run_id=None, config={}, ranks=[])
+    state = TrainState(
+        model={},
+        optimizer={},
+        scheduler={},
+        scaler={},
+        epoch=1,
+        step_in_epoch=0,
+        global_step=step,
+        best=-1.0,
+        stale=0,
+        history=[],
+        run_id=None,
+        config={},
+        ranks=[],
+    )
     save_state(state, path)
 
 
