@@ -7,6 +7,7 @@ in ``MODELS``; an unknown name fails listing the valid ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,7 +135,7 @@ def _monai_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Mod
     )
 
 
-def _monai_norm(kind: str) -> str | tuple | None:
+def _monai_norm(kind: str) -> Any:
     """medseg's ``model.norm`` in MONAI's terms (instance norm with learnt affine, as nnU-Net)."""
     return {"none": None, "batch": "batch", "instance": ("instance", {"affine": True})}[kind]
 
@@ -251,7 +252,9 @@ def divisor_of(cfg: ModelConfig) -> int:
     return 16 if cfg.name == "basic_unet" else 2**cfg.depth
 
 
-def build_model(cfg: ModelConfig, *, in_channels: int = 1, out_channels: int) -> nn.Module:
+def build_model(cfg: ModelConfig, *, in_channels: int | None = None, out_channels: int) -> nn.Module:
+    """The registered network ``cfg.name``; ``in_channels`` defaults to ``cfg.in_channels`` (planned), else 1."""
+    in_channels = in_channels or cfg.in_channels or 1
     try:
         factory = MODELS[cfg.name]
     except KeyError:

@@ -65,10 +65,19 @@ from medseg.config import Config, dump_config, flatten
 from medseg.data import Dataset, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
+from medseg.io.volume import sweep_partials
+from medseg.locks import exclusive
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
 from medseg.progress import TrainingProgress
-from medseg.runtime import Dist, autocast, channels_last, init_distributed, resolve_precision
+from medseg.runtime import (
+    Dist,
+    autocast,
+    channels_last,
+    init_distributed,
+    resolve_precision,
+    set_memory_format,
+)
 from medseg.tracking import Tracker, git_commit, package_versions
 from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
 from medseg.validation import FirstCase, summarise, validate
@@ -101,7 +110,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signum = signal.SIGTERM
+        self.signum: int = signal.SIGTERM
 
     def set(self, signum: int) -> None:
         self.signum = signum
@@ -153,27 +162,16 @@ class EpochStats:
     samples: int = 0
 
     def partial(self) -> dict[str, Any]:
-        return {
-            "losses": list(self.losses),
-            "wait": self.wait,
-            "compute": self.compute,
-            "samples": self.samples,
-        }
+        return {"losses": list(self.losses), "wait": self.wait, "compute": self.compute, "samples": self.samples}
 
     @classmethod
     def from_partial(cls, d: dict[str, Any]) -> EpochStats:
-        return cls(
-            list(d.get("losses", [])),
-            float(d.get("wait", 0.0)),
-            float(d.get("compute", 0.0)),
-            int(d.get("samples", 0)),
-        )
+        return cls(list(d.get("losses", [])), float(d.get("wait", 0.0)), float(d.get("compute", 0.0)),
+                   int(d.get("samples", 0)))
 
 
 def _epoch_record(epoch: int, stats: EpochStats, lr: float, dist: Dist) -> dict[str, float]:
-    gathered = dist.gather(
-        (float(np.sum(stats.losses)), len(stats.losses), stats.samples, stats.wait, stats.compute)
-    )
+    gathered = dist.gather((float(np.sum(stats.losses)), len(stats.losses), stats.samples, stats.wait, stats.compute))
     n = sum(s[1] for s in gathered)
     elapsed = max(max(s[3] + s[4] for s in gathered), 1e-9)
     return {
@@ -201,8 +199,8 @@ def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _items(cases) -> list[dict[str, str]]:
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+def _items(cases) -> list[dict[str, Any]]:
+    return [c.item() for c in cases]  # image: one path, or one per channel
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -284,7 +282,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
         if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = set_memory_format(self.network, torch.channels_last_3d)
         self.model: torch.nn.Module = self.network
         if self.dist.active:
             ids = [device.index] if device.type == "cuda" else None
@@ -305,11 +303,8 @@ class Trainer:
         if len(state.ranks) == self.dist.world:
             self._resume = state.ranks[self.dist.rank]
         else:
-            log.warning(
-                "checkpoint was written by %d processes, this run has %d: random streams restart",
-                len(state.ranks),
-                self.dist.world,
-            )
+            log.warning("checkpoint was written by %d processes, this run has %d: random streams restart",
+                        len(state.ranks), self.dist.world)
         if self.dist.main:
             log.info("resuming %s at epoch %d step %d", self.run_dir, self.epoch + 1, self.step_in_epoch)
             _sync_history(self.tracker, self.history)
@@ -391,13 +386,8 @@ class Trainer:
         n = len(self.loader)
         dice = next((h["val_dice"] for h in reversed(self.history) if "val_dice" in h), None)
         loss = float(np.mean(stats.losses[-n:]))
-        self.bar.update(
-            completed=epoch * n + self.step_in_epoch,
-            epoch=epoch + 1,
-            epochs=self.cfg.train.epochs,
-            loss=loss,
-            dice=dice,
-        )
+        self.bar.update(completed=epoch * n + self.step_in_epoch, epoch=epoch + 1,
+                        epochs=self.cfg.train.epochs, loss=loss, dice=dice)
 
     def _checkpoint_within_epoch(self, epoch: int, epoch_rng: dict[str, Any], stats: EpochStats) -> bool:
         """``timed.pt`` when due by time or steps, or on a stop signal (then stop). True when written."""
@@ -422,21 +412,12 @@ class Trainer:
 
     def _is_val_epoch(self, epoch: int) -> bool:
         done = epoch + 1
-        return self.val_loader is not None and (
-            done % self.cfg.train.val_every == 0 or done == self.cfg.train.epochs
-        )
+        return self.val_loader is not None and (done % self.cfg.train.val_every == 0 or done == self.cfg.train.epochs)
 
     def _validate(self, epoch: int, record: dict[str, float]) -> bool:
         """Validation metrics into ``record``; a new best writes the bundle. True when improved."""
-        rows, first = validate(
-            self.network,
-            self.val_loader or [],
-            self.cfg,
-            self.device,
-            self.label_ids,
-            precision=self.precision,
-            keep_first=self.dist.main,
-        )
+        rows, first = validate(self.network, self.val_loader or [], self.cfg, self.device, self.label_ids,
+                               precision=self.precision, keep_first=self.dist.main)
         rows = [r for rank_rows in self.dist.gather(rows) for r in rank_rows]
         record.update(summarise(rows, self.labels))
         if record["val_dice"] <= self.best:
@@ -444,9 +425,7 @@ class Trainer:
             return False
         self.best, self.stale = record["val_dice"], 0
         if self.dist.main:
-            per_label = {
-                self.labels[k]: record.get(f"val_dice_{self.labels[k]}") for k in self.label_ids if k
-            }
+            per_label = {self.labels[k]: record.get(f"val_dice_{self.labels[k]}") for k in self.label_ids if k}
             self._save_bundle(epoch + 1, per_label)
             if first is not None:
                 _overlay(first, self.run_dir / "overlays" / "val_best.png", self.labels, epoch + 1)
@@ -462,16 +441,9 @@ class Trainer:
             drop(self.ckpt_dir, TIMED)  # older than last.pt now
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
             val = f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-            log.info(
-                "epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%)",
-                epoch + 1,
-                self.cfg.train.epochs,
-                record["train_loss"],
-                val,
-                record["lr"],
-                record["samples_per_s"],
-                100 * record["data_wait_fraction"],
-            )
+            log.info("epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%)", epoch + 1,
+                     self.cfg.train.epochs, record["train_loss"], val, record["lr"], record["samples_per_s"],
+                     100 * record["data_wait_fraction"])
         self._last_ckpt = time.monotonic()
 
     def _early_stop(self) -> bool:
@@ -530,14 +502,8 @@ def _overlay(first: FirstCase, path: Path, labels: dict[int, str], epoch: int) -
 
     window = (float(np.percentile(first.image, 1)), float(np.percentile(first.image, 99)))
     try:
-        overlay_png(
-            Volume(first.image.astype(np.float32), first.affine),
-            first.prediction.astype(np.uint8),
-            path,
-            labels=labels,
-            window=window,
-            title=f"validation, epoch {epoch}: predicted mask",
-        )
+        overlay_png(Volume(first.image.astype(np.float32), first.affine), first.prediction.astype(np.uint8), path,
+                    labels=labels, window=window, title=f"validation, epoch {epoch}: predicted mask")
     except Exception as exc:  # a picture must never stop training
         log.warning("validation overlay not written (%s)", exc)
 
@@ -578,7 +544,8 @@ def _run_name(data_root: Path, cfg: Config) -> str:
 
 def _resume_state(cfg: Config, run_dir: Path, resume: bool | str, dist: Dist) -> TrainState | None:
     """The checkpoint to continue from (rank 0 decides, every rank loads the same file)."""
-    found, problem = None, None
+    found: tuple[Path, TrainState] | None = None
+    problem: MedsegError | None = None
     if dist.main:
         try:
             if resume:
@@ -631,36 +598,24 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepa
         if fp_path.exists():
             fp = json.loads(fp_path.read_text())
         else:
-            fp = fingerprint(dataset, seed=cfg.seed)
+            fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     cfg = make_plan(cfg, fp)
-    train_cases, val_cases = split_cases(
-        dataset.training,
-        seed=cfg.seed,
-        val_fraction=cfg.train.val_fraction,
-        fold=cfg.train.fold,
-        num_folds=cfg.train.num_folds,
-    )
+    train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
+                                         fold=cfg.train.fold, num_folds=cfg.train.num_folds)
     if dist.main:
         summary = plan_summary(cfg, fp)
         log.info("%s", summary)
         write_text_atomic(run_dir / "plan.yaml", dump_config(cfg))
         write_text_atomic(run_dir / "plan.txt", summary + "\n")
-        splits = {
-            "fold": cfg.train.fold,
-            "num_folds": cfg.train.num_folds,
-            "seed": cfg.seed,
-            "train": [c.name for c in train_cases],
-            "val": [c.name for c in val_cases],
-        }
+        splits = {"fold": cfg.train.fold, "num_folds": cfg.train.num_folds, "seed": cfg.seed,
+                  "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
         write_text_atomic(run_dir / "splits.json", json.dumps(splits, indent=2))
     return _Prepared(cfg, fp, train_cases, val_cases)
 
 
-def _log_run_params(
-    tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist
-) -> None:
+def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist) -> None:
     commit = git_commit()
     tracker.log_params(
         {
@@ -680,48 +635,42 @@ def _log_run_params(
 
 
 def _train(
-    cfg: Config,
-    data_root: Path,
-    out_dir,
-    resume: bool | str,
-    dist: Dist,
-    device: torch.device,
-    stop: StopFlag,
+    cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
 ) -> TrainResult:
-    dataset = load_dataset(data_root)
+    dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
+    if not dist.main:
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+    # one run per folder: a second one is refused (naming the holder) before it touches anything
+    with exclusive(run_dir, what="training run"):
+        sweep_partials(run_dir)  # temp files of writes a killed run left behind
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+
+
+def _train_locked(
+    cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
+    stop: StopFlag,
+) -> TrainResult:
+    data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
     if state is not None and state.config:
         # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now
         cfg = Config.model_validate(state.config)
     tracker = _start_tracking(cfg, data_root, state, dist)
-    status, history, best = "FAILED", [], -1.0
+    status, best = "FAILED", -1.0
+    history: list[dict[str, float]] = []
     try:
         prep = _prepare(cfg, dataset, run_dir, dist)
         cfg = prep.cfg
         if state is None:
             _log_run_params(tracker, prep, run_dir, device, dist)
-        meta = {
-            "fingerprint_hash": prep.fp["hash"],
-            "dataset": dataset.root.resolve().name,
-            "train_cases": len(prep.train_cases),
-            "label_volumes_ml": prep.fp.get("label_volumes_ml", {}),
-        }
+        meta = {"fingerprint_hash": prep.fp["hash"], "dataset": dataset.root.resolve().name,
+                "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.get("label_volumes_ml", {})}
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
-        trainer = Trainer(
-            cfg,
-            run_dir,
-            prep.train_cases,
-            prep.val_cases,
-            dist=dist,
-            device=device,
-            tracker=tracker,
-            meta=meta,
-            stop=stop,
-            state=state,
-        )
+        trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
+                          tracker=tracker, meta=meta, stop=stop, state=state)
         history, best = trainer.run()
         status = "FINISHED"
     except (KeyboardInterrupt, StoppedError):
@@ -730,14 +679,8 @@ def _train(
     finally:
         if dist.main:
             _finish(tracker, run_dir, history, cfg, status)
-    return TrainResult(
-        run_dir=run_dir,
-        bundle=run_dir / "bundle",
-        run_id=tracker.run_id,
-        best_dice=best,
-        history=history,
-        config=cfg,
-    )
+    return TrainResult(run_dir=run_dir, bundle=run_dir / "bundle", run_id=tracker.run_id, best_dice=best,
+                       history=history, config=cfg)
 
 
 def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) -> None:
@@ -752,9 +695,5 @@ def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) 
             tracker.log_artifact(run_dir / "overlays", "overlays")
         if bundle_dir.exists():
             tracker.log_artifact(bundle_dir, "bundle")
-            if tracker.enabled and cfg.tracking.log_model:
-                from medseg.bundle import load_bundle
-
-                patch = [1, 1, *[int(p) for p in cfg.train.patch_size or ()]]
-                tracker.log_model(load_bundle(bundle_dir).network, np.zeros(patch, dtype=np.float32))
+            tracker.log_bundle_model(bundle_dir)  # the whole pipeline as a pyfunc; registered/aliased per config
     tracker.end(status)

@@ -44,9 +44,7 @@ def _case_metrics(
             tolerance_mm=cfg.train.surface_dice_tolerance_mm,
         )
     except Exception as exc:  # a metric must not stop training, nor vanish silently
-        log.warning(
-            "validation: surface metrics failed on a case (%s: %s); Dice only", type(exc).__name__, exc
-        )
+        log.warning("validation: surface metrics failed on a case (%s: %s); Dice only", type(exc).__name__, exc)
         return {f"dice_{k}": v for k, v in dice_per_label(pred, ref, label_ids).items()}
 
 

@@ -84,8 +84,6 @@ def test_norm_none_means_no_normalisation_or_is_refused(name):
     except ConfigError as exc:
         message = str(exc)
     else:
-        assert not any("Norm" in type(m).__name__ for m in net.modules()), (
-            f"{name}: norm=none still normalises"
-        )
+        assert not any("Norm" in type(m).__name__ for m in net.modules()), f"{name}: norm=none still normalises"
         return
     assert "model.norm" in message
