@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.io import find_inputs, load_label, load_volume, mask_path, read_nifti, write_mask
+from medseg.io import find_inputs, is_dicom_input, load_label, load_volume, mask_path, read_nifti, write_mask
 from medseg.io.nifti import read_label_names
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -130,6 +130,9 @@ def test_find_inputs_lists_nrrd_metaimage_and_zips_but_not_dot_files(tmp_path, r
     (tmp_path / "e.zip").write_bytes(b"")
     names = [p.name for p in find_inputs([tmp_path])]
     assert names == ["a.nrrd", "b.mha", "c.mhd", "d.nii.gz", "e.zip"]  # c.raw is c.mhd's data
+    # what a DICOM SEG or RTSTRUCT can reference
+    assert [is_dicom_input(tmp_path / n) for n in names] == [False, False, False, False, True]
+    assert is_dicom_input(tmp_path)
 
 
 @pytest.mark.parametrize("problem", ["truncated", "vector", "2d"])
