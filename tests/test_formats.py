@@ -57,7 +57,9 @@ def test_sitk_formats_read_with_the_geometry_nifti_gives(tmp_path, rng, suffix):
     np.testing.assert_allclose(volume.affine[:3, 3], np.array(image.GetOrigin()) * [-1, -1, 1])
 
 
-@pytest.mark.parametrize(("suffix", "mask_suffix"), [(".nrrd", ".nrrd"), (".mha", ".mha"), (".mhd", ".mha")])
+@pytest.mark.parametrize(
+    ("suffix", "mask_suffix"), [(".nrrd", ".nrrd"), (".nhdr", ".nrrd"), (".mha", ".mha"), (".mhd", ".mha")]
+)
 def test_mask_written_in_the_input_format_has_its_exact_grid(tmp_path, rng, suffix, mask_suffix):
     image = oblique_image(rng)
     source = tmp_path / f"case_7{suffix}"
