@@ -315,3 +315,18 @@ def test_infer_on_nrrd_metaimage_and_a_zipped_study(tmp_path):
     from_zip, from_folder = nib.load(dcm / "study_seg.nii.gz"), nib.load(dcm / "case_002_seg.nii.gz")
     np.testing.assert_array_equal(from_zip.affine, from_folder.affine)
     np.testing.assert_array_equal(np.asarray(from_zip.dataobj), np.asarray(from_folder.dataobj))
+
+
+def test_convert_reads_a_zipped_study_and_a_nrrd(tmp_path, rng):
+    from tests.conftest import run_cli
+
+    _study(tmp_path / "study")
+    _zip(tmp_path / "study", tmp_path / "study.zip")
+    sitk.WriteImage(oblique_image(rng), str(tmp_path / "scan.nrrd"))
+    run_cli("convert", "study.zip", "study.nii.gz", cwd=tmp_path, check=True)
+    run_cli("convert", "scan.nrrd", "scan.nii.gz", cwd=tmp_path, check=True)
+    study = load_volume(tmp_path / "study")
+    np.testing.assert_allclose(read_nifti(tmp_path / "study.nii.gz").affine, study.affine, atol=1e-6)
+    np.testing.assert_array_equal(read_nifti(tmp_path / "study.nii.gz").array, study.array)
+    scan = load_volume(tmp_path / "scan.nrrd")
+    np.testing.assert_allclose(read_nifti(tmp_path / "scan.nii.gz").affine, scan.affine, atol=1e-6)
