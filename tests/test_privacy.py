@@ -234,3 +234,29 @@ def test_convert_with_debug_logging_shows_no_name(tmp_path):
     proc = run_cli("-v", "convert", "series", "out.nii.gz", cwd=tmp_path, check=True)
     leaks = _findings((proc.stdout + proc.stderr).encode(), "convert", _name_needles(NAME_FORMS["no carets"]))
     assert not leaks, leaks
+
+
+def test_scrubbed_blocks_in_threads_restore_the_library_loggers():
+    """Concurrent reads (MONAI caches datasets with a thread pool) leave pydicom's logger as it was."""
+    import logging
+    import threading
+
+    from medseg.io.privacy import scrubbed_messages
+
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom")]
+    before = [(lg.propagate, list(lg.handlers)) for lg in loggers]
+    barrier = threading.Barrier(4)
+
+    def work():
+        with scrubbed_messages(where="t"):
+            barrier.wait(timeout=30)
+            logging.getLogger("pydicom").warning("Invalid value for VR PN: 'DOE JOHN'")
+            with scrubbed_messages(where="nested"):
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [(lg.propagate, list(lg.handlers)) for lg in loggers] == before
