@@ -330,3 +330,110 @@ def test_convert_reads_a_zipped_study_and_a_nrrd(tmp_path, rng):
     np.testing.assert_array_equal(read_nifti(tmp_path / "study.nii.gz").array, study.array)
     scan = load_volume(tmp_path / "scan.nrrd")
     np.testing.assert_allclose(read_nifti(tmp_path / "scan.nii.gz").affine, scan.affine, atol=1e-6)
+
+
+# ---- the batch writer: --output-format, label tables, --series, --dicom-seg and --rtstruct on a zip ----
+
+
+def _untrained_bundle(tmp_path):
+    import torch
+
+    from medseg.bundle import load_bundle, save_bundle
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+    from tests.test_batch import TINY as BATCH_TINY
+
+    cfg = config_from_dict(BATCH_TINY)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=4), cfg, {})
+    return load_bundle(tmp_path / "bundle")
+
+
+def test_batch_writes_masks_in_the_input_format_with_label_tables(tmp_path, rng):
+    import json
+
+    from medseg.batch import run_inference
+    from medseg.io.labeltables import label_table_paths
+    from medseg.synthetic import make_case
+
+    bundle = _untrained_bundle(tmp_path)
+    image, _ = make_case(3, size=24, orientation="oblique")
+    (tmp_path / "in").mkdir()
+    from medseg.io import write_nifti
+
+    write_nifti(image, tmp_path / "in" / "c.nii.gz", dtype="int16")
+    as_sitk = sitk.ReadImage(str(tmp_path / "in" / "c.nii.gz"))
+    sitk.WriteImage(as_sitk, str(tmp_path / "in" / "a.nrrd"))
+    sitk.WriteImage(as_sitk, str(tmp_path / "in" / "b.mha"))
+    out = tmp_path / "out"
+    summary = run_inference([bundle], [tmp_path / "in"], out, output_format="input")
+    assert sorted(p.name for p in summary.written) == ["a_seg.nrrd", "b_seg.mha", "c_seg.nii.gz"]
+    reference = np.asarray(nib.load(out / "c_seg.nii.gz").dataobj)
+    assert read_label_names(out / "c_seg.nii.gz") == bundle.labels
+    for name, suffix in (("a", "nrrd"), ("b", "mha")):
+        mask, given = (
+            sitk.ReadImage(str(out / f"{name}_seg.{suffix}")),
+            sitk.ReadImage(str(tmp_path / "in" / f"{name}.{suffix}")),
+        )
+        assert mask.GetSize() == given.GetSize()
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(given, get)(), rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mask).transpose(2, 1, 0), reference)
+        sidecar = json.loads((out / f"{name}_seg.json").read_text())
+        tables = [p.name for p in label_table_paths(out / f"{name}_seg.{suffix}")]
+        assert sidecar["outputs"][:3] == [f"{name}_seg.{suffix}", *tables]
+        assert all((out / t).is_file() for t in tables)
+    # a second run finds every case done (the NRRD/MetaImage masks and tables count as outputs)
+    again = run_inference([bundle], [tmp_path / "in"], out, output_format="input")
+    assert (len(again.written), len(again.skipped)) == (0, 3)
+    # and the masks are never taken as inputs
+    from medseg.io import find_inputs
+
+    assert [p.name for p in find_inputs([out])] == []
+
+
+def test_batch_on_a_zipped_study_with_series_seg_and_rtstruct(tmp_path):
+    import json
+
+    import highdicom as hd
+    import pydicom
+
+    from medseg.batch import run_inference
+    from medseg.io import uid_hash
+    from tests.test_rtstruct import dice, rasterise
+
+    bundle = _untrained_bundle(tmp_path)
+    _study(tmp_path / "study")
+    _zip(tmp_path / "study", tmp_path / "study.zip")
+    other_uid = pydicom.dcmread(next((tmp_path / "study" / "SE2").iterdir())).SeriesInstanceUID
+    options = {"dicom_seg": True, "rtstruct": True}
+    zipped = run_inference([bundle], [tmp_path / "study.zip"], tmp_path / "z", **options)
+    folder = run_inference(
+        [bundle], [tmp_path / "study" / "SE1"], tmp_path / "f", **options
+    )  # its main series
+    assert [p.name for p in zipped.written] == ["study_seg.nii.gz"]
+    assert [p.name for p in folder.written] == ["SE1_seg.nii.gz"]
+    from_zip = np.asarray(nib.load(tmp_path / "z" / "study_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(from_zip, np.asarray(nib.load(tmp_path / "f" / "SE1_seg.nii.gz").dataobj))
+    assert from_zip.any()
+    sidecar = json.loads((tmp_path / "z" / "study_seg.json").read_text())
+    assert {"study_seg.dcm", "study_seg_rtstruct.dcm"} <= set(sidecar["outputs"])
+    assert sidecar["series"]["n_slices"] == 7
+    assert sidecar["series"]["description"] == "main"
+    seg = hd.seg.segread(tmp_path / "z" / "study_seg.dcm")
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "medseg classic_unet"
+    assert len(algorithm.AlgorithmVersion) == 12  # the bundle's content hash
+    filled = rasterise(tmp_path / "z" / "study_seg_rtstruct.dcm", tmp_path / "study" / "SE1")
+    for value, name in bundle.labels.items():
+        if value and (from_zip == value).sum() > 0:
+            assert dice(filled[name], from_zip == value) >= 0.95
+    # --series: the other series of the same zip, recorded in the sidecar
+    picked = run_inference(
+        [bundle], [tmp_path / "study.zip"], tmp_path / "s", series=uid_hash(other_uid), **options
+    )
+    assert [p.name for p in picked.written] == ["study_seg.nii.gz"]
+    sidecar = json.loads((tmp_path / "s" / "study_seg.json").read_text())
+    assert sidecar["series"] == {"uid_hash": uid_hash(other_uid), "description": "other", "n_slices": 3}
+    assert sidecar["options"]["series"] == uid_hash(other_uid)
+    assert nib.load(tmp_path / "s" / "study_seg.nii.gz").shape[2] == 3
