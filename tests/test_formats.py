@@ -298,20 +298,49 @@ def test_infer_on_nrrd_metaimage_and_a_zipped_study(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "b.mha"))
     _zip(tmp_path / "data" / "dicom" / "case_002", tmp_path / "study.zip")
     files = ["a.nrrd", "b.mha", "data/imagesTs/case_002.nii.gz"]
-    run_cli("infer", "--model", "run/bundle", "--input", *files, "--output", "pred", cwd=tmp_path, check=True)
+    infer = [
+        "infer",
+        "--model",
+        "run/bundle",
+        "--output-format",
+        "input",
+        "--input",
+        *files,
+        "--output",
+        "pred",
+    ]
+    run_cli(*infer, cwd=tmp_path, check=True)
     studies = ["study.zip", "data/dicom/case_002"]
-    run_cli(
-        "infer", "--model", "run/bundle", "--input", *studies, "--output", "dcm", cwd=tmp_path, check=True
-    )
+    infer = [
+        "infer",
+        "--model",
+        "run/bundle",
+        "--dicom-seg",
+        "--rtstruct",
+        "--input",
+        *studies,
+        "--output",
+        "dcm",
+    ]
+    run_cli(*infer, cwd=tmp_path, check=True)
     pred, dcm = tmp_path / "pred", tmp_path / "dcm"
     nifti_mask = nib.load(pred / "case_002_seg.nii.gz")
     assert np.asarray(nifti_mask.dataobj).any()  # the model found something to compare
-    for name in ("a", "b"):
-        source = load_volume(tmp_path / f"{name}.{'nrrd' if name == 'a' else 'mha'}")
-        mask = nib.load(pred / f"{name}_seg.nii.gz")
-        assert mask.shape == source.shape
-        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(nifti_mask.dataobj))
+    for name, suffix in (("a", "nrrd"), ("b", "mha")):
+        mask, given = (
+            sitk.ReadImage(str(pred / f"{name}_seg.{suffix}")),
+            sitk.ReadImage(str(tmp_path / f"{name}.{suffix}")),
+        )
+        assert mask.GetSize() == given.GetSize()
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(given, get)(), rtol=0, atol=1e-9)
+        voxels = sitk.GetArrayFromImage(mask).transpose(2, 1, 0)
+        np.testing.assert_array_equal(voxels, np.asarray(nifti_mask.dataobj))
+        assert (pred / f"{name}_seg.ctbl").is_file()
+        assert (pred / f"{name}_seg.itksnap.txt").is_file()
+    for stem in ("study", "case_002"):
+        assert (dcm / f"{stem}_seg.dcm").is_file()
+        assert (dcm / f"{stem}_seg_rtstruct.dcm").is_file()
     from_zip, from_folder = nib.load(dcm / "study_seg.nii.gz"), nib.load(dcm / "case_002_seg.nii.gz")
     np.testing.assert_array_equal(from_zip.affine, from_folder.affine)
     np.testing.assert_array_equal(np.asarray(from_zip.dataobj), np.asarray(from_folder.dataobj))
