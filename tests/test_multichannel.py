@@ -25,7 +25,7 @@ from medseg.models import build_model
 from medseg.plan import channel_kind, make_plan
 from medseg.synthetic import make_dataset, make_mr_case
 from medseg.transforms import build_augment, build_preprocess
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _volume(rng, shape=(10, 9, 8), spacing=(1.5, 1.2, 2.0), offset=0.0) -> Volume:

@@ -187,6 +187,7 @@ def read_nifti_channels(path: str | Path) -> list[Volume]:
         warnings.simplefilter("always")
         img = nib.load(str(path))
         _check_transform(path, img)
+        _check_size(path, img, None)  # the memory preflight read_nifti applies, for all channels
         dtype = img.get_data_dtype()
         if dtype.kind not in "iuf" or dtype.fields is not None:
             raise InputError(path, f"voxel type {dtype} is not a scalar image")
