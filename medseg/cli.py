@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger("medseg")
 
@@ -123,7 +123,7 @@ def _ts_name(uid: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
-    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -135,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
     scan = None
-    if not (source.is_file() and is_nifti(source)):
+    if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
         info = select_series(scan, source, args.series)
         if len(scan.series) > 1:
@@ -170,6 +170,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.register:
+        overrides.append(f"tracking.registered_model_name={args.register}")
+    if args.alias:
+        if not args.register:
+            raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
+        overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -275,6 +281,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for path, reason in summary.failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "monai-bundle":
+        from medseg.monai_bundle import export_monai_bundle
+
+        out = export_monai_bundle(args.model, args.output)
+        print(f"monai-bundle: {out}")
+        print(
+            f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json "
+            f"--bundle_root {out} --dataset_dir IMAGES --output_dir MASKS"
+        )
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -461,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the logged MLflow model as a new version of NAME (default: not registered)",
+    )
+    p.add_argument(
+        "--alias",
+        metavar="ALIAS",
+        help="point ALIAS (e.g. champion) of the registered model at the new version: models:/NAME@ALIAS",
+    )
     p.set_defaults(func=cmd_train)
 
     p = command("augment-preview", "picture of augmented training patches with their labels")
@@ -544,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=_bounded(float, low=0.0), default=2.0, help="surface Dice tolerance in mm"
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("export", "export a bundle for other tools: a MONAI bundle that runs with MONAI alone")
+    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
+    p.add_argument("--format", required=True, choices=["monai-bundle"], help="what to write")
+    p.add_argument("-o", "--output", required=True, help="new folder for the MONAI bundle")
+    p.set_defaults(func=cmd_export)
     _add_dataset_options(sub.choices)
     return parser
 

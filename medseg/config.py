@@ -256,7 +256,8 @@ class TrackingConfig(_Strict):
     experiment: str = "medseg"
     run_name: str | None = None
     log_model: bool = True
-    registered_model_name: str | None = None
+    registered_model_name: str | None = None  # the logged model gets a new version of this registered model
+    alias: str | None = None  # and this alias (e.g. "champion") points at that version
     http_timeout_s: int = Field(20, ge=1)  # per HTTP call to a tracking server (MLflow's default is 120)
     http_retries: int = Field(
         2, ge=0, le=20

@@ -65,6 +65,8 @@ from medseg.config import Config, dump_config, flatten
 from medseg.data import Dataset, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
+from medseg.io.volume import sweep_partials
+from medseg.locks import exclusive
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
 from medseg.progress import TrainingProgress
@@ -638,6 +640,19 @@ def _train(
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
+    if not dist.main:
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+    # one run per folder: a second one is refused (naming the holder) before it touches anything
+    with exclusive(run_dir, what="training run"):
+        sweep_partials(run_dir)  # temp files of writes a killed run left behind
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+
+
+def _train_locked(
+    cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
+    stop: StopFlag,
+) -> TrainResult:
+    data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
     if state is not None and state.config:
         # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now
@@ -680,9 +695,5 @@ def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) 
             tracker.log_artifact(run_dir / "overlays", "overlays")
         if bundle_dir.exists():
             tracker.log_artifact(bundle_dir, "bundle")
-            if tracker.enabled and cfg.tracking.log_model:
-                from medseg.bundle import load_bundle
-
-                patch = [1, 1, *[int(p) for p in cfg.train.patch_size or ()]]
-                tracker.log_model(load_bundle(bundle_dir).network, np.zeros(patch, dtype=np.float32))
+            tracker.log_bundle_model(bundle_dir)  # the whole pipeline as a pyfunc; registered/aliased per config
     tracker.end(status)

@@ -12,14 +12,12 @@ from tests.helpers import REPO, REQUIRE_SHARED_DATA, SHARED_DATA, run_cli  # noq
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Tests never write to the user's mlflow.db: each gets its own store in tmp."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # MLflow also keeps a process-wide URI (set_tracking_uri) that would outlive a test and shadow the
-    # variable above: clear it, so that each test's environment decides.
-    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+    """Tests never write to the user's mlflow.db or bundle cache: each gets its own in tmp.
 
-    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
+    medseg never sets MLflow's process-wide tracking URI, so the variable decides for every test.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import math
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -247,16 +249,49 @@ def _as_label(path: Path, data: np.ndarray) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+# Label names ride in the NIfTI header as a JSON comment extension (code 6): nibabel, ITK and
+# FSL readers skip extensions they do not know, so the file stays an ordinary NIfTI.
+LABELS_EXTENSION_KEY = "medseg_labels"
+
+
 def write_nifti(
-    volume: Volume, path: str | Path, *, overwrite: bool = True, dtype: str | None = None
+    volume: Volume,
+    path: str | Path,
+    *,
+    overwrite: bool = True,
+    dtype: str | None = None,
+    labels: Mapping[int, str] | None = None,
 ) -> Path:
-    """Write atomically; the stored sform and qform both equal ``volume.affine``."""
+    """Write atomically; the stored sform and qform both equal ``volume.affine``.
+
+    With ``labels`` (value -> name) the names are embedded as a JSON comment header extension
+    (see ``read_label_names``), so a mask that travels alone still says what its values mean.
+    """
     path = Path(path)
     array = volume.array if dtype is None else volume.array.astype(dtype)
     img = nib.Nifti1Image(array, volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
+    if labels:
+        payload = {LABELS_EXTENSION_KEY: {str(int(k)): str(v) for k, v in sorted(labels.items())}}
+        text = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text))
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(img, str(tmp))
     return path
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """The label names embedded by ``write_nifti(..., labels=...)``; empty when there are none."""
+    img = nib.load(str(path))
+    for ext in img.header.extensions:
+        if ext.get_code() != 6:
+            continue
+        try:
+            payload = json.loads(ext.get_content().rstrip(b"\0").decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get(LABELS_EXTENSION_KEY), dict):
+            return {int(k): str(v) for k, v in payload[LABELS_EXTENSION_KEY].items()}
+    return {}
