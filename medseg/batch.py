@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from medseg.data import group_channel_inputs, load_input_channels
 from medseg.errors import InputError, MedsegError, StoppedError
 from medseg.io import (
     Volume,
@@ -40,7 +41,6 @@ from medseg.io import (
     case_stem,
     find_inputs,
     is_nifti,
-    load_volume,
     sidecar_fields,
     write_dicom_seg,
     write_nifti,
@@ -81,6 +81,8 @@ class InferOptions:
     save_probabilities: bool = False
     report: bool = False
     overwrite: bool = False
+    series: tuple[str, ...] = ()  # DICOM series to read: one, or one per channel in channel order
+    resample_channels: bool = False  # channels off the first one's grid are resampled onto it
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape a mask's content, as its sidecar records them."""
@@ -108,6 +110,8 @@ def resolve_options(
     save_probabilities: bool = False,
     report: bool = False,
     overwrite: bool = False,
+    series: list[str] | None = None,
+    resample_channels: bool = False,
 ) -> tuple[list[Bundle], InferOptions]:
     """The bundles with the sliding-window overrides applied, and the batch's ``InferOptions``.
 
@@ -130,6 +134,8 @@ def resolve_options(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        series=tuple(series or ()),
+        resample_channels=resample_channels or cfg.preprocess.resample_channels,
     )
     return bundles, options
 
@@ -144,21 +150,29 @@ class CaseFiles:
     probabilities: tuple[Path, ...] = ()
     dicom_seg: Path | None = None
     qc_overlay: Path | None = None  # report material (see the module docstring)
+    channels: tuple[Path, ...] = ()  # a case given as one file per channel (input is the first)
 
     def owed(self) -> list[Path]:
         """Every output the case owes but the sidecar, in the order they are written."""
         return [self.mask, *self.probabilities, *([self.dicom_seg] if self.dicom_seg else [])]
 
 
-def mask_path(output_dir: Path, input_path: Path) -> Path:
-    return output_dir / f"{case_stem(input_path)}_seg.nii.gz"
+def mask_path(output_dir: Path, input_path: Path, stem: str | None = None) -> Path:
+    return output_dir / f"{stem or case_stem(input_path)}_seg.nii.gz"
 
 
 def case_files(
-    output_dir: Path, input_path: Path, options: InferOptions, labels: dict[int, str]
+    output_dir: Path,
+    input_path: Path,
+    options: InferOptions,
+    labels: dict[int, str],
+    *,
+    channels: tuple[Path, ...] = (),
+    stem: str | None = None,
 ) -> CaseFiles:
-    """Where each output of ``input_path`` goes (see the module docstring for the names)."""
-    mask = mask_path(output_dir, input_path)
+    """Where each output of ``input_path`` goes (see the module docstring for the names); a case
+    given as ``channels`` (``CASE_0000`` .. files) is named ``stem`` (``CASE``)."""
+    mask = mask_path(output_dir, input_path, stem)
     stem = case_stem(mask)
     probabilities: tuple[Path, ...] = ()
     if options.save_probabilities:
@@ -174,6 +188,7 @@ def case_files(
         probabilities=probabilities,
         dicom_seg=output_dir / f"{stem}.dcm" if options.dicom_seg and dicom_input else None,
         qc_overlay=output_dir / f"{stem}_qc.png",
+        channels=channels,
     )
 
 
@@ -324,7 +339,7 @@ def _draw_missing_overlay(batch: _Batch, files: CaseFiles) -> None:
     if files.qc_overlay is None or files.qc_overlay.is_file():
         return
     try:
-        volume = load_volume(files.input)
+        volume = _load_case(batch, files)[0]
         mask = load_label(files.mask, image=volume)
         tta = (read_sidecar(files.sidecar) or {}).get("tta_disagreement")
         _write_qc(batch, files, volume, mask, tta, [])
@@ -347,16 +362,29 @@ def _write_outputs(
         log.warning("%s: no DICOM SEG written: DICOM SEG needs a DICOM series as input", files.input.name)
 
 
+def _load_case(batch: _Batch, files: CaseFiles) -> list[Volume]:
+    """The case's image channels (one, or the model's ``in_channels``), on one grid."""
+    cfg = batch.bundles[0].config
+    return load_input_channels(
+        files.channels or [files.input],
+        n_channels=cfg.model.in_channels or 1,
+        series=batch.options.series,
+        resample=batch.options.resample_channels,
+        channel_names=[c.name or str(i) for i, c in enumerate(cfg.preprocess.channels or [])],
+    )
+
+
 def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[str, float]:
     """Load, predict and write one case, the sidecar last; returns the stage timings."""
     t0 = time.perf_counter()
     batch.hook("load", 0, 0)
-    volume = load_volume(files.input)
+    channels = _load_case(batch, files)
+    volume = channels[0]
     timings = {"load_s": time.perf_counter() - t0}
     options = batch.options
     pred = ensemble_to_source_grid(
         batch.bundles,
-        volume,
+        channels,
         device=options.device,
         tta=options.tta,
         crf=crf_config(batch.bundles[0], options.crf),
@@ -478,19 +506,29 @@ def check_output_folder(inputs: list[str | Path], output_dir: str | Path) -> Non
 
 
 def plan_cases(
-    inputs: list[str | Path], output_dir: Path, options: InferOptions, labels: dict[int, str]
+    inputs: list[str | Path],
+    output_dir: Path,
+    options: InferOptions,
+    labels: dict[int, str],
+    *,
+    n_channels: int = 1,
 ) -> list[CaseFiles]:
     """The cases of a batch, in input order, after refusing what would write over an input:
     an output folder equal to or inside an input folder, two inputs with one output name, an
     output path that is an input."""
     check_output_folder(inputs, output_dir)
-    paths = find_inputs(list(inputs))
+    # --series once per channel: each input is one study (its series folders are not separate cases)
+    paths = [Path(p) for p in inputs] if len(options.series) > 1 else find_inputs(list(inputs))
     if not paths:
         raise InputError(None, "no inputs to segment")
     resolved_inputs = {p.resolve() for p in paths}
     cases: dict[Path, CaseFiles] = {}
-    for path in paths:
-        files = case_files(output_dir, path, options, labels)
+    # a model taking several channels: CASE_0000 .. CASE_000N files are one case (a 4D file is one)
+    for stem, group in group_channel_inputs(paths, n_channels):
+        path = group[0]
+        files = case_files(
+            output_dir, path, options, labels, channels=tuple(group) if len(group) > 1 else (), stem=stem
+        )
         if files.mask in cases:
             raise InputError(
                 path,
@@ -553,6 +591,8 @@ def run_inference(
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
     tracker: Tracker | None = None,
+    series: list[str] | None = None,
+    resample_channels: bool = False,
 ) -> InferenceSummary:
     """Segment every input into ``output_dir``: done cases are skipped unless ``overwrite``, a failing
     case is reported and the batch goes on. Under torchrun each rank takes every WORLD_SIZE-th case.
@@ -581,9 +621,17 @@ def run_inference(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        series=series,
+        resample_channels=resample_channels,
     )
     output_dir = Path(output_dir)
-    cases = plan_cases(list(inputs), output_dir, options, bundles[0].labels)
+    cases = plan_cases(
+        list(inputs),
+        output_dir,
+        options,
+        bundles[0].labels,
+        n_channels=bundles[0].config.model.in_channels or 1,
+    )
     rank, world = rank_and_world()
     if world > 1:
         cases = cases[rank::world]

@@ -213,6 +213,19 @@ def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
             action="store_true",
             help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
         )
+    p = commands["infer"]
+    p.add_argument(
+        "--series",
+        action="append",
+        metavar="UID",
+        help="DICOM series to segment (UID or hash); once per channel, in channel order, for a "
+        "multi-channel model",
+    )
+    p.add_argument(
+        "--resample-channels",
+        action="store_true",
+        help="resample a case's channels onto its first channel's grid (default: refuse a mismatch)",
+    )
     p = commands["synth"]
     p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
     p.add_argument(
@@ -269,6 +282,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             blend_mode=args.blend_mode,
             cpu_bf16=True if args.cpu_bf16 else None,
             tracker=tracker,
+            series=args.series,
+            resample_channels=args.resample_channels,
         )
     finally:
         if tracker is not None:
@@ -279,7 +294,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         f"{len(summary.failed)} failed"
     )
     if summary.differing:
-        print(f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them")
+        print(
+            f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them"
+        )
     if summary.report:
         print(f"QC report: {summary.report}")
     for path, reason in summary.failed:

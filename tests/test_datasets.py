@@ -117,6 +117,7 @@ def test_appledouble_and_dot_files_are_not_inputs(tmp_path, nnunet_ct):
         load_dataset(msd)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_nnunet_folder_trains_and_infers_without_conversion(tmp_path, nnunet_ct):
     proc = run_cli("check", str(nnunet_ct), cwd=tmp_path, check=True)
