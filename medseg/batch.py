@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from medseg.data import group_channel_inputs, load_input_channels
 from medseg.errors import InputError, MedsegError, StoppedError
 from medseg.io import (
     Volume,
@@ -44,7 +45,6 @@ from medseg.io import (
     case_stem,
     find_inputs,
     is_dicom_input,
-    load_volume,
     mask_path,
     sidecar_fields,
     write_dicom_seg,
@@ -94,7 +94,8 @@ class InferOptions:
     max_memory: int | None = None  # bytes a case may need (--max-memory); None = half this machine's memory
     output_format: str = "nifti"  # nifti, nrrd, metaimage or input (see medseg.io.mask_path)
     rtstruct: bool = False
-    series: str | None = None  # --series: the DICOM series to segment in each input
+    series: tuple[str, ...] = ()  # DICOM series to read: one, or one per channel in channel order
+    resample_channels: bool = False  # channels off the first one's grid are resampled onto it
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape a mask's content, as its sidecar records them."""
@@ -126,7 +127,8 @@ def resolve_options(
     max_memory: int | None = None,
     output_format: str = "nifti",
     rtstruct: bool = False,
-    series: str | None = None,
+    series: str | list[str] | None = None,
+    resample_channels: bool = False,
 ) -> tuple[list[Bundle], InferOptions]:
     """The bundles with the sliding-window overrides applied, and the batch's ``InferOptions``.
 
@@ -152,7 +154,8 @@ def resolve_options(
         max_memory=max_memory,
         output_format=output_format,
         rtstruct=rtstruct,
-        series=series,
+        series=(series,) if isinstance(series, str) else tuple(series or ()),
+        resample_channels=resample_channels or cfg.preprocess.resample_channels,
     )
     return bundles, options
 
@@ -169,6 +172,7 @@ class CaseFiles:
     qc_overlay: Path | None = None  # report material (see the module docstring)
     label_tables: tuple[Path, ...] = ()
     rtstruct: Path | None = None
+    channels: tuple[Path, ...] = ()  # a case given as one file per channel (input is the first)
 
     def owed(self) -> list[Path]:
         """Every output the case owes but the sidecar, in the order they are written."""
@@ -182,10 +186,17 @@ class CaseFiles:
 
 
 def case_files(
-    output_dir: Path, input_path: Path, options: InferOptions, labels: dict[int, str]
+    output_dir: Path,
+    input_path: Path,
+    options: InferOptions,
+    labels: dict[int, str],
+    *,
+    channels: tuple[Path, ...] = (),
+    stem: str | None = None,
 ) -> CaseFiles:
-    """Where each output of ``input_path`` goes (see the module docstring for the names)."""
-    mask = mask_path(output_dir, input_path, output_format=options.output_format)
+    """Where each output of ``input_path`` goes (see the module docstring for the names); a case
+    given as ``channels`` (``CASE_0000`` .. files) is named ``stem`` (``CASE``)."""
+    mask = mask_path(output_dir, input_path, output_format=options.output_format, stem=stem)
     stem = case_stem(mask)
     probabilities: tuple[Path, ...] = ()
     if options.save_probabilities:
@@ -203,6 +214,7 @@ def case_files(
         qc_overlay=output_dir / f"{stem}_qc.png",
         label_tables=label_table_paths(mask),
         rtstruct=output_dir / f"{stem}_rtstruct.dcm" if options.rtstruct and dicom_input else None,
+        channels=channels,
     )
 
 
@@ -366,7 +378,7 @@ def _draw_missing_overlay(batch: _Batch, files: CaseFiles) -> None:
     if files.qc_overlay is None or files.qc_overlay.is_file():
         return
     try:
-        volume = load_volume(files.input, series_id=batch.options.series)
+        volume = _load_case(batch, files)[0]
         mask = load_label(files.mask, image=volume)
         tta = (read_sidecar(files.sidecar) or {}).get("tta_disagreement")
         _write_qc(batch, files, volume, mask, tta, [])
@@ -387,7 +399,7 @@ def _write_outputs(
     name, version = batch.algorithm
     dicom = {
         "labels": batch.labels,
-        "series_id": batch.options.series,
+        "series_id": batch.options.series[0] if batch.options.series else None,
         "algorithm_name": name,
         "algorithm_version": version,
     }
@@ -403,6 +415,18 @@ def _write_outputs(
         log.warning("%s: no RTSTRUCT written: RTSTRUCT needs a DICOM series as input", files.input.name)
 
 
+def _load_case(batch: _Batch, files: CaseFiles) -> list[Volume]:
+    """The case's image channels (one, or the model's ``in_channels``), on one grid."""
+    cfg = batch.bundles[0].config
+    return load_input_channels(
+        files.channels or [files.input],
+        n_channels=cfg.model.in_channels or 1,
+        series=batch.options.series,
+        resample=batch.options.resample_channels,
+        channel_names=[c.name or str(i) for i, c in enumerate(cfg.preprocess.channels or [])],
+    )
+
+
 def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[str, float]:
     """Load, predict and write one case, the sidecar last; returns the stage timings."""
     t0 = time.perf_counter()
@@ -415,13 +439,14 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
         max_memory=options.max_memory,
         tta=options.tta,
         save_probabilities=options.save_probabilities,
-        series_id=options.series,
+        series_id=options.series[0] if options.series else None,
     )
-    volume = load_volume(files.input, series_id=options.series)
+    channels = _load_case(batch, files)
+    volume = channels[0]
     timings = {"load_s": time.perf_counter() - t0}
     pred = ensemble_to_source_grid(
         batch.bundles,
-        volume,
+        channels,
         device=options.device,
         tta=options.tta,
         crf=crf_config(batch.bundles[0], options.crf),
@@ -552,19 +577,29 @@ def check_output_folder(inputs: list[str | Path], output_dir: str | Path) -> Non
 
 
 def plan_cases(
-    inputs: list[str | Path], output_dir: Path, options: InferOptions, labels: dict[int, str]
+    inputs: list[str | Path],
+    output_dir: Path,
+    options: InferOptions,
+    labels: dict[int, str],
+    *,
+    n_channels: int = 1,
 ) -> list[CaseFiles]:
     """The cases of a batch, in input order, after refusing what would write over an input:
     an output folder equal to or inside an input folder, two inputs with one output name, an
     output path that is an input."""
     check_output_folder(inputs, output_dir)
-    paths = find_inputs(list(inputs))
+    # --series once per channel: each input is one study (its series folders are not separate cases)
+    paths = [Path(p) for p in inputs] if len(options.series) > 1 else find_inputs(list(inputs))
     if not paths:
         raise InputError(None, "no inputs to segment")
     resolved_inputs = {p.resolve() for p in paths}
     cases: dict[Path, CaseFiles] = {}
-    for path in paths:
-        files = case_files(output_dir, path, options, labels)
+    # a model taking several channels: CASE_0000 .. CASE_000N files are one case (a 4D file is one)
+    for stem, group in group_channel_inputs(paths, n_channels):
+        path = group[0]
+        files = case_files(
+            output_dir, path, options, labels, channels=tuple(group) if len(group) > 1 else (), stem=stem
+        )
         if files.sidecar in cases:
             raise InputError(
                 path,
@@ -630,7 +665,8 @@ def run_inference(
     max_memory: int | None = None,
     output_format: str = "nifti",
     rtstruct: bool = False,
-    series: str | None = None,
+    series: str | list[str] | None = None,
+    resample_channels: bool = False,
 ) -> InferenceSummary:
     """Segment every input into ``output_dir``: done cases are skipped unless ``overwrite``, a failing
     case is reported and the batch goes on. Under torchrun each rank takes every WORLD_SIZE-th case.
@@ -665,9 +701,16 @@ def run_inference(
         output_format=output_format,
         rtstruct=rtstruct,
         series=series,
+        resample_channels=resample_channels,
     )
     output_dir = Path(output_dir)
-    cases = plan_cases(list(inputs), output_dir, options, bundles[0].labels)
+    cases = plan_cases(
+        list(inputs),
+        output_dir,
+        options,
+        bundles[0].labels,
+        n_channels=bundles[0].config.model.in_channels or 1,
+    )
     rank, world = rank_and_world()
     if world > 1:
         cases = cases[rank::world]

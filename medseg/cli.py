@@ -214,6 +214,19 @@ def _add_dataset_options(commands: Mapping[str, argparse.ArgumentParser]) -> Non
             action="store_true",
             help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
         )
+    p = commands["infer"]
+    p.add_argument(
+        "--series",
+        action="append",
+        metavar="UID",
+        help="DICOM series to segment (UID or hash); once per channel, in channel order, for a "
+        "multi-channel model",
+    )
+    p.add_argument(
+        "--resample-channels",
+        action="store_true",
+        help="resample a case's channels onto its first channel's grid (default: refuse a mismatch)",
+    )
     p = commands["synth"]
     p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
     p.add_argument(
@@ -274,6 +287,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             output_format=args.output_format,
             rtstruct=args.rtstruct,
             series=args.series,
+            resample_channels=args.resample_channels,
         )
     finally:
         if tracker is not None:
@@ -581,9 +595,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="nifti",
         help="mask format: nifti (.nii.gz), nrrd, metaimage (.mha), or input (NRRD/MetaImage inputs keep "
         "their format, others NIfTI)",
-    )
-    p.add_argument(
-        "--series", metavar="UID", help="the DICOM series to segment (UID, its hash or a unique prefix)"
     )
     p.add_argument(
         "--save-probabilities",

@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -256,7 +256,7 @@ def _network_probabilities(
 
 def model_grid_probabilities(
     bundle: Bundle,
-    volume: Volume,
+    volume: Volume | Sequence[Volume],
     *,
     device: str | torch.device = "cpu",
     tta: bool = False,
@@ -393,7 +393,7 @@ def crf_config(bundle: Bundle, crf: bool | None) -> CRFConfig:
 
 def ensemble_to_source_grid(
     bundles: list[Bundle],
-    volume: Volume,
+    volume: Volume | Sequence[Volume],
     *,
     device: str | torch.device = "cpu",
     tta: bool = False,
@@ -412,12 +412,15 @@ def ensemble_to_source_grid(
     batch both call it.
     """
     timings: dict[str, float] = {}
+    # several channels (one Volume each, on one grid): the mask goes on the first one's grid
+    channels = [volume] if isinstance(volume, Volume) else list(volume)
+    volume = channels[0]
     results = []
     for i, bundle in enumerate(bundles):
         predictor = predictors[i] if predictors else None
         r = model_grid_probabilities(
             bundle,
-            volume,
+            channels,
             device=device,
             tta=tta,
             crf=crf,
@@ -453,7 +456,7 @@ def ensemble_to_source_grid(
 
 def predict_volume(
     bundles: list[Bundle],
-    volume: Volume,
+    volume: Volume | Sequence[Volume],
     *,
     device: str | torch.device = "cpu",
     tta: bool = False,

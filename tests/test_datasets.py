@@ -20,22 +20,9 @@ import pytest
 from medseg.data import check_dataset, load_dataset
 from medseg.errors import InputError
 from medseg.synthetic import make_dataset
-from tests.conftest import run_cli
+from tests.helpers import TINY_ARGS, run_cli
 
-TINY = [
-    "--set",
-    "preprocess.spacing=[2.0, 2.0, 3.0]",
-    "--set",
-    "train.patch_size=[16, 16, 16]",
-    "--set",
-    "model.features=4",
-    "--set",
-    "model.depth=2",
-    "--set",
-    "augment.samples_per_volume=1",
-    "--set",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_ARGS, "--set", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +117,7 @@ def test_appledouble_and_dot_files_are_not_inputs(tmp_path, nnunet_ct):
         load_dataset(msd)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_nnunet_folder_trains_and_infers_without_conversion(tmp_path, nnunet_ct):
     proc = run_cli("check", str(nnunet_ct), cwd=tmp_path, check=True)

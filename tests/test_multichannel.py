@@ -25,7 +25,7 @@ from medseg.models import build_model
 from medseg.plan import channel_kind, make_plan
 from medseg.synthetic import make_dataset, make_mr_case
 from medseg.transforms import build_augment, build_preprocess
-from tests.conftest import run_cli
+from tests.helpers import TINY_ARGS, run_cli
 
 
 def _volume(rng, shape=(10, 9, 8), spacing=(1.5, 1.2, 2.0), offset=0.0) -> Volume:
@@ -249,3 +249,47 @@ def test_check_refuses_a_channel_off_grid_unless_resampled(tmp_path):
     assert "case_000_0000.nii.gz" in lines[0]
     proc = run_cli("check", str(root), "--resample-channels", cwd=tmp_path)
     assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_synth_mr_4_channels_train_infer_4d_and_dicom_series_evaluate(tmp_path):
+    run_cli("synth", "--out", "mr", "--modality", "mr", "--channels", "4", "--cases", "4", "--size", "24",
+            "--dicom", cwd=tmp_path, check=True)  # fmt: skip
+    run_cli("train", "--data", "mr", "--epochs", "1", "--out", "run", *TINY_ARGS,
+            "--set", "tracking.enabled=false", cwd=tmp_path, check=True)  # fmt: skip
+    bundle_cfg = (tmp_path / "run" / "bundle" / "config.yaml").read_text()
+    assert "in_channels: 4" in bundle_cfg
+    image = tmp_path / "mr" / "imagesTs" / "case_003.nii.gz"
+    run_cli("infer", "--model", "run/bundle", "--input", str(image), "--output", "pred", "--no-report",
+            cwd=tmp_path, check=True)  # fmt: skip
+    mask = nib.load(tmp_path / "pred" / "case_003_seg.nii.gz")
+    assert mask.shape == nib.load(image).shape[:3]
+    np.testing.assert_allclose(mask.affine, nib.load(image).affine, atol=1e-5)
+    proc = run_cli(
+        "evaluate", "--pred", "pred", "--ref", "mr/labelsTs", "--out", "m.csv", cwd=tmp_path, check=True
+    )
+    assert "| **all** |" in proc.stdout
+    # the same case as four DICOM series of one study, one --series per channel in channel order
+    from medseg.io import scan_dicom
+
+    study = tmp_path / "mr" / "dicom" / "case_003"
+    by_name = {s.description: s.series_id for s in scan_dicom(study).series}
+    series = [arg for name in ("FLAIR", "T1w", "T1gd", "T2w") for arg in ("--series", by_name[name])]
+    run_cli("infer", "--model", "run/bundle", "--input", str(study), "--output", "pred_dicom", "--no-report",
+            *series, cwd=tmp_path, check=True)  # fmt: skip
+    dicom_mask = nib.load(tmp_path / "pred_dicom" / "case_003_seg.nii.gz")
+    assert dicom_mask.shape == mask.shape
+    # ... and as four files CASE_0000 .. CASE_0003 (nnU-Net naming): one case, the same mask
+    split = tmp_path / "split"
+    for c, channel in enumerate(read_nifti_channels(image)):
+        write_nifti(channel, split / f"case_003_{c:04d}.nii.gz")
+    run_cli("infer", "--model", "run/bundle", "--input", str(split), "--output", "pred_files", "--no-report",
+            cwd=tmp_path, check=True)  # fmt: skip
+    files_mask = nib.load(tmp_path / "pred_files" / "case_003_seg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(files_mask.dataobj), np.asarray(mask.dataobj))
+    # one --series for a 4-channel model: one line naming what is missing
+    proc = run_cli("infer", "--model", "run/bundle", "--input", str(study), "--output", "bad", "--no-report",
+                   "--series", by_name["FLAIR"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0
+    assert "the model takes 4 (FLAIR, T1w, T1gd, T2w)" in proc.stderr + proc.stdout

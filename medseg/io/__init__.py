@@ -213,12 +213,15 @@ def find_inputs(paths: list[str | Path]) -> list[Path]:
 OUTPUT_FORMATS = ("nifti", "nrrd", "metaimage", "input")
 
 
-def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "nifti") -> Path:
+def mask_path(
+    out_dir: str | Path, source: str | Path, *, output_format: str = "nifti", stem: str | None = None
+) -> Path:
     """Where the mask for input ``source`` goes: ``out_dir/<stem>_seg`` + the format's suffix.
 
     ``output_format`` is ``nifti`` (``.nii.gz``), ``nrrd`` (``.nrrd``), ``metaimage`` (``.mha``), or
     ``input``: the input's own format for a NRRD/MetaImage input (a detached ``.nhdr``/``.mhd``
-    header gives a single ``.nrrd``/``.mha`` file), NIfTI for every other input.
+    header gives a single ``.nrrd``/``.mha`` file), NIfTI for every other input. ``stem`` names a case
+    given as several channel files (``CASE_0000`` .. -> ``CASE``).
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {list(OUTPUT_FORMATS)}")
@@ -226,7 +229,7 @@ def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "
     if fmt == "input":
         fmt = sitk_format(source) if is_sitk_image(source) else "nifti"
     suffix = ".nii.gz" if fmt == "nifti" else MASK_SUFFIX[fmt]
-    return Path(out_dir) / f"{case_stem(source)}_seg{suffix}"
+    return Path(out_dir) / f"{stem or case_stem(source)}_seg{suffix}"
 
 
 def write_label_map(
