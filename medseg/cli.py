@@ -271,6 +271,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             cpu_bf16=True if args.cpu_bf16 else None,
             tracker=tracker,
             max_memory=args.max_memory,
+            output_format=args.output_format,
+            rtstruct=args.rtstruct,
+            series=args.series,
         )
     finally:
         if tracker is not None:
@@ -551,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         type=_input_path,
-        help="NIfTI files, DICOM series folders, or folders of either",
+        help="NIfTI, NRRD or MetaImage files, DICOM series folders, zipped DICOM studies, or folders of these",
     )
     p.add_argument(
         "-o", "--output", required=True, type=_output_folder, help="folder for <case>_seg.nii.gz and sidecars"
@@ -566,6 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
     p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
+    )
+    p.add_argument(
+        "--rtstruct",
+        action="store_true",
+        help="also write <stem>_seg_rtstruct.dcm (RT Structure Set, contours per label) for DICOM inputs",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=["nifti", "nrrd", "metaimage", "input"],
+        default="nifti",
+        help="mask format: nifti (.nii.gz), nrrd, metaimage (.mha), or input (NRRD/MetaImage inputs keep "
+        "their format, others NIfTI)",
+    )
+    p.add_argument(
+        "--series", metavar="UID", help="the DICOM series to segment (UID, its hash or a unique prefix)"
     )
     p.add_argument(
         "--save-probabilities",
