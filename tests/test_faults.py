@@ -496,3 +496,23 @@ def test_multichannel_nifti_claiming_absurd_size_is_refused_from_the_header(tmp_
     path.write_bytes(gzip.compress(_nifti_header_bytes((4096, 4096, 4096, 4)), 9))
     with pytest.raises(InputError, match=r"4096x4096x4096x4 voxels .* more than the memory limit"):
         read_nifti_channels(path)
+
+
+def test_nrrd_header_claiming_absurd_size_is_refused_before_simpleitk_allocates(tmp_path):
+    """SimpleITK allocates what a NRRD header declares (a 116-byte file claiming 2048^3 shorts: 16 GiB)."""
+    import gzip
+
+    from medseg.io.preflight import check_read_size
+    from medseg.io.sitk import read_sitk
+
+    def nrrd(name: str, size: int) -> Path:
+        path = tmp_path / name
+        head = f"NRRD0004\ntype: short\ndimension: 3\nsizes: {size} {size} {size}\nendian: little\nencoding: gzip\n\n"
+        path.write_bytes(head.encode() + gzip.compress(bytes(1000)))
+        return path
+
+    with pytest.raises(InputError, match=r"4096x4096x4096 voxels: reading them needs about 384\.0 GiB"):
+        read_sitk(nrrd("huge.nrrd", 4096))
+    with pytest.raises(InputError, match=r"more than the memory limit of 1\.0 GiB"):
+        check_read_size(nrrd("big.nrrd", 1024), max_bytes=2**30)  # 6 GiB to read
+    check_read_size(nrrd("small.nrrd", 16), max_bytes=2**30)

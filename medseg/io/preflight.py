@@ -33,6 +33,7 @@ RUNTIME_OVERHEAD_BYTES = 600 * 2**20
 
 __all__ = [
     "MemoryEstimate",
+    "check_read_size",
     "default_max_memory",
     "format_bytes",
     "parse_size",
@@ -187,6 +188,26 @@ def _sitk_header(path: Path) -> ImageHeader:
         spacing=spacing + (1.0,) * (3 - len(spacing)),  # type: ignore[arg-type]
         compressed=True,
     )
+
+
+def check_read_size(path: str | Path, *, max_bytes: int | None = None) -> None:
+    """Refuse, from its header, a file whose voxels alone would not fit in ``max_bytes``.
+
+    For readers that allocate what the header declares before reading (SimpleITK): a few bytes
+    of NRRD header can claim gigabytes. None = ``default_max_memory()``.
+    """
+    header = read_header(path)
+    n_voxels = math.prod(header.shape)
+    needed = n_voxels * (header.itemsize + 4)  # the stored voxels and the float32 image
+    budget = default_max_memory() if max_bytes is None else int(max_bytes)
+    if needed > budget:
+        shape = "x".join(str(s) for s in header.shape)
+        raise InputError(
+            path,
+            f"its header declares {shape} voxels: reading them needs about {format_bytes(needed)}, more "
+            f"than the memory limit of {format_bytes(budget)} (a corrupt header, or an image to crop or "
+            "downsample first)",
+        )
 
 
 def estimate_case_bytes(

@@ -75,6 +75,9 @@ def read_sitk(path: str | Path, *, kind: str = "image") -> Volume:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
+    from medseg.io.preflight import check_read_size
+
+    check_read_size(path)  # SimpleITK allocates what the header declares before it reads
     image = _read_image(path)
     dim, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
     size = tuple(int(s) for s in image.GetSize())
