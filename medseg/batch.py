@@ -55,6 +55,7 @@ from medseg.io import (
     write_text_atomic,
 )
 from medseg.io.labeltables import label_table_paths
+from medseg.io.preflight import preflight_inference
 from medseg.predict import (
     Prediction,
     crf_config,
@@ -90,6 +91,7 @@ class InferOptions:
     save_probabilities: bool = False
     report: bool = False
     overwrite: bool = False
+    max_memory: int | None = None  # bytes a case may need (--max-memory); None = half this machine's memory
     output_format: str = "nifti"  # nifti, nrrd, metaimage or input (see medseg.io.mask_path)
     rtstruct: bool = False
     series: str | None = None  # --series: the DICOM series to segment in each input
@@ -121,6 +123,7 @@ def resolve_options(
     save_probabilities: bool = False,
     report: bool = False,
     overwrite: bool = False,
+    max_memory: int | None = None,
     output_format: str = "nifti",
     rtstruct: bool = False,
     series: str | None = None,
@@ -146,6 +149,7 @@ def resolve_options(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
         output_format=output_format,
         rtstruct=rtstruct,
         series=series,
@@ -414,9 +418,18 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     """Load, predict and write one case, the sidecar last; returns the stage timings."""
     t0 = time.perf_counter()
     batch.hook("load", 0, 0)
-    volume = load_volume(files.input, series_id=batch.options.series)
-    timings = {"load_s": time.perf_counter() - t0}
     options = batch.options
+    # sized from the header before any voxel is read: a case over the budget fails alone
+    preflight_inference(
+        files.input,
+        batch.bundles,
+        max_memory=options.max_memory,
+        tta=options.tta,
+        save_probabilities=options.save_probabilities,
+        series_id=options.series,
+    )
+    volume = load_volume(files.input, series_id=options.series)
+    timings = {"load_s": time.perf_counter() - t0}
     pred = ensemble_to_source_grid(
         batch.bundles,
         volume,
@@ -625,6 +638,7 @@ def run_inference(
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
     tracker: Tracker | None = None,
+    max_memory: int | None = None,
     output_format: str = "nifti",
     rtstruct: bool = False,
     series: str | None = None,
@@ -636,7 +650,9 @@ def run_inference(
     module docstring. With ``report``, ``report.html`` is rebuilt from every sidecar in the folder at
     the end. With a started ``tracker`` (an MLflow run), per-case stage timings go to it as metrics
     (step = case index) and the report as an artifact. ``progress`` shows cases, the current
-    case's stage and windows with an ETA on a terminal.
+    case's stage and windows with an ETA on a terminal. ``max_memory`` (bytes; None = half this
+    machine's memory) is each case's budget: a case whose header says it needs more
+    (``medseg.io.preflight``) fails with the estimate before any voxel is read.
 
     Raises:
         StoppedError: SIGTERM or SIGINT stopped the batch (after the rollback and the report).
@@ -656,6 +672,7 @@ def run_inference(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
         output_format=output_format,
         rtstruct=rtstruct,
         series=series,

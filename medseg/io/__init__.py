@@ -153,8 +153,17 @@ def check_same_grid(
 
 # medseg's own outputs beside a mask (see medseg.batch): never inputs
 _OUTPUT_SUFFIXES = (
-    "_seg.nii.gz", "_seg.nii", "_seg.nrrd", "_seg.mha", "_seg.json", "_seg.dcm", "_seg_rtstruct.dcm",
-    "_seg.itksnap.txt", "_seg.ctbl", "_seg_entropy.nii.gz", "_seg_qc.png",
+    "_seg.nii.gz",
+    "_seg.nii",
+    "_seg.nrrd",
+    "_seg.mha",
+    "_seg.json",
+    "_seg.dcm",
+    "_seg_rtstruct.dcm",
+    "_seg.itksnap.txt",
+    "_seg.ctbl",
+    "_seg_entropy.nii.gz",
+    "_seg_qc.png",
 )
 
 
@@ -260,6 +269,10 @@ def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
             "spacing_mm": [round(s, 6) for s in source.spacing],
             "affine": np.asarray(source.affine).round(6).tolist(),
             "axcodes": source.axcodes(),
+            # what the reader did to the stored values (MONOCHROME1, modality LUT, BitsStored), if anything
+            **(
+                {"pixel_values": list(source.meta["pixel_values"])} if source.meta.get("pixel_values") else {}
+            ),
         },
     }
 
