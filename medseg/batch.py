@@ -397,20 +397,31 @@ def _write_outputs(
     if files.probabilities:
         _write_probability_maps(pred, volume, files, written)
     name, version = batch.algorithm
-    dicom = {
-        "labels": batch.labels,
-        "series_id": batch.options.series[0] if batch.options.series else None,
-        "algorithm_name": name,
-        "algorithm_version": version,
-    }
+    series = batch.options.series[0] if batch.options.series else None
     if files.dicom_seg is not None:
         written.append(files.dicom_seg)
-        write_dicom_seg(pred.mask.array, files.input, files.dicom_seg, **dicom)
+        write_dicom_seg(
+            pred.mask.array,
+            files.input,
+            files.dicom_seg,
+            labels=batch.labels,
+            series_id=series,
+            algorithm_name=name,
+            algorithm_version=version,
+        )
     elif batch.options.dicom_seg:
         log.warning("%s: no DICOM SEG written: DICOM SEG needs a DICOM series as input", files.input.name)
     if files.rtstruct is not None:
         written.append(files.rtstruct)
-        write_rtstruct(pred.mask.array, files.input, files.rtstruct, **dicom)
+        write_rtstruct(
+            pred.mask.array,
+            files.input,
+            files.rtstruct,
+            labels=batch.labels,
+            series_id=series,
+            algorithm_name=name,
+            algorithm_version=version,
+        )
     elif batch.options.rtstruct:
         log.warning("%s: no RTSTRUCT written: RTSTRUCT needs a DICOM series as input", files.input.name)
 

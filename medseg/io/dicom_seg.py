@@ -75,7 +75,7 @@ def write_dicom_seg(
                 f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}"
             )
         try:
-            sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            sources: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         except Exception as exc:
             raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
     with scrubbed_messages(sources, where=path.name):

@@ -287,7 +287,7 @@ def write_nifti(
 def read_label_names(path: str | Path) -> dict[int, str]:
     """The label names embedded by ``write_nifti(..., labels=...)``; empty when there are none."""
     img = nib.load(str(path))
-    for ext in img.header.extensions:
+    for ext in getattr(img.header, "extensions", []):
         if ext.get_code() != 6:
             continue
         try:

@@ -19,6 +19,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def identifying_values(datasets: Iterable) -> list[str]:
     found: set[str] = set()
     for ds in datasets:
         for keyword in IDENTIFYING:
-            element = ds.get(keyword) if hasattr(ds, "get") else None
-            values = element if isinstance(element, list | tuple) or _is_multi(element) else [element]
+            element: Any = ds.get(keyword) if hasattr(ds, "get") else None
+            values = list(element) if isinstance(element, list | tuple) or _is_multi(element) else [element]
             for value in values:
                 found |= _forms(value)
     return sorted((v for v in found if v), key=len, reverse=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.uid import UID
 
 from medseg.errors import InputError
 from medseg.io.dicom import one_line, series_files_in_grid_order
@@ -28,7 +29,7 @@ from medseg.io.volume import atomic_path
 
 log = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 # the SOP class RTSTRUCTs conventionally reference a study by (Detached Study Management, retired)
 _STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
 _PATIENT_STUDY = (
@@ -96,7 +97,7 @@ def _image_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _roi_contours(mask: np.ndarray, value: int, sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    items = []
+    items: list[pydicom.Dataset] = []
     for k, ds in enumerate(sources):
         plane = mask[:, :, k] == value
         if not plane.any():
@@ -241,7 +242,7 @@ def write_rtstruct(
                 f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}"
             )
         try:
-            sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            sources: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         except Exception as exc:
             raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
     values = sorted(int(v) for v in labels if v != 0)
