@@ -218,7 +218,7 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": __import__("numpy").__version__,
-        "required_packages_version": {"nibabel": __import__("nibabel").__version__},
+        "required_packages_version": _packages(cfg),
         "name": f"medseg {cfg.model.name}",
         "task": "3D segmentation",
         "description": "Exported from medseg: preprocessing, sliding window, inverse to the input grid.",
@@ -257,6 +257,24 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
             "not_exported": skipped,
         },
     }
+
+
+def _packages(cfg: Config) -> dict[str, str]:
+    """Packages beyond MONAI and PyTorch the bundle needs: nibabel, and scikit-image for
+    MONAI's connected-component transforms when post-processing uses them."""
+    from importlib import metadata
+
+    wanted = ["nibabel"]
+    post = cfg.postprocess
+    if post.keep_largest or post.min_volume_mm3 > 0:
+        wanted.append("scikit-image")
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
 
 
 def _torchscript(network: torch.nn.Module, patch: list[int]) -> torch.jit.ScriptModule:

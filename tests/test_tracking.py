@@ -58,6 +58,7 @@ def test_tracker_leaves_no_process_wide_state(tmp_path, monkeypatch):
 
     from medseg.tracking import Tracker
 
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts in ./mlruns
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     env_before = dict(os.environ)
     default_before = mlflow.get_tracking_uri()
@@ -101,9 +102,10 @@ def _read_only_uri(tmp_path: Path) -> str:
     return f"sqlite:///file:{db}?mode=ro&uri=true"
 
 
-def test_read_only_store_is_one_error_line(tmp_path, capfd):
+def test_read_only_store_is_one_error_line(tmp_path, capfd, monkeypatch):
     from medseg.tracking import Tracker
 
+    monkeypatch.chdir(tmp_path)
     tracker = Tracker(TrackingConfig(uri=_read_only_uri(tmp_path), experiment="new"))
     capfd.readouterr()
     with pytest.raises(TrackingError, match="readonly database"):
