@@ -92,8 +92,12 @@ def bounded_http(cfg: TrackingConfig | None = None) -> Iterator[None]:
 
 def client_for(uri: str) -> MlflowClient:
     """An ``MlflowClient`` bound to ``uri`` (tracking and model registry), no global state touched."""
-    from mlflow import MlflowClient
-
+    try:
+        from mlflow import MlflowClient
+    except ImportError as exc:
+        raise TrackingError(
+            f"MLflow is not installed ({exc}): pip install mlflow-skinny, or pass --set tracking.enabled=false"
+        ) from exc
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
