@@ -63,9 +63,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
     from medseg.synthetic import make_dataset
 
-    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    if args.modality == "ct" and args.channels != 1:
+        raise ConfigError(f"--channels {args.channels}: synthetic CT has one channel; use --modality mr")
+    if args.channels < 1:
+        raise ConfigError(f"--channels {args.channels}: expected at least 1")
+    path = make_dataset(
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        dicom=args.dicom,
+        modality=args.modality,
+        channels=args.channels,
+        layout=args.layout,
+    )
     print(path)
     return 0
 
@@ -109,7 +123,7 @@ def _ts_name(uid: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
-    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -121,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
     scan = None
-    if not (source.is_file() and is_nifti(source)):
+    if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
         info = select_series(scan, source, args.series)
         if len(scan.series) > 1:
@@ -138,7 +152,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
-    problems = check_dataset(args.dataset)
+    problems = check_dataset(
+        args.dataset, allow_outside_root=args.allow_outside_root, resample_channels=args.resample_channels
+    )
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -149,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.train import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
@@ -172,22 +188,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """``--allow-outside-root`` and ``--resample-channels`` as config overrides."""
+    out = []
+    if args.allow_outside_root:
+        out.append("data.allow_outside_root=true")
+    if args.resample_channels:
+        out.append("preprocess.resample_channels=true")
+    return out
+
+
+def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
+    for name in ("check", "train", "augment-preview"):
+        p = commands[name]
+        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        )
+        p.add_argument(
+            "--resample-channels",
+            action="store_true",
+            help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        )
+    p = commands["synth"]
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
+    p.add_argument(
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
+    )
+
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.transforms import augment_preview
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set or []) + _dataset_overrides(args))
     path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
     print(path)
     return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from medseg.batch import check_output_folder, expand_models, run_inference
     from medseg.bundle import load_bundle
-    from medseg.infer import expand_models, run_inference
-    from medseg.progress import track
     from medseg.runtime import resolve_device
 
+    check_output_folder(args.input, args.output)
     device = resolve_device(args.device)
     bundles = [load_bundle(m, device=device) for m in expand_models(args.model)]
     tracker = None
@@ -197,31 +251,35 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
         tracker = Tracker(TrackingConfig())
         tracker.start(run_id=args.mlflow_run)
-    summary = run_inference(
-        bundles,
-        args.input,
-        args.output,
-        device=device,
-        tta=True if args.tta else None,
-        overwrite=args.overwrite,
-        progress=lambda items, desc: track(items, desc),
-        dicom_seg=args.dicom_seg,
-        crf=True if args.crf else None,
-        save_probabilities=args.save_probabilities,
-        report=args.report,
-        overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size,
-        blend_mode=args.blend_mode,
-        cpu_bf16=True if args.cpu_bf16 else None,
-        tracker=tracker,
-    )
-    if tracker is not None:
-        tracker.end()
+    try:
+        summary = run_inference(
+            bundles,
+            args.input,
+            args.output,
+            device=device,
+            tta=True if args.tta else None,
+            overwrite=args.overwrite,
+            progress=True,
+            dicom_seg=args.dicom_seg,
+            crf=True if args.crf else None,
+            save_probabilities=args.save_probabilities,
+            report=args.report,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            blend_mode=args.blend_mode,
+            cpu_bf16=True if args.cpu_bf16 else None,
+            tracker=tracker,
+        )
+    finally:
+        if tracker is not None:
+            tracker.end()
     rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
-        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (exist), "
+        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (done), "
         f"{len(summary.failed)} failed"
     )
+    if summary.differing:
+        print(f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them")
     if summary.report:
         print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
@@ -243,8 +301,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medseg.metrics import evaluate_folders, markdown_table, write_csv
+    from medseg.metrics import check_outputs_are_not_inputs, evaluate_folders, markdown_table, write_csv
 
+    check_outputs_are_not_inputs([args.out, Path(args.out).with_suffix(".json")], args.pred, args.ref)
     rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
     out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
     print(markdown_table(rows, tolerance_mm=args.tolerance))
@@ -525,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["monai-bundle"], help="what to write")
     p.add_argument("-o", "--output", required=True, help="new folder for the MONAI bundle")
     p.set_defaults(func=cmd_export)
+    _add_dataset_options(sub.choices)
     return parser
 
 

@@ -40,6 +40,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataConfig(_Strict):
+    """How a dataset folder is read (``dataset.json`` entries)."""
+
+    allow_outside_root: bool = False  # accept entries that lead outside the dataset folder
+
+
 class IntensityConfig(_Strict):
     """How image intensities are normalised before the network sees them.
 
@@ -49,6 +55,7 @@ class IntensityConfig(_Strict):
     """
 
     kind: Literal["ct", "mr", "zscore", "none"] = "ct"
+    name: str | None = None  # the channel's name in dataset.json (e.g. "FLAIR"), for multi-channel plans
     window: tuple[float, float] | None = None
     mean: float | None = None
     std: PositiveFloat | None = None
@@ -65,6 +72,12 @@ class PreprocessConfig(_Strict):
     orientation: str = "RAS"
     spacing: PositiveTriple | None = None  # mm; None = planned from the dataset fingerprint
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    # multi-channel inputs: one normalisation per channel, in channel order (planned from the
+    # dataset's channel names); None = one channel, normalised by ``intensity``
+    channels: list[IntensityConfig] | None = None
+    # channels of a case on different grids: resample them onto the first channel's (linear)
+    # instead of refusing the case
+    resample_channels: bool = False
     crop_foreground: bool = True
     foreground_threshold: float | None = None  # raw intensity above which a voxel is "body"
 
@@ -138,6 +151,8 @@ class ModelConfig(_Strict):
     norm: Literal["none", "batch", "instance"] = "instance"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     deep_supervision: bool = True  # dynunet only: auxiliary losses at coarser decoder levels
+    # image channels; None = planned from the dataset (1 when unplanned)
+    in_channels: int | None = Field(None, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -259,6 +274,16 @@ class Config(_Strict):
     infer: InferConfig = Field(default_factory=InferConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> Config:
+        channels, declared = self.preprocess.channels, self.model.in_channels
+        if channels is not None and declared is not None and len(channels) != declared:
+            raise ValueError(
+                f"model.in_channels is {declared} but preprocess.channels lists {len(channels)} channels"
+            )
+        return self
 
     @field_validator("labels")
     @classmethod

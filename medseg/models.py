@@ -252,7 +252,9 @@ def divisor_of(cfg: ModelConfig) -> int:
     return 16 if cfg.name == "basic_unet" else 2**cfg.depth
 
 
-def build_model(cfg: ModelConfig, *, in_channels: int = 1, out_channels: int) -> nn.Module:
+def build_model(cfg: ModelConfig, *, in_channels: int | None = None, out_channels: int) -> nn.Module:
+    """The registered network ``cfg.name``; ``in_channels`` defaults to ``cfg.in_channels`` (planned), else 1."""
+    in_channels = in_channels or cfg.in_channels or 1
     try:
         factory = MODELS[cfg.name]
     except KeyError:

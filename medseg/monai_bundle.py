@@ -15,7 +15,7 @@ Run it with MONAI alone::
         --bundle_root out --dataset_dir /data/images --output_dir /data/masks
 
 Every NIfTI in ``dataset_dir`` gives ``<name>_seg.nii.gz`` in ``output_dir``, on the input's grid. The
-transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.infer`` one for one; what MONAI's
+transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.predict`` one for one; what MONAI's
 stock post-processing cannot express (``per_label`` overrides, more than one kept component,
 ``largest_of: foreground``, the dense CRF) is listed in ``metadata.json`` under ``not_exported``.
 """
@@ -101,7 +101,7 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     connectivity = {6: 1, 18: 2, 26: 3}[post.connectivity]
     chain: list[dict[str, Any]] = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-        # probabilities resampled from the model grid onto the input's grid (as medseg.infer does:
+        # probabilities resampled from the model grid onto the input's grid (as medseg.predict does:
         # trilinear, voxel centres aligned, outside the model grid's field of view = background)
         {"_target_": "ToDeviced", "keys": "pred", "device": "cpu"},
         {

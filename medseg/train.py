@@ -65,6 +65,8 @@ from medseg.config import Config, dump_config, flatten
 from medseg.data import Dataset, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
+from medseg.io.volume import sweep_partials
+from medseg.locks import exclusive
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import make_plan, plan_summary
 from medseg.progress import TrainingProgress
@@ -197,8 +199,8 @@ def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _items(cases) -> list[dict[str, str]]:
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+def _items(cases) -> list[dict[str, Any]]:
+    return [c.item() for c in cases]  # image: one path, or one per channel
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -596,7 +598,7 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepa
         if fp_path.exists():
             fp = json.loads(fp_path.read_text())
         else:
-            fp = fingerprint(dataset, seed=cfg.seed)
+            fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     cfg = make_plan(cfg, fp)
@@ -635,9 +637,22 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
 def _train(
     cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
 ) -> TrainResult:
-    dataset = load_dataset(data_root)
+    dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
+    if not dist.main:
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+    # one run per folder: a second one is refused (naming the holder) before it touches anything
+    with exclusive(run_dir, what="training run"):
+        sweep_partials(run_dir)  # temp files of writes a killed run left behind
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+
+
+def _train_locked(
+    cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
+    stop: StopFlag,
+) -> TrainResult:
+    data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
     if state is not None and state.config:
         # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now

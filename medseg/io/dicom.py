@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -81,12 +80,12 @@ def one_line(exc: BaseException | str) -> str:
 
 @contextlib.contextmanager
 def _quiet(path: Path) -> Iterator[None]:
-    """pydicom warns on stderr about odd values; medseg decides itself what is fatal."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """pydicom warns on stderr about odd values (quoting them); medseg decides itself what is fatal,
+    and the messages are logged at DEBUG scrubbed of header values (``medseg.io.privacy``)."""
+    from medseg.io.privacy import scrubbed_messages
+
+    with scrubbed_messages(where=str(path)):
         yield
-    for w in caught[:3]:
-        log.debug("%s: %s", path, one_line(str(w.message)))
 
 
 @dataclass

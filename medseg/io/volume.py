@@ -98,9 +98,9 @@ class Volume:
 
 
 def case_stem(path: str | Path) -> str:
-    """File name without .nii/.nii.gz/.nrrd/.mha/.dcm; a DICOM folder's name."""
+    """File name without .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.dcm/.zip; a DICOM folder's name."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".zip"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
