@@ -7,12 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,3 +36,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# the tested set, pinned (torch excluded: TORCH_SPEC chooses the build)
+constraints: $(STAMP)
+	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(medseg|torch|nvidia-|triton)[=@ ]'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

@@ -312,7 +312,20 @@ class _Batch:
 
     @property
     def models(self) -> list[str]:
-        return [str(b.path) for b in self.bundles]
+        """Each model as the user named it: the MLflow URI, or the bundle folder's absolute path."""
+        return [b.source or str(b.path) for b in self.bundles]
+
+    @functools.cached_property
+    def provenance(self) -> dict[str, Any]:
+        """medseg version and, per model, URI or path, registry version and run, bundle hash (once a batch)."""
+        from medseg.bundle import provenance
+
+        records = [provenance(b) for b in self.bundles]
+        drop = ("medseg_version", "timestamp")
+        return {
+            "medseg_version": records[0]["medseg_version"],
+            "models": [{k: v for k, v in r.items() if k not in drop} for r in records],
+        }
 
     @functools.cached_property
     def algorithm(self) -> tuple[str, str]:
@@ -477,6 +490,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     sidecar = {
         **sidecar_fields(volume, batch.labels),
         "model": batch.models,
+        "provenance": {**batch.provenance, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "tta": options.tta,
         "crf": options.crf,
         "tta_disagreement": pred.tta_disagreement,

@@ -184,7 +184,7 @@ def bundle_hash(path: str | Path) -> str:
             continue
         inner = hashlib.sha256()
         with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            while block := fh.read(1 << 20):
                 inner.update(block)
         digest.update(f"{name}\0{inner.hexdigest()}\n".encode())
     return digest.hexdigest()

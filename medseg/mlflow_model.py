@@ -28,6 +28,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def volume_from_bytes(data: bytes) -> Volume:
         return read_nifti(path, kind="image")
 
 
-class BundleModel(mlflow.pyfunc.PythonModel):
+class BundleModel(PythonModel):
     """medseg's inference pipeline behind MLflow's pyfunc interface (one row per image)."""
 
     def load_context(self, context: Any) -> None:
@@ -184,7 +185,9 @@ def _save(bundle_dir: Path, path: str | Path, code: Path) -> None:
         input_example=input_example(bundle_dir),
         pip_requirements=requirements(bundle_dir),
         metadata={"medseg_bundle_hash": _hash(bundle_dir)},
-        model_config={"device": ""},  # "" = CUDA when present; load_model(..., model_config={"device": "cpu"})
+        model_config={
+            "device": ""
+        },  # "" = CUDA when present; load_model(..., model_config={"device": "cpu"})
     )
 
 

@@ -15,7 +15,7 @@ Run it with MONAI alone::
         --bundle_root out --dataset_dir /data/images --output_dir /data/masks
 
 Every NIfTI in ``dataset_dir`` gives ``<name>_seg.nii.gz`` in ``output_dir``, on the input's grid. The
-transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.infer`` one for one; what MONAI's
+transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.predict`` one for one; what MONAI's
 stock post-processing cannot express (``per_label`` overrides, more than one kept component,
 ``largest_of: foreground``, the dense CRF) is listed in ``metadata.json`` under ``not_exported``.
 """
@@ -101,7 +101,7 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     connectivity = {6: 1, 18: 2, 26: 3}[post.connectivity]
     chain: list[dict[str, Any]] = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-        # probabilities resampled from the model grid onto the input's grid (as medseg.infer does:
+        # probabilities resampled from the model grid onto the input's grid (as medseg.predict does:
         # trilinear, voxel centres aligned, outside the model grid's field of view = background)
         {"_target_": "ToDeviced", "keys": "pred", "device": "cpu"},
         {
@@ -218,7 +218,7 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": __import__("numpy").__version__,
-        "required_packages_version": {"nibabel": __import__("nibabel").__version__},
+        "required_packages_version": _packages(cfg),
         "name": f"medseg {cfg.model.name}",
         "task": "3D segmentation",
         "description": "Exported from medseg: preprocessing, sliding window, inverse to the input grid.",
@@ -257,6 +257,24 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
             "not_exported": skipped,
         },
     }
+
+
+def _packages(cfg: Config) -> dict[str, str]:
+    """Packages beyond MONAI and PyTorch the bundle needs: nibabel, and scikit-image for
+    MONAI's connected-component transforms when post-processing uses them."""
+    from importlib import metadata
+
+    wanted = ["nibabel"]
+    post = cfg.postprocess
+    if post.keep_largest or post.min_volume_mm3 > 0:
+        wanted.append("scikit-image")
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
 
 
 def _torchscript(network: torch.nn.Module, patch: list[int]) -> torch.jit.ScriptModule:

@@ -92,8 +92,12 @@ def bounded_http(cfg: TrackingConfig | None = None) -> Iterator[None]:
 
 def client_for(uri: str) -> MlflowClient:
     """An ``MlflowClient`` bound to ``uri`` (tracking and model registry), no global state touched."""
-    from mlflow import MlflowClient
-
+    try:
+        from mlflow import MlflowClient
+    except ImportError as exc:
+        raise TrackingError(
+            f"MLflow is not installed ({exc}): pip install mlflow-skinny, or pass --set tracking.enabled=false"
+        ) from exc
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -239,6 +243,13 @@ class Tracker:
             self._client = client_for(self.uri)
         return self._client
 
+    @property
+    def _run(self) -> str:
+        """The run id, for calls made only once a run is open."""
+        if self.run_id is None:
+            raise TrackingError("no MLflow run is open")
+        return self.run_id
+
     def start(
         self, *, run_name: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None
     ) -> None:
@@ -300,7 +311,7 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return set()
         history = self._guard(
-            f"history of {metric}", lambda: self.client.get_metric_history(self.run_id, metric)
+            f"history of {metric}", lambda: self.client.get_metric_history(self._run, metric)
         )
         return {int(m.step) for m in history or []}
 
@@ -312,7 +323,7 @@ class Tracker:
         items = [Param(k[:250], _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):
             chunk = items[start : start + 100]
-            self._guard("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+            self._guard("params", lambda chunk=chunk: self.client.log_batch(self._run, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
@@ -321,7 +332,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._guard(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=items))
+        self._guard(f"metrics of step {step}", lambda: self.client.log_batch(self._run, metrics=items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled or self.run_id is None:
@@ -330,12 +341,12 @@ class Tracker:
         if path.is_dir():
             self._guard(
                 f"artifact {path.name}",
-                lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path),
+                lambda: self.client.log_artifacts(self._run, str(path), artifact_path),
             )
         else:
             self._guard(
                 f"artifact {path.name}",
-                lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+                lambda: self.client.log_artifact(self._run, str(path), artifact_path),
             )
 
     def log_bundle_model(
@@ -375,7 +386,7 @@ class Tracker:
         if self.offline:
             self.not_logged.append(f"run status {status}")  # the run stays open in the store
         else:
-            self._guard("run end", lambda: self.client.set_terminated(self.run_id, status=status))
+            self._guard("run end", lambda: self.client.set_terminated(self._run, status=status))
         if self.not_logged:
             shown = ", ".join(self.not_logged[:12]) + (" ..." if len(self.not_logged) > 12 else "")
             log.warning(
@@ -416,7 +427,7 @@ def resolve_model_uri(model_uri: str, *, tracking_uri: str | None = None) -> Mod
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    uri = tracking_uri or resolve_uri(TrackingConfig())
+    uri = tracking_uri or resolve_uri(TrackingConfig.model_validate({}))
     client = client_for(uri)
     try:
         with bounded_http(), quiet_store_logs():
@@ -429,10 +440,14 @@ def resolve_model_uri(model_uri: str, *, tracking_uri: str | None = None) -> Mod
                 )
             found = get_model_name_and_version(client, model_uri)
             if len(found) == 1:  # an MLflow 3 logged-model id (models:/m-...)
-                run_id = client.get_logged_model(found[0]).source_run_id
-                return ModelSource(model_uri, uri, run_id)
+                logged_run = client.get_logged_model(found[0]).source_run_id
+                if not logged_run:
+                    raise TrackingError(
+                        f"{model_uri}: the logged model has no run that logged a medseg bundle"
+                    )
+                return ModelSource(model_uri, uri, logged_run)
             name, version = found
-            run_id = client.get_model_version(name, version).run_id
+            run_id = client.get_model_version(name, version).run_id or ""
     except TrackingError:
         raise
     except Exception as exc:

@@ -112,7 +112,11 @@ def test_served_model_answers_a_nifti_with_the_mask_on_its_grid(registered, tmp_
         answer = _post(f"http://127.0.0.1:{port}/invocations", payload)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     rows = answer["predictions"]
     assert len(rows) == 2
     expected = load_bundle(root / "run" / "bundle").predict(image)

@@ -26,7 +26,16 @@ def _bundle(path: Path, seed: int = 0) -> Path:
     from medseg.config import load_config
     from medseg.models import build_model
 
-    cfg = load_config(None, ["preprocess.spacing=[2.0, 2.0, 3.0]", "model.features=4", "model.depth=2"])
+    cfg = load_config(
+        None,
+        [
+            "preprocess.spacing=[2.0, 2.0, 3.0]",
+            "preprocess.intensity.kind=zscore",
+            "train.patch_size=[16, 16, 16]",
+            "model.features=4",
+            "model.depth=2",
+        ],
+    )
     cfg = cfg.model_copy(update={"labels": {0: "background", 1: "organ"}})
     torch.manual_seed(seed)
     return save_bundle(path, build_model(cfg.model, out_channels=2), cfg, {"note": "test"})
@@ -58,6 +67,7 @@ def test_tracker_leaves_no_process_wide_state(tmp_path, monkeypatch):
 
     from medseg.tracking import Tracker
 
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts in ./mlruns
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     env_before = dict(os.environ)
     default_before = mlflow.get_tracking_uri()
@@ -101,9 +111,10 @@ def _read_only_uri(tmp_path: Path) -> str:
     return f"sqlite:///file:{db}?mode=ro&uri=true"
 
 
-def test_read_only_store_is_one_error_line(tmp_path, capfd):
+def test_read_only_store_is_one_error_line(tmp_path, capfd, monkeypatch):
     from medseg.tracking import Tracker
 
+    monkeypatch.chdir(tmp_path)
     tracker = Tracker(TrackingConfig(uri=_read_only_uri(tmp_path), experiment="new"))
     capfd.readouterr()
     with pytest.raises(TrackingError, match="readonly database"):
@@ -209,3 +220,28 @@ def test_train_cli_register_and_alias_flags(tmp_path):
     proc = run_cli("train", "--data", "x", "--alias", "champion", cwd=tmp_path)
     assert proc.returncode == 2
     assert "--alias needs --register" in proc.stderr
+
+
+def test_infer_sidecar_records_the_uri_version_and_bundle_hash(registry, tmp_path, tiny_dataset, monkeypatch):
+    import json
+
+    from medseg.bundle import bundle_hash
+
+    uri, (run1, _) = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    image = sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))[0]
+    run_cli("infer", "-m", "models:/seg@champion", "-i", str(image), "-o", "out", cwd=tmp_path, check=True)
+    sidecar = json.loads(next((tmp_path / "out").glob("*_seg.json")).read_text())
+    assert sidecar["model"] == ["models:/seg@champion"]  # not the cache folder
+    record = sidecar["provenance"]
+    assert record["medseg_version"]
+    assert record["timestamp"].endswith("Z")
+    assert record["models"] == [
+        {
+            "model": "models:/seg@champion",
+            "bundle_hash": bundle_hash(tmp_path / "b0"),
+            "model_run_id": run1,
+            "model_name": "seg",
+            "model_version": "1",
+        }
+    ]
