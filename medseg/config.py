@@ -51,8 +51,11 @@ class AugmentConfig(_Strict):
     switch a transform off. ``bias_field_prob`` None = on (0.15) for MR, off for CT.
     """
 
-    crop: Literal["pos_neg", "label_classes"] = "pos_neg"  # foreground-biased patch sampling
-    pos_neg_ratio: float = 2.0  # pos_neg: patches centred on foreground per background patch
+    # patch sampling: "auto" = label_classes when the labels have more than one foreground class
+    # (each foreground class equally often, as nnU-Net forces patches onto a class chosen
+    # uniformly among those present, so a small organ beside a large one is learned), else pos_neg
+    crop: Literal["auto", "pos_neg", "label_classes"] = "auto"
+    pos_neg_ratio: float = 2.0  # patches centred on foreground per background patch (both samplers)
     samples_per_volume: int = 2
     elastic_prob: float = 0.1
     elastic_sigma: tuple[float, float] = (5.0, 7.0)  # voxels, smoothing of the displacement field
@@ -114,6 +117,11 @@ class TrainConfig(_Strict):
     cache: Literal["memory", "disk"] = "memory"  # disk = PersistentDataset under the run folder
     checkpoint_every_minutes: float = 10.0
     memory_budget_gb: float | None = None  # for the plan's patch/batch size; None = detected
+    # wall-clock budget for the whole run (seconds; the CLI takes 15m, 8h): a measured warm-up
+    # picks patch, batch, width and steps to end within it (medseg.plan.plan_for_budget).
+    # None: fingerprint rules; on CPU with epochs and patch left unset, CPU_DEFAULT_BUDGET_S.
+    time_budget_s: float | None = Field(None, gt=0.0)
+    lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # of the steps: linear warm-up of the lr
 
 
 class InferConfig(_Strict):
