@@ -179,7 +179,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from medseg.bundle import load_bundle
     from medseg.infer import expand_models, run_inference
     from medseg.progress import track
-    from medseg.train import resolve_device
+    from medseg.runtime import resolve_device
 
     device = resolve_device(args.device)
     bundles = [load_bundle(m, device=device) for m in expand_models(args.model)]
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"medseg {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130

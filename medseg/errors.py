@@ -35,3 +35,15 @@ class OutputError(MedsegError):
 
 class TrackingError(MedsegError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+class StoppedError(MedsegError):
+    """A signal stopped the run after it saved what it had (resumable).
+
+    Exit codes (README): 130 for SIGINT (Ctrl-C), 143 for SIGTERM (pre-emption by a scheduler).
+    """
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message)

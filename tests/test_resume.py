@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 
+from medseg.checkpoint import LAST as CHECKPOINT
+from medseg.checkpoint import TIMED as TIMED_CHECKPOINT
+from medseg.checkpoint import TrainState, find_checkpoint, save_state
 from medseg.errors import InputError
-from medseg.train import CHECKPOINT, TIMED_CHECKPOINT, find_checkpoint
 from tests.conftest import REPO, run_cli
 
 EPOCHS = 4
@@ -27,8 +29,8 @@ TINY = [
     *("--set", "train.val_surface_metrics=false"),
     *("--set", "augment.samples_per_volume=2"),
     *("--set", "tracking.log_model=false"),
-    # a checkpoint by time after every step, so the kill lands mid-epoch
-    *("--set", "train.checkpoint_every_minutes=0.00001"),
+    # a mid-epoch checkpoint after every step, so the kill lands mid-epoch
+    *("--set", "train.checkpoint_every_steps=1"),
 ]
 
 
@@ -53,6 +55,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
         assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stderr.read()}"
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)  # freeze it where it is, then kill: no step can slip past the kill
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -98,8 +101,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
 
 
 def _fake_checkpoint(path, step: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {}, "epoch": 1, "global_step": step}, path)
+    state = TrainState(model={}, optimizer={}, scheduler={}, scaler={}, epoch=1, step_in_epoch=0,
+                       global_step=step, best=-1.0, stale=0, history=[], run_id=None, config={}, ranks=[])
+    save_state(state, path)
 
 
 def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
@@ -108,7 +112,7 @@ def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
     (ckpt / TIMED_CHECKPOINT).write_bytes(b"\x00partial write")
     path, state = find_checkpoint(tmp_path, "auto")
     assert path.name == CHECKPOINT
-    assert state["global_step"] == 4
+    assert state.global_step == 4
     assert "skipping checkpoint" in caplog.text
 
     # the newest valid one wins
