@@ -41,7 +41,12 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
-    result = run_demo(args.out, cases=args.cases, size=args.size, overrides=args.set)
+    overrides = list(args.set or [])
+    if args.time_budget:
+        from medseg.plan import parse_duration
+
+        overrides.append(f"train.time_budget_s={parse_duration(args.time_budget)}")
+    result = run_demo(args.out, cases=args.cases, size=args.size, overrides=overrides)
     from medseg.metrics import markdown_table, summarise
 
     summary = summarise(result.rows)
@@ -153,6 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.time_budget:
+        from medseg.plan import parse_duration
+
+        overrides.append(f"train.time_budget_s={parse_duration(args.time_budget)}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -245,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write a Decathlon-layout synthetic CT dataset")
@@ -288,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.set_defaults(func=cmd_train)
 

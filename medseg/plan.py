@@ -205,7 +205,9 @@ def candidate_patches(
     found: set[tuple[int, int, int]] = set()
     for scale in scales:
         patch = _fit_patch(top_arr, divisor, float(np.prod(top_arr)) * scale**3)
-        found.add(tuple(int(p) for p in patch))  # type: ignore[arg-type]
+        # at least 4 voxels at the bottleneck (instance norm needs more than 1), unless it is the top
+        if scale == 1.0 or np.prod(np.asarray(patch) / divisor) >= 4:
+            found.add(tuple(int(p) for p in patch))  # type: ignore[arg-type]
     return sorted(found, key=lambda p: (int(np.prod(p)), p))
 
 
@@ -457,3 +459,57 @@ def lr_factor(
     if kind == "cosine":
         return 0.5 * (1.0 + float(np.cos(np.pi * rest)))
     return max(0.0, 1.0 - rest) ** 0.9
+
+
+@dataclass
+class Deadline:
+    """The run's clock under a time budget: when training must stop so that the last validation,
+    the bundle, post-processing tuning and MLflow still end within the budget.
+
+    ``started`` is the run's start (``time.monotonic()``); ``spent_before`` what a resumed run
+    had already used; the estimate of one validation starts from the plan and then follows the
+    measured ones."""
+
+    budget_s: float
+    started: float
+    spent_before: float = 0.0
+    final_s: float = 0.0
+    validation_s: float = 0.0
+    first_step: float | None = None
+
+    @classmethod
+    def for_run(
+        cls, cfg: Config, plan: BudgetPlan | None, *, started: float, history: list[dict[str, float]]
+    ) -> Deadline | None:
+        """A deadline when the run has a budget (None otherwise); resumed runs keep what they spent."""
+        budget = cfg.train.time_budget_s
+        if budget is None:
+            return None
+        spent = max([float(h.get("elapsed_s", 0.0)) for h in history] or [0.0])
+        per_validation = plan.val_s / VALIDATIONS if plan is not None else 0.0
+        return cls(budget, started, spent, FINAL_FRACTION * budget, per_validation)
+
+    def elapsed(self) -> float:
+        import time
+
+        return self.spent_before + time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def validation_took(self, seconds: float) -> None:
+        """A validation's measured duration (the next ones are assumed to take as long, +10 %)."""
+        self.validation_s = 1.1 * seconds
+
+    def must_stop_training(self) -> bool:
+        return self.remaining() <= self.validation_s + self.final_s
+
+    def training_progress(self) -> float:
+        """Share (0-1) of the training time used, from the first step to the latest stop time."""
+        import time
+
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = now
+        end = self.started + self.budget_s - self.spent_before - self.final_s - self.validation_s
+        return float(min(1.0, (now - self.first_step) / max(end - self.first_step, 1e-6)))
