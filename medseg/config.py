@@ -181,6 +181,9 @@ class PostprocessConfig(_Strict):
     connectivity: Literal[6, 18, 26] = 26
     per_label: dict[int, LabelPostprocess] = Field(default_factory=dict)
     crf: CRFConfig = Field(default_factory=CRFConfig)
+    # at the end of training: choose the steps and the CRF per label on the validation cases,
+    # each kept only when it raises Dice and does not worsen HD95 (medseg.tuning)
+    tune_on_validation: bool = True
 
 
 class TrackingConfig(_Strict):

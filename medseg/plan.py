@@ -290,10 +290,20 @@ def choose_candidate(
 
 
 def measure_step_seconds(
-    cfg: Config, patch: tuple[int, int, int], batch: int, features: int, *, out_channels: int, device: str
+    cfg: Config,
+    patch: tuple[int, int, int],
+    batch: int,
+    features: int,
+    *,
+    out_channels: int,
+    device: str,
+    time_limit_s: float | None = None,
 ) -> float:
     """Seconds of one training step (forward, Dice+CE, backward, AdamW) at this size on ``device``:
-    one untimed step, then the mean of two timed ones. Random data; the model is thrown away."""
+    one untimed step, then the mean of two timed ones. Random data; the model is thrown away.
+    When the first step alone takes more than a third of ``time_limit_s``, its time is the
+    answer (an overestimate: the first step also allocates), so a slow machine is not measured
+    for longer than the budget can spare."""
     import time
 
     import torch
@@ -322,6 +332,8 @@ def measure_step_seconds(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - start)
+        if time_limit_s is not None and len(times) == 1 and times[0] > time_limit_s / 3:
+            return times[0]
     return float(np.mean(times[1:]))
 
 
@@ -378,7 +390,13 @@ def plan_for_budget(
     for features in widths:
         for patch in patches:  # smallest first: stop once a patch can no longer give MIN_STEPS
             step_s = overhead * measure(
-                planned, patch, batch, features, out_channels=out_channels, device=device
+                planned,
+                patch,
+                batch,
+                features,
+                out_channels=out_channels,
+                device=device,
+                time_limit_s=max(1.0, warmup_cap - (time.perf_counter() - start)),
             )
             measured.append(Candidate(patch, batch, features, step_s))
             left = budget - reserve - (time.perf_counter() - start)

@@ -87,6 +87,7 @@ class TrainResult:
     best_dice: float
     history: list[dict[str, float]] = field(default_factory=list)
     config: Config | None = None
+    duration_s: float | None = None  # the whole run, start to bundle tuned and tracked
 
 
 class TrainingStoppedError(StoppedError):
@@ -693,6 +694,8 @@ def _train(
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
                           tracker=tracker, meta=meta, stop=stop, state=state, deadline=deadline)
         history, best = trainer.run()
+        if dist.main and cfg.postprocess.tune_on_validation and prep.val_cases:
+            _tune_postprocessing(run_dir, prep.val_cases, device, deadline, tracker)
         status = "FINISHED"
     except (KeyboardInterrupt, StoppedError):
         status = "KILLED"
@@ -701,7 +704,31 @@ def _train(
         if dist.main:
             _finish(tracker, run_dir, history, cfg, status)
     return TrainResult(run_dir=run_dir, bundle=run_dir / "bundle", run_id=tracker.run_id, best_dice=best,
-                       history=history, config=cfg)
+                       history=history, config=cfg, duration_s=time.monotonic() - started)
+
+
+def _tune_postprocessing(run_dir: Path, val_cases: list, device: torch.device, deadline: Deadline | None,
+                         tracker: Tracker) -> None:
+    """Post-processing (and CRF) chosen on the validation cases, stored in the bundle (medseg.tuning).
+    Under a time budget the CRF is tried only when the time left allows it."""
+    from medseg.tuning import tune_bundle
+
+    if not (run_dir / "bundle").is_dir():
+        return
+    try_crf = deadline is None or deadline.remaining() > 0.5 * deadline.final_s
+    try:
+        report = tune_bundle(run_dir / "bundle", val_cases, device=device, try_crf=try_crf)
+    except Exception as exc:  # tuning must never lose a trained model
+        log.warning("post-processing not tuned (%s: %s); the bundle keeps its configured steps",
+                    type(exc).__name__, exc)
+        return
+    if report is None:
+        return
+    write_text_atomic(run_dir / "postprocess_tuning.md", report.table() + "\n")
+    tracker.log_artifact(run_dir / "postprocess_tuning.md")
+    tracker.log_metrics({f"val_pp_dice_{k}": v for k, v in report.final_dice.items()}, step=0)
+    kept = ", ".join(f"{'all' if t.label is None else t.label}: {t.step}" for t in report.kept()) or "none"
+    log.info("post-processing chosen on validation: %s", kept)
 
 
 def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) -> None:

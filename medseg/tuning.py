@@ -271,3 +271,70 @@ def tune_postprocessing(
     report.final_dice = {k: _scores(final, refs, spacings, k)[0] for k in fg}
     log.info("%s", report.table())
     return cfg, report
+
+
+def validation_probabilities(
+    network: Any, cfg: Any, cases: Sequence[Any], *, device: Any = "cpu"
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[Spacing]]:
+    """Softmax probabilities, references, normalised images and spacings of validation cases in
+    the model grid (the preprocessing of ``cfg``, sliding windows as validation runs them)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from medseg.transforms import build_preprocess
+
+    preprocess = build_preprocess(cfg)
+    roi = tuple(int(p) for p in cfg.train.patch_size)
+    probs, refs, images, spacings = [], [], [], []
+    network.eval()
+    with torch.no_grad():
+        for case in cases:
+            item = preprocess({"image": str(case.image), "label": str(case.label)})
+            image = item["image"][None].to(device)
+            logits = sliding_window_inference(
+                image,
+                roi_size=roi,
+                sw_batch_size=cfg.infer.sw_batch_size,
+                predictor=network,
+                overlap=cfg.infer.overlap,
+                mode=cfg.infer.blend_mode,
+            )
+            probs.append(torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu().numpy())
+            refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
+            images.append(np.asarray(item["image"][0], dtype=np.float32))
+            affine = np.asarray(item["image"].affine, dtype=float)
+            spacings.append(tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
+    return probs, refs, images, spacings
+
+
+def tune_bundle(
+    bundle_dir: Any, val_cases: Sequence[Any], *, device: Any = "cpu", try_crf: bool = True
+) -> TuningReport | None:
+    """Tune the post-processing of a trained bundle on its validation cases and store the choice
+    in the bundle's config (applied by default at inference) with the report beside it
+    (``postprocess_tuning.json``). None when there are no validation cases."""
+    import json
+    from pathlib import Path
+
+    from medseg.bundle import CONFIG, load_bundle
+    from medseg.config import dump_config
+    from medseg.io import write_text_atomic
+
+    if not val_cases:
+        return None
+    bundle = load_bundle(bundle_dir, device=device)
+    cfg = bundle.config
+    label_ids = sorted(cfg.labels or {})
+    probs, refs, images, spacings = validation_probabilities(bundle.network, cfg, val_cases, device=device)
+    chosen, report = tune_postprocessing(
+        probs,
+        refs,
+        spacing=spacings,
+        label_ids=label_ids,
+        images=images if try_crf else None,
+        base=cfg.postprocess,
+    )
+    tuned = cfg.model_copy(update={"postprocess": chosen}, deep=True)
+    write_text_atomic(Path(bundle_dir) / CONFIG, dump_config(tuned))
+    write_text_atomic(Path(bundle_dir) / "postprocess_tuning.json", json.dumps(report.to_dict(), indent=2))
+    return report
