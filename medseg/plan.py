@@ -383,6 +383,7 @@ def plan_for_budget(
     if "features" not in cfg.model.model_fields_set and cfg.model.features >= 16:
         widths.append(cfg.model.features // 2)
     overhead = CPU_DATA_OVERHEAD if str(device).startswith("cpu") else 1.0
+    patches_per_step = batch * planned.augment.samples_per_volume  # each case gives that many crops
     warmup_cap = WARMUP_FRACTION * budget
     reserve = elapsed_s + FINAL_FRACTION * budget
     start = time.perf_counter()
@@ -392,7 +393,7 @@ def plan_for_budget(
             step_s = overhead * measure(
                 planned,
                 patch,
-                batch,
+                patches_per_step,
                 features,
                 out_channels=out_channels,
                 device=device,

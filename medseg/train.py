@@ -640,7 +640,8 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
     if dist.main:
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
         log.info("%s", summary)
-        write_text_atomic(run_dir / "plan.yaml", dump_config(cfg))
+        comment = "".join(f"# {line}\n" for line in budget.summary().splitlines()) if budget else ""
+        write_text_atomic(run_dir / "plan.yaml", comment + dump_config(cfg))
         write_text_atomic(run_dir / "plan.txt", summary + "\n")
         splits = {"fold": cfg.train.fold, "num_folds": cfg.train.num_folds, "seed": cfg.seed,
                   "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}

@@ -89,7 +89,7 @@ def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     calls = []
 
     def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None):
-        calls.append((patch, features))
+        calls.append((patch, features, batch))
         return 1e-6 * patch[0] * patch[1] * patch[2] * batch * features / 16  # bigger = slower
 
     cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
@@ -103,6 +103,9 @@ def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     assert plan.steps >= 1000 or "no candidate" in plan.why
     assert "budget" in plan.summary()
     assert plan.params()["budget.steps"] == plan.steps
+    # a step holds batch (2 cases) x samples_per_volume (2 crops) patches: that is what is measured
+    assert {c[2] for c in calls} == {4}
+    assert all(c.batch == 2 for c in plan.measured)
     # the user's patch is kept: only it is measured
     calls.clear()
     fixed = Config.model_validate({"train": {"time_budget_s": 600, "patch_size": [32, 32, 16]}})
