@@ -95,3 +95,21 @@ def test_a_crf_that_lowers_dice_is_not_applied(rng):
 def test_mismatched_inputs_are_refused():
     with pytest.raises(ValueError, match="as many"):
         tune_postprocessing([np.zeros((2, 4, 4, 4))], [], spacing=(1, 1, 1), label_ids=[0, 1])
+
+
+def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
+    """Speckled probabilities over a clear edge: the CRF cleans them; the best setting is stored."""
+    shape = (24, 24, 24)
+    refs, probs, images = [], [], []
+    for _ in range(2):
+        ref = _ball(shape, (12, 12, 12), 7).astype(np.int64)
+        p1 = np.clip(np.where(ref == 1, 0.7, 0.3) + rng.normal(0, 0.25, shape), 0.01, 0.99).astype(np.float32)
+        refs.append(ref)
+        probs.append(np.stack([1 - p1, p1]))
+        images.append((2.0 * ref + rng.normal(0, 0.2, shape)).astype(np.float32))
+    cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1], images=images)
+    assert cfg.crf.enabled
+    kept = [t for t in report.trials if t.kept and t.step.startswith("CRF")]
+    assert len(kept) == 1
+    assert kept[0].dice_after == max(t.dice_after for t in report.trials if t.step.startswith("CRF"))
+    assert report.final_dice[1] > report.baseline_dice[1] + 0.3
