@@ -125,16 +125,15 @@ def score(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[int, str]) ->
 # ----------------------------------------------------------------------------- medseg
 
 
-def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str]) -> dict:
-    """The medseg CLI as a user runs it: train with a budget (nothing else), then infer the test images."""
+def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str], *, reuse: bool = False) -> dict:
+    """The medseg CLI as a user runs it: train with a budget (nothing else), then infer the test images.
+    ``reuse``: a finished run in ``out`` is scored again without training."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = out / "medseg_run"
+    medseg = [sys.executable, "-m", "medseg"]
     start = time.monotonic()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medseg",
+    if not (reuse and (run / "bundle").is_dir()):
+        train = [
             "train",
             "--data",
             str(root),
@@ -142,35 +141,23 @@ def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str]) ->
             f"{minutes}m",
             "--set",
             "tracking.enabled=false",
-            "--out",
-            str(run),
-        ],
-        check=True,
-        env=env,
-        cwd=out,
-    )
+        ]
+        subprocess.run([*medseg, *train, "--out", str(run)], check=True, env=env, cwd=out)
     train_s = time.monotonic() - start
     spec = _spec(root)
     preds = out / "medseg_pred"
     images = [str(root / t) for t in spec["test"]]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medseg",
-            "infer",
-            "-m",
-            str(run / "bundle"),
-            "-i",
-            *images,
-            "-o",
-            str(preds),
-            "--overwrite",
-        ],
-        check=True,
-        env=env,
-        cwd=out,
-    )
+    infer = [
+        "infer",
+        "--model",
+        str(run / "bundle"),
+        "--input",
+        *images,
+        "--output",
+        str(preds),
+        "--overwrite",
+    ]
+    subprocess.run([*medseg, *infer], check=True, env=env, cwd=out)
     cases = {}
     for image, ref_path in zip(spec["test"], spec["test_labels"], strict=True):
         stem = Path(image).name.removesuffix(".nii.gz")
@@ -345,6 +332,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=11.0)
     parser.add_argument("--sets", nargs="+", default=["phantoms", "realct"], choices=["phantoms", "realct"])
     parser.add_argument("--work", default="/tmp/medseg-accuracy")
+    parser.add_argument("--reuse", action="store_true", help="score a finished medseg run again, no training")
     parser.add_argument("--methods", nargs="+", default=["medseg", "monai"], choices=["medseg", "monai"])
     args = parser.parse_args()
     work = Path(args.work)
@@ -356,7 +344,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         results = {}
         if "medseg" in args.methods:
-            results["medseg"] = run_medseg(root, out, args.minutes, labels)
+            results["medseg"] = run_medseg(root, out, args.minutes, labels, reuse=args.reuse)
         val_names = []
         splits = out / "medseg_run" / "splits.json"
         if splits.exists():

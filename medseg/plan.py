@@ -495,6 +495,8 @@ class Deadline:
     final_s: float = 0.0
     validation_s: float = 0.0
     first_step: float | None = None
+    step_s: float = 0.0
+    _last_step: float | None = None
 
     @classmethod
     def for_run(
@@ -519,9 +521,20 @@ class Deadline:
     def validation_took(self, seconds: float) -> None:
         """A validation's measured duration (the next ones are assumed to take as long, +10 %)."""
         self.validation_s = 1.1 * seconds
+        self._last_step = None  # the next interval would include the validation
+
+    def step_done(self) -> None:
+        """Called after each training step: the time since the previous one is the next step's estimate."""
+        import time
+
+        now = time.monotonic()
+        if self._last_step is not None:
+            self.step_s = now - self._last_step
+        self._last_step = now
 
     def must_stop_training(self) -> bool:
-        return self.remaining() <= self.validation_s + self.final_s
+        """True when one more step would leave too little time to validate and finish."""
+        return self.remaining() <= self.step_s + self.validation_s + self.final_s
 
     def training_progress(self) -> float:
         """Share (0-1) of the training time used, from the first step to the latest stop time."""

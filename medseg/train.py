@@ -364,6 +364,8 @@ class Trainer:
             self._show_progress(epoch, stats)
             if self._checkpoint_within_epoch(epoch, epoch_rng, stats):
                 t_wait = time.perf_counter()
+            if self.deadline is not None:
+                self.deadline.step_done()
             if self._out_of_time():
                 break
         return stats
