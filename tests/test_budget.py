@@ -143,3 +143,12 @@ def test_training_ends_within_its_time_budget(tmp_path):
     assert "budget" in (result.run_dir / "plan.txt").read_text()
     planned = json.loads(json.dumps(result.config.model_dump(mode="json")))
     assert planned["train"]["time_budget_s"] == 40
+
+
+def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
+    from tests.conftest import run_cli
+
+    proc = run_cli("train", "--data", str(tiny_dataset), "--time-budget", "soon", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "time budget 'soon'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
