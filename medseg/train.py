@@ -66,7 +66,7 @@ from medseg.data import Dataset, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.models import build_model, deep_supervision_weights
-from medseg.plan import BudgetPlan, Deadline, lr_factor, plan_for_budget, plan_summary
+from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
 from medseg.progress import TrainingProgress
 from medseg.runtime import Dist, autocast, channels_last, init_distributed, resolve_precision
 from medseg.tracking import Tracker, git_commit, package_versions
@@ -618,7 +618,7 @@ class _Prepared:
 
 
 def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: torch.device,
-             started: float) -> _Prepared:
+             started: float, *, resumed: bool = False) -> _Prepared:
     """Fingerprint (cached in the run folder), plan (with a time budget: measured on rank 0), splits;
     rank 0 writes them beside the run."""
     fp_path = run_dir / "fingerprint.json"
@@ -632,7 +632,9 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     budget: BudgetPlan | None = None
-    if dist.main:
+    if resumed:  # the run keeps its own plan (steps, schedule); its deadline counts the time it spent
+        cfg = make_plan(cfg, fp)
+    elif dist.main:
         out_channels = max(cfg.labels or {0: ""}) + 1
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
@@ -685,7 +687,7 @@ def _train(
     tracker = _start_tracking(cfg, data_root, state, dist)
     status, history, best = "FAILED", [], -1.0
     try:
-        prep = _prepare(cfg, dataset, run_dir, dist, device, started)
+        prep = _prepare(cfg, dataset, run_dir, dist, device, started, resumed=state is not None)
         cfg = prep.cfg
         deadline = Deadline.for_run(cfg, prep.budget, started=started, history=state.history if state else [])
         if state is None:
