@@ -169,6 +169,8 @@ def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str], *,
     state = run / "checkpoints" / "last.pt"
     history = list(load_state(state).history) if state.exists() else []
     curve = [(h["elapsed_s"] / 60, h["val_dice"]) for h in history if "val_dice" in h and "elapsed_s" in h]
+    if reuse and curve:  # not trained now: the run's own clock
+        train_s = max(h.get("elapsed_s", 0.0) for h in history)
     tuning = run / "postprocess_tuning.md"
     return {
         "train_s": train_s,
