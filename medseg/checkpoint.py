@@ -154,7 +154,7 @@ def drop(folder: Path, name: str = TIMED) -> None:
 # ----------------------------------------------------------------------------- RNG state
 
 
-def _np_state_to_tensors(state: tuple) -> dict[str, Any]:
+def _np_state_to_tensors(state: Any) -> dict[str, Any]:
     return {
         "keys": torch.as_tensor(np.asarray(state[1]).astype(np.int64)),
         "pos": int(state[2]),

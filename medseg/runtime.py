@@ -178,7 +178,7 @@ def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 
     x = torch.randn(2, channels, size, size, size)
 
     def run(bf16: bool) -> float:
-        model = net.to(memory_format=torch.channels_last_3d) if bf16 else net
+        model = set_memory_format(net, torch.channels_last_3d) if bf16 else net
         inp = x.contiguous(memory_format=torch.channels_last_3d) if bf16 else x
         best = float("inf")
         for _ in range(repeats):
@@ -191,7 +191,7 @@ def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 
 
     run(False), run(True)  # warm-up (first calls pick kernels)
     fp32, bf16 = run(False), run(True)
-    net.to(memory_format=torch.contiguous_format)
+    set_memory_format(net, torch.contiguous_format)
     return fp32 / max(bf16, 1e-9)
 
 
@@ -237,3 +237,8 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
 def channels_last(device: torch.device, precision: Precision) -> bool:
     """Channels-last 3D memory format: what makes CPU bf16 convolutions fast (oneDNN)."""
     return device.type == "cpu" and precision == "bf16"
+
+
+def set_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """``module.to(memory_format=...)`` in place (torch's stubs omit the keyword)."""
+    return module.to(memory_format=memory_format)  # type: ignore[call-overload]

@@ -65,10 +65,19 @@ from medseg.config import Config, dump_config, flatten
 from medseg.data import Dataset, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
+from medseg.io.volume import sweep_partials
+from medseg.locks import exclusive
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
 from medseg.progress import TrainingProgress
-from medseg.runtime import Dist, autocast, channels_last, init_distributed, resolve_precision
+from medseg.runtime import (
+    Dist,
+    autocast,
+    channels_last,
+    init_distributed,
+    resolve_precision,
+    set_memory_format,
+)
 from medseg.tracking import Tracker, git_commit, package_versions
 from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
 from medseg.validation import FirstCase, summarise, validate
@@ -102,7 +111,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signum = signal.SIGTERM
+        self.signum: int = signal.SIGTERM
 
     def set(self, signum: int) -> None:
         self.signum = signum
@@ -191,8 +200,8 @@ def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _items(cases) -> list[dict[str, str]]:
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+def _items(cases) -> list[dict[str, Any]]:
+    return [c.item() for c in cases]  # image: one path, or one per channel
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -276,7 +285,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
         if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = set_memory_format(self.network, torch.channels_last_3d)
         self.model: torch.nn.Module = self.network
         if self.dist.active:
             ids = [device.index] if device.type == "cuda" else None
@@ -572,7 +581,8 @@ def _run_name(data_root: Path, cfg: Config) -> str:
 
 def _resume_state(cfg: Config, run_dir: Path, resume: bool | str, dist: Dist) -> TrainState | None:
     """The checkpoint to continue from (rank 0 decides, every rank loads the same file)."""
-    found, problem = None, None
+    found: tuple[Path, TrainState] | None = None
+    problem: MedsegError | None = None
     if dist.main:
         try:
             if resume:
@@ -628,7 +638,7 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         if fp_path.exists():
             fp = json.loads(fp_path.read_text())
         else:
-            fp = fingerprint(dataset, seed=cfg.seed)
+            fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
     budget: BudgetPlan | None = None
@@ -677,15 +687,29 @@ def _train(
     cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
 ) -> TrainResult:
     started = time.monotonic()
-    dataset = load_dataset(data_root)
+    dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
+    if not dist.main:
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
+    # one run per folder: a second one is refused (naming the holder) before it touches anything
+    with exclusive(run_dir, what="training run"):
+        sweep_partials(run_dir)  # temp files of writes a killed run left behind
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
+
+
+def _train_locked(
+    cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
+    stop: StopFlag, started: float,
+) -> TrainResult:
+    data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
     if state is not None and state.config:
         # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now
         cfg = Config.model_validate(state.config)
     tracker = _start_tracking(cfg, data_root, state, dist)
-    status, history, best = "FAILED", [], -1.0
+    status, best = "FAILED", -1.0
+    history: list[dict[str, float]] = []
     try:
         prep = _prepare(cfg, dataset, run_dir, dist, device, started, resumed=state is not None)
         cfg = prep.cfg
@@ -748,9 +772,5 @@ def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) 
             tracker.log_artifact(run_dir / "overlays", "overlays")
         if bundle_dir.exists():
             tracker.log_artifact(bundle_dir, "bundle")
-            if tracker.enabled and cfg.tracking.log_model:
-                from medseg.bundle import load_bundle
-
-                patch = [1, 1, *[int(p) for p in cfg.train.patch_size or ()]]
-                tracker.log_model(load_bundle(bundle_dir).network, np.zeros(patch, dtype=np.float32))
+            tracker.log_bundle_model(bundle_dir)  # the whole pipeline as a pyfunc; registered/aliased per config
     tracker.end(status)

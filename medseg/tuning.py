@@ -289,7 +289,10 @@ def validation_probabilities(
     network.eval()
     with torch.no_grad():
         for case in cases:
-            item = preprocess({"image": str(case.image), "label": str(case.label)})
+            raw = (
+                case.item() if hasattr(case, "item") else {"image": str(case.image), "label": str(case.label)}
+            )
+            item = preprocess(raw)  # image: one path, or one per channel
             image = item["image"][None].to(device)
             logits = sliding_window_inference(
                 image,
@@ -301,7 +304,7 @@ def validation_probabilities(
             )
             probs.append(torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu().numpy())
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
-            images.append(np.asarray(item["image"][0], dtype=np.float32))
+            images.append(np.asarray(item["image"][0], dtype=np.float32))  # the CRF reads the first channel
             affine = np.asarray(item["image"].affine, dtype=float)
             spacings.append(tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
     return probs, refs, images, spacings

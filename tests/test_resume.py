@@ -15,16 +15,13 @@ from medseg.checkpoint import LAST as CHECKPOINT
 from medseg.checkpoint import TIMED as TIMED_CHECKPOINT
 from medseg.checkpoint import TrainState, find_checkpoint, save_state
 from medseg.errors import InputError
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, TINY_ARGS, run_cli
 
 EPOCHS = 4
 TINY = [
     "--epochs",
     str(EPOCHS),
-    *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
-    *("--set", "train.patch_size=[16, 16, 16]"),
-    *("--set", "model.features=4"),
-    *("--set", "model.depth=2"),
+    *TINY_ARGS,
     *("--set", "train.val_every=2"),
     *("--set", "train.val_surface_metrics=false"),
     *("--set", "augment.samples_per_volume=2"),
@@ -157,3 +154,33 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_dataset, tmp_path):
     assert not (tmp_path / "run" / "bundle").exists()
     # the handler was removed again: SIGTERM means what it meant before
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_the_second_is_refused(tiny_dataset, tmp_path):
+    """Run B into run A's folder is refused with A's PID; once A is killed, the folder is free again."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["train", "--data", str(tiny_dataset), "--out", "run", *TINY[:1], "50", *TINY[2:]]
+    first = subprocess.Popen([sys.executable, "-m", "medseg", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        ckpt_dir = tmp_path / "run" / "checkpoints"
+        while not (ckpt_dir / TIMED_CHECKPOINT).exists() and not (ckpt_dir / CHECKPOINT).exists():
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_cli(*args, cwd=tmp_path, timeout=120)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"PID {first.pid}" in lines[0]
+        assert first.poll() is None, "the refused run must not disturb the running one"
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    # the kernel released the lock with the process: the next run (a resume) is not blocked
+    from medseg.locks import exclusive
+
+    with exclusive(tmp_path / "run"):
+        pass
