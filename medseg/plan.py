@@ -295,6 +295,7 @@ class BudgetPlan:
     warmup_s: float
     measured: tuple[Candidate, ...]
     why: str
+    validations: int = VALIDATIONS
 
     def params(self) -> dict[str, Any]:
         """Flat MLflow params."""
@@ -317,7 +318,8 @@ class BudgetPlan:
         )
         return (
             f"  budget     {self.budget_s / 60:.1f} min ({self.reason}): {self.steps} steps of "
-            f"{self.chosen.step_s:.3f} s = {self.train_s:.0f} s training, ~{self.val_s:.0f} s validation, "
+            f"{self.chosen.step_s:.3f} s = {self.train_s:.0f} s training, ~{self.val_s:.0f} s for "
+            f"{self.validations} validation(s), "
             f"{self.warmup_s:.0f} s warm-up\n    {self.why}\n  measured on this machine:\n{rows}"
         )
 
@@ -408,15 +410,15 @@ def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
     return models
 
 
-def _validation_seconds(cfg: Config, fp: dict[str, Any], step_s: float, batch: int) -> float:
-    """Estimated seconds of all validations: sliding windows over the validation cases, each
-    window's forward about a third of a training step per sample (no backward)."""
+def _validation_seconds(cfg: Config, fp: dict[str, Any], step_s: float, patches_per_step: int) -> float:
+    """Estimated seconds of one validation: sliding windows over the validation cases, each
+    window's forward about a third of a training step per patch (no backward)."""
     n_val = max(1, round(int(fp.get("n_cases", 5)) * cfg.train.val_fraction))
     extent = np.asarray(fp["extent_mm_median"], dtype=float) / np.asarray(cfg.preprocess.spacing)
     stride = np.asarray(cfg.train.patch_size, dtype=float) * (1.0 - cfg.infer.overlap)
     windows = float(np.prod(np.maximum(1.0, np.ceil(extent / stride))))
     # x2: HD95 and surface Dice, the loader, the overlay (the first measured validation replaces it)
-    return VALIDATIONS * n_val * windows * step_s / 3.0 / batch * 2.0
+    return n_val * windows * step_s / 3.0 / patches_per_step * 2.0
 
 
 def plan_for_budget(
@@ -475,7 +477,9 @@ def plan_for_budget(
         if not alive or time.perf_counter() - start > warmup_cap:
             break
     warmup_s = time.perf_counter() - start
-    chosen, val_s, train_s, why = _fit_to_budget(planned, fp, measured, budget - reserve - warmup_s)
+    chosen, val_s, train_s, why, validations = _fit_to_budget(
+        planned, fp, measured, budget - reserve - warmup_s, patches_per_step
+    )
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
     plan = BudgetPlan(
@@ -485,32 +489,37 @@ def plan_for_budget(
         steps=steps,
         epochs=epochs,
         iterations_per_epoch=max(1, -(-steps // epochs)),
-        val_every=2,
+        val_every=-(-epochs // validations),
         train_s=train_s,
         val_s=val_s,
         warmup_s=warmup_s,
         measured=tuple(measured),
         why=why,
+        validations=validations,
     )
     return apply_budget_plan(planned, plan), plan
 
 
 def _fit_to_budget(
-    cfg: Config, fp: dict[str, Any], measured: list[Candidate], left_s: float
-) -> tuple[Candidate, float, float, str]:
-    """Choose with validation time taken out of the budget (it depends on the patch chosen)."""
+    cfg: Config, fp: dict[str, Any], measured: list[Candidate], left_s: float, patches_per_step: int
+) -> tuple[Candidate, float, float, str, int]:
+    """Choose with validation time taken out of the budget (it depends on the patch chosen):
+    up to VALIDATIONS validations, fewer (at least the final one) when they would take more
+    than a quarter of the time left."""
     left_s = max(left_s, 1.0)
     chosen, why = choose_candidate(measured, left_s * 0.85)
+    validations, val_s = 1, 0.0
     for _ in range(3):  # the validation estimate depends on the choice: settle it
         probe = cfg.model_copy(deep=True)
         probe.train.patch_size = tuple(float(p) for p in chosen.patch)  # type: ignore[assignment]
-        val_s = _validation_seconds(probe, fp, chosen.step_s, chosen.batch)
-        val_s = min(val_s, 0.3 * left_s)
+        one = _validation_seconds(probe, fp, chosen.step_s, patches_per_step)
+        validations = int(np.clip(0.25 * left_s // max(one, 1e-6), 1, VALIDATIONS))
+        val_s = min(validations * one, 0.5 * left_s)
         again, why = choose_candidate(measured, left_s - val_s)
         if again == chosen:
             break
         chosen = again
-    return chosen, val_s, left_s - val_s, why
+    return chosen, val_s, left_s - val_s, why, validations
 
 
 def apply_budget_plan(cfg: Config, plan: BudgetPlan) -> Config:
@@ -577,7 +586,7 @@ class Deadline:
         if budget is None:
             return None
         spent = max([float(h.get("elapsed_s", 0.0)) for h in history] or [0.0])
-        per_validation = plan.val_s / VALIDATIONS if plan is not None else 0.0
+        per_validation = plan.val_s / plan.validations if plan is not None else 0.0
         return cls(budget, started, spent, FINAL_FRACTION * budget, per_validation)
 
     def elapsed(self) -> float:
