@@ -744,7 +744,11 @@ def _tune_postprocessing(run_dir: Path, val_cases: list, device: torch.device, d
 
     if not (run_dir / "bundle").is_dir():
         return
-    try_crf = deadline is None or deadline.remaining() > 0.5 * deadline.final_s
+    # tuning predicts the validation cases once more: about one validation's time (CRF: more)
+    if deadline is not None and deadline.remaining() < deadline.validation_s + 0.25 * deadline.final_s:
+        log.info("time budget: no time left to tune the post-processing; the bundle keeps its configured steps")
+        return
+    try_crf = deadline is None or deadline.remaining() > deadline.validation_s + 0.5 * deadline.final_s
     try:
         report = tune_bundle(run_dir / "bundle", val_cases, device=device, try_crf=try_crf)
     except Exception as exc:  # tuning must never lose a trained model
