@@ -43,7 +43,12 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
-    result = run_demo(args.out, cases=args.cases, size=args.size, overrides=args.set)
+    overrides = list(args.set or [])
+    if args.time_budget:
+        from medseg.plan import parse_duration
+
+        overrides.append(f"train.time_budget_s={parse_duration(args.time_budget)}")
+    result = run_demo(args.out, cases=args.cases, size=args.size, overrides=overrides)
     from medseg.metrics import markdown_table, summarise
 
     summary = summarise(result.rows)
@@ -171,6 +176,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.time_budget:
+        from medseg.plan import parse_duration
+
+        overrides.append(f"train.time_budget_s={parse_duration(args.time_budget)}")
     if args.register:
         overrides.append(f"tracking.registered_model_name={args.register}")
     if args.alias:
@@ -477,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
     )
+    p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
     p.set_defaults(func=cmd_demo)
 
     p = command("synth", "write a Decathlon-layout synthetic CT dataset")
@@ -526,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
     )
+    p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.add_argument(
         "--register",

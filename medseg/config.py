@@ -98,8 +98,11 @@ class AugmentConfig(_Strict):
     switch a transform off. ``bias_field_prob`` None = on (0.15) for MR, off for CT.
     """
 
-    crop: Literal["pos_neg", "label_classes"] = "pos_neg"  # foreground-biased patch sampling
-    pos_neg_ratio: PositiveFloat = 2.0  # pos_neg: patches centred on foreground per background patch
+    # patch sampling: "auto" = label_classes when the labels have more than one foreground class
+    # (each foreground class equally often, as nnU-Net forces patches onto a class chosen
+    # uniformly among those present, so a small organ beside a large one is learned), else pos_neg
+    crop: Literal["auto", "pos_neg", "label_classes"] = "auto"
+    pos_neg_ratio: PositiveFloat = 2.0  # patches centred on foreground per background patch (both samplers)
     samples_per_volume: int = Field(2, ge=1, le=64)
     elastic_prob: Probability = 0.1
     elastic_sigma: PositivePair = (5.0, 7.0)  # voxels, smoothing of the displacement field
@@ -184,6 +187,11 @@ class TrainConfig(_Strict):
     checkpoint_every_minutes: PositiveFloat = 10.0
     checkpoint_every_steps: int | None = Field(None, ge=1)  # also a mid-epoch checkpoint every N steps
     memory_budget_gb: PositiveFloat | None = None  # for the plan's patch/batch size; None = detected
+    # wall-clock budget for the whole run (seconds; the CLI takes 15m, 8h): a measured warm-up
+    # picks patch, batch, width and steps to end within it (medseg.plan.plan_for_budget).
+    # None: fingerprint rules; on CPU with epochs and patch left unset, CPU_DEFAULT_BUDGET_S.
+    time_budget_s: float | None = Field(None, gt=0.0)
+    lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # of the steps: linear warm-up of the lr
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:
@@ -248,6 +256,9 @@ class PostprocessConfig(_Strict):
     connectivity: Literal[6, 18, 26] = 26
     per_label: dict[int, LabelPostprocess] = Field(default_factory=dict)
     crf: CRFConfig = Field(default_factory=CRFConfig)
+    # at the end of training: choose the steps and the CRF per label on the validation cases,
+    # each kept only when it raises Dice and does not worsen HD95 (medseg.tuning)
+    tune_on_validation: bool = True
 
 
 class TrackingConfig(_Strict):

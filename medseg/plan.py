@@ -21,6 +21,7 @@ Rules (nnU-Net's, made visible):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -196,3 +197,430 @@ def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
         f"  optimiser  {cfg.train.optimizer} lr {cfg.train.lr} with {cfg.train.scheduler} decay, "
         f"{cfg.train.epochs} epochs"
     )
+
+
+# ----------------------------------------------------------------------------- time budget
+#
+# With a wall-clock budget the question is not "what fits the memory" but "what learns most in
+# the time there is". The plan measures one training step of a few candidate sizes on this
+# machine (the warm-up), then takes the largest patch (most context) whose step time still
+# leaves MIN_STEPS optimiser steps in the training share of the budget; when no candidate does,
+# the cheapest (most steps). The issue's measurement is the reason: 80^3 patches x 8 gave 10
+# epochs in 11 CPU minutes and Dice 0.74, a plain loop with small patches and many steps 0.915.
+
+CPU_DEFAULT_BUDGET_S = 15 * 60.0  # CPU, no budget, epochs and patch unset: 15 minutes, said so
+MIN_STEPS = 1000  # heuristic: steps for AdamW to converge on a small dataset (not measured per task)
+PATCH_SCALES = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32)  # of the fingerprint patch's voxels, per axis
+WARMUP_FRACTION = 0.05  # of the budget, at most, spent measuring step times
+VALIDATIONS = 5  # validations over the run (the last at the end)
+FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuning and MLflow
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``1.5h``, ``8h``, ``1h30m``; ConfigError otherwise."""
+    import re
+
+    from medseg.errors import ConfigError
+
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms]?)", str(text).strip().lower())
+        joined = "".join(f"{n}{u}" for n, u in parts)
+        if not parts or joined != re.sub(r"\s+", "", str(text).strip().lower()):
+            raise ConfigError(f"time budget {text!r}: expected e.g. 900, 15m, 1.5h or 1h30m")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"time budget {text!r}: must be more than 0 seconds")
+    return seconds
+
+
+def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
+    """The run's budget in seconds (or None) and why: given, the CPU default, or none."""
+    tr = cfg.train
+    if tr.time_budget_s is not None:
+        return float(tr.time_budget_s), "given"
+    chosen_by_user = {"epochs", "patch_size", "iterations_per_epoch"} & tr.model_fields_set
+    if str(device).startswith("cpu") and not chosen_by_user:
+        return CPU_DEFAULT_BUDGET_S, (
+            f"CPU and neither epochs nor patch given: default budget {CPU_DEFAULT_BUDGET_S / 60:.0f} min "
+            "(set --time-budget, or --epochs for the fingerprint plan)"
+        )
+    return None, "none: fingerprint plan"
+
+
+def candidate_patches(
+    top: tuple[float, ...], divisor: int, *, scales=PATCH_SCALES
+) -> list[tuple[int, int, int]]:
+    """Patches from ``top`` (the fingerprint plan's) down, each shrunk along its largest axes
+    to ``scale**3`` of its voxels, divisible by ``divisor``; distinct, smallest first."""
+    top_arr = np.asarray(top, dtype=float)
+    found: set[tuple[int, int, int]] = set()
+    for scale in scales:
+        patch = _fit_patch(top_arr, divisor, float(np.prod(top_arr)) * scale**3)
+        # at least 4 voxels at the bottleneck (instance norm needs more than 1), unless it is the top
+        if scale == 1.0 or np.prod(np.asarray(patch) / divisor) >= 4:
+            found.add(tuple(int(p) for p in patch))  # type: ignore[arg-type]
+    return sorted(found, key=lambda p: (int(np.prod(p)), p))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One measured configuration: patch (voxels), batch, network width, seconds per step."""
+
+    patch: tuple[int, int, int]
+    batch: int
+    features: int
+    step_s: float
+    model: str = "classic_unet"
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.patch)) * self.batch
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What the budget plan chose and why (printed, in plan.txt, plan.yaml and MLflow params)."""
+
+    budget_s: float
+    reason: str
+    chosen: Candidate
+    steps: int
+    epochs: int
+    iterations_per_epoch: int
+    val_every: int
+    train_s: float
+    val_s: float
+    warmup_s: float
+    measured: tuple[Candidate, ...]
+    why: str
+    validations: int = VALIDATIONS
+
+    def params(self) -> dict[str, Any]:
+        """Flat MLflow params."""
+        return {
+            "budget.seconds": round(self.budget_s, 1),
+            "budget.reason": self.reason,
+            "budget.steps": self.steps,
+            "budget.step_s": round(self.chosen.step_s, 4),
+            "budget.train_s": round(self.train_s, 1),
+            "budget.val_s": round(self.val_s, 1),
+            "budget.warmup_s": round(self.warmup_s, 1),
+            "budget.why": self.why[:450],
+        }
+
+    def summary(self) -> str:
+        rows = "\n".join(
+            f"    {'x'.join(map(str, c.patch))} batch {c.batch} {c.model} width {c.features}: {c.step_s:.3f} s/step"
+            f" -> {int(self.train_s / c.step_s)} steps"
+            for c in self.measured
+        )
+        return (
+            f"  budget     {self.budget_s / 60:.1f} min ({self.reason}): {self.steps} steps of "
+            f"{self.chosen.step_s:.3f} s = {self.train_s:.0f} s training, ~{self.val_s:.0f} s for "
+            f"{self.validations} validation(s), "
+            f"{self.warmup_s:.0f} s warm-up\n    {self.why}\n  measured on this machine:\n{rows}"
+        )
+
+
+def choose_candidate(
+    measured: list[Candidate], train_s: float, *, min_steps: int = MIN_STEPS
+) -> tuple[Candidate, str]:
+    """The largest patch x batch (then the widest) that leaves ``min_steps`` steps in ``train_s``;
+    if none does, the one with the most steps. Pure: the rule the tests pin down."""
+    if not measured:
+        raise ValueError("no candidate was measured")
+    enough = [c for c in measured if train_s / c.step_s >= min_steps]
+    if enough:
+        best = max(enough, key=lambda c: (c.voxels, c.features, -c.step_s))
+        return best, (
+            f"largest patch with >= {min_steps} steps in {train_s:.0f} s "
+            f"({len(enough)} of {len(measured)} candidates qualify)"
+        )
+    best = min(measured, key=lambda c: c.step_s)
+    return best, (
+        f"no candidate reaches {min_steps} steps in {train_s:.0f} s: the fastest, "
+        f"{int(train_s / best.step_s)} steps (a longer budget would train better)"
+    )
+
+
+def measure_step_seconds(
+    cfg: Config,
+    patch: tuple[int, int, int],
+    batch: int,
+    features: int,
+    *,
+    out_channels: int,
+    device: str,
+    time_limit_s: float | None = None,
+    model_name: str | None = None,
+) -> float:
+    """Seconds of one training step (forward, Dice+CE, backward, AdamW) at this size on ``device``:
+    one untimed step, then the mean of two timed ones. Random data; the model is thrown away.
+    When the first step alone takes more than a third of ``time_limit_s``, its time is the
+    answer (an overestimate: the first step also allocates), so a slow machine is not measured
+    for longer than the budget can spare."""
+    import time
+
+    import torch
+    from monai.losses import DiceCELoss
+
+    from medseg.models import build_model
+
+    dev = torch.device(device)
+    update = {"features": features, **({"name": model_name} if model_name else {})}
+    model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn((batch, 1, *patch), generator=gen).to(dev)
+    label = torch.randint(0, out_channels, (batch, 1, *patch), generator=gen).float().to(dev)
+    times = []
+    for _ in range(3):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(image), label)
+        loss.backward()
+        optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - start)
+        if time_limit_s is not None and len(times) == 1 and times[0] > time_limit_s / 3:
+            return times[0]
+    return float(np.mean(times[1:]))
+
+
+# CPU: augmentation shares the cores (13.5 % data wait measured by train_throughput.py)
+CPU_DATA_OVERHEAD = 1.15
+
+
+def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
+    """Networks to measure: the configured one; at half width when the width is not given; and
+    MONAI's UNet (strided convolutions, about 2x the classic U-Net's steps per second measured
+    here on 2 CPU cores) when the network is not given. The user's choices are kept."""
+    given = cfg.model.model_fields_set
+    models = [(cfg.model.name, cfg.model.features)]
+    if "features" not in given and cfg.model.features >= 16:
+        models.append((cfg.model.name, cfg.model.features // 2))
+    if "name" not in given and cfg.model.name != "monai_unet":
+        models.append(("monai_unet", cfg.model.features))
+    return models
+
+
+def _validation_seconds(cfg: Config, fp: dict[str, Any], step_s: float, patches_per_step: int) -> float:
+    """Estimated seconds of one validation: sliding windows over the validation cases, each
+    window's forward about a third of a training step per patch (no backward)."""
+    n_val = max(1, round(int(fp.get("n_cases", 5)) * cfg.train.val_fraction))
+    extent = np.asarray(fp["extent_mm_median"], dtype=float) / np.asarray(cfg.preprocess.spacing)
+    stride = np.asarray(cfg.train.patch_size, dtype=float) * (1.0 - cfg.infer.overlap)
+    windows = float(np.prod(np.maximum(1.0, np.ceil(extent / stride))))
+    # x2: HD95 and surface Dice, the loader, the overlay (the first measured validation replaces it)
+    return n_val * windows * step_s / 3.0 / patches_per_step * 2.0
+
+
+def plan_for_budget(
+    cfg: Config,
+    fp: dict[str, Any],
+    *,
+    device: str,
+    out_channels: int,
+    elapsed_s: float = 0.0,
+    measure=measure_step_seconds,
+) -> tuple[Config, BudgetPlan | None]:
+    """The fingerprint plan, then (with a budget) patch, batch, width and steps from a measured warm-up.
+
+    Only what the user left unset is chosen: a given patch, batch or width is the only
+    candidate along that axis. ``elapsed_s``: already spent by this run (counted in the
+    budget). Returns the planned config and the budget plan (None without a budget).
+    """
+    import time
+
+    budget, reason = resolve_budget(cfg, device)
+    planned = make_plan(cfg, fp)
+    if budget is None:
+        return planned, None
+    tr, fixed = planned.train, cfg.train.model_fields_set
+    patches = (
+        [tuple(int(p) for p in tr.patch_size)]
+        if "patch_size" in fixed
+        else candidate_patches(tr.patch_size, divisor_of(planned.model))
+    )
+    batch = int(tr.batch_size) if "batch_size" in fixed else 2
+    models = _model_candidates(cfg)
+    overhead = CPU_DATA_OVERHEAD if str(device).startswith("cpu") else 1.0
+    patches_per_step = batch * planned.augment.samples_per_volume  # each case gives that many crops
+    warmup_cap = WARMUP_FRACTION * budget
+    reserve = elapsed_s + FINAL_FRACTION * budget
+    start = time.perf_counter()
+    measured: list[Candidate] = []
+    alive = list(models)
+    for patch in patches:  # smallest first, every network at each size; a network whose step
+        for name, features in list(alive):  # no longer leaves MIN_STEPS is not measured larger
+            if time.perf_counter() - start > warmup_cap and measured:
+                break
+            step_s = overhead * measure(
+                planned,
+                patch,
+                patches_per_step,
+                features,
+                out_channels=out_channels,
+                device=device,
+                time_limit_s=max(1.0, warmup_cap - (time.perf_counter() - start)),
+                model_name=name,
+            )
+            measured.append(Candidate(patch, batch, features, step_s, name))
+            if (budget - reserve - (time.perf_counter() - start)) / step_s < MIN_STEPS:
+                alive.remove((name, features))
+        if not alive or time.perf_counter() - start > warmup_cap:
+            break
+    warmup_s = time.perf_counter() - start
+    chosen, val_s, train_s, why, validations = _fit_to_budget(
+        planned, fp, measured, budget - reserve - warmup_s, patches_per_step
+    )
+    steps = max(1, int(train_s / chosen.step_s))
+    epochs = 2 * VALIDATIONS
+    plan = BudgetPlan(
+        budget_s=budget,
+        reason=reason,
+        chosen=chosen,
+        steps=steps,
+        epochs=epochs,
+        iterations_per_epoch=max(1, -(-steps // epochs)),
+        val_every=-(-epochs // validations),
+        train_s=train_s,
+        val_s=val_s,
+        warmup_s=warmup_s,
+        measured=tuple(measured),
+        why=why,
+        validations=validations,
+    )
+    return apply_budget_plan(planned, plan), plan
+
+
+def _fit_to_budget(
+    cfg: Config, fp: dict[str, Any], measured: list[Candidate], left_s: float, patches_per_step: int
+) -> tuple[Candidate, float, float, str, int]:
+    """Choose with validation time taken out of the budget (it depends on the patch chosen):
+    up to VALIDATIONS validations, fewer (at least the final one) when they would take more
+    than a quarter of the time left."""
+    left_s = max(left_s, 1.0)
+    chosen, why = choose_candidate(measured, left_s * 0.85)
+    validations, val_s = 1, 0.0
+    for _ in range(3):  # the validation estimate depends on the choice: settle it
+        probe = cfg.model_copy(deep=True)
+        probe.train.patch_size = tuple(float(p) for p in chosen.patch)  # type: ignore[assignment]
+        one = _validation_seconds(probe, fp, chosen.step_s, patches_per_step)
+        validations = int(np.clip(0.25 * left_s // max(one, 1e-6), 1, VALIDATIONS))
+        val_s = min(validations * one, 0.5 * left_s)
+        again, why = choose_candidate(measured, left_s - val_s)
+        if again == chosen:
+            break
+        chosen = again
+    return chosen, val_s, left_s - val_s, why, validations
+
+
+def apply_budget_plan(cfg: Config, plan: BudgetPlan) -> Config:
+    """``cfg`` with the budget plan's patch, batch, width, steps and validation cadence set."""
+    out = cfg.model_copy(deep=True)
+    tr = out.train
+    tr.patch_size = tuple(float(p) for p in plan.chosen.patch)  # type: ignore[assignment]
+    tr.batch_size = plan.chosen.batch
+    out.model.features = plan.chosen.features
+    out.model.name = plan.chosen.model
+    tr.epochs = plan.epochs
+    tr.iterations_per_epoch = plan.iterations_per_epoch
+    tr.val_every = plan.val_every
+    tr.time_budget_s = plan.budget_s
+    if "lr_warmup_fraction" not in cfg.train.model_fields_set:
+        tr.lr_warmup_fraction = 0.03
+    return out
+
+
+def lr_factor(
+    step: int, total_steps: int, *, warmup_fraction: float, kind: str, progress: float | None = None
+) -> float:
+    """The learning-rate multiplier at ``step`` of ``total_steps``: linear warm-up, then cosine or
+    poly (0.9) decay to 0. ``progress`` (0-1, e.g. the budget's elapsed share) overrides the step's
+    when larger, so that a run slower than planned still finishes its decay by the deadline."""
+    total = max(1, total_steps)
+    done = step / total
+    if progress is not None:
+        done = max(done, progress)
+    done = min(max(done, 0.0), 1.0)
+    warm = warmup_fraction
+    if warm > 0 and done < warm:
+        return max(done / warm, 1e-3)
+    rest = (done - warm) / max(1e-9, 1.0 - warm)
+    if kind == "cosine":
+        return 0.5 * (1.0 + float(np.cos(np.pi * rest)))
+    return max(0.0, 1.0 - rest) ** 0.9
+
+
+@dataclass
+class Deadline:
+    """The run's clock under a time budget: when training must stop so that the last validation,
+    the bundle, post-processing tuning and MLflow still end within the budget.
+
+    ``started`` is the run's start (``time.monotonic()``); ``spent_before`` what a resumed run
+    had already used; the estimate of one validation starts from the plan and then follows the
+    measured ones."""
+
+    budget_s: float
+    started: float
+    spent_before: float = 0.0
+    final_s: float = 0.0
+    validation_s: float = 0.0
+    first_step: float | None = None
+    step_s: float = 0.0
+    _last_step: float | None = None
+
+    @classmethod
+    def for_run(
+        cls, cfg: Config, plan: BudgetPlan | None, *, started: float, history: list[dict[str, float]]
+    ) -> Deadline | None:
+        """A deadline when the run has a budget (None otherwise); resumed runs keep what they spent."""
+        budget = cfg.train.time_budget_s
+        if budget is None:
+            return None
+        spent = max([float(h.get("elapsed_s", 0.0)) for h in history] or [0.0])
+        per_validation = plan.val_s / plan.validations if plan is not None else 0.0
+        return cls(budget, started, spent, FINAL_FRACTION * budget, per_validation)
+
+    def elapsed(self) -> float:
+        import time
+
+        return self.spent_before + time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def validation_took(self, seconds: float) -> None:
+        """A validation's measured duration (the next ones are assumed to take as long, +10 %)."""
+        self.validation_s = 1.1 * seconds
+        self._last_step = None  # the next interval would include the validation
+
+    def step_done(self) -> None:
+        """Called after each training step: the time since the previous one is the next step's estimate."""
+        import time
+
+        now = time.monotonic()
+        if self._last_step is not None:
+            self.step_s = now - self._last_step
+        self._last_step = now
+
+    def must_stop_training(self) -> bool:
+        """True when one more step would leave too little time to validate and finish."""
+        return self.remaining() <= self.step_s + self.validation_s + self.final_s
+
+    def training_progress(self) -> float:
+        """Share (0-1) of the training time used, from the first step to the latest stop time."""
+        import time
+
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = now
+        end = self.started + self.budget_s - self.spent_before - self.final_s - self.validation_s
+        return float(min(1.0, (now - self.first_step) / max(end - self.first_step, 1e-6)))

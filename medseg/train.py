@@ -68,7 +68,7 @@ from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
 from medseg.locks import exclusive
 from medseg.models import build_model, deep_supervision_weights
-from medseg.plan import make_plan, plan_summary
+from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
 from medseg.progress import TrainingProgress
 from medseg.runtime import (
     Dist,
@@ -96,6 +96,7 @@ class TrainResult:
     best_dice: float
     history: list[dict[str, float]] = field(default_factory=list)
     config: Config | None = None
+    duration_s: float | None = None  # the whole run, start to bundle tuned and tracked
 
 
 class TrainingStoppedError(StoppedError):
@@ -222,8 +223,10 @@ class Trainer:
         meta: dict[str, Any],
         stop: StopFlag,
         state: TrainState | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
+        self.deadline = deadline  # with a time budget: when to stop training (medseg.plan.Deadline)
         self.tracker, self.meta, self.stop = tracker, meta, stop
         self.labels = dict(cfg.labels or {})
         self.label_ids = sorted(self.labels)
@@ -322,9 +325,17 @@ class Trainer:
                 stats = self._train_epoch(epoch)
                 record = _epoch_record(epoch, stats, self.optimizer.param_groups[0]["lr"], self.dist)
                 self.scheduler.step()
-                validated = self._is_val_epoch(epoch)
+                out_of_time = self._out_of_time()
+                validated = self._is_val_epoch(epoch) or out_of_time
                 improved = validated and self._validate(epoch, record)
+                if self.deadline is not None:
+                    record["elapsed_s"] = self.deadline.elapsed()
                 self._end_epoch(epoch, record, improved)
+                if out_of_time:
+                    if self.dist.main:
+                        log.info("time budget: training stopped after epoch %d of %d (%d steps) to finish in time",
+                                 epoch + 1, epochs, self.global_step)
+                    break
                 if validated and self._early_stop():
                     break
             if self.val_loader is None and self.dist.main:
@@ -362,12 +373,35 @@ class Trainer:
             self._show_progress(epoch, stats)
             if self._checkpoint_within_epoch(epoch, epoch_rng, stats):
                 t_wait = time.perf_counter()
+            if self.deadline is not None:
+                self.deadline.step_done()
+            if self._out_of_time():
+                break
         return stats
+
+    def _out_of_time(self) -> bool:
+        """With a budget: rank 0's clock says training must stop now to validate and finish in time."""
+        if self.deadline is None:
+            return False
+        return bool(self.dist.broadcast(self.deadline.must_stop_training()))
+
+    def _budget_lr(self) -> None:
+        """With a budget, the lr follows the planned steps per step (warm-up, then decay), and the
+        share of the training time already used when that is further along."""
+        if self.deadline is None:
+            return
+        cfg = self.cfg.train
+        total = int(cfg.epochs) * len(self.loader)
+        factor = lr_factor(self.global_step, total, warmup_fraction=cfg.lr_warmup_fraction,
+                           kind=cfg.scheduler or "cosine", progress=self.deadline.training_progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
 
     def _step(self, batch: dict[str, Any]) -> tuple[float, int]:
         image, label = batch["image"].to(self.device), batch["label"].to(self.device)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
+        self._budget_lr()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             logits = self.model(image)
@@ -416,8 +450,11 @@ class Trainer:
 
     def _validate(self, epoch: int, record: dict[str, float]) -> bool:
         """Validation metrics into ``record``; a new best writes the bundle. True when improved."""
+        started = time.monotonic()
         rows, first = validate(self.network, self.val_loader or [], self.cfg, self.device, self.label_ids,
                                precision=self.precision, keep_first=self.dist.main)
+        if self.deadline is not None:
+            self.deadline.validation_took(time.monotonic() - started)
         rows = [r for rank_rows in self.dist.gather(rows) for r in rank_rows]
         record.update(summarise(rows, self.labels))
         if record["val_dice"] <= self.best:
@@ -587,10 +624,13 @@ class _Prepared:
     fp: dict[str, Any]
     train_cases: list
     val_cases: list
+    budget: BudgetPlan | None = None
 
 
-def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepared:
-    """Fingerprint (cached in the run folder), plan, splits; rank 0 writes them beside the run."""
+def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: torch.device,
+             started: float, *, resumed: bool = False) -> _Prepared:
+    """Fingerprint (cached in the run folder), plan (with a time budget: measured on rank 0), splits;
+    rank 0 writes them beside the run."""
     fp_path = run_dir / "fingerprint.json"
     fp = None
     if dist.main:
@@ -601,18 +641,26 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist) -> _Prepa
             fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
             write_text_atomic(fp_path, json.dumps(fp, indent=2))
     fp = dist.broadcast(fp)
-    cfg = make_plan(cfg, fp)
+    budget: BudgetPlan | None = None
+    if resumed:  # the run keeps its own plan (steps, schedule); its deadline counts the time it spent
+        cfg = make_plan(cfg, fp)
+    elif dist.main:
+        out_channels = max(cfg.labels or {0: ""}) + 1
+        cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
+                                      elapsed_s=time.monotonic() - started)
+    cfg, budget = dist.broadcast((cfg, budget))
     train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
                                          fold=cfg.train.fold, num_folds=cfg.train.num_folds)
     if dist.main:
-        summary = plan_summary(cfg, fp)
+        summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
         log.info("%s", summary)
-        write_text_atomic(run_dir / "plan.yaml", dump_config(cfg))
+        comment = "".join(f"# {line}\n" for line in budget.summary().splitlines()) if budget else ""
+        write_text_atomic(run_dir / "plan.yaml", comment + dump_config(cfg))
         write_text_atomic(run_dir / "plan.txt", summary + "\n")
         splits = {"fold": cfg.train.fold, "num_folds": cfg.train.num_folds, "seed": cfg.seed,
                   "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
         write_text_atomic(run_dir / "splits.json", json.dumps(splits, indent=2))
-    return _Prepared(cfg, fp, train_cases, val_cases)
+    return _Prepared(cfg, fp, train_cases, val_cases, budget)
 
 
 def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist) -> None:
@@ -628,6 +676,7 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
             "train_cases_per_rank": len(dist.shard(prep.train_cases, even=True)),
             **({"git_commit": commit} if commit else {}),
             **{f"version.{k}": v for k, v in package_versions().items()},
+            **(prep.budget.params() if prep.budget else {}),
         }
     )
     for name in ("plan.yaml", "splits.json", "fingerprint.json"):
@@ -637,20 +686,21 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
 def _train(
     cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
 ) -> TrainResult:
+    started = time.monotonic()
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
     if not dist.main:
-        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
     # one run per folder: a second one is refused (naming the holder) before it touches anything
     with exclusive(run_dir, what="training run"):
         sweep_partials(run_dir)  # temp files of writes a killed run left behind
-        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop)
+        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
 
 
 def _train_locked(
     cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
-    stop: StopFlag,
+    stop: StopFlag, started: float,
 ) -> TrainResult:
     data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
@@ -661,8 +711,9 @@ def _train_locked(
     status, best = "FAILED", -1.0
     history: list[dict[str, float]] = []
     try:
-        prep = _prepare(cfg, dataset, run_dir, dist)
+        prep = _prepare(cfg, dataset, run_dir, dist, device, started, resumed=state is not None)
         cfg = prep.cfg
+        deadline = Deadline.for_run(cfg, prep.budget, started=started, history=state.history if state else [])
         if state is None:
             _log_run_params(tracker, prep, run_dir, device, dist)
         meta = {"fingerprint_hash": prep.fp["hash"], "dataset": dataset.root.resolve().name,
@@ -670,8 +721,10 @@ def _train_locked(
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
-                          tracker=tracker, meta=meta, stop=stop, state=state)
+                          tracker=tracker, meta=meta, stop=stop, state=state, deadline=deadline)
         history, best = trainer.run()
+        if dist.main and cfg.postprocess.tune_on_validation and prep.val_cases:
+            _tune_postprocessing(run_dir, prep.val_cases, device, deadline, tracker)
         status = "FINISHED"
     except (KeyboardInterrupt, StoppedError):
         status = "KILLED"
@@ -680,7 +733,35 @@ def _train_locked(
         if dist.main:
             _finish(tracker, run_dir, history, cfg, status)
     return TrainResult(run_dir=run_dir, bundle=run_dir / "bundle", run_id=tracker.run_id, best_dice=best,
-                       history=history, config=cfg)
+                       history=history, config=cfg, duration_s=time.monotonic() - started)
+
+
+def _tune_postprocessing(run_dir: Path, val_cases: list, device: torch.device, deadline: Deadline | None,
+                         tracker: Tracker) -> None:
+    """Post-processing (and CRF) chosen on the validation cases, stored in the bundle (medseg.tuning).
+    Under a time budget the CRF is tried only when the time left allows it."""
+    from medseg.tuning import tune_bundle
+
+    if not (run_dir / "bundle").is_dir():
+        return
+    # tuning predicts the validation cases once more: about one validation's time (CRF: more)
+    if deadline is not None and deadline.remaining() < deadline.validation_s + 0.25 * deadline.final_s:
+        log.info("time budget: no time left to tune the post-processing; the bundle keeps its configured steps")
+        return
+    try_crf = deadline is None or deadline.remaining() > deadline.validation_s + 0.5 * deadline.final_s
+    try:
+        report = tune_bundle(run_dir / "bundle", val_cases, device=device, try_crf=try_crf)
+    except Exception as exc:  # tuning must never lose a trained model
+        log.warning("post-processing not tuned (%s: %s); the bundle keeps its configured steps",
+                    type(exc).__name__, exc)
+        return
+    if report is None:
+        return
+    write_text_atomic(run_dir / "postprocess_tuning.md", report.table() + "\n")
+    tracker.log_artifact(run_dir / "postprocess_tuning.md")
+    tracker.log_metrics({f"val_pp_dice_{k}": v for k, v in report.final_dice.items()}, step=0)
+    kept = ", ".join(f"{'all' if t.label is None else t.label}: {t.step}" for t in report.kept()) or "none"
+    log.info("post-processing chosen on validation: %s", kept)
 
 
 def _finish(tracker: Tracker, run_dir: Path, history, cfg: Config, status: str) -> None:

@@ -207,7 +207,7 @@ def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
     index: Any = (
         ClassesToIndicesd(keys="label", num_classes=_num_classes(cfg))
-        if cfg.augment.crop == "label_classes"
+        if crop_kind(cfg) == "label_classes"
         else FgBgToIndicesd(keys="label")
     )
     return Compose([SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), index])
@@ -215,6 +215,30 @@ def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label
 
 def _num_classes(cfg: Config) -> int | None:
     return max(cfg.labels) + 1 if cfg.labels else None
+
+
+def crop_kind(cfg: Config) -> str:
+    """The patch sampler: ``augment.crop``, with ``auto`` = ``label_classes`` for more than one
+    foreground class (so every organ is a patch centre equally often), else ``pos_neg``."""
+    if cfg.augment.crop != "auto":
+        return cfg.augment.crop
+    foreground = [k for k in (cfg.labels or {}) if k != 0]
+    return "label_classes" if len(foreground) > 1 else "pos_neg"
+
+
+def class_ratios(cfg: Config) -> list[float] | None:
+    """Centre-class weights for ``label_classes``: each foreground label 1, background so that
+    foreground centres keep the ``pos_neg_ratio`` share (2:1 = two thirds, each organ alike).
+    Label values the config does not name (gaps in the numbering) weigh 0."""
+    n = _num_classes(cfg)
+    if n is None:
+        return None
+    foreground = [k for k in cfg.labels or {} if k != 0]
+    ratios = [0.0] * n
+    for k in foreground:
+        ratios[k] = 1.0
+    ratios[0] = len(foreground) / max(cfg.augment.pos_neg_ratio, 1e-6)
+    return ratios
 
 
 def build_augment(
@@ -230,11 +254,13 @@ def build_augment(
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
     rot = math.radians(aug.rotate_range_deg)
-    if aug.crop == "label_classes":
+    kind = crop_kind(cfg)
+    if kind == "label_classes":
         crop: Any = RandCropByLabelClassesd(
             keys=keys,
             label_key="label",
             spatial_size=patch,
+            ratios=class_ratios(cfg),
             num_classes=_num_classes(cfg),
             num_samples=aug.samples_per_volume,
             indices_key="label_cls_indices" if precomputed else None,
@@ -258,7 +284,7 @@ def build_augment(
             crop,
             DeleteItemsd(
                 keys=["label_cls_indices"]
-                if aug.crop == "label_classes"
+                if kind == "label_classes"
                 else ["label_fg_indices", "label_bg_indices"]
             ),
         ]

@@ -1,0 +1,167 @@
+"""Time budget: duration parsing, the candidate choice, the lr schedule, and a real run that ends in time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medseg.config import Config
+from medseg.errors import ConfigError
+from medseg.plan import (
+    CPU_DEFAULT_BUDGET_S,
+    Candidate,
+    candidate_patches,
+    choose_candidate,
+    lr_factor,
+    parse_duration,
+    plan_for_budget,
+    resolve_budget,
+)
+
+FP = {
+    "n_cases": 10,
+    "modality": "CT",
+    "hash": "0" * 16,
+    "spacing_median": [1.0, 1.0, 2.5],
+    "spacing_p10": [0.9, 0.9, 2.0],
+    "extent_mm_median": [200.0, 160.0, 120.0],
+    "foreground_intensity": {"mean": 80.0, "std": 40.0, "p00_5": -50.0, "p99_5": 250.0},
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5h", 5400), ("1h30m", 5400), (60, 60)]
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "fast", "15 minutes", "0m", "-5m"])
+def test_parse_duration_refuses_what_it_cannot_read(text):
+    with pytest.raises(ConfigError, match="time budget"):
+        parse_duration(text)
+
+
+def test_budget_given_default_on_cpu_and_none_when_the_user_chose_epochs():
+    assert resolve_budget(Config.model_validate({"train": {"time_budget_s": 300}}), "cuda")[0] == 300
+    budget, why = resolve_budget(Config(), "cpu")
+    assert budget == CPU_DEFAULT_BUDGET_S
+    assert "default" in why
+    assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cpu")[0] is None
+    assert resolve_budget(Config(), "cuda")[0] is None
+
+
+def test_candidate_patches_shrink_from_the_fingerprint_patch_and_stay_divisible():
+    patches = candidate_patches((160.0, 128.0, 48.0), 16)
+    assert patches[-1] == (160, 128, 48)
+    assert all(p % 16 == 0 for patch in patches for p in patch)
+    volumes = [a * b * c for a, b, c in patches]
+    assert volumes == sorted(volumes)
+    assert len(set(patches)) == len(patches) >= 3
+
+
+def test_choice_takes_the_largest_patch_that_still_gets_enough_steps():
+    small = Candidate((32, 32, 16), 2, 16, 0.1)
+    mid = Candidate((64, 64, 32), 2, 16, 0.5)
+    big = Candidate((128, 128, 48), 2, 16, 3.0)
+    chosen, why = choose_candidate([small, mid, big], train_s=600, min_steps=1000)
+    assert chosen == mid
+    assert "largest patch" in why
+    chosen, _ = choose_candidate([small, mid, big], train_s=36000, min_steps=1000)
+    assert chosen == big  # ten hours: context wins
+    chosen, why = choose_candidate([mid, big], train_s=60, min_steps=1000)
+    assert chosen == mid
+    assert "no candidate" in why
+
+
+def test_lr_warms_up_then_decays_to_zero_and_time_progress_wins_when_further():
+    kw = {"warmup_fraction": 0.1, "kind": "cosine"}
+    assert lr_factor(0, 100, **kw) < 0.05
+    assert lr_factor(10, 100, **kw) == pytest.approx(1.0)
+    assert lr_factor(55, 100, **kw) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(100, 100, **kw) == pytest.approx(0.0, abs=1e-9)
+    # a run slower than planned: at step 20 of 100 but 90 % of the time gone
+    assert lr_factor(20, 100, progress=0.9, **kw) < 0.05
+
+
+def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
+    calls = []
+
+    def fake_measure(
+        cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None
+    ):
+        calls.append((patch, features, batch, model_name))
+        speed = 2.0 if model_name == "monai_unet" else 1.0
+        return 1e-6 * patch[0] * patch[1] * patch[2] * batch * features / 16 / speed  # bigger = slower
+
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
+    planned, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert plan is not None
+    assert calls
+    tr = planned.train
+    assert tuple(int(p) for p in tr.patch_size) == plan.chosen.patch
+    assert plan.steps * plan.chosen.step_s <= 600
+    assert tr.epochs * tr.iterations_per_epoch >= plan.steps
+    assert plan.steps >= 1000 or "no candidate" in plan.why
+    assert "budget" in plan.summary()
+    assert plan.params()["budget.steps"] == plan.steps
+    # a step holds batch (2 cases) x samples_per_volume (2 crops) patches: that is what is measured
+    assert {c[2] for c in calls} == {4}
+    assert all(c.batch == 2 for c in plan.measured)
+    # networks: the configured one, at half width, and MONAI's UNet, all measured; the choice is one of them
+    assert {c[3] for c in calls} == {"classic_unet", "monai_unet"}
+    assert {c[1] for c in calls} == {16, 8}
+    assert (planned.model.name, planned.model.features) == (plan.chosen.model, plan.chosen.features)
+    # the user's network is kept
+    calls.clear()
+    given = Config.model_validate({"train": {"time_budget_s": 600}, "model": {"name": "classic_unet"}})
+    plan_for_budget(given, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert {c[3] for c in calls} == {"classic_unet"}
+    # the user's patch is kept: only it is measured
+    calls.clear()
+    fixed = Config.model_validate({"train": {"time_budget_s": 600, "patch_size": [32, 32, 16]}})
+    planned, plan = plan_for_budget(fixed, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert {c[0] for c in calls} == {(32, 32, 16)}
+    assert planned.train.patch_size == (32.0, 32.0, 16.0)
+
+
+@pytest.mark.slow
+def test_training_ends_within_its_time_budget(tmp_path):
+    """A real run on a tiny dataset with a 90 s budget: its own recorded duration is within 10 %."""
+    from medseg.config import load_config
+    from medseg.synthetic import make_dataset
+    from medseg.train import train
+
+    data = tmp_path / "data"
+    make_dataset(data, cases=5, size=24, seed=1, test_fraction=0.2)
+    cfg = load_config(
+        None,
+        [
+            "train.time_budget_s=90",
+            "model.features=4",
+            "model.depth=2",
+            "preprocess.spacing=[3,3,4]",
+            "tracking.enabled=false",
+            "train.val_surface_metrics=false",
+        ],
+    )
+    result = train(cfg, data, out_dir=tmp_path / "run")
+    elapsed = result.duration_s
+    timeline = [(h["epoch"], round(h["elapsed_s"], 1), h.get("val_dice")) for h in result.history]
+    timeline.append(("end", round(elapsed, 1), result.best_dice))
+    why = f"{timeline}\n{(result.run_dir / 'plan.txt').read_text()}"
+    assert elapsed <= 90 * 1.1, why
+    assert elapsed >= 90 * 0.5, why  # it used the budget rather than stopping early
+    assert "budget" in (result.run_dir / "plan.txt").read_text()
+    planned = json.loads(json.dumps(result.config.model_dump(mode="json")))
+    assert planned["train"]["time_budget_s"] == 90
+
+
+def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
+    from tests.conftest import run_cli
+
+    proc = run_cli("train", "--data", str(tiny_dataset), "--time-budget", "soon", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "time budget 'soon'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,115 @@
+"""Post-processing chosen on validation: a step that helps is kept, one that hurts is rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.config import PostprocessConfig
+from medseg.postprocess import postprocess_labels
+from medseg.tuning import tune_postprocessing
+
+
+def _ball(shape, centre, radius) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+
+
+def _probs(labels: np.ndarray, n: int, confidence: float = 0.9) -> np.ndarray:
+    """Softmax-like probabilities whose argmax is ``labels``."""
+    out = np.full((n, *labels.shape), (1 - confidence) / (n - 1), dtype=np.float32)
+    for k in range(n):
+        out[k][labels == k] = confidence
+    return out
+
+
+def _case(rng, *, false_positive: bool):
+    shape = (32, 32, 20)
+    ref = np.zeros(shape, np.int64)
+    ref[_ball(shape, (11, 16, 10), 6)] = 1
+    ref[_ball(shape, (24, 8, 10), 3)] = 2  # a second structure: two components of label 2
+    ref[_ball(shape, (24, 24, 10), 3)] = 2
+    pred = ref.copy()
+    if false_positive:
+        pred[_ball(shape, (4, 28, 4 + int(rng.integers(0, 3))), 2)] = 1  # a stray blob of label 1
+    return _probs(pred, 3), ref
+
+
+def test_keep_largest_kept_where_it_helps_and_rejected_where_it_hurts(rng):
+    cases = [_case(rng, false_positive=True) for _ in range(3)]
+    probs, refs = [c[0] for c in cases], [c[1] for c in cases]
+    cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 2.0), label_ids=[0, 1, 2])
+    # label 1: the stray blob goes, Dice rises
+    assert cfg.per_label[1].keep_largest
+    assert cfg.per_label[1].components == 1
+    assert report.final_dice[1] > report.baseline_dice[1]
+    # label 2 has two true components: keeping only the largest would halve it, so it is rejected
+    rejected = [t for t in report.trials if t.label == 2 and t.step == "keep largest"]
+    assert rejected
+    assert not rejected[0].kept
+    assert rejected[0].dice_after < rejected[0].dice_before
+    steps2 = cfg.per_label.get(2)
+    assert steps2 is None or not (steps2.keep_largest and steps2.components == 1)
+    assert report.final_dice[2] == pytest.approx(report.baseline_dice[2])
+    # the choice, applied as inference applies it, gives the reported Dice
+    out = postprocess_labels(probs[0].argmax(0), cfg, spacing=(1.0, 1.0, 2.0), label_ids=[0, 1, 2])
+    assert np.array_equal(out == 1, refs[0] == 1)
+    assert "keep largest" in report.table()
+    assert PostprocessConfig.model_validate(cfg.model_dump()) == cfg  # storable in the bundle
+
+
+def test_no_step_is_kept_when_the_prediction_is_already_right(rng):
+    cases = [_case(rng, false_positive=False) for _ in range(2)]
+    cfg, report = tune_postprocessing(
+        [c[0] for c in cases], [c[1] for c in cases], spacing=(1.0, 1.0, 2.0), label_ids=[0, 1, 2]
+    )
+    assert not report.kept()
+    assert not cfg.crf.enabled
+    assert all(not (s.keep_largest or s.fill_holes or s.min_volume_mm3) for s in cfg.per_label.values())
+
+
+def test_a_crf_that_lowers_dice_is_not_applied(rng):
+    """A thin structure the CRF's smoothness kernel erodes: every CRF setting tried lowers its Dice."""
+    shape = (32, 32, 16)
+    refs, probs, images = [], [], []
+    for _ in range(2):
+        ref = np.zeros(shape, np.int64)
+        ref[4:28, 15:16, 2:14] = 1  # a one-voxel-thick plate
+        ref[_ball(shape, (16, 6, 8), 4)] = 2
+        p = _probs(ref, 3, confidence=0.55)
+        image = rng.normal(0, 1, shape).astype(np.float32)  # no edge for the appearance kernel to keep
+        refs.append(ref)
+        probs.append(p)
+        images.append(image)
+    strong = [{"smooth_weight": 10.0, "smooth_sigma_mm": 3.0, "bilateral_weight": 10.0}]
+    cfg, report = tune_postprocessing(
+        probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1, 2], images=images, crf_candidates=strong
+    )
+    crf_trials = [t for t in report.trials if t.step.startswith("CRF")]
+    assert len(crf_trials) == 1
+    assert crf_trials[0].dice_after < crf_trials[0].dice_before  # it hurts ...
+    assert not crf_trials[0].kept  # ... so it is rejected
+    assert not cfg.crf.enabled
+
+
+def test_mismatched_inputs_are_refused():
+    with pytest.raises(ValueError, match="as many"):
+        tune_postprocessing([np.zeros((2, 4, 4, 4))], [], spacing=(1, 1, 1), label_ids=[0, 1])
+
+
+def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
+    """Speckled probabilities over a clear edge: the CRF cleans them; the best setting is stored."""
+    shape = (24, 24, 24)
+    refs, probs, images = [], [], []
+    for _ in range(2):
+        ref = _ball(shape, (12, 12, 12), 7).astype(np.int64)
+        p1 = np.clip(np.where(ref == 1, 0.7, 0.3) + rng.normal(0, 0.25, shape), 0.01, 0.99).astype(np.float32)
+        refs.append(ref)
+        probs.append(np.stack([1 - p1, p1]))
+        images.append((2.0 * ref + rng.normal(0, 0.2, shape)).astype(np.float32))
+    cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1], images=images)
+    assert cfg.crf.enabled
+    kept = [t for t in report.trials if t.kept and t.step.startswith("CRF")]
+    assert len(kept) == 1
+    assert kept[0].dice_after == max(t.dice_after for t in report.trials if t.step.startswith("CRF"))
+    assert report.final_dice[1] > report.baseline_dice[1] + 0.3
