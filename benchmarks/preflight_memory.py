@@ -42,10 +42,10 @@ def one_case(shape: tuple[int, int, int], folder: Path) -> dict:
 
     from medseg.bundle import load_bundle, save_bundle
     from medseg.config import load_config
-    from medseg.infer import predict_volume
     from medseg.io import Volume, load_volume, write_nifti
     from medseg.io.preflight import preflight_inference
     from medseg.models import build_model
+    from medseg.predict import predict_volume
 
     torch.manual_seed(0)
     cfg = load_config(None, OVERRIDES)
