@@ -130,7 +130,7 @@ class _Entries:
             raise InputError(
                 spec, f"lists {rel!r}, a symbolic link that leads outside the dataset folder ({OUTSIDE_HINT})"
             )
-        if not path.is_file():
+        if not path.exists():  # a file, or a DICOM series folder
             raise InputError(spec, f"lists {rel}, which does not exist")
         if path in self.seen:
             raise InputError(
