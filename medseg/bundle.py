@@ -26,7 +26,8 @@ from torch import nn
 
 from medseg.config import Config, config_from_dict, dump_config
 from medseg.errors import InputError
-from medseg.io import Volume, atomic_path, write_text_atomic
+from medseg.io import Volume
+from medseg.io.volume import atomic_dir
 from medseg.models import build_model
 
 if TYPE_CHECKING:
@@ -149,15 +150,15 @@ def versions() -> dict[str, str]:
 
 
 def save_bundle(path: str | Path, network: nn.Module, cfg: Config, metadata: dict[str, Any]) -> Path:
+    """Write the bundle folder as one unit: weights, config and metadata always belong together
+    (staged beside ``path``, then swapped in; a reader never sees epoch-19 weights beside epoch-2
+    metadata). Anything else in an earlier bundle folder (exports made from older weights) goes."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    with atomic_path(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    write_text_atomic(path / CONFIG, dump_config(cfg))
-    write_text_atomic(
-        path / METADATA, json.dumps({**metadata, "versions": versions()}, indent=2, default=str)
-    )
+    with atomic_dir(path) as staging:
+        save_file(state, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(dump_config(cfg))
+        (staging / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2, default=str))
     return path
 
 
