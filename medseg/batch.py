@@ -39,13 +39,16 @@ from medseg.io import (
     atomic_path,
     case_stem,
     find_inputs,
-    is_nifti,
+    is_image_file,
+    is_zip,
     load_volume,
+    mask_path,
     sidecar_fields,
     write_dicom_seg,
     write_nifti,
     write_text_atomic,
 )
+from medseg.io.volume import sweep_partials
 from medseg.predict import (
     Prediction,
     crf_config,
@@ -150,10 +153,6 @@ class CaseFiles:
         return [self.mask, *self.probabilities, *([self.dicom_seg] if self.dicom_seg else [])]
 
 
-def mask_path(output_dir: Path, input_path: Path) -> Path:
-    return output_dir / f"{case_stem(input_path)}_seg.nii.gz"
-
-
 def case_files(
     output_dir: Path, input_path: Path, options: InferOptions, labels: dict[int, str]
 ) -> CaseFiles:
@@ -166,7 +165,7 @@ def case_files(
             *(output_dir / f"{stem}_prob_{k}.nii.gz" for k in sorted(labels) if k != 0),
             output_dir / f"{stem}_entropy.nii.gz",
         )
-    dicom_input = not (input_path.is_file() and is_nifti(input_path))
+    dicom_input = input_path.is_dir() or is_zip(input_path) or not is_image_file(input_path)
     return CaseFiles(
         input=input_path,
         mask=mask,
@@ -226,29 +225,39 @@ class _Interrupted(BaseException):
         super().__init__(signum)
 
 
+@dataclass
+class _StopRequest:
+    """The signal that asked the batch to stop, once one did."""
+
+    signum: int | None = None
+
+    def check(self) -> None:
+        """Interrupt the case in progress when a stop was asked for."""
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals() -> Iterator[_StopRequest]:
     """While the batch runs: SIGTERM/SIGINT record the signal; a second SIGINT interrupts at once.
 
     The previous handlers come back afterwards. Off the main thread signals cannot be caught and
-    the event simply never fires.
+    no stop is ever requested.
     """
-    event = threading.Event()
-    event.signum = 0  # type: ignore[attr-defined]
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield event
+        yield stop
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if event.is_set() and signum == signal.SIGINT:
+        if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning("signal %d: rolling back the current case, writing the report, then stopping", signum)
-        event.signum = signum  # type: ignore[attr-defined]
-        event.set()
+        stop.signum = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield event
+        yield stop
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -261,7 +270,7 @@ class _Batch:
     bundles: list[Bundle]
     options: InferOptions
     output_dir: Path
-    stop: threading.Event
+    stop: _StopRequest
     progress: CaseProgress | None = None
     tracker: Tracker | None = None
 
@@ -275,8 +284,7 @@ class _Batch:
 
     def hook(self, stage: str, done: int, total: int) -> None:
         """Progress inside a case; the point where a requested stop interrupts it."""
-        if self.stop.is_set():
-            raise _Interrupted(self.stop.signum)  # type: ignore[attr-defined]
+        self.stop.check()
         if self.progress is not None:
             self.progress.update(stage, done, total)
 
@@ -589,11 +597,22 @@ def run_inference(
         cases = cases[rank::world]
         log.info("rank %d of %d: %d case(s)", rank, world, len(cases))
     summary = InferenceSummary(rank=rank, world_size=world)
-    with _stop_on_signals() as stop:
+    with _output_lock(output_dir, rank), _stop_on_signals() as stop:
+        sweep_partials(output_dir, recursive=False)  # temp files of writes a killed run left behind
         batch = _Batch(bundles, options, output_dir, stop, tracker=tracker)
         _run_cases(batch, cases, summary, progress=progress)
-    _finish(batch, summary)
+        _finish(batch, summary)
     return summary
+
+
+def _output_lock(output_dir: Path, rank: int) -> contextlib.AbstractContextManager:
+    """The output folder's exclusive lock: a second run into it is refused, naming this one's PID.
+
+    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all.
+    """
+    from medseg.locks import exclusive
+
+    return exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
 
 
 def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary, *, progress: bool) -> None:
@@ -602,8 +621,7 @@ def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary,
     batch.progress = CaseProgress(total_cases=len(cases), enabled=progress)
     try:
         for index, files in enumerate(cases):
-            if batch.stop.is_set():
-                raise _Interrupted(batch.stop.signum)  # type: ignore[attr-defined]
+            batch.stop.check()
             batch.progress.start_case(case_stem(files.input))
             _run_case(batch, files, index, len(cases), summary)
             batch.progress.end_case()
