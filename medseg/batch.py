@@ -336,7 +336,7 @@ def _draw_missing_overlay(batch: _Batch, files: CaseFiles) -> None:
         mask = load_label(files.mask, image=volume)
         tta = (read_sidecar(files.sidecar) or {}).get("tta_disagreement")
         _write_qc(batch, files, volume, mask, tta, [])
-    except MedsegError as exc:
+    except Exception as exc:  # report material only: the case itself is done
         log.warning("%s: no QC overlay for the report: %s", files.input.name, exc)
 
 
