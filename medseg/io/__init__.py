@@ -43,7 +43,6 @@ __all__ = [
     "is_medseg_output",
     "is_nifti",
     "is_sitk_image",
-    "is_zip",
     "load_label",
     "load_volume",
     "mask_path",
@@ -152,17 +151,8 @@ def check_same_grid(
 
 # medseg's own outputs beside a mask (see medseg.batch): never inputs
 _OUTPUT_SUFFIXES = (
-    "_seg.nii.gz",
-    "_seg.nii",
-    "_seg.nrrd",
-    "_seg.mha",
-    "_seg.json",
-    "_seg.dcm",
-    "_seg_rtstruct.dcm",
-    "_seg.itksnap.txt",
-    "_seg.ctbl",
-    "_seg_entropy.nii.gz",
-    "_seg_qc.png",
+    "_seg.nii.gz", "_seg.nii", "_seg.nrrd", "_seg.mha", "_seg.json", "_seg.dcm", "_seg_rtstruct.dcm",
+    "_seg.itksnap.txt", "_seg.ctbl", "_seg_entropy.nii.gz", "_seg_qc.png",
 )
 
 
@@ -209,21 +199,6 @@ def find_inputs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
-    """The label names and the source grid, as a mask's ``<stem>.json`` sidecar records them."""
-    return {
-        "labels": {str(k): v for k, v in sorted(labels.items())},
-        "source": {
-            "name": Path(source.source).name,
-            "format": source.meta.get("source_format", ""),
-            "shape": list(source.shape),
-            "spacing_mm": [round(s, 6) for s in source.spacing],
-            "affine": np.asarray(source.affine).round(6).tolist(),
-            "axcodes": source.axcodes(),
-        },
-    }
-
-
 OUTPUT_FORMATS = ("nifti", "nrrd", "metaimage", "input")
 
 
@@ -241,6 +216,21 @@ def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "
         fmt = sitk_format(source) if is_sitk_image(source) else "nifti"
     suffix = ".nii.gz" if fmt == "nifti" else MASK_SUFFIX[fmt]
     return Path(out_dir) / f"{case_stem(source)}_seg{suffix}"
+
+
+def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
+    """The label names and the source grid, as a mask's ``<stem>.json`` sidecar records them."""
+    return {
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "source": {
+            "name": Path(source.source).name,
+            "format": source.meta.get("source_format", ""),
+            "shape": list(source.shape),
+            "spacing_mm": [round(s, 6) for s in source.spacing],
+            "affine": np.asarray(source.affine).round(6).tolist(),
+            "axcodes": source.axcodes(),
+        },
+    }
 
 
 def write_mask(
