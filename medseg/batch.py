@@ -6,10 +6,11 @@ the first bundle's config). Per input ``X`` the case owes ``<stem>_seg.nii.gz``,
 with ``--dicom-seg`` (DICOM inputs) ``<stem>_seg.dcm``; then, last and once, the sidecar
 ``<stem>_seg.json`` naming the files it completes and holding the case's QC figures.
 With ``--report`` the QC overlay ``<stem>_seg_qc.png`` is report material, not an owed
-output: it is drawn for a done case that lacks it. A case is done only when its sidecar lists every output the
-requested options owe and they exist: a re-run redoes any incomplete case, skips the
-done ones (saying when a sidecar records other options) and ``report.html`` is rebuilt
-from every sidecar in the folder.
+output: it is drawn for a done case that lacks it. A case is done only when its sidecar
+lists every output the requested options owe and they exist: a re-run redoes any
+incomplete case, skips the done ones (saying when a sidecar records other options) and
+``report.html`` is rebuilt from every sidecar in the folder. The output folder is locked
+(``medseg.locks``) for the run, so two runs never mix their masks.
 
 SIGTERM and SIGINT stop the batch at the next window: the current case is rolled back
 (its new files removed; it is redone next time), the report of what was done is
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -391,11 +393,23 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
         "options": options.recorded(),
         "outputs": [p.name for p in written],
         "schema": SIDECAR_SCHEMA,
+        "provenance": _provenance(options),
         "qc": qc,
     }
     batch.hook("write", 0, 0)  # last point to stop before the case counts as done
     write_text_atomic(files.sidecar, json.dumps(sidecar, indent=2))
     return timings
+
+
+def _provenance(options: InferOptions) -> dict[str, str]:
+    """What made this mask, beyond the model and options: medseg's version, device, and when."""
+    from medseg import __version__
+
+    return {
+        "medseg": __version__,
+        "device": options.device,
+        "written_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def _roll_back(written: list[Path]) -> None:

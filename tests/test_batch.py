@@ -75,6 +75,8 @@ def test_sidecar_is_written_last_and_names_every_output(bundle_dir, inputs, tmp_
     assert all((out / name).is_file() for name in sidecar["outputs"])
     assert sidecar["options"]["tta"] is False
     assert sidecar["options"]["precision"] in {"fp32", "bf16"}
+    assert sidecar["provenance"]["device"] == "cpu"
+    assert sidecar["provenance"]["written_utc"].endswith("Z")
     assert {s["name"] for s in sidecar["qc"]["structures"]} == {"liver", "spleen", "kidney"}
     # the sidecar is the last file of the case to be written
     mtimes = {name: (out / name).stat().st_mtime_ns for name in sidecar["outputs"]}
