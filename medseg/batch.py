@@ -1,9 +1,12 @@
 """Batch inference: ``medseg infer`` over many inputs, each case's outputs complete or redone.
 
 The options of a batch are resolved once, into a frozen ``InferOptions`` (flags over
-the first bundle's config). Per input ``X`` the case owes ``<stem>_seg.nii.gz``, with
+the first bundle's config). Per input ``X`` the case owes ``<stem>_seg.nii.gz`` (or, with
+``--output-format``, ``<stem>_seg.nrrd``/``.mha``) with its label tables ``<stem>_seg.itksnap.txt``
+and ``<stem>_seg.ctbl``, with
 ``--save-probabilities`` ``<stem>_seg_prob_<k>.nii.gz`` and ``<stem>_seg_entropy.nii.gz``,
-with ``--dicom-seg`` (DICOM inputs) ``<stem>_seg.dcm``; then, last and once, the sidecar
+with ``--dicom-seg`` (DICOM inputs) ``<stem>_seg.dcm``, with ``--rtstruct`` (DICOM inputs)
+``<stem>_seg_rtstruct.dcm``; then, last and once, the sidecar
 ``<stem>_seg.json`` naming the files it completes and holding the case's QC figures.
 With ``--report`` the QC overlay ``<stem>_seg_qc.png`` is report material, not an owed
 output: it is drawn for a done case that lacks it. A case is done only when its sidecar
@@ -21,6 +24,7 @@ takes every WORLD_SIZE-th case.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -41,15 +45,19 @@ from medseg.io import (
     atomic_path,
     case_stem,
     find_inputs,
-    is_image_file,
-    is_zip,
+    is_dicom_input,
     load_volume,
     mask_path,
     sidecar_fields,
     write_dicom_seg,
+    write_label_map,
+    write_label_tables,
     write_nifti,
+    write_rtstruct,
     write_text_atomic,
 )
+from medseg.io.labeltables import label_table_paths
+from medseg.io.preflight import preflight_inference
 from medseg.io.volume import sweep_partials
 from medseg.predict import (
     Prediction,
@@ -86,6 +94,10 @@ class InferOptions:
     save_probabilities: bool = False
     report: bool = False
     overwrite: bool = False
+    max_memory: int | None = None  # bytes a case may need (--max-memory); None = half this machine's memory
+    output_format: str = "nifti"  # nifti, nrrd, metaimage or input (see medseg.io.mask_path)
+    rtstruct: bool = False
+    series: str | None = None  # --series: the DICOM series to segment in each input
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape a mask's content, as its sidecar records them."""
@@ -95,6 +107,7 @@ class InferOptions:
             "overlap": self.overlap,
             "blend_mode": self.blend_mode,
             "precision": self.precision,
+            "series": self.series,
         }
 
 
@@ -113,6 +126,10 @@ def resolve_options(
     save_probabilities: bool = False,
     report: bool = False,
     overwrite: bool = False,
+    max_memory: int | None = None,
+    output_format: str = "nifti",
+    rtstruct: bool = False,
+    series: str | None = None,
 ) -> tuple[list[Bundle], InferOptions]:
     """The bundles with the sliding-window overrides applied, and the batch's ``InferOptions``.
 
@@ -135,6 +152,10 @@ def resolve_options(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
+        output_format=output_format,
+        rtstruct=rtstruct,
+        series=series,
     )
     return bundles, options
 
@@ -149,17 +170,25 @@ class CaseFiles:
     probabilities: tuple[Path, ...] = ()
     dicom_seg: Path | None = None
     qc_overlay: Path | None = None  # report material (see the module docstring)
+    label_tables: tuple[Path, ...] = ()
+    rtstruct: Path | None = None
 
     def owed(self) -> list[Path]:
         """Every output the case owes but the sidecar, in the order they are written."""
-        return [self.mask, *self.probabilities, *([self.dicom_seg] if self.dicom_seg else [])]
+        return [
+            self.mask,
+            *self.label_tables,
+            *self.probabilities,
+            *([self.dicom_seg] if self.dicom_seg else []),
+            *([self.rtstruct] if self.rtstruct else []),
+        ]
 
 
 def case_files(
     output_dir: Path, input_path: Path, options: InferOptions, labels: dict[int, str]
 ) -> CaseFiles:
     """Where each output of ``input_path`` goes (see the module docstring for the names)."""
-    mask = mask_path(output_dir, input_path)
+    mask = mask_path(output_dir, input_path, output_format=options.output_format)
     stem = case_stem(mask)
     probabilities: tuple[Path, ...] = ()
     if options.save_probabilities:
@@ -167,7 +196,7 @@ def case_files(
             *(output_dir / f"{stem}_prob_{k}.nii.gz" for k in sorted(labels) if k != 0),
             output_dir / f"{stem}_entropy.nii.gz",
         )
-    dicom_input = input_path.is_dir() or is_zip(input_path) or not is_image_file(input_path)
+    dicom_input = is_dicom_input(input_path)
     return CaseFiles(
         input=input_path,
         mask=mask,
@@ -175,6 +204,8 @@ def case_files(
         probabilities=probabilities,
         dicom_seg=output_dir / f"{stem}.dcm" if options.dicom_seg and dicom_input else None,
         qc_overlay=output_dir / f"{stem}_qc.png",
+        label_tables=label_table_paths(mask),
+        rtstruct=output_dir / f"{stem}_rtstruct.dcm" if options.rtstruct and dicom_input else None,
     )
 
 
@@ -284,6 +315,19 @@ class _Batch:
     def models(self) -> list[str]:
         return [str(b.path) for b in self.bundles]
 
+    @functools.cached_property
+    def algorithm(self) -> tuple[str, str]:
+        """(name, version) of the model, as DICOM SEG and RTSTRUCT identify the algorithm: the registered
+        MLflow name and version when there are some, else the network and the bundle's content hash."""
+        from medseg.bundle import bundle_hash
+
+        first = self.bundles[0]
+        name = first.origin.get("name") or f"medseg {first.config.model.name}"
+        version = first.origin.get("version") or bundle_hash(first.path)[:12]
+        if len(self.bundles) > 1:
+            name = f"{name} (ensemble of {len(self.bundles)})"
+        return name, version
+
     def hook(self, stage: str, done: int, total: int) -> None:
         """Progress inside a case; the point where a requested stop interrupts it."""
         self.stop.check()
@@ -334,7 +378,7 @@ def _draw_missing_overlay(batch: _Batch, files: CaseFiles) -> None:
     if files.qc_overlay is None or files.qc_overlay.is_file():
         return
     try:
-        volume = load_volume(files.input)
+        volume = load_volume(files.input, series_id=batch.options.series)
         mask = load_label(files.mask, image=volume)
         tta = (read_sidecar(files.sidecar) or {}).get("tta_disagreement")
         _write_qc(batch, files, volume, mask, tta, [])
@@ -347,23 +391,46 @@ def _write_outputs(
 ) -> None:
     """Every owed output but the sidecar."""
     written.append(files.mask)
-    write_nifti(volume.with_array(pred.mask.array.astype(np.uint8), kind="label"), files.mask)
+    write_label_map(pred.mask.array, volume, files.mask, labels=batch.labels)
+    written.extend(files.label_tables)
+    write_label_tables(files.mask, batch.labels)
     if files.probabilities:
         _write_probability_maps(pred, volume, files, written)
+    name, version = batch.algorithm
+    dicom = {
+        "labels": batch.labels,
+        "series_id": batch.options.series,
+        "algorithm_name": name,
+        "algorithm_version": version,
+    }
     if files.dicom_seg is not None:
         written.append(files.dicom_seg)
-        write_dicom_seg(pred.mask.array, files.input, files.dicom_seg, labels=batch.labels)
+        write_dicom_seg(pred.mask.array, files.input, files.dicom_seg, **dicom)
     elif batch.options.dicom_seg:
         log.warning("%s: no DICOM SEG written: DICOM SEG needs a DICOM series as input", files.input.name)
+    if files.rtstruct is not None:
+        written.append(files.rtstruct)
+        write_rtstruct(pred.mask.array, files.input, files.rtstruct, **dicom)
+    elif batch.options.rtstruct:
+        log.warning("%s: no RTSTRUCT written: RTSTRUCT needs a DICOM series as input", files.input.name)
 
 
 def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[str, float]:
     """Load, predict and write one case, the sidecar last; returns the stage timings."""
     t0 = time.perf_counter()
     batch.hook("load", 0, 0)
-    volume = load_volume(files.input)
-    timings = {"load_s": time.perf_counter() - t0}
     options = batch.options
+    # sized from the header before any voxel is read: a case over the budget fails alone
+    preflight_inference(
+        files.input,
+        batch.bundles,
+        max_memory=options.max_memory,
+        tta=options.tta,
+        save_probabilities=options.save_probabilities,
+        series_id=options.series,
+    )
+    volume = load_volume(files.input, series_id=options.series)
+    timings = {"load_s": time.perf_counter() - t0}
     pred = ensemble_to_source_grid(
         batch.bundles,
         volume,
@@ -395,6 +462,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
         "schema": SIDECAR_SCHEMA,
         "provenance": _provenance(options),
         "qc": qc,
+        **_series_record(volume),
     }
     batch.hook("write", 0, 0)  # last point to stop before the case counts as done
     write_text_atomic(files.sidecar, json.dumps(sidecar, indent=2))
@@ -410,6 +478,14 @@ def _provenance(options: InferOptions) -> dict[str, str]:
         "device": options.device,
         "written_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _series_record(volume: Volume) -> dict[str, Any]:
+    """Which DICOM series was segmented (hashed UID, description, slices), for the sidecar."""
+    if volume.meta.get("source_format") != "dicom":
+        return {}
+    keys = {"series_uid_hash": "uid_hash", "series_description": "description", "n_slices": "n_slices"}
+    return {"series": {out: volume.meta.get(key) for key, out in keys.items()}}
 
 
 def _roll_back(written: list[Path]) -> None:
@@ -513,16 +589,16 @@ def plan_cases(
     cases: dict[Path, CaseFiles] = {}
     for path in paths:
         files = case_files(output_dir, path, options, labels)
-        if files.mask in cases:
+        if files.sidecar in cases:
             raise InputError(
                 path,
-                f"has the same output name {files.mask.name} as {cases[files.mask].input}; segment them into "
-                "separate output folders",
+                f"has the same output name {files.mask.name} as {cases[files.sidecar].input}; segment them "
+                "into separate output folders",
             )
         for out in (*files.owed(), files.sidecar):
             if out.resolve() in resolved_inputs:
                 raise InputError(out, "is an input of this run and would be overwritten by an output")
-        cases[files.mask] = files
+        cases[files.sidecar] = files
     return list(cases.values())
 
 
@@ -575,6 +651,10 @@ def run_inference(
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
     tracker: Tracker | None = None,
+    max_memory: int | None = None,
+    output_format: str = "nifti",
+    rtstruct: bool = False,
+    series: str | None = None,
 ) -> InferenceSummary:
     """Segment every input into ``output_dir``: done cases are skipped unless ``overwrite``, a failing
     case is reported and the batch goes on. Under torchrun each rank takes every WORLD_SIZE-th case.
@@ -583,7 +663,9 @@ def run_inference(
     module docstring. With ``report``, ``report.html`` is rebuilt from every sidecar in the folder at
     the end. With a started ``tracker`` (an MLflow run), per-case stage timings go to it as metrics
     (step = case index) and the report as an artifact. ``progress`` shows cases, the current
-    case's stage and windows with an ETA on a terminal.
+    case's stage and windows with an ETA on a terminal. ``max_memory`` (bytes; None = half this
+    machine's memory) is each case's budget: a case whose header says it needs more
+    (``medseg.io.preflight``) fails with the estimate before any voxel is read.
 
     Raises:
         StoppedError: SIGTERM or SIGINT stopped the batch (after the rollback and the report).
@@ -603,6 +685,10 @@ def run_inference(
         save_probabilities=save_probabilities,
         report=report,
         overwrite=overwrite,
+        max_memory=max_memory,
+        output_format=output_format,
+        rtstruct=rtstruct,
+        series=series,
     )
     output_dir = Path(output_dir)
     cases = plan_cases(list(inputs), output_dir, options, bundles[0].labels)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -198,11 +199,11 @@ def _dataset_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+def _add_dataset_options(commands: Mapping[str, argparse.ArgumentParser]) -> None:
     """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
     for name in ("check", "train", "augment-preview"):
         p = commands[name]
-        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.description = f"{p.description or ''}. DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
         p.add_argument(
             "--allow-outside-root",
             action="store_true",
@@ -272,6 +273,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             blend_mode=args.blend_mode,
             cpu_bf16=True if args.cpu_bf16 else None,
             tracker=tracker,
+            max_memory=args.max_memory,
+            output_format=args.output_format,
+            rtstruct=args.rtstruct,
+            series=args.series,
         )
         status = "FINISHED"
     except StoppedError:
@@ -286,7 +291,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         f"{len(summary.failed)} failed"
     )
     if summary.differing:
-        print(f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them")
+        print(
+            f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them"
+        )
     if summary.report:
         print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
@@ -379,6 +386,15 @@ def _device(text: str) -> str:
     return text
 
 
+def _memory_size(text: str) -> int:
+    from medseg.io.preflight import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _input_path(text: str) -> str:
     """An input that exists and is a regular file or a folder (not a device, pipe or socket)."""
     path = Path(text)
@@ -447,7 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the data, the run and the predictions")
     p.add_argument("--cases", type=_bounded(int, low=4), default=20, help="synthetic cases to make")
     p.add_argument("--size", type=_bounded(int, low=16, high=512), default=64, help="voxels per side")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = command("synth", "write a Decathlon-layout synthetic CT dataset")
@@ -475,11 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = command("check", "dataset integrity report; exit 1 on problems")
-    p.add_argument("dataset", help="Decathlon dataset folder (with dataset.json)")
+    p.add_argument("dataset", help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.set_defaults(func=cmd_check)
 
     p = command("train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
-    p.add_argument("--data", required=True, help="Decathlon dataset folder (with dataset.json)")
+    p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
     p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
     p.add_argument("--fold", type=_non_negative_int, help="cross-validation fold (shortcut for train.fold)")
@@ -490,7 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|CHECKPOINT",
         help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
     )
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+    )
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.add_argument(
         "--register",
@@ -511,7 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=8, help="patches to show")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="config override, e.g. augment.flip_prob=0"
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set augment.flip_prob=0 (repeatable)",
     )
     p.set_defaults(func=cmd_augment_preview)
 
@@ -529,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         type=_input_path,
-        help="NIfTI files, DICOM series folders, or folders of either",
+        help="NIfTI, NRRD or MetaImage files, DICOM series folders, zipped DICOM studies, or folders of these",
     )
     p.add_argument(
         "-o", "--output", required=True, type=_output_folder, help="folder for <case>_seg.nii.gz and sidecars"
@@ -556,6 +588,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
     )
     p.add_argument(
+        "--rtstruct",
+        action="store_true",
+        help="also write <stem>_seg_rtstruct.dcm (RT Structure Set, contours per label) for DICOM inputs",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=["nifti", "nrrd", "metaimage", "input"],
+        default="nifti",
+        help="mask format: nifti (.nii.gz), nrrd, metaimage (.mha), or input (NRRD/MetaImage inputs keep "
+        "their format, others NIfTI)",
+    )
+    p.add_argument(
+        "--series", metavar="UID", help="the DICOM series to segment (UID, its hash or a unique prefix)"
+    )
+    p.add_argument(
         "--save-probabilities",
         action="store_true",
         help="also write <stem>_seg_prob_<k>.nii.gz per class and <stem>_seg_entropy.nii.gz (uncertainty)",
@@ -576,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="memory a case may need, e.g. 8G or 512M: a case whose header says it needs more fails with "
+        "the estimate and the batch goes on (default: half of this machine's memory)",
     )
     p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
     p.add_argument(

@@ -41,3 +41,23 @@ def shared_data() -> Path:
             pytest.fail(f"real scans not present at {SHARED_DATA} (MEDSEG_REQUIRE_SHARED_DATA is set)")
         pytest.skip(f"real scans not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """``medseg.cli.main`` run in-process sets up the CLI's logging (handlers, levels, no propagation):
+    restore every logger afterwards so that later tests see records as a library user would."""
+    import logging
+
+    manager = logging.Logger.manager
+    names = ["medseg", *[n for n in list(manager.loggerDict) if not n.startswith("medseg")]]
+    saved = {}
+    for name in names:
+        lg = logging.getLogger(name)
+        saved[name] = (lg.level, lg.propagate, list(lg.handlers))
+    yield
+    for name, (level, propagate, handlers) in saved.items():
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.handlers[:] = handlers

@@ -92,7 +92,11 @@ def test_a_mask_without_its_sidecar_is_redone(bundle_dir, inputs, tmp_path):
     summary = _run(bundle_dir, inputs, out)
     assert sorted(p.name for p in summary.written) == ["case1_seg.nii.gz", "case2_seg.nii.gz"]
     assert [p.name for p in summary.skipped] == ["case0_seg.nii.gz"]
-    assert json.loads((out / "case1_seg.json").read_text())["outputs"] == ["case1_seg.nii.gz"]
+    assert json.loads((out / "case1_seg.json").read_text())["outputs"] == [
+        "case1_seg.nii.gz",
+        "case1_seg.itksnap.txt",
+        "case1_seg.ctbl",
+    ]
 
 
 def test_done_is_decided_per_requested_output(bundle_dir, inputs, tmp_path):

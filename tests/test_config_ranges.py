@@ -133,3 +133,7 @@ def test_version_short_flags_and_help():
         for action in sub._actions:
             assert action.help, f"medseg {name} {action.option_strings or action.dest}: no help text"
     assert "(default: 20)" in helps["synth"]
+    # --set takes several KEY=VALUE at once, and repeats
+    args = parser.parse_args(["train", "--data", "d", "--set", "a=1", "b=2", "--set", "c=3", "--out", "o"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    assert args.out == "o"

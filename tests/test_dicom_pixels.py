@@ -113,3 +113,19 @@ def test_values_outside_bits_stored_are_masked_with_a_warning(tmp_path, caplog):
     # masked as dcm2niix does: 64536 & 0xFFF = 3096 -> 3096 - 1024 HU
     assert np.count_nonzero(back.array == 3096 - 1024) >= 5
     np.testing.assert_array_equal(np.delete(back.array, 2, axis=2), np.delete(clean.array, 2, axis=2))
+
+
+def test_the_sidecar_records_what_was_done_to_the_values(tmp_path):
+    from medseg.io import sidecar_fields
+
+    vol = dc.ramp_volume()
+    paths = dc.series(tmp_path / "s", vol)
+
+    def monochrome1(ds):
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    _edit_all(paths, monochrome1)
+    fields = sidecar_fields(read_dicom_series(tmp_path / "s"), {0: "background"})
+    assert any("MONOCHROME1 CT" in n for n in fields["source"]["pixel_values"])
+    plain = sidecar_fields(dc.ramp_volume(), {0: "background"})
+    assert "pixel_values" not in plain["source"]

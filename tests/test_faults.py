@@ -16,7 +16,7 @@ import pytest
 
 from medseg.errors import InputError, OutputError
 from medseg.io import Volume, atomic_path, write_nifti, write_text_atomic
-from medseg.io.volume import partial_name, sweep_partials
+from medseg.io.volume import _host_tag, partial_name, sweep_partials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_long_input_name_fits_the_temp_name(tmp_path):
 def test_temp_name_keeps_format_suffix_not_uid_parts(tmp_path):
     name = partial_name("1.2.840.113619.2.55.3.nii.gz", folder=tmp_path)
     assert name.endswith(".partial.nii.gz")
-    assert f".{os.getpid()}-" in name
+    assert f".{os.getpid()}@{_host_tag()}-" in name
 
 
 def test_atomic_write_does_not_touch_the_umask(tmp_path, monkeypatch):
@@ -62,6 +62,11 @@ def test_atomic_write_does_not_touch_the_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", forbidden)
     out = write_text_atomic(tmp_path / "a.txt", "x")
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+    # a writer that replaces the temp file with a private one (safetensors does) still gives the usual mode
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        tmp.unlink()
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 # ----------------------------------------------------------------------------- leftovers of killed writers
@@ -75,16 +80,18 @@ def _dead_pid() -> int:
 
 def test_sweep_removes_partials_of_dead_writers_only(tmp_path):
     dead = _dead_pid()
+    host = _host_tag()
     (tmp_path / "checkpoints").mkdir()
     dead_files = [
-        tmp_path / "checkpoints" / f".last.pt.{dead}-0a1b2c3d.partial.pt",
-        tmp_path / f".case_seg.nii.gz.{dead}-deadbeef.partial.nii.gz",
+        tmp_path / "checkpoints" / f".last.pt.{dead}@{host}-0a1b2c3d.partial.pt",
+        tmp_path / f".case_seg.nii.gz.{dead}@{host}-deadbeef.partial.nii.gz",
     ]
-    live = tmp_path / f".best.pt.{os.getpid()}-0a1b2c3d.partial.pt"
+    live = tmp_path / f".best.pt.{os.getpid()}@{host}-0a1b2c3d.partial.pt"
+    other_host = tmp_path / f".best.pt.{dead}@{'0' if host[0] != '0' else '1'}{host[1:]}-0a1b2c3d.partial.pt"
     old_legacy = [tmp_path / "checkpoints" / ".best.pt.partial", tmp_path / ".last.pt.k3j_x9ab.partial.pt"]
     new_legacy = tmp_path / ".weights.pt.zz11yy22.partial.pt"
     user_file = tmp_path / ".notes.partial.txt.bak"
-    for p in [*dead_files, live, *old_legacy, new_legacy, user_file]:
+    for p in [*dead_files, live, other_host, *old_legacy, new_legacy, user_file]:
         p.write_bytes(b"x")
     for p in old_legacy:
         os.utime(p, (time.time() - 7200, time.time() - 7200))
@@ -93,6 +100,7 @@ def test_sweep_removes_partials_of_dead_writers_only(tmp_path):
 
     assert sorted(removed) == sorted(dead_files + old_legacy)
     assert live.exists()
+    assert other_host.exists()  # that PID is not this machine's to judge: removed only by age
     assert new_legacy.exists()
     assert user_file.exists()
 
@@ -183,6 +191,36 @@ def test_disk_full_is_one_line_and_leaves_no_temp_file(tmp_path):
         assert "could not be written" in lines[name]
         assert "|" not in lines[name]
     assert lines["left:"] == "[]", proc.stdout
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_is_one_line_exit_2(tiny_dataset, tmp_path):
+    """Disk full during a checkpoint gave a torch RuntimeError traceback, exit 1, and a .partial left."""
+    unshare = shutil.which("unshare")
+    if not unshare or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces here to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    tiny = "preprocess.spacing=[2,2,3] train.patch_size=[16,16,16] model.features=4 model.depth=2"
+    script = (
+        f'mount -t tmpfs -o size=120k tmpfs "$1" || exit 99; "{sys.executable}" -m medseg train --data "$2" '
+        f'--out "$1/run" --set train.epochs=1 tracking.enabled=false {tiny}; echo "rc=$?"; '
+        'find "$1" -name "*partial*" | sed "s/^/LEFT /"'
+    )
+    proc = subprocess.run(
+        [unshare, "-rm", "sh", "-c", script, "sh", str(disk), str(tiny_dataset)],
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "rc=2" in proc.stdout, proc.stdout + proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert "no space left on the device" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert "LEFT" not in proc.stdout  # no temp file left on the full disk
 
 
 def test_unwritable_output_folder_is_an_output_error(tmp_path):
@@ -289,8 +327,172 @@ def test_preflight_estimates_from_the_header_and_refuses_over_budget(tmp_path):
     # a DICOM series is sized from its headers, without reading pixels
     write_dicom_series(vol, tmp_path / "dicom")
     assert preflight(tmp_path / "dicom", max_memory=2**30).header.shape == (32, 32, 16)
+    # NRRD/MetaImage from SimpleITK's header; a zipped study by what it expands to
+    from medseg.io import write_sitk
+
+    nrrd = write_sitk(vol, tmp_path / "ct.nrrd")
+    assert preflight(nrrd, max_memory=2**30).header.shape[:3] == (32, 32, 16)
+    shutil.make_archive(str(tmp_path / "study"), "zip", tmp_path / "dicom")
+    zipped = preflight(tmp_path / "study.zip", max_memory=2**30).header
+    assert zipped.shape[0] * 2 >= 32 * 32 * 16 * 2  # at least the pixel bytes
     assert parse_size("8G") == 8 * 2**30
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1000") == 1000
     with pytest.raises(ValueError, match="expected a size"):
         parse_size("lots")
+
+
+def test_preflight_for_an_ensemble_uses_the_bundles_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from medseg.config import load_config
+    from medseg.io.preflight import preflight, preflight_inference
+
+    nii = write_nifti(Volume(np.zeros((64, 64, 32), np.float32), np.eye(4)), tmp_path / "ct.nii.gz")
+    tiny = ["train.patch_size=[16,16,16]", "model.features=4", "model.depth=2", "labels={0: bg, 1: a, 2: b}"]
+    coarse = SimpleNamespace(
+        config=load_config(None, [*tiny, "preprocess.spacing=[2,2,2]"]), labels={0: "bg", 1: "a"}
+    )
+    fine = SimpleNamespace(
+        config=load_config(None, [*tiny, "preprocess.spacing=[1,1,1]"]), labels={0: "", 1: "", 2: ""}
+    )
+    both = preflight_inference(nii, [coarse, fine], max_memory=2**34, tta=True)
+    alone = preflight(
+        nii,
+        max_memory=2**34,
+        spacing=(1, 1, 1),
+        n_classes=3,
+        n_models=2,
+        tta=True,
+        patch_size=(16, 16, 16),
+        features=4,
+    )
+    assert both.parts == alone.parts  # the finest grid, most classes, both members, TTA
+    assert both.parts["network"] == 16**3 * 4 * 4 * 8 * 2  # two windows in flight
+
+
+# ----------------------------------------------------------------------------- folders written as one unit
+
+
+def _bundle(folder: Path, version: str) -> None:
+    for name in ("model.safetensors", "config.yaml", "metadata.json"):
+        (folder / name).write_text(f"{name} {version}")
+
+
+def _versions(folder: Path) -> set[str]:
+    return {p.read_text().split()[-1] for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
+def test_atomic_dir_replaces_a_folder_as_one_unit(tmp_path, monkeypatch, exchange):
+    from medseg.io import volume
+
+    if not exchange:
+
+        def unsupported(_a, _b):
+            raise OSError(38, "renameat2 is not available")
+
+        monkeypatch.setattr(volume, "_rename_exchange", unsupported)
+    with volume.atomic_dir(tmp_path / "bundle") as staging:
+        _bundle(staging, "1")
+    assert _versions(tmp_path / "bundle") == {"1"}
+    with volume.atomic_dir(tmp_path / "bundle") as staging:
+        _bundle(staging, "2")
+    assert _versions(tmp_path / "bundle") == {"2"}
+
+    def half_written() -> None:
+        with volume.atomic_dir(tmp_path / "bundle") as staging:
+            _bundle(staging, "3")
+            raise RuntimeError("killed half way")
+
+    with pytest.raises(RuntimeError):
+        half_written()
+    assert _versions(tmp_path / "bundle") == {"2"}  # never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    with (
+        pytest.raises(OutputError, match="already exists"),
+        volume.atomic_dir(tmp_path / "bundle", overwrite=False),
+    ):
+        pass
+
+
+def test_sweep_removes_dead_staging_folders_and_restores_a_folder_set_aside(tmp_path):
+    from medseg.io.volume import _host_tag
+
+    dead, host = _dead_pid(), _host_tag()
+    staging = tmp_path / f".bundle.{dead}@{host}-0a1b2c3d.partial.tmp"
+    aside = tmp_path / f".best.{dead}@{host}-0a1b2c3d.replaced.tmp"
+    for folder in (staging, aside):
+        folder.mkdir()
+        _bundle(folder, "old")
+    removed = sweep_partials(tmp_path)
+    assert sorted(removed) == sorted([staging, aside])
+    assert not staging.exists()
+    assert _versions(tmp_path / "best") == {"old"}  # its writer died between the two renames: put back
+
+
+def test_infer_refuses_a_case_over_max_memory_and_the_batch_goes_on(tmp_path):
+    """The memory preflight in a batch: the absurd case fails with its estimate, the others are written."""
+    import gzip
+
+    import torch
+
+    from medseg.bundle import save_bundle
+    from medseg.config import load_config
+    from medseg.models import build_model
+    from medseg.synthetic import make_case
+    from tests.conftest import run_cli
+
+    cfg = load_config(
+        None,
+        [
+            "labels={0: background, 1: liver}",
+            "preprocess.spacing=[2,2,3]",
+            "preprocess.intensity.window=[-200,300]",
+            "preprocess.intensity.mean=50",
+            "preprocess.intensity.std=100",
+            "model.features=4",
+            "model.depth=2",
+            "train.patch_size=[16,16,16]",
+        ],
+    )
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=2), cfg, {})
+    inputs = tmp_path / "inputs"
+    write_nifti(make_case(0, size=16)[0], inputs / "small.nii.gz")
+    (inputs / "huge.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((32767, 32767, 32767)), 9))
+    proc = run_cli(
+        "infer",
+        "-m",
+        "bundle",
+        "-i",
+        "inputs",
+        "-o",
+        "out",
+        "--max-memory",
+        "4G",
+        "--no-report",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr  # some cases failed
+    assert (tmp_path / "out" / "small_seg.nii.gz").exists()
+    assert not (tmp_path / "out" / "huge_seg.nii.gz").exists()
+    failed = [line for line in proc.stderr.splitlines() if "huge.nii.gz" in line and "FAILED" in line]
+    assert failed, proc.stderr
+    assert "needs about" in failed[0]
+    assert "memory limit of 4.0 GiB" in failed[0]
+    assert "MemoryError" not in proc.stderr
+    bad = run_cli("infer", "-m", "bundle", "-i", "inputs", "-o", "out", "--max-memory", "lots", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "expected a size such as 8G" in bad.stderr
+
+
+def test_multichannel_nifti_claiming_absurd_size_is_refused_from_the_header(tmp_path):
+    import gzip
+
+    from medseg.io.nifti import read_nifti_channels
+
+    path = tmp_path / "channels.nii.gz"
+    path.write_bytes(gzip.compress(_nifti_header_bytes((4096, 4096, 4096, 4)), 9))
+    with pytest.raises(InputError, match=r"4096x4096x4096x4 voxels .* more than the memory limit"):
+        read_nifti_channels(path)

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.io import find_inputs, load_label, load_volume, mask_path, read_nifti, write_mask
+from medseg.io import find_inputs, is_dicom_input, load_label, load_volume, mask_path, read_nifti, write_mask
 from medseg.io.nifti import read_label_names
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -57,7 +57,9 @@ def test_sitk_formats_read_with_the_geometry_nifti_gives(tmp_path, rng, suffix):
     np.testing.assert_allclose(volume.affine[:3, 3], np.array(image.GetOrigin()) * [-1, -1, 1])
 
 
-@pytest.mark.parametrize(("suffix", "mask_suffix"), [(".nrrd", ".nrrd"), (".mha", ".mha"), (".mhd", ".mha")])
+@pytest.mark.parametrize(
+    ("suffix", "mask_suffix"), [(".nrrd", ".nrrd"), (".nhdr", ".nrrd"), (".mha", ".mha"), (".mhd", ".mha")]
+)
 def test_mask_written_in_the_input_format_has_its_exact_grid(tmp_path, rng, suffix, mask_suffix):
     image = oblique_image(rng)
     source = tmp_path / f"case_7{suffix}"
@@ -130,6 +132,9 @@ def test_find_inputs_lists_nrrd_metaimage_and_zips_but_not_dot_files(tmp_path, r
     (tmp_path / "e.zip").write_bytes(b"")
     names = [p.name for p in find_inputs([tmp_path])]
     assert names == ["a.nrrd", "b.mha", "c.mhd", "d.nii.gz", "e.zip"]  # c.raw is c.mhd's data
+    # what a DICOM SEG or RTSTRUCT can reference
+    assert [is_dicom_input(tmp_path / n) for n in names] == [False, False, False, False, True]
+    assert is_dicom_input(tmp_path)
 
 
 @pytest.mark.parametrize("problem", ["truncated", "vector", "2d"])
@@ -293,20 +298,171 @@ def test_infer_on_nrrd_metaimage_and_a_zipped_study(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "b.mha"))
     _zip(tmp_path / "data" / "dicom" / "case_002", tmp_path / "study.zip")
     files = ["a.nrrd", "b.mha", "data/imagesTs/case_002.nii.gz"]
-    run_cli("infer", "--model", "run/bundle", "--input", *files, "--output", "pred", cwd=tmp_path, check=True)
+    infer = [
+        "infer",
+        "--model",
+        "run/bundle",
+        "--output-format",
+        "input",
+        "--input",
+        *files,
+        "--output",
+        "pred",
+    ]
+    run_cli(*infer, cwd=tmp_path, check=True)
     studies = ["study.zip", "data/dicom/case_002"]
-    run_cli(
-        "infer", "--model", "run/bundle", "--input", *studies, "--output", "dcm", cwd=tmp_path, check=True
-    )
+    infer = [
+        "infer",
+        "--model",
+        "run/bundle",
+        "--dicom-seg",
+        "--rtstruct",
+        "--input",
+        *studies,
+        "--output",
+        "dcm",
+    ]
+    run_cli(*infer, cwd=tmp_path, check=True)
     pred, dcm = tmp_path / "pred", tmp_path / "dcm"
     nifti_mask = nib.load(pred / "case_002_seg.nii.gz")
     assert np.asarray(nifti_mask.dataobj).any()  # the model found something to compare
-    for name in ("a", "b"):
-        source = load_volume(tmp_path / f"{name}.{'nrrd' if name == 'a' else 'mha'}")
-        mask = nib.load(pred / f"{name}_seg.nii.gz")
-        assert mask.shape == source.shape
-        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(nifti_mask.dataobj))
+    for name, suffix in (("a", "nrrd"), ("b", "mha")):
+        mask, given = (
+            sitk.ReadImage(str(pred / f"{name}_seg.{suffix}")),
+            sitk.ReadImage(str(tmp_path / f"{name}.{suffix}")),
+        )
+        assert mask.GetSize() == given.GetSize()
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(given, get)(), rtol=0, atol=1e-9)
+        voxels = sitk.GetArrayFromImage(mask).transpose(2, 1, 0)
+        np.testing.assert_array_equal(voxels, np.asarray(nifti_mask.dataobj))
+        assert (pred / f"{name}_seg.ctbl").is_file()
+        assert (pred / f"{name}_seg.itksnap.txt").is_file()
+    for stem in ("study", "case_002"):
+        assert (dcm / f"{stem}_seg.dcm").is_file()
+        assert (dcm / f"{stem}_seg_rtstruct.dcm").is_file()
     from_zip, from_folder = nib.load(dcm / "study_seg.nii.gz"), nib.load(dcm / "case_002_seg.nii.gz")
     np.testing.assert_array_equal(from_zip.affine, from_folder.affine)
     np.testing.assert_array_equal(np.asarray(from_zip.dataobj), np.asarray(from_folder.dataobj))
+
+
+def test_convert_reads_a_zipped_study_and_a_nrrd(tmp_path, rng):
+    from tests.conftest import run_cli
+
+    _study(tmp_path / "study")
+    _zip(tmp_path / "study", tmp_path / "study.zip")
+    sitk.WriteImage(oblique_image(rng), str(tmp_path / "scan.nrrd"))
+    run_cli("convert", "study.zip", "study.nii.gz", cwd=tmp_path, check=True)
+    run_cli("convert", "scan.nrrd", "scan.nii.gz", cwd=tmp_path, check=True)
+    study = load_volume(tmp_path / "study")
+    np.testing.assert_allclose(read_nifti(tmp_path / "study.nii.gz").affine, study.affine, atol=1e-6)
+    np.testing.assert_array_equal(read_nifti(tmp_path / "study.nii.gz").array, study.array)
+    scan = load_volume(tmp_path / "scan.nrrd")
+    np.testing.assert_allclose(read_nifti(tmp_path / "scan.nii.gz").affine, scan.affine, atol=1e-6)
+
+
+# ---- the batch writer: --output-format, label tables, --series, --dicom-seg and --rtstruct on a zip ----
+
+
+def _untrained_bundle(tmp_path):
+    import torch
+
+    from medseg.bundle import load_bundle, save_bundle
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+    from tests.test_batch import TINY as BATCH_TINY
+
+    cfg = config_from_dict(BATCH_TINY)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=4), cfg, {})
+    return load_bundle(tmp_path / "bundle")
+
+
+def test_batch_writes_masks_in_the_input_format_with_label_tables(tmp_path, rng):
+    import json
+
+    from medseg.batch import run_inference
+    from medseg.io.labeltables import label_table_paths
+    from medseg.synthetic import make_case
+
+    bundle = _untrained_bundle(tmp_path)
+    image, _ = make_case(3, size=24, orientation="oblique")
+    (tmp_path / "in").mkdir()
+    from medseg.io import write_nifti
+
+    write_nifti(image, tmp_path / "in" / "c.nii.gz", dtype="int16")
+    as_sitk = sitk.ReadImage(str(tmp_path / "in" / "c.nii.gz"))
+    sitk.WriteImage(as_sitk, str(tmp_path / "in" / "a.nrrd"))
+    sitk.WriteImage(as_sitk, str(tmp_path / "in" / "b.mha"))
+    out = tmp_path / "out"
+    summary = run_inference([bundle], [tmp_path / "in"], out, output_format="input")
+    assert sorted(p.name for p in summary.written) == ["a_seg.nrrd", "b_seg.mha", "c_seg.nii.gz"]
+    reference = np.asarray(nib.load(out / "c_seg.nii.gz").dataobj)
+    assert read_label_names(out / "c_seg.nii.gz") == bundle.labels
+    for name, suffix in (("a", "nrrd"), ("b", "mha")):
+        mask, given = (
+            sitk.ReadImage(str(out / f"{name}_seg.{suffix}")),
+            sitk.ReadImage(str(tmp_path / "in" / f"{name}.{suffix}")),
+        )
+        assert mask.GetSize() == given.GetSize()
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(given, get)(), rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mask).transpose(2, 1, 0), reference)
+        sidecar = json.loads((out / f"{name}_seg.json").read_text())
+        tables = [p.name for p in label_table_paths(out / f"{name}_seg.{suffix}")]
+        assert sidecar["outputs"][:3] == [f"{name}_seg.{suffix}", *tables]
+        assert all((out / t).is_file() for t in tables)
+    # a second run finds every case done (the NRRD/MetaImage masks and tables count as outputs)
+    again = run_inference([bundle], [tmp_path / "in"], out, output_format="input")
+    assert (len(again.written), len(again.skipped)) == (0, 3)
+    # and the masks are never taken as inputs
+    from medseg.io import find_inputs
+
+    assert [p.name for p in find_inputs([out])] == []
+
+
+def test_batch_on_a_zipped_study_with_series_seg_and_rtstruct(tmp_path):
+    import json
+
+    import highdicom as hd
+    import pydicom
+
+    from medseg.batch import run_inference
+    from medseg.io import uid_hash
+    from tests.test_rtstruct import dice, rasterise
+
+    bundle = _untrained_bundle(tmp_path)
+    _study(tmp_path / "study")
+    _zip(tmp_path / "study", tmp_path / "study.zip")
+    other_uid = pydicom.dcmread(next((tmp_path / "study" / "SE2").iterdir())).SeriesInstanceUID
+    options = {"dicom_seg": True, "rtstruct": True}
+    zipped = run_inference([bundle], [tmp_path / "study.zip"], tmp_path / "z", **options)
+    folder = run_inference(
+        [bundle], [tmp_path / "study" / "SE1"], tmp_path / "f", **options
+    )  # its main series
+    assert [p.name for p in zipped.written] == ["study_seg.nii.gz"]
+    assert [p.name for p in folder.written] == ["SE1_seg.nii.gz"]
+    from_zip = np.asarray(nib.load(tmp_path / "z" / "study_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(from_zip, np.asarray(nib.load(tmp_path / "f" / "SE1_seg.nii.gz").dataobj))
+    assert from_zip.any()
+    sidecar = json.loads((tmp_path / "z" / "study_seg.json").read_text())
+    assert {"study_seg.dcm", "study_seg_rtstruct.dcm"} <= set(sidecar["outputs"])
+    assert sidecar["series"]["n_slices"] == 7
+    assert sidecar["series"]["description"] == "main"
+    seg = hd.seg.segread(tmp_path / "z" / "study_seg.dcm")
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "medseg classic_unet"
+    assert len(algorithm.AlgorithmVersion) == 12  # the bundle's content hash
+    filled = rasterise(tmp_path / "z" / "study_seg_rtstruct.dcm", tmp_path / "study" / "SE1")
+    for value, name in bundle.labels.items():
+        if value and (from_zip == value).sum() > 0:
+            assert dice(filled[name], from_zip == value) >= 0.95
+    # --series: the other series of the same zip, recorded in the sidecar
+    picked = run_inference(
+        [bundle], [tmp_path / "study.zip"], tmp_path / "s", series=uid_hash(other_uid), **options
+    )
+    assert [p.name for p in picked.written] == ["study_seg.nii.gz"]
+    sidecar = json.loads((tmp_path / "s" / "study_seg.json").read_text())
+    assert sidecar["series"] == {"uid_hash": uid_hash(other_uid), "description": "other", "n_slices": 3}
+    assert sidecar["options"]["series"] == uid_hash(other_uid)
+    assert nib.load(tmp_path / "s" / "study_seg.nii.gz").shape[2] == 3

@@ -236,3 +236,75 @@ def test_convert_with_debug_logging_shows_no_name(tmp_path):
     proc = run_cli("-v", "convert", "series", "out.nii.gz", cwd=tmp_path, check=True)
     leaks = _findings((proc.stdout + proc.stderr).encode(), "convert", _name_needles(NAME_FORMS["no carets"]))
     assert not leaks, leaks
+
+
+def test_scrubbed_blocks_in_threads_restore_the_library_loggers():
+    """Concurrent reads (MONAI caches datasets with a thread pool) leave pydicom's logger as it was."""
+    import logging
+    import threading
+
+    from medseg.io.privacy import scrubbed_messages
+
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom")]
+    before = [(lg.propagate, list(lg.handlers)) for lg in loggers]
+    barrier = threading.Barrier(4)
+
+    def work():
+        with scrubbed_messages(where="t"):
+            barrier.wait(timeout=30)
+            logging.getLogger("pydicom").warning("Invalid value for VR PN: 'DOE JOHN'")
+            with scrubbed_messages(where="nested"):
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [(lg.propagate, list(lg.handlers)) for lg in loggers] == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", sorted(NAME_FORMS))
+def test_infer_dicom_seg_and_rtstruct_never_print_the_name(tmp_path, form):
+    """Issue 11's reproduction: ``medseg -v infer --dicom-seg`` on a series whose PatientName has no
+    carets printed it in highdicom's UserWarning. Now nothing but the SEG and RTSTRUCT (which carry
+    the patient module by design) holds the name: not stderr, stdout, the mask, sidecar, tables, report."""
+    import torch
+
+    from medseg.bundle import save_bundle
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+    from tests.test_batch import TINY as BATCH_TINY
+
+    name = NAME_FORMS[form]
+    _named_series(tmp_path / "in" / "scan", name)
+    cfg = config_from_dict(BATCH_TINY)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=4), cfg, {})
+    proc = run_cli(
+        "-v",
+        "infer",
+        "--model",
+        "bundle",
+        "--input",
+        "in/scan",
+        "--output",
+        "out",
+        "--dicom-seg",
+        "--rtstruct",
+        cwd=tmp_path,
+        check=True,
+    )
+    seg, rt = tmp_path / "out" / "scan_seg.dcm", tmp_path / "out" / "scan_seg_rtstruct.dcm"
+    assert str(pydicom.dcmread(seg).PatientName).strip() == name.strip()  # by design
+    assert str(pydicom.dcmread(rt).PatientName).strip() == name.strip()
+    needles = _name_needles(name)
+    leaks = _findings((proc.stdout + proc.stderr).encode(), "infer output", needles)
+    checked = 0
+    for path in sorted((tmp_path / "out").rglob("*")):
+        if path.is_file() and path not in (seg, rt):
+            leaks += _findings(path.read_bytes(), path.name, needles)
+            checked += 1
+    assert not leaks, leaks
+    assert checked >= 5  # mask, sidecar, two label tables, report

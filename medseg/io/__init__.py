@@ -39,6 +39,7 @@ __all__ = [
     "atomic_path",
     "case_stem",
     "find_inputs",
+    "is_dicom_input",
     "is_image_file",
     "is_medseg_output",
     "is_nifti",
@@ -56,6 +57,7 @@ __all__ = [
     "uid_hash",
     "write_dicom_seg",
     "write_dicom_series",
+    "write_label_map",
     "write_label_tables",
     "write_mask",
     "write_nifti",
@@ -151,8 +153,17 @@ def check_same_grid(
 
 # medseg's own outputs beside a mask (see medseg.batch): never inputs
 _OUTPUT_SUFFIXES = (
-    "_seg.nii.gz", "_seg.nii", "_seg.nrrd", "_seg.mha", "_seg.json", "_seg.dcm", "_seg_rtstruct.dcm",
-    "_seg.itksnap.txt", "_seg.ctbl", "_seg_entropy.nii.gz", "_seg_qc.png",
+    "_seg.nii.gz",
+    "_seg.nii",
+    "_seg.nrrd",
+    "_seg.mha",
+    "_seg.json",
+    "_seg.dcm",
+    "_seg_rtstruct.dcm",
+    "_seg.itksnap.txt",
+    "_seg.ctbl",
+    "_seg_entropy.nii.gz",
+    "_seg_qc.png",
 )
 
 
@@ -218,6 +229,35 @@ def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "
     return Path(out_dir) / f"{case_stem(source)}_seg{suffix}"
 
 
+def write_label_map(
+    mask: np.ndarray, source: Volume, path: str | Path, *, labels: dict[int, str], overwrite: bool = True
+) -> Path:
+    """Write only the label map ``mask`` (in ``source``'s grid), in the format of ``path``'s suffix.
+
+    NIfTI (``.nii.gz``/``.nii``): the label names embedded as a header extension. NRRD (``.nrrd``) or
+    MetaImage (``.mha``): the grid copied from ``source``'s own header when it is such a file (so the
+    mask has the input's grid exactly), else computed from its affine.
+    """
+    path = Path(path)
+    if mask.shape != source.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from source grid {source.shape}")
+    if mask.max(initial=0) > 255:
+        raise ValueError("mask holds labels above 255")
+    array = np.asarray(mask).astype(np.uint8)
+    if is_nifti(path):
+        out = Volume(array=array, affine=source.affine, meta={"kind": "label"}, source=str(path))
+        return write_nifti(out, path, overwrite=overwrite, labels=labels)
+    # the source path rides along so that write_sitk copies its header's grid
+    out = Volume(array=array, affine=source.affine, meta={"kind": "label"}, source=source.source)
+    return write_sitk(out, path, overwrite=overwrite)
+
+
+def is_dicom_input(path: str | Path) -> bool:
+    """A DICOM series folder, DICOM file or zipped study (what a DICOM SEG or RTSTRUCT can reference)."""
+    path = Path(path)
+    return path.is_dir() or (path.is_file() and not is_nifti(path) and not is_sitk_image(path))
+
+
 def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
     """The label names and the source grid, as a mask's ``<stem>.json`` sidecar records them."""
     return {
@@ -229,6 +269,10 @@ def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
             "spacing_mm": [round(s, 6) for s in source.spacing],
             "affine": np.asarray(source.affine).round(6).tolist(),
             "axcodes": source.axcodes(),
+            # what the reader did to the stored values (MONOCHROME1, modality LUT, BitsStored), if anything
+            **(
+                {"pixel_values": list(source.meta["pixel_values"])} if source.meta.get("pixel_values") else {}
+            ),
         },
     }
 
@@ -256,16 +300,7 @@ def write_mask(
         raise ValueError("mask holds labels above 255")
     sidecar = {**sidecar_fields(source, labels), **(extra or {})}
     json_path = path.with_name(case_stem(path) + ".json")
-    if is_nifti(path):
-        out = Volume(
-            array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=str(path)
-        )
-        write_nifti(out, path, overwrite=overwrite, labels=labels)
-    else:  # the source path rides along so that write_sitk copies its header's grid
-        out = Volume(
-            array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=source.source
-        )
-        write_sitk(out, path, overwrite=overwrite)
+    write_label_map(mask, source, path, labels=labels, overwrite=overwrite)
     if label_tables:
         from medseg.io.labeltables import write_label_tables
 

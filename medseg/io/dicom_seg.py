@@ -79,7 +79,7 @@ def write_dicom_seg(
         except Exception as exc:
             raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
     with scrubbed_messages(sources, where=path.name):
-        _complete_for_reference(sources, source_dir, info.uid_hash)
+        complete_for_reference(sources, source_dir, info.uid_hash)
         seg = _segmentation(mask, sources, labels, codes=codes, algorithm=(algorithm_name, algorithm_version))
         with atomic_path(path, overwrite=overwrite) as tmp:
             seg.save_as(tmp)
@@ -190,7 +190,9 @@ _TYPE2 = (
 )
 
 
-def _complete_for_reference(sources: list[pydicom.Dataset], source_dir: str | Path, series_hash: str) -> None:
+def complete_for_reference(
+    sources: list[pydicom.Dataset], source_dir: str | Path, series_hash: str, *, what: str = "DICOM SEG"
+) -> None:
     """Make in-memory copies of the source headers referenceable (the files are never touched).
 
     Anonymisers that blank identifiers leave SOPClassUID/SOPInstanceUID empty in the dataset while
@@ -208,7 +210,7 @@ def _complete_for_reference(sources: list[pydicom.Dataset], source_dir: str | Pa
             ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         if not ds.get("SOPInstanceUID") or not ds.get("SOPClassUID"):
             raise InputError(
-                source_dir, f"series {series_hash}: an instance has no SOP UIDs, a SEG cannot reference it"
+                source_dir, f"series {series_hash}: an instance has no SOP UIDs, a {what} cannot reference it"
             )
         for attr in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
             if not ds.get(attr):
@@ -220,9 +222,10 @@ def _complete_for_reference(sources: list[pydicom.Dataset], source_dir: str | Pa
                 setattr(ds, attr, "")
     if stand_ins:
         log.warning(
-            "%s: series %s has blank %s; the DICOM SEG references stand-in UIDs, so a PACS will not "
+            "%s: series %s has blank %s; the %s references stand-in UIDs, so a PACS will not "
             "link it to the images",
             source_dir,
             series_hash,
             "/".join(sorted(set(stand_ins))),
+            what,
         )

@@ -163,7 +163,7 @@ def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
         )
 
 
-def _one_line(exc: BaseException | Warning) -> str:
+def _one_line(exc: BaseException | Warning | str) -> str:
     return " ".join((str(exc) or type(exc).__name__).split())
 
 
@@ -188,7 +188,10 @@ def read_nifti_channels(path: str | Path) -> list[Volume]:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
         _check_transform(path, img)
+        _check_size(path, img, None)  # every channel counts against the memory limit
         dtype = img.get_data_dtype()
         if dtype.kind not in "iuf" or dtype.fields is not None:
             raise InputError(path, f"voxel type {dtype} is not a scalar image")

@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +31,15 @@ DEFAULT_FRACTION = 0.5
 # torch, MONAI and a default U-Net's weights, resident before the first case
 RUNTIME_OVERHEAD_BYTES = 600 * 2**20
 
-__all__ = ["MemoryEstimate", "default_max_memory", "format_bytes", "parse_size", "preflight", "read_header"]
+__all__ = [
+    "MemoryEstimate",
+    "default_max_memory",
+    "format_bytes",
+    "parse_size",
+    "preflight",
+    "preflight_inference",
+    "read_header",
+]
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ class ImageHeader:
 
     shape: tuple[int, ...]
     itemsize: int  # bytes per stored voxel (all components)
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float] | None  # None: unknown (a zipped study), taken as the model grid's
     scaled: bool = False  # a slope/intercept turns the stored values into float64 while reading
     compressed: bool = False
 
@@ -99,15 +109,18 @@ def default_max_memory(fraction: float = DEFAULT_FRACTION) -> int:
 def read_header(path: str | Path, *, series_id: str | None = None) -> ImageHeader:
     """The shape, voxel size and spacing a file's header declares; no voxel is read."""
     from medseg.io.nifti import is_nifti
+    from medseg.io.sitk import is_sitk_image
 
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
     if path.is_file() and is_nifti(path):
         return _nifti_header(path)
-    if path.is_dir() or path.suffix.lower() in (".dcm", "") or not _sitk_readable(path):
-        return _dicom_header(path, series_id)
-    return _sitk_header(path)
+    if path.is_file() and is_sitk_image(path):
+        return _sitk_header(path)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _zip_header(path)
+    return _dicom_header(path, series_id)
 
 
 def _nifti_header(path: Path) -> ImageHeader:
@@ -117,16 +130,16 @@ def _nifti_header(path: Path) -> ImageHeader:
         img = nib.load(str(path))  # the header only: voxels are read on demand
     except Exception as exc:
         raise InputError(path, f"not a readable NIfTI file ({' '.join(str(exc).split())})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     hdr = img.header
-    zooms = tuple(float(z) for z in hdr.get_zooms()[:3]) + (1.0,) * max(0, 3 - len(img.shape))
-    slope = float(hdr["scl_slope"]) if "scl_slope" in hdr else 0.0
-    scaled = bool(np.isfinite(slope) and slope not in (0.0, 1.0)) or (
-        "scl_inter" in hdr and np.isfinite(float(hdr["scl_inter"])) and float(hdr["scl_inter"]) != 0.0
-    )
+    zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * max(0, 3 - len(img.shape))
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    scaled = bool(np.isfinite(slope) and slope not in (0.0, 1.0)) or bool(np.isfinite(inter) and inter != 0.0)
     return ImageHeader(
         shape=tuple(int(s) for s in img.shape),
         itemsize=int(img.get_data_dtype().itemsize),
-        spacing=zooms[:3],  # type: ignore[arg-type]
+        spacing=(zooms[0], zooms[1], zooms[2]),
         scaled=scaled,
         compressed=path.name.lower().endswith(".gz"),
     )
@@ -142,8 +155,18 @@ def _dicom_header(path: Path, series_id: str | None) -> ImageHeader:
     )
 
 
-def _sitk_readable(path: Path) -> bool:
-    return path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd"))
+def _zip_header(path: Path) -> ImageHeader:
+    """A zipped study, sized by what it expands to (16-bit voxels, the native grid): an upper bound."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(path, f"not a readable zip archive ({exc})") from exc
+    return ImageHeader(
+        shape=(max(expanded // 2, 1), 1, 1), itemsize=2, spacing=None, scaled=True, compressed=True
+    )
 
 
 def _sitk_header(path: Path) -> ImageHeader:
@@ -174,6 +197,10 @@ def estimate_case_bytes(
     n_models: int = 1,
     tta: bool = False,
     save_probabilities: bool = False,
+    patch_size: tuple[float, float, float] | None = None,
+    features: int = 16,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
 ) -> dict[str, int]:
     """Peak bytes by stage for reading and segmenting a case with ``header``.
@@ -182,22 +209,34 @@ def estimate_case_bytes(
     image. Model grid (``spacing``; the native grid when None): the resampled image (two
     copies while transforms chain), the sliding-window logits, their softmax and count map,
     one probability map per ensemble member (one more with TTA). Back in the native grid:
-    the mask, and float16 probabilities with ``save_probabilities``.
+    the mask, and float16 probabilities with ``save_probabilities``. The network
+    (``patch_size``, ``features``): about eight full-resolution float32 feature maps per
+    window in flight (``sw_batch_size``, or fewer when the grid holds fewer windows).
+    Measured on CPU (benchmarks/preflight_memory.py: classic U-Net, features 16, patch
+    96x96x64): peak RSS 0.95x the estimate for a 128x128x64 CT, 1.03x for 256x256x100.
     """
     native = math.prod(header.shape)
-    if spacing is None:
-        model = native
-    else:
-        ratio = math.prod(
-            max(float(s), 1e-6) / max(float(t), 1e-6) for s, t in zip(header.spacing, spacing, strict=False)
-        )
-        model = int(native * ratio)
+    grid = [float(n) for n in header.shape[:3]]
+    if spacing is not None and header.spacing is not None:
+        grid = [
+            n * max(float(s), 1e-6) / max(float(t), 1e-6)
+            for n, s, t in zip(grid, header.spacing, spacing, strict=False)
+        ]
+    model = int(math.prod(grid) * math.prod(header.shape[3:]))
     stored = native * (header.itemsize + (8 if header.scaled else 0))
+    network = 0
+    if patch_size is not None:
+        windows = math.prod(
+            1 if n <= p else math.ceil((n - p) / max(p * (1 - overlap), 1.0)) + 1
+            for n, p in zip(grid, patch_size, strict=False)
+        )
+        network = int(math.prod(patch_size) * features * 4 * 8 * min(sw_batch_size, windows))
     return {
         "read": stored + native * 4,
         "model grid": model * 4 * 2,
         "network output": model * 4 * (n_classes * (2 + max(n_models - 1, 0) + int(tta)) + 1),
         "back to native grid": native * (1 + (2 * n_classes if save_probabilities else 0)),
+        "network": network,
         "runtime": overhead_bytes,
     }
 
@@ -212,6 +251,10 @@ def preflight(
     tta: bool = False,
     save_probabilities: bool = False,
     series_id: str | None = None,
+    patch_size: tuple[float, float, float] | None = None,
+    features: int = 16,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
 ) -> MemoryEstimate:
     """Estimate the memory segmenting ``path`` needs, from its header; refuse it when over budget.
@@ -221,6 +264,7 @@ def preflight(
         max_memory: the budget in bytes (``--max-memory``); None = ``default_max_memory()``.
         spacing: the model grid's spacing in mm (the bundle's ``preprocess.spacing``).
         n_classes, n_models, tta, save_probabilities: as the inference will run.
+        patch_size, features, sw_batch_size, overlap: the sliding window and the network's width.
 
     Returns:
         The estimate, by stage.
@@ -239,6 +283,10 @@ def preflight(
         n_models=n_models,
         tta=tta,
         save_probabilities=save_probabilities,
+        patch_size=patch_size,
+        features=features,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
         overhead_bytes=overhead_bytes,
     )
     estimate = MemoryEstimate(header=header, parts=parts, budget=budget)
@@ -250,3 +298,37 @@ def preflight(
             f"{format_bytes(budget)}; raise --max-memory if this machine has it, or crop/downsample the image",
         )
     return estimate
+
+
+def preflight_inference(
+    path: str | Path,
+    bundles: Sequence[Any],
+    *,
+    max_memory: int | None = None,
+    tta: bool = False,
+    save_probabilities: bool = False,
+    series_id: str | None = None,
+) -> MemoryEstimate:
+    """``preflight`` with the settings of the bundles that will segment ``path`` (an ensemble).
+
+    Each bundle needs ``.config`` (a ``medseg.config.Config``) and ``.labels``; the largest
+    model grid, window and width among them are used.
+    """
+    cfgs = [b.config for b in bundles]
+    spacings = [c.preprocess.spacing for c in cfgs if c.preprocess.spacing is not None]
+    finest = tuple(min(s[i] for s in spacings) for i in range(3)) if spacings else None
+    patches = [c.train.patch_size for c in cfgs if c.train.patch_size is not None]
+    return preflight(
+        path,
+        max_memory=max_memory,
+        spacing=finest,
+        n_classes=max(len(b.labels) for b in bundles),
+        n_models=len(bundles),
+        tta=tta,
+        save_probabilities=save_probabilities,
+        series_id=series_id,
+        patch_size=max(patches, key=math.prod) if patches else None,
+        features=max(c.model.features for c in cfgs),
+        sw_batch_size=max(c.infer.sw_batch_size for c in cfgs),
+        overlap=max(c.infer.overlap for c in cfgs),
+    )

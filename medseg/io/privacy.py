@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -109,13 +110,49 @@ def scrub(text: str, needles: Iterable[str] = ()) -> str:
     return " ".join(text.split())
 
 
-class _Collector(logging.Handler):
+class _Router(logging.Handler):
+    """Hands each pydicom/highdicom record to the innermost ``scrubbed_messages`` of its thread."""
+
     def __init__(self) -> None:
         super().__init__(level=logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
+        self.local = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        stack = getattr(self.local, "stack", None)
+        if stack:
+            stack[-1].append(record)
+        else:  # another thread's library call while a block is open: scrubbed, without needles
+            log.debug("%s", scrub(_message(record)))
+
+
+_ROUTER = _Router()
+_LOCK = threading.Lock()
+_DEPTH = 0
+_SAVED: list[tuple[logging.Logger, bool]] = []
+
+
+def _install() -> None:
+    """Route the libraries' records to ``_ROUTER`` instead of the application's handlers (counted, so
+    that nested and concurrent blocks restore the loggers exactly once, when the last one ends)."""
+    global _DEPTH
+    with _LOCK:
+        if _DEPTH == 0:
+            _SAVED[:] = [(lg, lg.propagate) for lg in map(logging.getLogger, _LOGGERS)]
+            for lg, _ in _SAVED:
+                lg.addHandler(_ROUTER)
+                lg.propagate = False
+        _DEPTH += 1
+
+
+def _uninstall() -> None:
+    global _DEPTH
+    with _LOCK:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            for lg, propagate in _SAVED:
+                lg.removeHandler(_ROUTER)
+                lg.propagate = propagate
+            _SAVED.clear()
 
 
 @contextlib.contextmanager
@@ -123,27 +160,24 @@ def scrubbed_messages(datasets: Iterable = (), *, where: str = "") -> Iterator[N
     """Capture warnings and pydicom/highdicom log records; log them scrubbed at DEBUG on exit.
 
     Args:
-        datasets: headers whose identifying values must not appear (more can be added by the caller
-            later: the values are read on exit, so datasets filled inside the block count too).
+        datasets: headers whose identifying values must not appear (the values are read on exit,
+            so datasets filled inside the block count too).
         where: a file name (never a patient's) to prefix the messages with.
     """
     datasets = list(datasets)
-    collector = _Collector()
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
-    saved = [(lg, lg.propagate) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(collector)
-        lg.propagate = False
+    records: list[logging.LogRecord] = []
+    stack = _ROUTER.local.__dict__.setdefault("stack", [])
+    stack.append(records)
+    _install()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
     finally:
-        for lg, propagate in saved:
-            lg.removeHandler(collector)
-            lg.propagate = propagate
+        _uninstall()
+        stack.pop()
     needles = identifying_values(datasets)
-    texts = [str(w.message) for w in caught] + [_message(r) for r in collector.records]
+    texts = [str(w.message) for w in caught] + [_message(r) for r in records]
     seen: list[str] = []
     for text in texts:
         cleaned = scrub(text, needles)

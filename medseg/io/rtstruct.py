@@ -23,6 +23,7 @@ import pydicom
 
 from medseg.errors import InputError
 from medseg.io.dicom import one_line, series_files_in_grid_order
+from medseg.io.dicom_seg import complete_for_reference
 from medseg.io.volume import atomic_path
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,18 @@ def _slice_geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return ipp, np.stack([iop[:3] * column_spacing, iop[3:] * row_spacing], axis=1)
 
 
-def _ds_values(points: np.ndarray) -> list[str]:
+def _contour_data(points: np.ndarray):
+    """ContourData (3006,0050) as an already-encoded element: pydicom would otherwise parse and
+    validate every one of the (often hundreds of thousands of) decimal strings twice."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
     # DS holds at most 16 characters; micrometres are far below any planning system's resolution
-    return [f"{v:.4f}".rstrip("0").rstrip(".") or "0" for v in points.ravel()]
+    text = "\\".join(f"{v:.4f}".rstrip("0").rstrip(".") or "0" for v in points.ravel())
+    raw = text.encode("ascii")
+    if len(raw) % 2:
+        raw += b" "
+    return RawDataElement(Tag(0x3006, 0x0050), "DS", len(raw), raw, 0, False, True)
 
 
 def _image_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -99,7 +109,7 @@ def _roi_contours(mask: np.ndarray, value: int, sources: list[pydicom.Dataset]) 
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(world)
             item.ContourNumber = len(items) + 1
-            item.ContourData = _ds_values(world)
+            item[0x30060050] = _contour_data(world)
             items.append(item)
     return items
 
@@ -214,7 +224,7 @@ def write_rtstruct(
         algorithm_name, algorithm_version: the model, recorded in the ROI generation description.
 
     Raises:
-        InputError: the source series cannot be referenced (unreadable, multi-frame, tilted, no UIDs).
+        InputError: the source series cannot be referenced (unreadable, multi-frame, tilted, no SOP UIDs).
         ValueError: the mask does not fit the series or holds labels not in ``labels``.
     """
     from medseg import __version__
@@ -238,15 +248,10 @@ def write_rtstruct(
     unknown = sorted(set(np.unique(mask).tolist()) - set(values) - {0})
     if unknown:
         raise ValueError(f"mask holds labels {unknown} that have no name in labels {sorted(labels)}")
-    for ds in sources:
-        if not (ds.get("SOPInstanceUID") and ds.get("FrameOfReferenceUID") and ds.get("SeriesInstanceUID")):
-            raise InputError(
-                source_dir,
-                f"series {info.uid_hash}: blank instance, series or frame-of-reference UIDs; "
-                "an RTSTRUCT cannot reference it",
-            )
     algorithm = (str(algorithm_name), str(algorithm_version or __version__))
     with scrubbed_messages(sources, where=path.name):
+        # blank UIDs (anonymisers) get the same stand-ins, and the same warning, as for a DICOM SEG
+        complete_for_reference(sources, source_dir, info.uid_hash, what="RTSTRUCT")
         ds = _structure_set(sources, algorithm)
         mask = np.asarray(mask)
         for number, value in enumerate(values, start=1):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
 import secrets
+import shutil
+import socket
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,9 +110,12 @@ def case_stem(path: str | Path) -> str:
     return name
 
 
-# Temp names: ".{final name, cut to fit}.{writer PID}-{token}.partial{format suffix}". The PID lets a
-# later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's file.
-_PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)-[0-9a-z]{8}\.partial(?:\.[^.]+){0,2}$")
+# Temp names: ".{final name, cut to fit}.{writer PID}@{host tag}-{token}.partial{format suffix}". The
+# PID lets a later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's
+# file; the host tag keeps a PID of another machine or container (shared folder) from being judged here.
+_PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.partial(?:\.[^.]+){0,2}$")
+# A folder atomic_dir set aside while replacing it (where RENAME_EXCHANGE is missing).
+_REPLACED_RE = re.compile(r"^\.(?P<final>.+)\.\d+@[0-9a-f]{6}-[0-9a-f]{8}\.replaced(?:\.[^.]+){0,2}$")
 # Names of partials written before the PID was part of the name (mkstemp's 8 random characters,
 # train's ".best.pt.partial"): removed only when older than ``legacy_age_s``.
 _LEGACY_PARTIAL_RE = re.compile(r"^\..+\.(?:[0-9a-z_]{8}\.partial(?:\.[^.]+){0,2}|partial)$")
@@ -132,24 +139,30 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()[:6]
+
+
 def partial_name(final_name: str, *, folder: str | Path = ".", token: str | None = None) -> str:
     """The temporary name for writing ``final_name``: within the file system's name limit, PID inside."""
     token = token or secrets.token_hex(4)
-    tail = f".{os.getpid()}-{token}.partial{_format_suffix(final_name)}"
+    tail = f".{os.getpid()}@{_host_tag()}-{token}.partial{_format_suffix(final_name)}"
     room = _name_max(Path(folder)) - len(tail.encode()) - 1  # the leading dot
     head = final_name.encode()[: max(room, 1)].decode(errors="ignore")
     return f".{head}{tail}"
 
 
-def _create_partial(final: Path) -> Path:
-    """Create an empty temp file beside ``final``; the kernel applies the umask (mode 0666)."""
+def _create_partial(final: Path, *, folder: bool = False) -> Path:
+    """Create an empty temp file (or folder) beside ``final``; the kernel applies the umask."""
     for _ in range(100):
         tmp = final.parent / partial_name(final.name, folder=final.parent)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
         except FileExistsError:
             continue
-        os.close(fd)
         return tmp
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))
 
@@ -202,12 +215,15 @@ def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_partial(final)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, as the kernel applied it
     except OSError as exc:
         raise _write_failure(final, exc) from exc  # type: ignore[misc]
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+            if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) != mode:
+                os.chmod(tmp, mode)  # a writer that replaced the file (safetensors: 0600) gets the usual mode
         os.replace(tmp, final)
     except BaseException as exc:
         failure = _write_failure(final, exc)  # before the unlink, which frees the space it measures
@@ -216,6 +232,85 @@ def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
             raise failure from exc
         raise
     _fsync_folder(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it becomes ``final`` as one unit.
+
+    For outputs that are several files meant to agree (a bundle: weights, config, metadata).
+    An existing ``final`` is swapped with the staging folder in one step (renameat2
+    RENAME_EXCHANGE) and then removed; where the file system cannot exchange, it is renamed
+    aside first (``sweep_partials`` puts it back if the writer dies in between). On any
+    error the staging folder is removed and ``final`` is untouched; a failed write is an
+    ``OutputError`` naming ``final``.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise OutputError(f"{final}: already exists (pass --overwrite to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = _create_partial(final, folder=True)
+    except OSError as exc:
+        raise _write_failure(final, exc) from exc  # type: ignore[misc]
+    try:
+        yield staging
+        _fsync_tree(staging)
+        _move_into_place(staging, final)
+    except BaseException as exc:
+        failure = _write_failure(final, exc)
+        shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise failure from exc
+        raise
+    _fsync_folder(final.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_folder(Path(root))
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    try:
+        _rename_exchange(staging, final)
+    except OSError:
+        # no RENAME_EXCHANGE here: set the old one aside under a name sweep_partials restores from
+        aside = final.parent / _marker(partial_name(final.name, folder=final.parent), ".partial", ".replaced")
+        os.rename(final, aside)
+        os.rename(staging, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
+
+
+def _marker(name: str, old: str, new: str) -> str:
+    """``name`` with its last ``old`` marker (".partial", ".replaced") changed to ``new``."""
+    i = name.rfind(old)
+    return name[:i] + new + name[i + len(old) :]
+
+
+def _rename_exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError) as exc:
+        raise OSError(errno.ENOSYS, "renameat2 is not available") from exc
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -243,8 +338,9 @@ def _pid_alive(pid: int) -> bool:
 def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: float = 3600.0) -> list[Path]:
     """Remove temp files left by writers that died (SIGKILL, power loss) in ``folder``.
 
-    A temp file whose name carries a PID is removed when that process no longer
-    exists; one in the older PID-less form when it is older than ``legacy_age_s``.
+    A temp file whose name carries a PID of this host is removed when that process
+    no longer exists; one written on another host (a shared folder) or in the older
+    PID-less form when it is older than ``legacy_age_s``.
     Files of live writers are kept. Call it at the start of a run, on the run or
     output folder (best while holding ``medseg.locks.exclusive`` on it).
 
@@ -255,9 +351,13 @@ def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: 
     if not folder.is_dir():
         return []
     removed: list[Path] = []
-    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
     now = time.time()
-    for root, _dirs, files in walker:
+    for root, dirs, files in os.walk(folder):
+        for name in list(dirs):  # staging folders of atomic_dir, and folders it set aside
+            path = Path(root) / name
+            if name.startswith(".") and _sweep_folder(path, name, now, legacy_age_s):
+                removed.append(path)
+                dirs.remove(name)
         for name in files:
             path = Path(root) / name
             if not _is_stale_partial(path, name, now, legacy_age_s):
@@ -265,18 +365,37 @@ def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: 
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+        if not recursive:
+            break
     if removed:
         logger.info("removed %d temporary file(s) left by interrupted writes in %s", len(removed), folder)
     return removed
+
+
+def _sweep_folder(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
+    """Remove a dead writer's staging folder; put back a folder it had set aside. True when handled."""
+    aside = _REPLACED_RE.match(name)
+    if aside and _is_stale_partial(path, _marker(name, ".replaced", ".partial"), now, legacy_age_s):
+        final = path.parent / aside.group("final")
+        if not final.exists():
+            os.rename(path, final)  # the writer died between its two renames: the old folder comes back
+            logger.warning("%s: restored from %s, left by an interrupted replacement", final, path.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        return True
+    if _PARTIAL_RE.match(name) and _is_stale_partial(path, name, now, legacy_age_s):
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
 
 
 def _is_stale_partial(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
     if not name.startswith("."):
         return False
     match = _PARTIAL_RE.match(name)
-    if match:
+    if match and match.group("host") == _host_tag():
         return not _pid_alive(int(match.group("pid")))
-    if _LEGACY_PARTIAL_RE.match(name):
+    if match or _LEGACY_PARTIAL_RE.match(name):  # another host's writer, or a name without a PID: by age
         try:
             return now - path.lstat().st_mtime > legacy_age_s
         except OSError:
