@@ -40,10 +40,10 @@ def main() -> None:
     for path in args.input:
         volume = load_volume(path)
         runs = {}
-        for name, bf16 in (("fp32", False), ("bf16", True)):
+        for name in ("fp32", "bf16"):
             bundle = load_bundle(args.model)  # fresh network: bf16 switches it to channels-last
-            predict_volume([bundle], volume, crf=False, cpu_bf16=bf16)  # warm-up
-            pred = predict_volume([bundle], volume, crf=False, cpu_bf16=bf16, postprocess=False)
+            predict_volume([bundle], volume, crf=False, precision=name)  # warm-up
+            pred = predict_volume([bundle], volume, crf=False, precision=name, postprocess=False)
             runs[name] = pred
         a, b = runs["fp32"].mask.array, runs["bf16"].mask.array
         labels = [int(k) for k in load_bundle(args.model).labels if k]

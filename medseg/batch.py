@@ -9,10 +9,11 @@ with ``--dicom-seg`` (DICOM inputs) ``<stem>_seg.dcm``, with ``--rtstruct`` (DIC
 ``<stem>_seg_rtstruct.dcm``; then, last and once, the sidecar
 ``<stem>_seg.json`` naming the files it completes and holding the case's QC figures.
 With ``--report`` the QC overlay ``<stem>_seg_qc.png`` is report material, not an owed
-output: it is drawn for a done case that lacks it. A case is done only when its sidecar lists every output the
-requested options owe and they exist: a re-run redoes any incomplete case, skips the
-done ones (saying when a sidecar records other options) and ``report.html`` is rebuilt
-from every sidecar in the folder.
+output: it is drawn for a done case that lacks it. A case is done only when its sidecar
+lists every output the requested options owe and they exist: a re-run redoes any
+incomplete case, skips the done ones (saying when a sidecar records other options) and
+``report.html`` is rebuilt from every sidecar in the folder. The output folder is locked
+(``medseg.locks``) for the run, so two runs never mix their masks.
 
 SIGTERM and SIGINT stop the batch at the next window: the current case is rolled back
 (its new files removed; it is redone next time), the report of what was done is
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,7 @@ from medseg.io import (
 )
 from medseg.io.labeltables import label_table_paths
 from medseg.io.preflight import preflight_inference
+from medseg.io.volume import sweep_partials
 from medseg.predict import (
     Prediction,
     crf_config,
@@ -267,29 +270,39 @@ class _Interrupted(BaseException):
         super().__init__(signum)
 
 
+@dataclass
+class _StopRequest:
+    """The signal that asked the batch to stop, once one did."""
+
+    signum: int | None = None
+
+    def check(self) -> None:
+        """Interrupt the case in progress when a stop was asked for."""
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals() -> Iterator[_StopRequest]:
     """While the batch runs: SIGTERM/SIGINT record the signal; a second SIGINT interrupts at once.
 
     The previous handlers come back afterwards. Off the main thread signals cannot be caught and
-    the event simply never fires.
+    no stop is ever requested.
     """
-    event = threading.Event()
-    event.signum = 0  # type: ignore[attr-defined]
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield event
+        yield stop
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if event.is_set() and signum == signal.SIGINT:
+        if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning("signal %d: rolling back the current case, writing the report, then stopping", signum)
-        event.signum = signum  # type: ignore[attr-defined]
-        event.set()
+        stop.signum = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield event
+        yield stop
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -302,7 +315,7 @@ class _Batch:
     bundles: list[Bundle]
     options: InferOptions
     output_dir: Path
-    stop: threading.Event
+    stop: _StopRequest
     progress: CaseProgress | None = None
     tracker: Tracker | None = None
 
@@ -342,8 +355,7 @@ class _Batch:
 
     def hook(self, stage: str, done: int, total: int) -> None:
         """Progress inside a case; the point where a requested stop interrupts it."""
-        if self.stop.is_set():
-            raise _Interrupted(self.stop.signum)  # type: ignore[attr-defined]
+        self.stop.check()
         if self.progress is not None:
             self.progress.update(stage, done, total)
 
@@ -395,7 +407,7 @@ def _draw_missing_overlay(batch: _Batch, files: CaseFiles) -> None:
         mask = load_label(files.mask, image=volume)
         tta = (read_sidecar(files.sidecar) or {}).get("tta_disagreement")
         _write_qc(batch, files, volume, mask, tta, [])
-    except MedsegError as exc:
+    except Exception as exc:  # report material only: the case itself is done
         log.warning("%s: no QC overlay for the report: %s", files.input.name, exc)
 
 
@@ -490,7 +502,11 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     sidecar = {
         **sidecar_fields(volume, batch.labels),
         "model": batch.models,
-        "provenance": {**batch.provenance, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "provenance": {
+            **batch.provenance,
+            "device": options.device,
+            "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
         "tta": options.tta,
         "crf": options.crf,
         "tta_disagreement": pred.tta_disagreement,
@@ -741,11 +757,22 @@ def run_inference(
         cases = cases[rank::world]
         log.info("rank %d of %d: %d case(s)", rank, world, len(cases))
     summary = InferenceSummary(rank=rank, world_size=world)
-    with _stop_on_signals() as stop:
+    with _output_lock(output_dir, rank), _stop_on_signals() as stop:
+        sweep_partials(output_dir, recursive=False)  # temp files of writes a killed run left behind
         batch = _Batch(bundles, options, output_dir, stop, tracker=tracker)
         _run_cases(batch, cases, summary, progress=progress)
-    _finish(batch, summary)
+        _finish(batch, summary)
     return summary
+
+
+def _output_lock(output_dir: Path, rank: int) -> contextlib.AbstractContextManager:
+    """The output folder's exclusive lock: a second run into it is refused, naming this one's PID.
+
+    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all.
+    """
+    from medseg.locks import exclusive
+
+    return exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
 
 
 def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary, *, progress: bool) -> None:
@@ -754,8 +781,7 @@ def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary,
     batch.progress = CaseProgress(total_cases=len(cases), enabled=progress)
     try:
         for index, files in enumerate(cases):
-            if batch.stop.is_set():
-                raise _Interrupted(batch.stop.signum)  # type: ignore[attr-defined]
+            batch.stop.check()
             batch.progress.start_case(case_stem(files.input))
             _run_case(batch, files, index, len(cases), summary)
             batch.progress.end_case()

@@ -262,6 +262,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from medseg.batch import check_output_folder, expand_models, run_inference
     from medseg.bundle import load_bundle
+    from medseg.errors import StoppedError
     from medseg.runtime import resolve_device
 
     check_output_folder(args.input, args.output)
@@ -274,12 +275,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
         tracker = Tracker(TrackingConfig())
         tracker.start(run_id=args.mlflow_run)
+    status = "FAILED"
     try:
         summary = run_inference(
             bundles,
             args.input,
             args.output,
             device=device,
+            precision=args.precision,
             tta=True if args.tta else None,
             overwrite=args.overwrite,
             progress=True,
@@ -298,9 +301,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
             series=args.series,
             resample_channels=args.resample_channels,
         )
+        status = "FINISHED"
+    except StoppedError:
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None:
-            tracker.end()
+            tracker.end(status)
     rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
         f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (done), "
@@ -591,7 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", type=_device, default=None, help="auto, cpu, cuda or cuda:N (default: cuda when present)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every case (default: skip the done ones; incomplete ones are always redone)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="forward-pass precision (auto: bf16/fp16 on CUDA, bf16 on a CPU where measured faster)",
+    )
     p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
     )

@@ -75,6 +75,10 @@ def test_sidecar_is_written_last_and_names_every_output(bundle_dir, inputs, tmp_
     assert all((out / name).is_file() for name in sidecar["outputs"])
     assert sidecar["options"]["tta"] is False
     assert sidecar["options"]["precision"] in {"fp32", "bf16"}
+    assert sidecar["provenance"]["device"] == "cpu"
+    assert sidecar["provenance"]["timestamp"].endswith("Z")
+    assert sidecar["provenance"]["medseg_version"]
+    assert len(sidecar["provenance"]["bundle_hash"]) >= 12
     assert {s["name"] for s in sidecar["qc"]["structures"]} == {"liver", "spleen", "kidney"}
     # the sidecar is the last file of the case to be written
     mtimes = {name: (out / name).stat().st_mtime_ns for name in sidecar["outputs"]}
@@ -245,3 +249,95 @@ def test_progress_counts_every_window_of_a_case(bundle_dir, tta):
     assert len({t for _, t in windows}) == 1
     if tta:
         assert windows[-1][1] % 8 == 0
+
+
+def test_a_second_run_into_the_same_output_folder_is_refused(bundle_dir, inputs, tmp_path):
+    """Two runs into one folder would mix masks of different models: the second is refused in one line."""
+    from medseg.locks import exclusive
+
+    out = tmp_path / "out"
+    with exclusive(out, what="inference"):
+        proc = run_cli(
+            "infer", "--model", str(bundle_dir), "--input", str(inputs), "--output", str(out), cwd=tmp_path
+        )
+    assert proc.returncode == 2
+    assert f"PID {os.getpid()}" in proc.stderr.strip().splitlines()[-1]
+    assert not list(out.glob("*_seg*"))
+    # the holder gone, the next run goes ahead
+    run_cli(
+        "infer",
+        "--model",
+        str(bundle_dir),
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        cwd=tmp_path,
+        check=True,
+    )
+    assert len(list(out.glob("*_seg.json"))) == 3
+
+
+def test_a_failed_sidecar_write_rolls_the_case_back(bundle_dir, inputs, tmp_path, monkeypatch):
+    """Disk full at the sidecar: the case fails, its mask is removed, and the next run finishes it."""
+    import medseg.batch
+    from medseg.errors import OutputError
+
+    real = medseg.batch.write_text_atomic
+
+    def full_disk(path, text, **kwargs):
+        if Path(path).name == "case1_seg.json":
+            raise OutputError(f"{path}: could not be written (No space left on device)")
+        return real(path, text, **kwargs)
+
+    monkeypatch.setattr(medseg.batch, "write_text_atomic", full_disk)
+    out = tmp_path / "out"
+    summary = _run(bundle_dir, inputs, out, save_probabilities=True)
+    assert [p.name for p, _ in summary.failed] == ["case1.nii.gz"]
+    assert "No space left" in summary.failed[0][1]
+    assert not list(out.glob("case1_*"))
+    monkeypatch.setattr(medseg.batch, "write_text_atomic", real)
+    summary = _run(bundle_dir, inputs, out, save_probabilities=True)
+    assert [p.name for p in summary.written] == ["case1_seg.nii.gz"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_a_rerun_completes_every_case(bundle_dir, inputs, tmp_path):
+    """Wherever the kill lands (mid-mask, between mask and maps, before the sidecar), the re-run ends
+    with every case complete: a sidecar listing every owed output, each of them present, no temp files."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "out"
+    args = [
+        "infer",
+        "-m",
+        str(bundle_dir),
+        "-i",
+        str(inputs),
+        "-o",
+        str(out),
+        "--save-probabilities",
+        "--no-report",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", *args], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not list(out.glob("*_seg.nii.gz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    run_cli(*args, cwd=tmp_path, check=True)
+    for i in range(3):
+        sidecar = json.loads((out / f"case{i}_seg.json").read_text())
+        owed = {
+            f"case{i}_seg.nii.gz",
+            f"case{i}_seg_entropy.nii.gz",
+            *(f"case{i}_seg_prob_{k}.nii.gz" for k in (1, 2, 3)),
+        }
+        assert owed <= set(sidecar["outputs"])
+        assert all((out / name).is_file() for name in owed)
+    assert not [p for p in out.iterdir() if "partial" in p.name]
