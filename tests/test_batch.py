@@ -78,7 +78,7 @@ def test_sidecar_is_written_last_and_names_every_output(bundle_dir, inputs, tmp_
     assert sidecar["provenance"]["device"] == "cpu"
     assert sidecar["provenance"]["timestamp"].endswith("Z")
     assert sidecar["provenance"]["medseg_version"]
-    assert len(sidecar["provenance"]["bundle_hash"]) >= 12
+    assert all(len(m["bundle_hash"]) >= 12 for m in sidecar["provenance"]["models"])
     assert {s["name"] for s in sidecar["qc"]["structures"]} == {"liver", "spleen", "kidney"}
     # the sidecar is the last file of the case to be written
     mtimes = {name: (out / name).stat().st_mtime_ns for name in sidecar["outputs"]}
