@@ -232,6 +232,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medseg.export import export_bundle
+
+    records = export_bundle(args.model, args.format, args.output)
+    for fmt, record in records.items():
+        print(f"{fmt}: {Path(args.output or args.model) / record['file']}")
+        for name, result in (record.get("parity") or {}).get("results", {}).items():
+            if "skipped" in result:
+                print(f"  parity {name}: not measured ({result['skipped']})")
+                continue
+            dice = ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items())
+            verdict = "passed" if result["passed"] else "FAILED (auto will not choose it)"
+            print(f"  parity {name} vs torch fp32: agreement {100 * result['agreement']:.3f} %, Dice {dice}: {verdict}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medseg", description="Medical image segmentation: DICOM/NIfTI -> U-Net -> masks."
@@ -341,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
     )
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export", help="export a bundle's network (ONNX, OpenVINO) with a parity record")
+    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
+    p.add_argument(
+        "--format", default="all", help="onnx, openvino, or all (default); written into the bundle"
+    )
+    p.add_argument("-o", "--output", help="write a copy of the bundle with the exports here instead")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "evaluate",
