@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -632,3 +633,41 @@ def make_predictor(
     predictor.reason = record["reason"]
     predictor.selection = record
     return predictor
+
+
+_PREDICTORS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Predictor]] = weakref.WeakKeyDictionary()
+
+
+def predictor_for(
+    bundle: Bundle, device: str | torch.device = "cpu", *, cache_dir: Path | None = None
+) -> Predictor:
+    """The predictor the bundle's ``infer`` config asks for (``backend``, ``precision``), built once per
+    network, device and window shape and reused across the cases of a batch.
+
+    The older opt-in ``infer.cpu_bf16`` counts as ``precision: bf16`` when precision is ``auto``.
+    """
+    infer = bundle.config.infer
+    precision = "bf16" if infer.precision == "auto" and infer.cpu_bf16 else infer.precision
+    window_shape = default_window_shape(bundle, infer.sw_batch_size)
+    key = (infer.backend, precision, str(torch.device(device)), window_shape, bundle_hash(bundle))
+    memo = _PREDICTORS.setdefault(bundle.network, {})
+    if key not in memo:
+        memo[key] = make_predictor(
+            bundle, infer.backend, precision, device, window_shape=window_shape, cache_dir=cache_dir
+        )
+    return memo[key]
+
+
+def describe(predictor: Predictor) -> dict[str, Any]:
+    """What the sidecar records about the network runtime."""
+    out: dict[str, Any] = {
+        "backend": predictor.backend,
+        "precision": predictor.precision,
+        "reason": predictor.reason,
+    }
+    if predictor.selection:
+        out["measured"] = {
+            f"{c['backend']} {c['precision']}": c["seconds"] if c["passed"] else f"not used: {c['note']}"
+            for c in predictor.selection["candidates"]
+        }
+    return out
