@@ -40,11 +40,23 @@ class Bundle:
     def labels(self) -> dict[int, str]:
         return dict(self.config.labels or {})
 
-    def predict(self, volume: Volume, *, device: str | torch.device = "cpu", tta: bool = False) -> Volume:
-        """Segment ``volume``; the mask has its exact shape and affine."""
+    def predict(
+        self,
+        volume: Volume,
+        *,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        backend: str | None = None,
+        precision: str | None = None,
+    ) -> Volume:
+        """Segment ``volume``; the mask has its exact shape and affine.
+
+        ``backend`` (auto, torch, onnxruntime, openvino) and ``precision`` (auto, fp32, bf16) default to
+        the bundle's ``infer`` config; see medseg.backends.
+        """
         from medseg.infer import predict_volume
 
-        return predict_volume([self], volume, device=device, tta=tta).mask
+        return predict_volume([self], volume, device=device, tta=tta, backend=backend, precision=precision).mask
 
 
 def versions() -> dict[str, str]:

@@ -206,6 +206,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         blend_mode=args.blend_mode,
         cpu_bf16=True if args.cpu_bf16 else None,
+        backend=args.backend,
+        precision=args.precision,
         tracker=tracker,
     )
     if tracker is not None:
@@ -351,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
     )
     p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="network runtime (default: the bundle's, auto = fastest that passed parity, measured once here)",
+    )
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="network precision (default: the bundle's)"
+    )
     p.add_argument(
         "--mlflow-run",
         metavar="RUN_ID",

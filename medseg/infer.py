@@ -65,6 +65,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None  # (C, X, Y, Z) float16 in the source grid, when asked for
     tta_disagreement: float | None = None  # fraction of predicted-foreground voxels where flips disagree
+    backend: dict[str, Any] | None = None  # the network runtime used (medseg.backends.describe)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ModelGridResult:
     image: torch.Tensor  # (X, Y, Z) normalised image the network saw
     tta_disagreement: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    backend: dict[str, Any] | None = None
 
 
 def default_device() -> str:
@@ -176,11 +178,14 @@ def model_grid_probabilities(
     image = pre({"image": to_metatensor(volume)})["image"]
     affine = np.asarray(image.affine, dtype=np.float64)
     timings["preprocess_s"] = time.perf_counter() - t0
+    from medseg.backends import describe, predictor_for
+
+    predictor = predictor_for(bundle, device)  # built (and, for auto, measured) once per bundle
     t0 = time.perf_counter()
     n_voxels = int(np.prod(image.shape[1:]))
     flip_labels: list[torch.Tensor] | None = [] if tta else None
     probs = sliding_window_logits(
-        bundle.network,
+        predictor,  # type: ignore[arg-type]  (any callable on a batch of windows)
         image.as_tensor(),
         roi_size=tuple(int(p) for p in cfg.train.patch_size),
         overlap=cfg.infer.overlap,
@@ -189,7 +194,7 @@ def model_grid_probabilities(
         tta=tta,
         device=device,
         accumulate_on_cpu=n_voxels > cfg.infer.accumulate_on_cpu_voxels,
-        cpu_bf16=cfg.infer.cpu_bf16,
+        cpu_bf16=False,  # the predictor runs the precision chosen for it
         flip_labels=flip_labels,
     )
     timings["network_s"] = time.perf_counter() - t0
@@ -212,7 +217,7 @@ def model_grid_probabilities(
         refined = dense_crf(probs.to(crf_device).float(), grid_image.to(crf_device), spacing=spacing, cfg=crf)
         probs = refined.to(probs.dtype).cpu()
         timings["crf_s"] = time.perf_counter() - t0
-    return ModelGridResult(probs, affine, grid_image, disagreement, timings)
+    return ModelGridResult(probs, affine, grid_image, disagreement, timings, describe(predictor))
 
 
 def resample_to_grid(
@@ -304,13 +309,21 @@ def predict_volume(
     sw_batch_size: int | None = None,
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Prediction:
     """Segment one volume with one bundle or an ensemble (probabilities averaged); the mask is in ``volume``'s grid.
 
     ``crf``: None follows the first bundle's ``postprocess.crf.enabled``; True/False force it.
     """
     bundles = with_infer_overrides(
-        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+        bundles,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        blend_mode=blend_mode,
+        cpu_bf16=cpu_bf16,
+        backend=backend,
+        precision=precision,
     )
     timings: dict[str, float] = {}
     cfg = bundles[0].config
@@ -350,6 +363,7 @@ def predict_volume(
         timings=timings,
         probabilities=probs,
         tta_disagreement=float(np.mean(disagreements)) if disagreements else None,
+        backend=results[0].backend if len(results) == 1 else {"ensemble": [r.backend for r in results]},
     )
 
 
@@ -449,6 +463,8 @@ def run_inference(
     sw_batch_size: int | None = None,
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
     tracker: Tracker | None = None,
 ) -> InferenceSummary:
     """Segment every input; existing outputs are skipped unless ``overwrite``; a failing case is reported
@@ -462,7 +478,13 @@ def run_inference(
     as an artifact.
     """
     bundles = with_infer_overrides(
-        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+        bundles,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        blend_mode=blend_mode,
+        cpu_bf16=cpu_bf16,
+        backend=backend,
+        precision=precision,
     )
     output_dir = Path(output_dir)
     paths = find_inputs(list(inputs))
@@ -514,6 +536,7 @@ def run_inference(
                 "tta": tta,
                 "crf": bool(bundles[0].config.postprocess.crf.enabled if crf is None else crf),
                 "tta_disagreement": pred.tta_disagreement,
+                "backend": pred.backend,
                 "timings_s": {k: round(v, 4) for k, v in timings.items()},
             }
             write_mask(pred.mask.array, volume, target, labels=labels, extra=extra, overwrite=True)
