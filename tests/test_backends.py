@@ -197,3 +197,65 @@ def test_export_record_ignored_when_weights_change(exported_bundle, tmp_path):
     shutil.copy(tmp_path / "new" / "model.safetensors", copy / "model.safetensors")
     assert exported_file(load_bundle(copy), "onnx") is None
     assert exported_file(load_bundle(exported_bundle), "onnx") is not None
+
+
+def _write_case(path: Path, seed: int) -> Path:
+    from medseg.io import write_nifti
+    from medseg.synthetic import make_case
+
+    image, _ = make_case((seed, 1), size=32, orientation="LPS")
+    return write_nifti(image, path, dtype="int16")
+
+
+def test_infer_command_records_backend_in_sidecar(exported_bundle, tmp_path):
+    image = _write_case(tmp_path / "in" / "case.nii.gz", 0)
+    proc = run_cli(
+        "infer", "--model", str(exported_bundle), "--input", str(image), "--output", str(tmp_path / "out"),
+        "--backend", "openvino", "--precision", "fp32", "--device", "cpu", "--no-report", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    sidecar = json.loads((tmp_path / "out" / "case_seg.json").read_text())
+    assert sidecar["backend"]["backend"] == "openvino"
+    assert sidecar["backend"]["reason"] == "openvino fp32: requested"
+
+
+def test_backend_failure_mid_batch_is_one_line_and_the_batch_goes_on(
+    exported_bundle, tmp_path, monkeypatch, caplog
+):
+    """A runtime error inside the backend on one window batch: that case fails with one line, the next runs."""
+    import medseg.backends as backends
+    from medseg.infer import run_inference
+
+    real = backends.openvino_predictor
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        predictor = real(*args, **kwargs)
+        run = predictor.run
+
+        def failing_once(batch):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError(
+                    "Exception from src/plugins/intel_cpu/src/node.cpp:\nout of memory\n  at conv 3"
+                )
+            return run(batch)
+
+        predictor.run = failing_once
+        return predictor
+
+    monkeypatch.setattr(backends, "openvino_predictor", flaky)
+    inputs = [_write_case(tmp_path / "in" / f"case{k}.nii.gz", k) for k in range(2)]
+    bundle = load_bundle(exported_bundle)
+    summary = run_inference(
+        [bundle], inputs, tmp_path / "out", backend="openvino", precision="fp32", report=False
+    )
+    assert len(summary.failed) == 1
+    assert len(summary.written) == 1
+    reason = summary.failed[0][1]
+    assert "\n" not in reason
+    assert reason.startswith("backend openvino fp32 failed on a batch of shape")
+    assert "out of memory at conv 3" in reason
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors
+    assert all(r.exc_info is None for r in errors)
