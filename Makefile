@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the edit-test loop: everything but the end-to-end runs (about a minute)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medseg tests benchmarks workflows
+	$(VENV)/bin/mypy medseg
 
 bench: $(STAMP)
 	$(PY) benchmarks/crf_benchmark.py

@@ -11,7 +11,6 @@ Run: python benchmarks/train_throughput.py [--epochs 4] [--data /tmp/medseg-benc
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -24,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.config import apply_overrides, config_from_dict
-from medseg.demo import DEMO_CONFIG
+from medseg.demo import packaged_config
 from medseg.synthetic import make_dataset
 from medseg.train import train
 
@@ -42,11 +40,8 @@ def main() -> None:
     data = Path(args.data)
     if not (data / "dataset.json").exists():
         make_dataset(data, cases=20, size=64, seed=0)
-    tree = apply_overrides(
-        copy.deepcopy(DEMO_CONFIG),
-        [f"train.epochs={args.epochs}", "tracking.enabled=false", "train.val_every=1000", *args.set],
-    )
-    cfg = config_from_dict(tree, source="benchmark")
+    overrides = [f"train.epochs={args.epochs}", "tracking.enabled=false", "train.val_every=1000", *args.set]
+    cfg = packaged_config("demo", overrides, source="benchmark")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(cfg, data, out_dir=Path(tmp) / "run")

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger("medseg")
 
@@ -62,9 +63,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
     from medseg.synthetic import make_dataset
 
-    path = make_dataset(args.out, cases=args.cases, size=args.size, seed=args.seed, dicom=args.dicom)
+    if args.modality == "ct" and args.channels != 1:
+        raise ConfigError(f"--channels {args.channels}: synthetic CT has one channel; use --modality mr")
+    if args.channels < 1:
+        raise ConfigError(f"--channels {args.channels}: expected at least 1")
+    path = make_dataset(
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        dicom=args.dicom,
+        modality=args.modality,
+        channels=args.channels,
+        layout=args.layout,
+    )
     print(path)
     return 0
 
@@ -108,7 +123,7 @@ def _ts_name(uid: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
-    from medseg.io import is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -120,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
     scan = None
-    if not (source.is_file() and is_nifti(source)):
+    if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
         info = select_series(scan, source, args.series)
         if len(scan.series) > 1:
@@ -137,7 +152,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
-    problems = check_dataset(args.dataset)
+    problems = check_dataset(
+        args.dataset, allow_outside_root=args.allow_outside_root, resample_channels=args.resample_channels
+    )
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -148,11 +165,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.train import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.fold is not None:
         overrides.append(f"train.fold={args.fold}")
+    if args.register:
+        overrides.append(f"tracking.registered_model_name={args.register}")
+    if args.alias:
+        if not args.register:
+            raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
+        overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -165,11 +188,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """``--allow-outside-root`` and ``--resample-channels`` as config overrides."""
+    out = []
+    if args.allow_outside_root:
+        out.append("data.allow_outside_root=true")
+    if args.resample_channels:
+        out.append("preprocess.resample_channels=true")
+    return out
+
+
+def _add_dataset_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Dataset options (nnU-Net v2 and multi-channel datasets, entries outside the root, MR phantoms)."""
+    for name in ("check", "train", "augment-preview"):
+        p = commands[name]
+        p.description = "DATASET: a Decathlon or nnU-Net v2 raw dataset folder."
+        p.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept dataset.json entries that lead outside the dataset folder (default: refuse them)",
+        )
+        p.add_argument(
+            "--resample-channels",
+            action="store_true",
+            help="resample channels of a case onto its first channel's grid (default: refuse a mismatch)",
+        )
+    p = commands["synth"]
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="CT phantoms or multi-contrast MR")
+    p.add_argument(
+        "--channels", type=int, default=1, help="MR channels per case (FLAIR, T1w, T1gd, T2w, ...)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=["msd", "nnunet"],
+        default="msd",
+        help="Decathlon folder (several channels as one 4D NIfTI) or nnU-Net v2 raw (CASE_000k files)",
+    )
+
+
 def cmd_augment_preview(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.transforms import augment_preview
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set or []) + _dataset_overrides(args))
     path = augment_preview(cfg, args.data, args.out, samples=args.samples, seed=args.seed)
     print(path)
     return 0
@@ -224,17 +285,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medseg.metrics import evaluate_folders, markdown_table, write_csv
-
-    rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
-    out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
-    print(markdown_table(rows, tolerance_mm=args.tolerance))
-    print(f"\nper-case metrics: {out}\nsummary: {out.with_suffix('.json')}")
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "monai-bundle":
+        from medseg.errors import ConfigError
+        from medseg.monai_bundle import export_monai_bundle
+
+        if not args.output:
+            raise ConfigError("--format monai-bundle writes a new folder: pass -o DIR")
+        out = export_monai_bundle(args.model, args.output)
+        print(f"monai-bundle: {out}")
+        print(
+            f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json "
+            f"--bundle_root {out} --dataset_dir IMAGES --output_dir MASKS"
+        )
+        return 0
     from medseg.export import export_bundle
 
     records = export_bundle(args.model, args.format, args.output)
@@ -246,40 +310,170 @@ def cmd_export(args: argparse.Namespace) -> int:
                 continue
             dice = ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items())
             verdict = "passed" if result["passed"] else "FAILED (auto will not choose it)"
-            print(f"  parity {name} vs torch fp32: agreement {100 * result['agreement']:.3f} %, Dice {dice}: {verdict}")
+            print(
+                f"  parity {name} vs torch fp32: agreement {100 * result['agreement']:.3f} %, "
+                f"Dice {dice}: {verdict}"
+            )
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medseg", description="Medical image segmentation: DICOM/NIfTI -> U-Net -> masks."
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.metrics import evaluate_folders, markdown_table, write_csv
 
-    p = sub.add_parser("demo", help="synthetic data -> train -> infer -> evaluate -> MLflow")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--size", type=int, default=64)
+    rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
+    out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
+    print(markdown_table(rows, tolerance_mm=args.tolerance))
+    print(f"\nper-case metrics: {out}\nsummary: {out.with_suffix('.json')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- argument checks
+# A bad flag value is one line and exit 2 from argparse, before any model or data is loaded.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with medseg's error format: one line on stderr naming the command, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option's help ends with its default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text.lower()
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _bounded(kind: type, *, low: float | None = None, high: float | None = None, high_open: bool = False):
+    """An argparse type: a ``kind`` (int or float) within [low, high] (or [low, high) when high_open)."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if (
+            value != value
+            or (low is not None and value < low)
+            or (high is not None and (value >= high if high_open else value > high))
+        ):
+            upper = "" if high is None else (f" and below {high}" if high_open else f" and at most {high}")
+            raise argparse.ArgumentTypeError(f"expected a value of at least {low}{upper}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _bounded(int, low=1)
+_non_negative_int = _bounded(int, low=0)
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from auto, cpu, cuda, cuda:N)")
+    return text
+
+
+def _input_path(text: str) -> str:
+    """An input that exists and is a regular file or a folder (not a device, pipe or socket)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: not found")
+    if not (path.is_file() or path.is_dir()):
+        raise argparse.ArgumentTypeError(f"{text}: not a file or folder (a device, pipe or socket)")
+    return text
+
+
+def _output_folder(text: str) -> str:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder; --output names a folder")
+    return text
+
+
+_MAIN_EXAMPLES = """\
+examples:
+  medseg demo --out runs/demo
+  medseg convert dicom/ct_study ct.nii.gz
+  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml --out runs/spleen
+  medseg infer -m runs/spleen/bundle -i scans/ -o masks/
+  medseg evaluate --pred masks/ --ref data/Task09_Spleen/labelsTs --out metrics.csv
+
+Errors a user can fix are one line on stderr and exit code 2 (--debug shows the traceback).
+"""
+
+_TRAIN_EXAMPLES = """\
+examples:
+  medseg train --data data/Task09_Spleen --out runs/spleen
+  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml --fold 0 --out runs/spleen/fold_0
+  medseg train --data data/tiny --set train.epochs=2 model.features=4 model.depth=2 --out runs/tiny
+  medseg train --data data/Task09_Spleen --out runs/spleen --resume
+"""
+
+_INFER_EXAMPLES = """\
+examples:
+  medseg infer -m runs/spleen/bundle -i scan.nii.gz -o masks/
+  medseg infer -m runs/spleen/bundle -i dicom/study1 dicom/study2 -o masks/ --dicom-seg
+  medseg infer -m runs/spleen -i scans/ -o masks/ --tta          # ensemble of fold_*/bundle
+  medseg infer -m models:/spleen/3 -i scans/ -o masks/ --device cpu --overlap 0.5
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medseg import __version__
+
+    parser = _Parser(
+        prog="medseg",
+        description="Medical image segmentation: DICOM/NIfTI -> U-Net -> masks.",
+        epilog=_MAIN_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter
+        )
+
+    p = command("demo", "synthetic data -> train -> infer -> evaluate -> MLflow")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, the run and the predictions")
+    p.add_argument("--cases", type=_bounded(int, low=4), default=20, help="synthetic cases to make")
+    p.add_argument("--size", type=_bounded(int, low=16, high=512), default=64, help="voxels per side")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("synth", help="write a Decathlon-layout synthetic CT dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("synth", "write a Decathlon-layout synthetic CT dataset")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--cases", type=_positive_int, default=20, help="cases to make")
+    p.add_argument("--size", type=_bounded(int, low=8, high=512), default=64, help="voxels per side")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     p.add_argument("--dicom", action="store_true", help="also write every image as a DICOM series")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("series", help="list the DICOM series under a folder")
-    p.add_argument("dir")
+    p = command("series", "list the DICOM series under a folder")
+    p.add_argument("dir", help="folder to scan (recursively)")
     p.set_defaults(func=cmd_series)
 
-    p = sub.add_parser("convert", help="DICOM series (or NIfTI) -> NIfTI with exact geometry")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = command("convert", "DICOM series (or NIfTI) -> NIfTI with exact geometry")
+    p.add_argument("input", help="DICOM folder or file, or a NIfTI file")
+    p.add_argument("output", help="NIfTI file to write (.nii.gz or .nii)")
     p.add_argument("--series", help="SeriesInstanceUID (or its hash) when the folder holds several")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
@@ -289,15 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("check", help="dataset integrity report; exit 1 on problems")
-    p.add_argument("dataset")
+    p = command("check", "dataset integrity report; exit 1 on problems")
+    p.add_argument("dataset", help="Decathlon dataset folder (with dataset.json)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("train", help="train a model on a Decathlon dataset folder")
-    p.add_argument("--data", required=True)
-    p.add_argument("--config")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--fold", type=int)
+    p = command("train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
+    p.add_argument("--data", required=True, help="Decathlon dataset folder (with dataset.json)")
+    p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
+    p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--fold", type=_non_negative_int, help="cross-validation fold (shortcut for train.fold)")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -305,33 +499,57 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|CHECKPOINT",
         help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
     )
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
     p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the logged MLflow model as a new version of NAME (default: not registered)",
+    )
+    p.add_argument(
+        "--alias",
+        metavar="ALIAS",
+        help="point ALIAS (e.g. champion) of the registered model at the new version: models:/NAME@ALIAS",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("augment-preview", help="picture of augmented training patches with their labels")
+    p = command("augment-preview", "picture of augmented training patches with their labels")
     p.add_argument("--data", required=True, help="Decathlon dataset folder")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--config")
-    p.add_argument("--samples", type=int, default=8, help="patches to show")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    p.add_argument("--samples", type=_positive_int, default=8, help="patches to show")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="config override, e.g. augment.flip_prob=0"
+    )
     p.set_defaults(func=cmd_augment_preview)
 
-    p = sub.add_parser("infer", help="segment NIfTI files / DICOM series with a bundle")
+    p = command("infer", "segment NIfTI files / DICOM series with a bundle", _INFER_EXAMPLES)
     p.add_argument(
+        "-m",
         "--model",
         required=True,
         action="append",
         help="bundle folder, folder of fold bundles (fold_*/bundle) or MLflow URI; repeat to ensemble",
     )
-    p.add_argument("--input", required=True, nargs="+")
-    p.add_argument("--output", required=True)
+    p.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        nargs="+",
+        type=_input_path,
+        help="NIfTI files, DICOM series folders, or folders of either",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, type=_output_folder, help="folder for <case>_seg.nii.gz and sidecars"
+    )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument(
         "--crf", action="store_true", help="refine with the dense CRF (postprocess.crf in the bundle)"
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument(
+        "--device", type=_device, default=None, help="auto, cpu, cuda or cuda:N (default: cuda when present)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
     p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
@@ -347,8 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="write report.html (QC: overlays, volumes, components, flags) in the output folder",
     )
-    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
-    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the bundle's)")
+    p.add_argument(
+        "--overlap",
+        type=_bounded(float, low=0.0, high=1.0, high_open=True),
+        help="sliding-window overlap in [0, 1) (default: the bundle's)",
+    )
+    p.add_argument(
+        "--sw-batch-size", type=_positive_int, help="windows per forward pass (default: the bundle's)"
+    )
     p.add_argument(
         "--blend-mode", choices=["gaussian", "constant"], help="window blending (default: the bundle's)"
     )
@@ -356,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         choices=["auto", "torch", "onnxruntime", "openvino"],
-        help="network runtime (default: the bundle's, auto = fastest that passed parity, measured once here)",
+        help="network runtime (default: the bundle's; auto = the fastest that passed parity with torch "
+        "fp32, measured once on this machine and cached)",
     )
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], help="network precision (default: the bundle's)"
@@ -368,23 +593,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("export", help="export a bundle's network (ONNX, OpenVINO) with a parity record")
-    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
-    p.add_argument(
-        "--format", default="all", help="onnx, openvino, or all (default); written into the bundle"
-    )
-    p.add_argument("-o", "--output", help="write a copy of the bundle with the exports here instead")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="Dice, HD95, surface Dice and volumes per label and case between two folders of masks",
+    p = command(
+        "evaluate", "Dice, HD95, surface Dice and volumes per label and case between two folders of masks"
     )
     p.add_argument("--pred", required=True, help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
     p.add_argument("--ref", required=True, help="folder of reference <case>.nii.gz")
     p.add_argument("--out", default="metrics.csv", help="per-case CSV; the JSON summary goes beside it")
-    p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    p.add_argument(
+        "--tolerance", type=_bounded(float, low=0.0), default=2.0, help="surface Dice tolerance in mm"
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    p = command(
+        "export",
+        "export a bundle for other tools: ONNX and OpenVINO (into the bundle, with a parity record), "
+        "or a MONAI bundle that runs with MONAI alone",
+    )
+    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
+    p.add_argument(
+        "--format",
+        default="all",
+        choices=["onnx", "openvino", "all", "monai-bundle"],
+        help="what to write; all = onnx and openvino",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="onnx/openvino: a copy of the bundle with the exports goes here (default: into the bundle); "
+        "monai-bundle: the new folder (required)",
+    )
+    p.set_defaults(func=cmd_export)
+    _add_dataset_options(sub.choices)
     return parser
 
 

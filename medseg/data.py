@@ -1,9 +1,22 @@
-"""Datasets: Decathlon ``dataset.json`` folders, splits, fingerprint and integrity check.
+"""Datasets: Decathlon and nnU-Net v2 folders, splits, fingerprint and integrity check.
 
-``load_dataset(root)`` returns a :class:`Dataset` (cases with absolute paths and
-label names); ``split_cases`` gives a deterministic train/validation split (or a
-k-fold split); ``fingerprint`` summarises spacings, sizes and foreground
-intensities, from which ``plan`` derives what the config leaves out.
+``load_dataset(root)`` reads either layout and returns a :class:`Dataset` (cases with
+absolute paths, one per channel file, and label and channel names):
+
+- Medical Segmentation Decathlon: ``dataset.json`` with ``labels`` (int -> name),
+  ``modality`` (channel -> name) and a ``training`` list; a multi-channel image is one
+  4D NIfTI (channels on the last axis, as Task01 BrainTumour stores them).
+- nnU-Net v2 raw (``DatasetXXX_Name``): ``dataset.json`` with ``channel_names``,
+  ``labels`` (name -> int), ``numTraining`` and ``file_ending``; images
+  ``imagesTr/CASE_0000<ending>`` .. ``CASE_000N`` (one file per channel) and labels
+  ``labelsTr/CASE<ending>``. Region-based labels are refused.
+
+Every entry is resolved (symbolic links followed, nothing opened) and refused when it
+leads outside the dataset folder, unless ``allow_outside_root``; the same file may not
+appear twice; dot-files (macOS ``._*`` AppleDouble files among them) are never inputs.
+``split_cases`` gives a deterministic train/validation split (or a k-fold split);
+``fingerprint`` summarises spacings, sizes and per-channel foreground intensities, from
+which ``plan`` derives what the config leaves out; ``check_dataset`` is the integrity report.
 """
 
 from __future__ import annotations
@@ -11,6 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,25 +34,46 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io import check_same_grid, load_label, load_volume
+from medseg.io import Volume, check_same_grid, is_nifti, load_label, load_volume
+from medseg.io.nifti import read_nifti_channels
 
 log = logging.getLogger(__name__)
+
+OUTSIDE_HINT = "pass --allow-outside-root to accept entries outside the dataset folder"
 
 
 @dataclass(frozen=True)
 class Case:
+    """One case: its image file(s) (one per channel, or one file holding every channel) and label."""
+
     name: str
-    image: Path
+    images: tuple[Path, ...]
     label: Path | None = None
+
+    @property
+    def image(self) -> Path:
+        """The first (or only) image file."""
+        return self.images[0]
+
+    def item(self) -> dict[str, Any]:
+        """The dict the transform chains load: ``image`` (a path, or one path per channel) and ``label``."""
+        image: Any = str(self.images[0]) if len(self.images) == 1 else [str(p) for p in self.images]
+        return {"image": image, "label": str(self.label)} if self.label else {"image": image}
 
 
 @dataclass
 class Dataset:
     root: Path
     labels: dict[int, str]
-    modality: str
+    modality: str  # the first channel's name
     training: list[Case]
     test: list[Case] = field(default_factory=list)
+    channels: dict[int, str] = field(default_factory=lambda: {0: "CT"})
+    layout: str = "msd"  # "msd" or "nnunet"
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
 
 
 def _case_name(path: str) -> str:
@@ -47,50 +84,370 @@ def _case_name(path: str) -> str:
     return name
 
 
-def load_dataset(root: str | Path) -> Dataset:
-    """Read a Decathlon-layout folder (``dataset.json`` + ``imagesTr``/``labelsTr``)."""
+class _Entries:
+    """Resolves ``dataset.json`` entries: inside the root (unless allowed), existing, each file once."""
+
+    def __init__(self, root: Path, spec_path: Path, *, allow_outside_root: bool) -> None:
+        self.root = root
+        self.real_root = Path(os.path.realpath(root))
+        self.spec_path = spec_path
+        self.allow = allow_outside_root
+        self.seen: dict[Path, str] = {}
+
+    def folder(self, rel: str) -> Path:
+        """A folder of the layout (``imagesTr``...), refused when it is a link out of the root."""
+        path = self.root / rel
+        if (
+            not self.allow
+            and path.exists()
+            and not Path(os.path.realpath(path)).is_relative_to(self.real_root)
+        ):
+            raise InputError(
+                path, f"is a symbolic link that leads outside the dataset folder ({OUTSIDE_HINT})"
+            )
+        return path
+
+    def resolve(self, rel: Any) -> Path:
+        spec = self.spec_path
+        if not isinstance(rel, str) or not rel.strip():
+            raise InputError(spec, f"entry {rel!r} is not a file path")
+        if Path(rel).name.startswith("."):
+            raise InputError(spec, f"lists {rel!r}, a hidden file (macOS '._*' files are not images)")
+        if not self.allow:
+            if Path(rel).is_absolute():
+                raise InputError(
+                    spec,
+                    f"lists {rel!r}, an absolute path; entries are relative to the "
+                    f"dataset folder ({OUTSIDE_HINT})",
+                )
+            if ".." in Path(os.path.normpath(rel)).parts:
+                raise InputError(
+                    spec, f"lists {rel!r}, which leads outside the dataset folder ({OUTSIDE_HINT})"
+                )
+        # realpath follows symbolic links with lstat/readlink only: nothing outside is opened
+        path = Path(os.path.realpath(self.root / rel))
+        if not self.allow and not path.is_relative_to(self.real_root):
+            raise InputError(
+                spec, f"lists {rel!r}, a symbolic link that leads outside the dataset folder ({OUTSIDE_HINT})"
+            )
+        if not path.is_file():
+            raise InputError(spec, f"lists {rel}, which does not exist")
+        if path in self.seen:
+            raise InputError(
+                spec,
+                f"lists the same file twice: {self.seen[path]!r} and {rel!r} "
+                "(a case would be in training and validation at once)",
+            )
+        self.seen[path] = rel
+        return path
+
+
+def _read_spec(root: Path) -> tuple[Path, dict[str, Any]]:
+    spec_path = root / "dataset.json"
+    if not spec_path.is_file():
+        raise InputError(
+            root, "no dataset.json (expected a Medical Segmentation Decathlon or nnU-Net v2 folder)"
+        )
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(spec_path, f"not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict):
+        raise InputError(spec_path, "expected a JSON object at the top level")
+    return spec_path, spec
+
+
+def _parse_labels(spec_path: Path, spec: dict[str, Any]) -> dict[int, str]:
+    """Decathlon ``{"0": "background"}`` or nnU-Net ``{"background": 0}``; region-based labels refused."""
+    raw = spec.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(spec_path, "missing or malformed 'labels' entry")
+    if "regions_class_order" in spec or any(isinstance(v, list | tuple) for v in raw.values()):
+        raise InputError(
+            spec_path,
+            "region-based labels (nnU-Net regions_class_order, a label listing several "
+            "values) are not supported; give each label one integer value",
+        )
+    try:
+        if all(re.fullmatch(r"\s*\d+\s*", str(k)) for k in raw):
+            labels = {int(k): str(v) for k, v in raw.items()}
+        else:
+            labels = {int(v): str(k) for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise InputError(spec_path, f"malformed 'labels' entry ({exc}); expected name -> integer") from exc
+    if len(labels) != len(raw):
+        raise InputError(spec_path, "'labels' gives two labels the same value")
+    if 0 not in labels:
+        raise InputError(spec_path, "labels must include 0 (background)")
+    return labels
+
+
+def _parse_channels(spec_path: Path, raw: Any) -> dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(
+            spec_path, "'channel_names'/'modality' must map channel numbers to names, e.g. {\"0\": \"CT\"}"
+        )
+    try:
+        channels = {int(k): str(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise InputError(spec_path, f"channel numbers must be integers ({exc})") from exc
+    if sorted(channels) != list(range(len(channels))):
+        raise InputError(
+            spec_path, f"channels must be numbered 0..{len(channels) - 1}, got {sorted(channels)}"
+        )
+    return dict(sorted(channels.items()))
+
+
+def load_dataset(root: str | Path, *, allow_outside_root: bool = False) -> Dataset:
+    """Read a Decathlon or nnU-Net v2 raw dataset folder (see the module docstring)."""
     root = Path(root)
     if root.is_file() and root.name.endswith(".json"):
         root = root.parent
-    spec_path = root / "dataset.json"
-    if not spec_path.is_file():
-        raise InputError(root, "no dataset.json (expected a Medical Segmentation Decathlon layout folder)")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(spec_path, f"not valid JSON ({exc})") from exc
-    try:
-        labels = {int(k): str(v) for k, v in spec["labels"].items()}
-        training_raw = spec["training"]
-    except (KeyError, AttributeError, ValueError) as exc:
-        raise InputError(spec_path, f"missing or malformed 'labels'/'training' entry ({exc})") from exc
-    if 0 not in labels:
-        raise InputError(spec_path, "labels must include 0 (background)")
-    modality = (
-        str(spec.get("modality", {}).get("0", "CT")) if isinstance(spec.get("modality"), dict) else "CT"
-    )
+    spec_path, spec = _read_spec(root)
+    labels = _parse_labels(spec_path, spec)
+    entries = _Entries(root, spec_path, allow_outside_root=allow_outside_root)
+    if "channel_names" in spec or ("training" not in spec and "file_ending" in spec):
+        channels = _parse_channels(spec_path, spec.get("channel_names"))
+        training, test = _nnunet_cases(root, spec_path, spec, len(channels), entries)
+        layout = "nnunet"
+    else:
+        modality = spec.get("modality", {"0": "CT"})
+        channels = _parse_channels(spec_path, modality) if isinstance(modality, dict) else {0: "CT"}
+        training, test = _msd_cases(spec_path, spec, entries)
+        layout = "msd"
+    if not training:
+        raise InputError(spec_path, "lists no training cases")
+    return Dataset(root, labels, channels[0], training, test, channels=channels, layout=layout)
 
-    def resolve(rel: str) -> Path:
-        path = (root / rel).resolve()
-        if not path.exists():
-            raise InputError(spec_path, f"lists {rel}, which does not exist")
-        return path
 
+def _msd_cases(spec_path: Path, spec: dict[str, Any], entries: _Entries) -> tuple[list[Case], list[Case]]:
+    training_raw = spec.get("training")
+    if not isinstance(training_raw, list):
+        raise InputError(spec_path, "missing or malformed 'training' list")
     training = []
     for entry in training_raw:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InputError(spec_path, f"training entry {entry!r} lacks 'image'/'label'")
-        training.append(Case(_case_name(entry["image"]), resolve(entry["image"]), resolve(entry["label"])))
-    if not training:
-        raise InputError(spec_path, "lists no training cases")
-    test_labels = {_case_name(p): p for p in spec.get("test_labels", [])}
+        image, label = entries.resolve(entry["image"]), entries.resolve(entry["label"])
+        training.append(Case(_case_name(entry["image"]), (image,), label))
+    test_labels = {_case_name(p): p for p in spec.get("test_labels", []) if isinstance(p, str)}
     test = []
     for rel in spec.get("test", []):
-        rel = rel["image"] if isinstance(rel, dict) else rel
-        name = _case_name(rel)
-        label = resolve(test_labels[name]) if name in test_labels else None
-        test.append(Case(name, resolve(rel), label))
-    return Dataset(root=root, labels=labels, modality=modality, training=training, test=test)
+        rel = rel.get("image") if isinstance(rel, dict) else rel
+        name = _case_name(str(rel))
+        label = entries.resolve(test_labels[name]) if name in test_labels else None
+        test.append(Case(name, (entries.resolve(rel),), label))
+    return training, test
+
+
+def _nnunet_cases(
+    root: Path, spec_path: Path, spec: dict[str, Any], n_channels: int, entries: _Entries
+) -> tuple[list[Case], list[Case]]:
+    ending = spec.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise InputError(spec_path, f"'file_ending' {ending!r} must be a suffix such as \".nii.gz\"")
+    # nnU-Net v2 also has an explicit form: "dataset": {case: {"images": [...], "label": ...}}
+    if isinstance(spec.get("dataset"), dict):
+        training = []
+        for name, entry in spec["dataset"].items():
+            images = entry.get("images") if isinstance(entry, dict) else None
+            if not isinstance(images, list) or "label" not in entry:
+                raise InputError(spec_path, f"'dataset' entry {name!r} lacks 'images'/'label'")
+            training.append(
+                Case(str(name), tuple(entries.resolve(p) for p in images), entries.resolve(entry["label"]))
+            )
+    else:
+        training = _nnunet_folder(root, spec_path, "imagesTr", "labelsTr", ending, n_channels, entries, True)
+    for case in training:
+        if len(case.images) != n_channels:
+            raise InputError(
+                spec_path,
+                f"case {case.name} has {len(case.images)} image files; channel_names declares {n_channels}",
+            )
+    declared = spec.get("numTraining")
+    if declared is not None and declared != len(training):
+        raise InputError(
+            spec_path, f"numTraining is {declared} but {len(training)} training cases were found"
+        )
+    test = _nnunet_folder(root, spec_path, "imagesTs", "labelsTs", ending, n_channels, entries, False)
+    return training, test
+
+
+def _listing(folder: Path, ending: str) -> list[str]:
+    """File names in ``folder`` with the given ending; dot-files (AppleDouble ``._*``) are not inputs."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+
+
+def _nnunet_folder(
+    root: Path,
+    spec_path: Path,
+    images_dir: str,
+    labels_dir: str,
+    ending: str,
+    n_channels: int,
+    entries: _Entries,
+    need_labels: bool,
+) -> list[Case]:
+    pattern = re.compile(rf"(.+)_(\d{{4}}){re.escape(ending)}$")
+    found: dict[str, dict[int, str]] = {}
+    for name in _listing(entries.folder(images_dir), ending):
+        match = pattern.match(name)
+        if not match:
+            raise InputError(
+                root / images_dir / name, f"is not named CASE_XXXX{ending} (one file per channel)"
+            )
+        found.setdefault(match.group(1), {})[int(match.group(2))] = name
+    label_names = set(_listing(entries.folder(labels_dir), ending))
+    cases = []
+    for case_id, files in sorted(found.items()):
+        if sorted(files) != list(range(n_channels)):
+            raise InputError(
+                root / images_dir,
+                f"case {case_id} has channels {sorted(files)}; channel_names "
+                f"declares {n_channels} ({', '.join(f'_{c:04d}' for c in range(n_channels))})",
+            )
+        images = tuple(entries.resolve(f"{images_dir}/{files[c]}") for c in range(n_channels))
+        label = None
+        if case_id + ending in label_names:
+            label = entries.resolve(f"{labels_dir}/{case_id}{ending}")
+        elif need_labels:
+            raise InputError(root / labels_dir, f"has no label {case_id}{ending} for case {case_id}")
+        cases.append(Case(case_id, images, label))
+    orphans = sorted(label_names - {c + ending for c in found})
+    if orphans and need_labels:
+        raise InputError(root / labels_dir / orphans[0], f"is a label without images in {images_dir}")
+    return cases
+
+
+def load_channels(paths: str | Path | Sequence[str | Path], *, resample: bool = False) -> list[Volume]:
+    """Read one case's image channels: one file per channel, or one multi-channel (4D) NIfTI.
+
+    Every channel must lie on the first channel's grid (an ``InputError`` naming both
+    files otherwise); with ``resample`` the others are resampled onto it (linear).
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    volumes: list[Volume] = []
+    for path in paths:
+        path = Path(path)
+        volumes += read_nifti_channels(path) if path.is_file() and is_nifti(path) else [load_volume(path)]
+    return on_one_grid(volumes, resample=resample)
+
+
+def on_one_grid(volumes: list[Volume], *, resample: bool = False) -> list[Volume]:
+    """The channels, checked to share the first one's grid (or resampled onto it with ``resample``)."""
+    first = volumes[0]
+    out = [first]
+    for index, volume in enumerate(volumes[1:], start=1):
+        same = volume.shape == first.shape and np.allclose(volume.affine, first.affine, atol=1e-3)
+        if resample and not same:
+            log.info("channel %d resampled onto channel 0's grid", index)
+            volume = resample_onto(volume, first)
+        check_same_grid(
+            first,
+            volume,
+            other_kind=f"channel {index}",
+            reference_kind="channel 0",
+            fix="pass --resample-channels to resample it onto the first channel's grid",
+        )
+        out.append(volume)
+    return out
+
+
+_CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", re.IGNORECASE)
+
+
+def group_channel_inputs(paths: Sequence[str | Path], n_channels: int) -> list[tuple[str, list[Path]]]:
+    """Inference inputs as cases for a model taking ``n_channels`` channels: ``(stem, files)`` each.
+
+    With one channel every input is a case. With several, a NIfTI holding them all (4D) is a
+    case, and nnU-Net-named files ``CASE_0000`` .. ``CASE_000N`` are grouped into case ``CASE``;
+    a case missing a channel file is refused, naming it. A DICOM folder stays one input (its
+    channels are series: ``load_input_channels(..., series=[...])``).
+    """
+    from medseg.io import case_stem
+
+    paths = [Path(p) for p in paths]
+    if n_channels == 1:
+        return [(case_stem(p), [p]) for p in paths]
+    cases: list[tuple[str, list[Path]]] = []
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    for path in paths:
+        match = _CHANNEL_FILE.match(path.name)
+        if match and path.is_file() and not _is_multichannel_nifti(path):
+            groups.setdefault((path.parent, match.group(1)), {})[int(match.group(2))] = path
+        else:
+            cases.append((case_stem(path), [path]))
+    for (folder, stem), files in groups.items():
+        if sorted(files) != list(range(n_channels)):
+            missing = sorted(set(range(n_channels)) - set(files))
+            raise InputError(
+                folder / f"{stem}_{(missing or [max(files)])[0]:04d}",
+                f"case {stem} has channel files {sorted(files)}; the model takes {n_channels} "
+                f"({stem}_0000 .. {stem}_{n_channels - 1:04d})",
+            )
+        cases.append((stem, [files[c] for c in range(n_channels)]))
+    return cases
+
+
+def _is_multichannel_nifti(path: Path) -> bool:
+    if not is_nifti(path):
+        return False
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape  # the header only
+    except Exception:
+        return False
+    return len(shape) >= 4 and int(np.prod(shape[3:])) > 1
+
+
+def load_input_channels(
+    files: Sequence[str | Path],
+    *,
+    n_channels: int,
+    series: Sequence[str] | None = None,
+    resample: bool = False,
+    channel_names: Sequence[str] | None = None,
+) -> list[Volume]:
+    """One inference case's channels, checked against what the model takes.
+
+    ``files``: one 4D NIfTI, one file per channel, or one DICOM folder whose channels are
+    the series named by ``series`` (one UID or hash per channel, in channel order).
+    """
+    if series and len(series) > 1:
+        if len(files) != 1:
+            raise InputError(files[0], "--series once per channel needs one DICOM folder or study per case")
+        volumes = on_one_grid([load_volume(files[0], series_id=uid) for uid in series], resample=resample)
+    elif series:
+        volumes = [load_volume(files[0], series_id=series[0])]
+    else:
+        volumes = load_channels(files, resample=resample)
+    if len(volumes) != n_channels:
+        names = f" ({', '.join(channel_names)})" if channel_names else ""
+        how = "--series once per channel" if Path(files[0]).is_dir() else "a 4D NIfTI or CASE_000k files"
+        raise InputError(
+            files[0], f"gives {len(volumes)} channel(s); the model takes {n_channels}{names}: pass {how}"
+        )
+    return volumes
+
+
+def resample_onto(volume: Volume, reference: Volume) -> Volume:
+    """``volume`` resampled (linear, edge values beyond its field of view) onto ``reference``'s grid."""
+    from scipy import ndimage
+
+    to_source = np.linalg.inv(volume.affine) @ reference.affine
+    array = ndimage.affine_transform(
+        volume.array.astype(np.float32),
+        to_source[:3, :3],
+        offset=to_source[:3, 3],
+        output_shape=reference.shape,
+        order=1,
+        mode="nearest",
+    )
+    return Volume(array=array, affine=reference.affine.copy(), meta=dict(volume.meta), source=volume.source)
 
 
 def split_cases(
@@ -121,21 +478,37 @@ def _ras_spacing(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: int = 0) -> dict[str, Any]:
-    """Spacings, sizes (RAS order), foreground intensity statistics and label counts."""
+def _intensity_stats(values: np.ndarray) -> dict[str, float]:
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "p00_5": float(np.percentile(values, 0.5)),
+        "p99_5": float(np.percentile(values, 99.5)),
+    }
+
+
+def fingerprint(
+    dataset: Dataset, *, max_samples_per_case: int = 20000, seed: int = 0, resample_channels: bool = False
+) -> dict[str, Any]:
+    """Spacings, sizes (RAS order), foreground intensity statistics (per channel) and label counts."""
     rng = np.random.default_rng(seed)
-    spacings, extents, samples = [], [], []
+    spacings, extents = [], []
+    samples: list[list[np.ndarray]] = [[] for _ in range(dataset.n_channels)]
     label_voxels = {k: 0 for k in dataset.labels}
     label_ml: dict[int, list[float]] = {k: [] for k in dataset.labels if k}
     for case in dataset.training:
-        image = load_volume(case.image)
+        channels = load_channels(case.images, resample=resample_channels)
+        image = channels[0]
         label = load_label(case.label, image=image)
         spacing = _ras_spacing(image.affine)
         spacings.append(spacing)
         extents.append(_ras_shape(image) * spacing)
-        fg = image.array[label.array > 0]
-        if fg.size:
-            samples.append(rng.choice(fg, size=min(fg.size, max_samples_per_case), replace=False))
+        foreground = label.array > 0
+        n_fg = int(foreground.sum())
+        if n_fg:
+            pick = rng.choice(n_fg, size=min(n_fg, max_samples_per_case), replace=False)
+            for c, channel in enumerate(channels[: dataset.n_channels]):
+                samples[c].append(channel.array[foreground][pick])
         counts = np.bincount(label.array.ravel(), minlength=max(dataset.labels) + 1)
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
         for k in label_voxels:
@@ -143,7 +516,7 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
             label_voxels[k] += n
             if k:
                 label_ml[k].append(n * voxel_ml)
-    fg_values = np.concatenate(samples) if samples else np.zeros(1, np.float32)
+    stats = [_intensity_stats(np.concatenate(s) if s else np.zeros(1, np.float32)) for s in samples]
     fp = {
         "n_cases": len(dataset.training),
         "modality": dataset.modality,
@@ -153,16 +526,14 @@ def fingerprint(dataset: Dataset, *, max_samples_per_case: int = 20000, seed: in
         "spacing_max": np.max(spacings, axis=0).round(4).tolist(),
         "spacing_p10": np.percentile(spacings, 10, axis=0).round(4).tolist(),
         "extent_mm_median": np.median(extents, axis=0).round(2).tolist(),
-        "foreground_intensity": {
-            "mean": float(fg_values.mean()),
-            "std": float(fg_values.std()),
-            "p00_5": float(np.percentile(fg_values, 0.5)),
-            "p99_5": float(np.percentile(fg_values, 99.5)),
-        },
+        "foreground_intensity": stats[0],
         "label_voxels": {str(k): v for k, v in label_voxels.items()},
         # per-label volume range over the training cases: inference flags volumes far outside it
         "label_volumes_ml": {str(k): [round(min(v), 3), round(max(v), 3)] for k, v in label_ml.items() if v},
     }
+    if dataset.n_channels > 1:  # single-channel fingerprints (and their hashes) stay as they were
+        fp["channels"] = {str(k): v for k, v in dataset.channels.items()}
+        fp["foreground_intensity_channels"] = stats
     fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     return fp
 
@@ -175,19 +546,26 @@ def _ras_shape(volume) -> np.ndarray:
     return out
 
 
-def check_dataset(root: str | Path) -> list[str]:
-    """Integrity report: every image readable, every label on its image's grid with known values."""
+def check_dataset(
+    root: str | Path, *, allow_outside_root: bool = False, resample_channels: bool = False
+) -> list[str]:
+    """Integrity report: every image readable with the declared channels on one grid, every label
+    on its image's grid with known values."""
     problems: list[str] = []
     try:
-        dataset = load_dataset(root)
+        dataset = load_dataset(root, allow_outside_root=allow_outside_root)
     except InputError as exc:
         return [str(exc)]
     known = set(dataset.labels)
-    for case in dataset.training:
+    for case in dataset.training + [c for c in dataset.test if c.label is not None]:
         try:
-            image = load_volume(case.image)
+            channels = load_channels(case.images, resample=resample_channels)
+            if len(channels) != dataset.n_channels:
+                problems.append(
+                    f"{case.image}: holds {len(channels)} channel(s); dataset.json declares {dataset.n_channels}"
+                )
             label = load_label(case.label)
-            check_same_grid(image, label)
+            check_same_grid(channels[0], label)
             values = set(np.unique(label.array).tolist())
             if values - known:
                 problems.append(

@@ -109,6 +109,34 @@ def surface_dice(
     return float(((d_pr <= tolerance_mm).sum() + (d_rp <= tolerance_mm).sum()) / (d_pr.size + d_rp.size))
 
 
+def label_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    labels: list[int],
+    spacing: tuple[float, float, float],
+    *,
+    surface: bool = True,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+) -> dict[str, float]:
+    """``dice_<k>`` (and with ``surface`` ``hd95_<k>`` mm and ``nsd_<k>``) per foreground label.
+
+    The one implementation behind validation during training and ``evaluate``; an undefined
+    HD95 (one mask empty) is left out, as in the summaries.
+    """
+    out: dict[str, float] = {}
+    for k in labels:
+        if k == 0:
+            continue
+        p, r = pred == k, ref == k
+        out[f"dice_{k}"] = dice(p, r)
+        if surface:
+            h = hd95(p, r, spacing)
+            if math.isfinite(h):
+                out[f"hd95_{k}"] = h
+            out[f"nsd_{k}"] = surface_dice(p, r, spacing, tolerance_mm=tolerance_mm)
+    return out
+
+
 @dataclass
 class EvalRow:
     case: str

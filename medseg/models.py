@@ -7,6 +7,7 @@ in ``MODELS``; an unknown name fails listing the valid ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,20 +130,31 @@ def _monai_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Mod
         channels=tuple(cfg.features * 2**i for i in range(cfg.depth + 1)),
         strides=(2,) * cfg.depth,
         num_res_units=2,
-        norm="instance" if cfg.norm == "none" else cfg.norm,
+        norm=_monai_norm(cfg.norm),
         dropout=cfg.dropout,
     )
+
+
+def _monai_norm(kind: str) -> Any:
+    """medseg's ``model.norm`` in MONAI's terms (instance norm with learnt affine, as nnU-Net)."""
+    return {"none": None, "batch": "batch", "instance": ("instance", {"affine": True})}[kind]
 
 
 def _basic_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
+    if cfg.depth != 4:
+        raise ConfigError(
+            f"model.depth: basic_unet has a fixed depth of 4, got {cfg.depth}; use monai_unet, "
+            "classic_unet or dynunet for another depth"
+        )
     f = cfg.features
     return BasicUNet(
         spatial_dims=cfg.spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
         features=(f, f, 2 * f, 4 * f, 8 * f, f),
+        norm=_monai_norm(cfg.norm),
         dropout=cfg.dropout,
     )
 
@@ -205,6 +217,8 @@ def deep_supervision_weights(num_aux: int) -> list[float]:
 def _dynunet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
     from monai.networks.nets import DynUNet
 
+    if cfg.norm == "none":
+        raise ConfigError("model.norm: dynunet needs a normalisation (instance or batch), got 'none'")
     levels = cfg.depth + 1
     strides = [1] + [2] * cfg.depth
     num_aux = min(2, cfg.depth - 1) if cfg.deep_supervision else 0
@@ -217,7 +231,7 @@ def _dynunet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module
         upsample_kernel_size=strides[1:],
         filters=[min(cfg.features * 2**i, 320) for i in range(levels)],
         dropout=cfg.dropout or None,
-        norm_name=("INSTANCE", {"affine": True}) if cfg.norm != "batch" else "BATCH",
+        norm_name=("INSTANCE", {"affine": True}) if cfg.norm == "instance" else "BATCH",
         deep_supervision=num_aux > 0,
         deep_supr_num=max(1, num_aux),
         res_block=False,
@@ -238,7 +252,9 @@ def divisor_of(cfg: ModelConfig) -> int:
     return 16 if cfg.name == "basic_unet" else 2**cfg.depth
 
 
-def build_model(cfg: ModelConfig, *, in_channels: int = 1, out_channels: int) -> nn.Module:
+def build_model(cfg: ModelConfig, *, in_channels: int | None = None, out_channels: int) -> nn.Module:
+    """The registered network ``cfg.name``; ``in_channels`` defaults to ``cfg.in_channels`` (planned), else 1."""
+    in_channels = in_channels or cfg.in_channels or 1
     try:
         factory = MODELS[cfg.name]
     except KeyError:

@@ -10,7 +10,9 @@ Rules (nnU-Net's, made visible):
   its median image size in voxels is 3x smaller, that axis takes the 10th percentile of
   its spacings instead (less interpolation across thick slices).
 - normalisation: CT clips to the foreground's 0.5-99.5 percentiles and z-scores with
-  the foreground mean/std; MR and other modalities get a per-image z-score.
+  the foreground mean/std; MR and other modalities get a per-image z-score. A multi-channel
+  dataset gets one normalisation per channel, read from its channel names as nnU-Net reads
+  ``channel_names`` ("CT" -> CT, "noNorm" -> none, anything else -> per-image z-score).
 - patch: the median image size at the target spacing, rounded up to what the network
   divides, shrunk along its largest axis until the activations fit the memory budget.
 - batch: 2; raised (up to 8) while the patch covers the whole median image and memory allows.
@@ -23,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import Config, ModelConfig
+from medseg.config import Config, IntensityConfig, ModelConfig, PreprocessConfig
+from medseg.errors import ConfigError
 from medseg.models import divisor_of
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,55 @@ log = logging.getLogger(__name__)
 ANISOTROPY = 3.0
 MAX_PATCH_VOXELS = 128**3
 MAX_BATCH = 8
+MR_NAMES = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI", "PD", "SWI", "DCE", "HBV")  # prefixes, any case
+
+
+def channel_kind(name: str) -> str:
+    """The normalisation a channel name asks for: ``ct``, ``mr`` (MR sequence names), ``none``
+    (nnU-Net's "noNorm") or ``zscore`` (anything else)."""
+    name = str(name).strip()
+    if name.upper() == "CT":
+        return "ct"
+    if name.lower() in ("nonorm", "none"):
+        return "none"
+    return "mr" if name.upper().startswith(MR_NAMES) else "zscore"
+
+
+def _plan_ct(it: IntensityConfig, stats: dict[str, float]) -> None:
+    """Fill a CT normalisation's window and z-score from a channel's foreground statistics."""
+    if it.window is None:
+        it.window = (round(stats["p00_5"], 2), round(stats["p99_5"], 2))
+    if it.mean is None or it.std is None:
+        it.mean, it.std = round(stats["mean"], 3), round(max(stats["std"], 1e-3), 3)
+
+
+def _plan_intensity(pre: PreprocessConfig, fp: dict[str, Any]) -> int:
+    """Plan the normalisation (one per channel for multi-channel data); returns the channel count."""
+    names = [str(v) for _, v in sorted((fp.get("channels") or {}).items(), key=lambda kv: int(kv[0]))]
+    if len(names) <= 1:
+        if pre.channels is not None and len(pre.channels) != 1:
+            raise ConfigError(f"preprocess.channels lists {len(pre.channels)} channels; the dataset has 1")
+        it = pre.intensity
+        modality = str(fp.get("modality", "CT")).upper()
+        if modality != "CT" and it.kind == "ct":
+            it.kind = channel_kind(modality) if channel_kind(modality) != "ct" else "zscore"  # type: ignore[assignment]
+        if it.kind == "ct":
+            _plan_ct(it, fp["foreground_intensity"])
+        return 1
+    if pre.channels is None:
+        pre.channels = [IntensityConfig(kind=channel_kind(n), name=n) for n in names]  # type: ignore[arg-type]
+    elif len(pre.channels) != len(names):
+        raise ConfigError(
+            f"preprocess.channels lists {len(pre.channels)} channels; the dataset has {len(names)} ({names})"
+        )
+    planned = []
+    for channel, name, stats in zip(pre.channels, names, fp["foreground_intensity_channels"], strict=True):
+        channel = channel.model_copy(update={"name": channel.name or name})
+        if channel.kind == "ct":
+            _plan_ct(channel, stats)
+        planned.append(channel)
+    pre.channels = planned
+    return len(names)
 
 
 def target_spacing(fp: dict[str, Any]) -> tuple[float, float, float]:
@@ -95,16 +147,13 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     pre, tr = plan.preprocess, plan.train
     if pre.spacing is None:
         pre.spacing = target_spacing(fp)  # type: ignore[assignment]
-    modality = str(fp.get("modality", "CT")).upper()
-    it = pre.intensity
-    if modality != "CT" and it.kind == "ct":
-        it.kind = "mr" if modality in ("MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "ADC") else "zscore"
-    if it.kind == "ct":
-        fi = fp["foreground_intensity"]
-        if it.window is None:
-            it.window = (round(fi["p00_5"], 2), round(fi["p99_5"], 2))
-        if it.mean is None or it.std is None:
-            it.mean, it.std = round(fi["mean"], 3), round(max(fi["std"], 1e-3), 3)
+    n_channels = _plan_intensity(pre, fp)
+    if plan.model.in_channels is None:
+        plan.model.in_channels = n_channels
+    elif plan.model.in_channels != n_channels:
+        raise ConfigError(
+            f"model.in_channels is {plan.model.in_channels}; the dataset has {n_channels} channel(s)"
+        )
     if tr.memory_budget_gb is None:
         tr.memory_budget_gb = detect_memory_gb(tr.device)
     budget_voxels = tr.memory_budget_gb * 2**30 / bytes_per_voxel(plan.model)
@@ -124,15 +173,19 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     return plan
 
 
-def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
-    """A few lines a person reads: what was planned from which dataset properties."""
-    it = cfg.preprocess.intensity
-    norm = {
+def _norm_text(it: IntensityConfig) -> str:
+    return {
         "ct": f"CT: clip to {it.window} then z-score (mean {it.mean}, std {it.std})",
         "mr": "per-image z-score over non-zero voxels",
         "zscore": "per-image z-score over non-zero voxels",
         "none": "none",
     }[it.kind]
+
+
+def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
+    """A few lines a person reads: what was planned from which dataset properties."""
+    channels = cfg.preprocess.channels or [cfg.preprocess.intensity]
+    norm = "; ".join((f"{it.name}: " if len(channels) > 1 else "") + _norm_text(it) for it in channels)
     return (
         f"plan for {fp.get('n_cases', '?')} cases ({fp.get('modality', '?')}, fingerprint {fp.get('hash', '?')}):\n"
         f"  spacing    {cfg.preprocess.spacing} mm (dataset median {fp.get('spacing_median')})\n"

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -127,7 +131,38 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cache_dir() -> Path:
+    """medseg's per-user cache (``$XDG_CACHE_HOME/medseg``, else ``~/.cache/medseg``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medseg"
+
+
+def machine_key() -> str:
+    """This CPU (model and flags), core count and torch build: what a speed measurement depends on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        cpu = "\n".join(lines) or cpu
+    raw = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """``measure_cpu_bf16_speedup()``, measured once per machine and kept in the user cache."""
+    path = cache_dir() / f"cpu-bf16-{machine_key()}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return float(json.loads(path.read_text())["speedup"])
+    speedup = measure_cpu_bf16_speedup()
+    with contextlib.suppress(OSError):  # a read-only home only costs the measurement next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"speedup": speedup, "measured_at": time.time()}))
+        os.replace(tmp, path)
+    return speedup
+
+
 def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 3) -> float:
     """fp32 time / bf16-autocast time of a small 3D conv block, forward + backward, on this CPU.
 
@@ -143,7 +178,7 @@ def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 
     x = torch.randn(2, channels, size, size, size)
 
     def run(bf16: bool) -> float:
-        model = net.to(memory_format=torch.channels_last_3d) if bf16 else net
+        model = set_memory_format(net, torch.channels_last_3d) if bf16 else net
         inp = x.contiguous(memory_format=torch.channels_last_3d) if bf16 else x
         best = float("inf")
         for _ in range(repeats):
@@ -156,7 +191,7 @@ def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 
 
     run(False), run(True)  # warm-up (first calls pick kernels)
     fp32, bf16 = run(False), run(True)
-    net.to(memory_format=torch.contiguous_format)
+    set_memory_format(net, torch.contiguous_format)
     return fp32 / max(bf16, 1e-9)
 
 
@@ -183,7 +218,7 @@ def resolve_precision(device: torch.device, requested: str = "auto", *, amp: boo
         return "bf16"
     if requested == "fp32" or not amp or not cpu_has_native_bf16():
         return "fp32"
-    speedup = measure_cpu_bf16_speedup()
+    speedup = cpu_bf16_speedup()
     choice: Precision = "bf16" if speedup >= 1.2 else "fp32"
     log.info("CPU precision: %s (bf16 measured %.2fx the speed of fp32 on this machine)", choice, speedup)
     return choice
@@ -202,3 +237,8 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
 def channels_last(device: torch.device, precision: Precision) -> bool:
     """Channels-last 3D memory format: what makes CPU bf16 convolutions fast (oneDNN)."""
     return device.type == "cpu" and precision == "bf16"
+
+
+def set_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """``module.to(memory_format=...)`` in place (torch's stubs omit the keyword)."""
+    return module.to(memory_format=memory_format)  # type: ignore[call-overload]

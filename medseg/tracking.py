@@ -1,24 +1,42 @@
 """MLflow tracking: one run per training, params, batched metrics, artifacts, the model.
 
 The store is ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///mlflow.db`` in the working folder. HTTP calls to a tracking server
-are bounded (timeout and retries, ``tracking.http_timeout_s``/``http_retries``, unless
-the user set MLflow's own variables), and an unreachable server is reported before
-any training work starts (``Tracker.start`` raises ``TrackingError``). When the server
+``sqlite:///mlflow.db`` in the working folder. Every call goes through an
+``MlflowClient`` bound to that URI: nothing here sets MLflow's process-wide tracking
+URI, its active run or an environment variable that outlives the call.
+
+HTTP calls to a tracking server are bounded (timeout and retries,
+``tracking.http_timeout_s``/``http_retries``, unless the user set MLflow's own
+variables): MLflow reads those bounds only from environment variables, so they are
+set around each call and restored after it. An unreachable server is reported before
+any training work starts (``Tracker.start`` raises ``TrackingError``); a local sqlite
+store that cannot be written is reported the same way, in one line. When the server
 drops mid-run the tracker goes offline: training goes on, nothing more is sent, and
-``Tracker.end`` says what was not logged. ``Tracker`` with ``enabled=False`` records nothing.
+``Tracker.end`` says what was not logged. ``Tracker`` with ``enabled=False`` imports
+and calls nothing from MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 from medseg.config import TrackingConfig
 from medseg.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +47,20 @@ _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
+_ENV_LOCK = threading.RLock()
+# the loggers that print tracebacks when a store cannot be used (filters do not apply to children)
+_STORE_LOGGERS = (
+    "mlflow.store.db.utils",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "alembic.runtime.migration",
+    "sqlalchemy.engine.Engine",
+)
+_HINT = "fix tracking.uri / MLFLOW_TRACKING_URI, or pass --set tracking.enabled=false"
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
+    """The tracking URI: the config's, else ``$MLFLOW_TRACKING_URI``, else ./mlflow.db (sqlite)."""
     if cfg.uri:
         return cfg.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -40,13 +69,59 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _bound_http(cfg: TrackingConfig | None = None) -> None:
+@contextlib.contextmanager
+def bounded_http(cfg: TrackingConfig | None = None) -> Iterator[None]:
+    """MLflow's HTTP bounds for the calls inside the block; the environment is restored after it.
+
+    A value the user set (in the environment) is kept as it is.
+    """
     defaults = dict(_HTTP_DEFAULTS)
     if cfg is not None:
         defaults["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.http_timeout_s)
         defaults["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
+    with _ENV_LOCK:
+        added = [key for key in defaults if key not in os.environ]
+        for key in added:
+            os.environ[key] = defaults[key]
+        try:
+            yield
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
+
+
+def client_for(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` bound to ``uri`` (tracking and model registry), no global state touched."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:"):
+        return None
+    parsed = urlparse(uri)
+    path = unquote(parsed.path)
+    if parsed.query or path.startswith("/file:") or path in ("", "/:memory:", ":memory:"):
+        return None  # SQLite URI filenames and in-memory stores: MLflow decides
+    return Path(path)
+
+
+def check_writable_store(uri: str) -> None:
+    """For a local sqlite store: the database (or the folder that will hold it) must be writable.
+
+    Checked before MLflow opens it, so that a read-only store is one line, not SQLAlchemy's
+    migration tracebacks.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    target = db if db.exists() else db.parent
+    if not target.exists():
+        raise TrackingError(f"MLflow store {uri}: the folder {db.parent} does not exist; {_HINT}")
+    if not os.access(target, os.W_OK) or (db.exists() and not os.access(db.parent, os.W_OK)):
+        raise TrackingError(f"MLflow store {uri}: {target} is read-only; {_HINT}")
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -64,8 +139,32 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     except (OSError, ValueError) as exc:
         raise TrackingError(
             f"MLflow tracking server {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:120]}); "
-            "start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or pass --set tracking.enabled=false"
+            f"start the server, {_HINT}"
         ) from exc
+
+
+@contextlib.contextmanager
+def quiet_store_logs() -> Iterator[None]:
+    """Hold back the log records of SQLAlchemy and Alembic while a store is opened.
+
+    A store that cannot be used makes them log tracebacks (about 90 lines) before MLflow raises;
+    the one-line ``TrackingError`` says what matters. The loggers' own levels are left as they are:
+    a filter on their handlers' path is added and removed.
+    """
+    blocker = _DropFilter()
+    loggers = [logging.getLogger(name) for name in _STORE_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(blocker)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(blocker)
+
+
+class _DropFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
 
 
 def git_commit() -> str | None:
@@ -88,11 +187,22 @@ def git_commit() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a run depends on (installed ones only)."""
     import platform
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for name in ("medseg", "torch", "monai", "numpy", "mlflow", "SimpleITK", "nibabel", "pydicom"):
+    for name in (
+        "medseg",
+        "torch",
+        "monai",
+        "numpy",
+        "mlflow",
+        "mlflow-skinny",
+        "SimpleITK",
+        "nibabel",
+        "pydicom",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -105,57 +215,76 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 class Tracker:
-    """A thin, explicit wrapper over one MLflow run."""
+    """A thin, explicit wrapper over one MLflow run, through an ``MlflowClient`` bound to its URI."""
 
     def __init__(self, cfg: TrackingConfig, *, enabled: bool | None = None) -> None:
         self.cfg = cfg
         self.enabled = cfg.enabled if enabled is None else enabled
         self.run_id: str | None = None
         self.uri = resolve_uri(cfg) if self.enabled else ""
-        if self.enabled:
-            _bound_http(cfg)  # MLflow reads these at every call, so every call below is bounded
         self.failures: list[str] = []
         self.offline = False  # set when a call fails mid-run: nothing more is sent
         self.not_logged: list[str] = []
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
 
     def start(
         self, *, run_name: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None
     ) -> None:
+        """Create the run (or reopen ``run_id``); an unusable store raises a one-line ``TrackingError``."""
         if not self.enabled:
             return
-        _bound_http(self.cfg)
         check_reachable(self.uri, timeout_s=min(10.0, float(self.cfg.http_timeout_s)))
-        import mlflow
-
-        self._previous_uri = (_global_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
-        mlflow.set_tracking_uri(self.uri)
+        check_writable_store(self.uri)
         try:
-            experiment = mlflow.set_experiment(self.cfg.experiment)
-            run = mlflow.start_run(
-                run_id=run_id,
-                experiment_id=None if run_id else experiment.experiment_id,
-                run_name=None if run_id else (self.cfg.run_name or run_name),
-                tags=tags,
-            )
+            with bounded_http(self.cfg), quiet_store_logs():
+                self.run_id = self._open_run(run_name=run_name, tags=tags, run_id=run_id)
         except Exception as exc:
             raise TrackingError(
-                f"MLflow tracking store {self.uri} cannot be used ({type(exc).__name__}: {str(exc)[:200]}); "
-                "start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or pass --set tracking.enabled=false"
+                f"MLflow tracking store {self.uri} cannot be used ({_one_line(exc)}); start the server, {_HINT}"
             ) from exc
-        self.run_id = run.info.run_id
         log.info("MLflow run %s in %s", self.run_id, self.uri)
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
+    def _open_run(self, *, run_name: str | None, tags: dict[str, str] | None, run_id: str | None) -> str:
+        client = self.client
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        experiment = client.get_experiment_by_name(self.cfg.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(self.cfg.experiment)
+        )
+        run = client.create_run(
+            experiment_id,
+            run_name=self.cfg.run_name or run_name,
+            tags={"mlflow.source.name": "medseg", "mlflow.source.type": "LOCAL", **(tags or {})},
+        )
+        return run.info.run_id
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self.enabled or self.run_id is None:
             return None
         if self.offline:
             self.not_logged.append(what)
             return None
         try:
-            return fn(*args, **kwargs)
+            with bounded_http(self.cfg), quiet_store_logs():
+                return fn(*args, **kwargs)
         except Exception as exc:
-            message = f"{what} not logged to MLflow ({type(exc).__name__}: {str(exc)[:200]})"
+            message = f"{what} not logged to MLflow ({_one_line(exc)})"
             self.failures.append(message)
             self.not_logged.append(what)
             if self.uri.startswith(("http://", "https://")):
@@ -168,77 +297,85 @@ class Tracker:
 
     def logged_steps(self, metric: str) -> set[int]:
         """Steps already recorded for ``metric`` in this run (to re-log a resumed run without duplicates)."""
-        import mlflow
-
-        client = mlflow.MlflowClient(self.uri)
-        history = self._guard(f"history of {metric}", client.get_metric_history, self.run_id, metric)
+        if not self.enabled or self.run_id is None:
+            return set()
+        history = self._guard(
+            f"history of {metric}", lambda: self.client.get_metric_history(self.run_id, metric)
+        )
         return {int(m.step) for m in history or []}
 
     def log_params(self, params: dict[str, Any]) -> None:
-        import mlflow
+        if not self.enabled or self.run_id is None:
+            return
         from mlflow.entities import Param
 
         items = [Param(k[:250], _param_value(v)) for k, v in params.items()]
-        client = mlflow.MlflowClient(self.uri)
         for start in range(0, len(items), 100):
-            self._guard("params", client.log_batch, self.run_id, params=items[start : start + 100])
+            chunk = items[start : start + 100]
+            self._guard("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        import mlflow
+        if not self.enabled or self.run_id is None:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        client = mlflow.MlflowClient(self.uri)
-        self._guard(f"metrics of step {step}", client.log_batch, self.run_id, metrics=items)
+        self._guard(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        path = Path(path)
-        fn = mlflow.log_artifacts if path.is_dir() else mlflow.log_artifact
-        self._guard(f"artifact {path.name}", fn, str(path), artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        import mlflow
-
-        self._guard("tags", mlflow.set_tags, tags)
-
-    def log_model(self, network, input_example) -> None:
-        """``mlflow.pytorch.log_model`` with an input example (the signature is inferred from it)."""
-        if not self.cfg.log_model or not self.enabled:
+        if not self.enabled or self.run_id is None:
             return
-        import mlflow.pytorch
+        path = Path(path)
+        if path.is_dir():
+            self._guard(
+                f"artifact {path.name}",
+                lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path),
+            )
+        else:
+            self._guard(
+                f"artifact {path.name}",
+                lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+            )
 
-        self._guard(
+    def log_bundle_model(
+        self,
+        bundle_dir: str | Path,
+        *,
+        register: str | None = None,
+        alias: str | None = None,
+    ) -> str | None:
+        """Log the whole bundle as an MLflow pyfunc model at ``model`` (see ``medseg.mlflow_model``).
+
+        ``register``: a registered model name (default ``tracking.registered_model_name``) that gets
+        a new version of it; ``alias`` (e.g. ``champion``) then points at that version. Returns the
+        model URI (``models:/NAME/VERSION`` when registered, else ``runs:/ID/model``), or None when
+        nothing was logged.
+        """
+        if not self.enabled or self.run_id is None or not self.cfg.log_model:
+            return None
+        from medseg.mlflow_model import log_bundle_model
+
+        name = register or self.cfg.registered_model_name
+        alias = alias or self.cfg.alias
+        return self._guard(
             "model",
-            mlflow.pytorch.log_model,
-            network,
-            name="model",
-            input_example=input_example,
-            registered_model_name=self.cfg.registered_model_name,
-            pip_requirements=["torch", "monai", "numpy"],
+            log_bundle_model,
+            self.client,
+            self.run_id,
+            Path(bundle_dir),
+            registered_name=name,
+            alias=alias,
         )
 
     def end(self, status: str = "FINISHED") -> None:
+        """Close the run with ``status``; say what was not logged, if anything."""
         if not self.enabled or self.run_id is None:
             return
-        import mlflow
-
         if self.offline:
-            self.not_logged.append(f"run status {status}")
-            # the run stays open in the store; mlflow's local state must not keep pointing at it
-            _forget_active_run()
+            self.not_logged.append(f"run status {status}")  # the run stays open in the store
         else:
-            self._guard("run end", mlflow.end_run, status=status)
-        # leave MLflow's process-wide tracking URI (and the variable it sets) as we found them
-        previous_uri, previous_env = getattr(self, "_previous_uri", (None, None))
-        with contextlib.suppress(Exception):
-            mlflow.set_tracking_uri(previous_uri)
-        if previous_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+            self._guard("run end", lambda: self.client.set_terminated(self.run_id, status=status))
         if self.not_logged:
             shown = ", ".join(self.not_logged[:12]) + (" ..." if len(self.not_logged) > 12 else "")
             log.warning(
@@ -251,53 +388,138 @@ class Tracker:
             )
 
 
-def _global_tracking_uri() -> str | None:
-    """The URI set with ``mlflow.set_tracking_uri`` in this process, if any (not the env default)."""
-    try:
-        from mlflow.tracking._tracking_service import utils
+# --- models logged with a run: resolution and the local cache of downloaded bundles ---
 
-        return utils._tracking_uri
-    except (ImportError, AttributeError):
-        return None
+CACHE_MAX_BYTES = 4 * 1024**3  # downloaded bundles kept; the least recently used go first
+_COMPLETE = ".medseg-download.json"
 
 
-def _forget_active_run() -> None:
-    """Drop MLflow's in-process active run without calling the (dead) server."""
-    try:
-        from mlflow.tracking.fluent import _active_run_stack
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an MLflow model URI leads: the run that logged the bundle, and the registry entry."""
 
-        stack = _active_run_stack.get() if hasattr(_active_run_stack, "get") else _active_run_stack
-        stack.clear()
-    except Exception:  # internal API: best effort only
-        pass
+    uri: str
+    tracking_uri: str
+    run_id: str
+    name: str | None = None
+    version: str | None = None
+    artifact_path: str = "bundle"
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.run_id}-{self.artifact_path.replace('/', '_')}"
 
 
-def download_bundle(model_uri: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path:
-    """Fetch the bundle folder logged with a run, for ``runs:/ID/model`` or ``models:/NAME/VERSION``."""
-    _bound_http()
-    import mlflow
+def resolve_model_uri(model_uri: str, *, tracking_uri: str | None = None) -> ModelSource:
+    """``runs:/ID/...``, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``
+    resolved through MLflow's registry API to the run that logged the bundle."""
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     uri = tracking_uri or resolve_uri(TrackingConfig())
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = client_for(uri)
     try:
-        if model_uri.startswith("models:/"):
-            name, _, version = model_uri[len("models:/") :].partition("/")
-            if version in ("", "latest"):
-                versions = client.search_model_versions(f"name='{name}'")
-                if not versions:
-                    raise TrackingError(f"{model_uri}: no registered versions")
-                version = str(max(int(v.version) for v in versions))
+        with bounded_http(), quiet_store_logs():
+            if model_uri.startswith("runs:/"):
+                run_id, _ = RunsArtifactRepository.parse_runs_uri(model_uri)
+                return ModelSource(model_uri, uri, run_id)
+            if not model_uri.startswith("models:/"):
+                raise TrackingError(
+                    f"{model_uri}: expected runs:/<run id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+                )
+            found = get_model_name_and_version(client, model_uri)
+            if len(found) == 1:  # an MLflow 3 logged-model id (models:/m-...)
+                run_id = client.get_logged_model(found[0]).source_run_id
+                return ModelSource(model_uri, uri, run_id)
+            name, version = found
             run_id = client.get_model_version(name, version).run_id
-        elif model_uri.startswith("runs:/"):
-            run_id = model_uri[len("runs:/") :].split("/")[0]
-        else:
-            raise TrackingError(f"{model_uri}: expected runs:/<run id>/model or models:/<name>/<version>")
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle", dst_path=str(dest))
     except TrackingError:
         raise
     except Exception as exc:
+        raise TrackingError(f"{model_uri}: cannot be resolved in {uri} ({_one_line(exc)})") from exc
+    if not run_id:
         raise TrackingError(
-            f"{model_uri}: cannot fetch the bundle from MLflow ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
-    return Path(local)
+            f"{model_uri}: version {version} of {name} has no run that logged a medseg bundle"
+        )
+    return ModelSource(model_uri, uri, run_id, name=name, version=str(version))
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/medseg/models`` (``~/.cache/medseg/models`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medseg" / "models"
+
+
+def download_bundle(
+    model_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+    max_cache_bytes: int = CACHE_MAX_BYTES,
+) -> tuple[Path, ModelSource]:
+    """The bundle folder logged with the run behind ``model_uri``, from the cache or downloaded into it.
+
+    One folder per run (``<cache>/<run id>-bundle``), reused by later loads. A download goes to a
+    staging folder in the cache that is renamed when complete and removed on failure, so nothing
+    is left in the system's temp folder. Afterwards the least recently used bundles are removed
+    until the cache holds at most ``max_cache_bytes`` (the one just fetched is always kept).
+    """
+    source = resolve_model_uri(model_uri, tracking_uri=tracking_uri)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / source.cache_key
+    if (final / _COMPLETE).is_file():
+        os.utime(final / _COMPLETE)  # recently used
+        return final, source
+    _sweep_partials(root)
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{source.cache_key}-", dir=root))
+    try:
+        with bounded_http(), quiet_store_logs():
+            local = client_for(source.tracking_uri).download_artifacts(
+                source.run_id, source.artifact_path, str(staging)
+            )
+        marker = {**asdict(source), "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        Path(local, _COMPLETE).write_text(json.dumps(marker, indent=2))
+        with contextlib.suppress(OSError):  # a concurrent download of the same run won: use it
+            os.replace(local, final)
+    except Exception as exc:
+        raise TrackingError(f"{model_uri}: cannot fetch the bundle from MLflow ({_one_line(exc)})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not (final / _COMPLETE).is_file():
+        raise TrackingError(f"{model_uri}: the run {source.run_id} holds no medseg bundle")
+    prune_cache(root, max_cache_bytes, keep=final)
+    return final, source
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prune_cache(root: Path, max_bytes: int, *, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used bundles until the cache holds at most ``max_bytes``."""
+    entries = []
+    for entry in root.iterdir():
+        marker = entry / _COMPLETE
+        if entry.is_dir() and marker.is_file():
+            entries.append((marker.stat().st_mtime, entry, _folder_bytes(entry)))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, entry, size in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
+
+
+def _sweep_partials(root: Path, older_than_s: float = 6 * 3600) -> None:
+    """Staging folders of downloads that died (killed process) long enough ago."""
+    now = time.time()
+    for entry in root.glob(".partial-*"):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)

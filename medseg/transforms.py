@@ -10,7 +10,7 @@ predictions back to the source grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from monai.transforms import (
     EnsureTyped,
     FgBgToIndicesd,
     MapTransform,
+    NormalizeIntensity,
     NormalizeIntensityd,
     Orientationd,
     Rand3DElasticd,
@@ -41,42 +42,77 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
     RandZoomd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 
-from medseg.config import Config
-from medseg.io import Volume, load_label, load_volume
+from medseg.config import Config, IntensityConfig
+from medseg.io import Volume, load_label
 
 
-def to_metatensor(volume: Volume) -> MetaTensor:
-    """A channel-first MetaTensor carrying the volume's affine (RAS)."""
-    array = torch.as_tensor(np.ascontiguousarray(volume.array)[None].astype(np.float32))
-    return MetaTensor(array, affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+def to_metatensor(volume: Volume | Sequence[Volume]) -> MetaTensor:
+    """A channel-first MetaTensor carrying the volume's affine (RAS); a sequence of volumes on one
+    grid (a multi-channel case, see ``medseg.data.load_channels``) gives one channel each."""
+    volumes = [volume] if isinstance(volume, Volume) else list(volume)
+    array = np.stack([np.asarray(v.array, dtype=np.float32) for v in volumes])
+    return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(volumes[0].affine, dtype=torch.float64))
 
 
 class LoadVolumed(MapTransform):
-    """Load ``image`` (NIfTI or DICOM series) and ``label`` (NIfTI) paths with medseg's readers.
+    """Load ``image`` (NIfTI or DICOM series; a list of paths or a 4D NIfTI for several channels)
+    and ``label`` (NIfTI) with medseg's readers.
 
-    A ``Volume`` already in the dict is used as it is (inference on in-memory data).
+    ``Volume``s already in the dict are used as they are (inference on in-memory data).
+    ``resample_channels``: channels off the first channel's grid are resampled onto it
+    instead of refused.
     """
 
-    def __init__(self, keys=("image", "label"), allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self, keys=("image", "label"), allow_missing_keys: bool = True, *, resample_channels: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.resample_channels = resample_channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medseg.data import load_channels
+
+        d = dict(data)
+        image = d.get("image")
+        channels: list[Volume] | None = None
+        if isinstance(image, Volume):
+            channels = [image]
+        elif isinstance(image, list | tuple) and image and all(isinstance(v, Volume) for v in image):
+            channels = list(image)
+        elif image is not None:
+            channels = load_channels(image, resample=self.resample_channels)
+        if channels is not None:
+            d["image"] = to_metatensor(channels)
+        label = d.get("label")
+        if label is not None and not isinstance(label, Volume):
+            label = load_label(label, image=channels[0] if channels else None)
+        if label is not None:
+            d["label"] = to_metatensor(label)
+        return d
+
+
+class ChannelIntensityd(MapTransform):
+    """Normalise each channel of ``image`` its own way (``IntensityConfig`` per channel)."""
+
+    def __init__(self, channels: Sequence[IntensityConfig], key: str = "image") -> None:
+        super().__init__([key])
+        self.per_channel = [Compose(_intensity_ops(it, keys=None)) for it in channels]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        image = d.get("image")
-        if not isinstance(image, Volume) and image is not None:
-            image = load_volume(image)
-        if image is not None:
-            d["image"] = to_metatensor(image)
-        label = d.get("label")
-        if label is not None and not isinstance(label, Volume):
-            label = load_label(label, image=image if isinstance(image, Volume) else None)
-        if label is not None:
-            d["label"] = to_metatensor(label)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != len(self.per_channel):
+                raise ValueError(
+                    f"image has {image.shape[0]} channels; the plan normalises {len(self.per_channel)}"
+                )
+            d[key] = torch.cat([ops(image[c : c + 1]) for c, ops in enumerate(self.per_channel)])
         return d
 
 
@@ -90,10 +126,16 @@ class _AboveThreshold:
         return x > self.threshold
 
 
+def _primary_kind(cfg: Config) -> str:
+    """The first channel's normalisation kind (the body crop looks at raw intensities)."""
+    channels = cfg.preprocess.channels
+    return channels[0].kind if channels else cfg.preprocess.intensity.kind
+
+
 def foreground_threshold(cfg: Config) -> float:
     if cfg.preprocess.foreground_threshold is not None:
         return cfg.preprocess.foreground_threshold
-    return -500.0 if cfg.preprocess.intensity.kind == "ct" else 0.0
+    return -500.0 if _primary_kind(cfg) == "ct" else 0.0
 
 
 def build_preprocess(
@@ -104,7 +146,7 @@ def build_preprocess(
     if pre.spacing is None:
         raise ValueError("preprocess.spacing is not set: run the plan (medseg.plan.make_plan) first")
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
-    chain: list[Any] = [LoadVolumed(keys)] if load else []
+    chain: list[Any] = [LoadVolumed(keys, resample_channels=pre.resample_channels)] if load else []
     chain += [
         Orientationd(keys=keys, axcodes=pre.orientation, labels=None),
         Spacingd(keys=keys, pixdim=pre.spacing, mode=modes, padding_mode="border", dtype=np.float32),
@@ -125,19 +167,29 @@ def build_preprocess(
 
 
 def intensity_transforms(cfg: Config) -> list[Any]:
-    it = cfg.preprocess.intensity
+    """Intensity normalisation of ``image``: the plan's one, or one per channel."""
+    if cfg.preprocess.channels:
+        return [ChannelIntensityd(cfg.preprocess.channels)]
+    return _intensity_ops(cfg.preprocess.intensity, keys="image")
+
+
+def _intensity_ops(it: IntensityConfig, *, keys: str | None) -> list[Any]:
+    """The normalisation ``it`` as MONAI transforms: dict transforms on ``keys``, or array ones (None)."""
     if it.kind == "ct":
         if it.window is None or it.mean is None or it.std is None:
             raise ValueError(
                 "CT normalisation needs preprocess.intensity.window/mean/std (planned from the dataset)"
             )
         lo, hi = it.window
-        return [
-            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
-            NormalizeIntensityd(keys="image", subtrahend=it.mean, divisor=max(it.std, 1e-6)),
-        ]
+        clip = {"a_min": lo, "a_max": hi, "b_min": lo, "b_max": hi, "clip": True}
+        zscore = {"subtrahend": it.mean, "divisor": max(it.std, 1e-6)}
+        if keys is None:
+            return [ScaleIntensityRange(**clip), NormalizeIntensity(**zscore)]
+        return [ScaleIntensityRanged(keys=keys, **clip), NormalizeIntensityd(keys=keys, **zscore)]
     if it.kind in ("mr", "zscore"):
-        return [NormalizeIntensityd(keys="image", nonzero=True)]
+        return [
+            NormalizeIntensity(nonzero=True) if keys is None else NormalizeIntensityd(keys=keys, nonzero=True)
+        ]
     return []
 
 
@@ -145,7 +197,8 @@ def bias_field_prob(cfg: Config) -> float:
     """The bias-field probability: as configured, else on for MR and off for CT."""
     if cfg.augment.bias_field_prob is not None:
         return cfg.augment.bias_field_prob
-    return 0.15 if cfg.preprocess.intensity.kind == "mr" else 0.0
+    kinds = [c.kind for c in cfg.preprocess.channels or [cfg.preprocess.intensity]]
+    return 0.15 if "mr" in kinds else 0.0
 
 
 def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label")) -> Compose:
@@ -223,16 +276,16 @@ def build_augment(
                 padding_mode="border",
             )
         )
-    if aug.rotate_prob > 0 or aug.scale_prob > 0:
+    # rotation and scaling each with its own probability, as the config promises
+    if aug.rotate_prob > 0:
         chain.append(
-            RandAffined(
-                keys=keys,
-                prob=max(aug.rotate_prob, aug.scale_prob),
-                rotate_range=(rot, rot, rot) if aug.rotate_prob > 0 else None,
-                scale_range=(aug.scale_range,) * 3 if aug.scale_prob > 0 else None,
-                mode=modes,
-                padding_mode="border",
-            )
+            RandAffined(keys=keys, prob=aug.rotate_prob, rotate_range=(rot, rot, rot), mode=modes,
+                        padding_mode="border")
+        )
+    if aug.scale_prob > 0:
+        chain.append(
+            RandAffined(keys=keys, prob=aug.scale_prob, scale_range=(aug.scale_range,) * 3, mode=modes,
+                        padding_mode="border")
         )
     if aug.zoom_prob > 0:
         chain.append(
@@ -265,22 +318,50 @@ def build_augment(
         chain.append(
             RandBiasFieldd(keys="image", prob=bias_field_prob(cfg), coeff_range=aug.bias_field_coeff)
         )
+    # several channels (different contrasts): brightness, shift and gamma drawn per channel
+    per_channel = {"channel_wise": True} if (cfg.model.in_channels or 1) > 1 else {}
     if aug.intensity_scale_prob > 0:
         chain.append(
-            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob)
+            RandScaleIntensityd(
+                keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob, **per_channel
+            )
         )
     if aug.intensity_shift_prob > 0:
         chain.append(
-            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob)
-        )
-    if aug.contrast_prob > 0:
-        chain.append(
-            RandAdjustContrastd(
-                keys="image", prob=aug.contrast_prob, gamma=aug.gamma_range, retain_stats=True
+            RandShiftIntensityd(
+                keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob, **per_channel
             )
         )
+    if aug.contrast_prob > 0:
+        contrast = RandAdjustContrastd(
+            keys="image", prob=aug.contrast_prob, gamma=aug.gamma_range, retain_stats=True
+        )
+        chain.append(RandPerChanneld(contrast) if per_channel else contrast)
     chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
     return Compose(chain)
+
+
+class RandPerChanneld(Randomizable, MapTransform):
+    """Apply a random dict transform on ``image`` to each channel separately (its own draw each)."""
+
+    def __init__(self, transform: Any, key: str = "image") -> None:
+        MapTransform.__init__(self, [key])
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        self.transform.set_random_state(seed=seed, state=state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass  # the wrapped transform draws per channel
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            parts = [self.transform({key: image[c : c + 1]})[key] for c in range(image.shape[0])]
+            d[key] = torch.cat([torch.as_tensor(p) for p in parts])
+        return d
 
 
 def augment_preview(
@@ -291,31 +372,30 @@ def augment_preview(
     The dataset is planned as ``train`` would plan it; each column is one patch drawn by
     the training chain (the axial slice through its centre on top, the coronal one below).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from medseg.data import fingerprint, load_dataset
     from medseg.plan import make_plan
-    from medseg.viz import PALETTE
+    from medseg.viz import label_colour
 
-    dataset = load_dataset(data_root)
+    dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
-    cfg = make_plan(cfg, fingerprint(dataset, seed=cfg.seed))
+    fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
+    cfg = make_plan(cfg, fp)
     preprocess, augment = build_preprocess(cfg), build_augment(cfg)
     augment.set_random_state(seed=seed)
     rng = np.random.default_rng(seed)
     cases = [dataset.training[i] for i in rng.permutation(len(dataset.training))[: max(1, samples)]]
     patches: list[dict[str, Any]] = []
     for case in cases * samples:
-        item = preprocess({"image": str(case.image), "label": str(case.label)})
+        item = preprocess(case.item())
         drawn = augment(item)
         patches += drawn if isinstance(drawn, list) else [drawn]
         if len(patches) >= samples:
             break
     patches = patches[:samples]
-    fig, axes = plt.subplots(2, len(patches), figsize=(2.2 * len(patches), 4.6), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(patches), 4.6), layout="tight")
+    axes = fig.subplots(2, len(patches), squeeze=False)
     for col, patch in enumerate(patches):
         image = np.asarray(patch["image"])[0]
         label = np.asarray(patch["label"])[0].round().astype(int)
@@ -329,7 +409,7 @@ def augment_preview(
             ax.imshow(sl, cmap="gray", origin="lower", vmin=-2.5, vmax=2.5)
             rgba = np.zeros((*lab.shape, 4), dtype=np.float32)
             present = lab > 0
-            rgba[present, :3] = PALETTE[lab[present] % len(PALETTE)]
+            rgba[present, :3] = label_colour(lab[present])
             rgba[present, 3] = 0.4
             ax.imshow(rgba, origin="lower")
             ax.set_xticks([])
@@ -343,7 +423,6 @@ def augment_preview(
         if isinstance(t, Randomizable)
     )
     fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
-    fig.tight_layout()
     from medseg.viz import save_figure
 
     return save_figure(fig, out, dpi=90)

@@ -44,11 +44,13 @@ def label_colour(label: int | np.ndarray) -> np.ndarray:
     return PALETTE[np.where(k == 0, 0, 1 + (k - 1) % (len(PALETTE) - 1))]
 
 
-def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` reoriented to RAS axes (no resampling) and its voxel spacing along them (mm)."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(array, ornt)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int).argsort()]
+    return nib.orientations.apply_orientation(array, ornt), spacing
 
 
 def _slice_centre(lab: np.ndarray, label: int) -> np.ndarray:
@@ -72,7 +74,7 @@ def overlay_png_bytes(
     title: str = "",
     per_structure: bool = True,
     max_rows: int = 12,
-    dpi: int = 80,
+    dpi: int = 100,
 ) -> bytes:
     """PNG bytes: axial, coronal and sagittal slices, one row through each structure present.
 
@@ -83,62 +85,66 @@ def overlay_png_bytes(
     """
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    img = _to_ras(image.array, image.affine)
-    lab = _to_ras(np.asarray(mask), image.affine)
-    spacing = np.abs(np.diag(_to_ras_affine(image.affine)))
+    img, spacing = to_ras(image.array, image.affine)
+    lab, _ = to_ras(np.asarray(mask), image.affine)
     if window is None:
         modality = str(image.meta.get("modality", "CT"))
-        window = (-160.0, 240.0) if modality == "CT" else tuple(float(v) for v in np.percentile(img, [1, 99]))
-    present = [int(k) for k in np.unique(lab) if k != 0]
-    rows: list[tuple[str, np.ndarray]] = []
-    if per_structure and present:
-        for k in present[:max_rows]:
-            rows.append((labels.get(k, str(k)), _slice_centre(lab, k)))
-        if len(present) > max_rows:
-            title = f"{title} (slices through the first {max_rows} of {len(present)} structures)".strip()
-    else:
-        centre = (
-            np.argwhere(lab > 0).mean(axis=0).round().astype(int)
-            if (lab > 0).any()
-            else np.array(img.shape) // 2
-        )
-        rows.append(("", centre))
-    legend_h = 0.3 + 0.22 * -(-max(1, sum(1 for k in labels if k)) // 5)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows) + legend_h), squeeze=False)
+        lo, hi = (-160.0, 240.0) if modality == "CT" else np.percentile(img, [1, 99])
+        window = (float(lo), float(hi))
+    rows = _overlay_rows(lab, labels, per_structure=per_structure, max_rows=max_rows)
+    if per_structure and len([k for k in np.unique(lab) if k]) > max_rows:
+        title = f"{title} (slices through the first {max_rows} structures)".strip()
+    fig = Figure(figsize=(15, 5 * len(rows) + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, (name, centre) in enumerate(rows):
-        views = [
-            ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0]),
-            ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0]),
-            ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1]),
+        views = [  # (name, image slice, label slice, aspect, letters left/right/top/bottom)
+            ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0], "RLAP"),
+            ("coronal", img[::-1, centre[1], :].T, lab[::-1, centre[1], :].T, spacing[2] / spacing[0], "RLSI"),
+            ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1], "PASI"),
         ]
-        for ax, (view, sl, ml, aspect) in zip(axes[r], views, strict=True):
+        for ax, (view, sl, ml, aspect, letters) in zip(axes[r], views, strict=True):
             ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
             rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
             fg = ml > 0
             rgba[fg, :3] = label_colour(ml[fg])
             rgba[fg, 3] = 0.45
             ax.imshow(rgba, origin="lower", aspect=aspect)
-            ax.set_title(f"{view} through {name}" if name else view, fontsize=9)
+            ax.set_title(f"{view} through {name}" if name else view, fontsize=11)
             ax.axis("off")
-        axes[r][0].text(0.01, 0.5, "R", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
-        axes[r][0].text(0.96, 0.5, "L", color="yellow", transform=axes[r][0].transAxes, fontsize=9)
-    handles = [Patch(color=label_colour(k), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
-    ncol = min(len(handles), 5) or 1
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+            _orientation_letters(ax, letters)
+    handles = [Patch(color=tuple(label_colour(k)), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
     if title:
-        fig.suptitle(title)
-    height = 3.6 * len(rows) + legend_h
-    fig.tight_layout(rect=(0, legend_h / height, 1, 1 - (0.35 / height if title else 0)))
+        fig.suptitle(title, fontsize=13)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
-    plt.close(fig)
     return buf.getvalue()
+
+
+def _overlay_rows(
+    lab: np.ndarray, labels: dict[int, str], *, per_structure: bool, max_rows: int
+) -> list[tuple[str, np.ndarray]]:
+    """(structure name, voxel to slice through) per row: one row per structure present, or one central row."""
+    present = [int(k) for k in np.unique(lab) if k != 0]
+    if per_structure and present:
+        return [(labels.get(k, str(k)), _slice_centre(lab, k)) for k in present[:max_rows]]
+    fg = lab > 0
+    centre = np.argwhere(fg).mean(axis=0).round().astype(int) if fg.any() else np.array(lab.shape) // 2
+    return [("", centre)]
+
+
+def _orientation_letters(ax, letters: str) -> None:
+    """Patient directions at the four edges of a view (left, right, top, bottom)."""
+    style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
+    left, right, top, bottom = letters
+    ax.text(0.01, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.99, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.99, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
 
 
 def overlay_png(
@@ -161,21 +167,11 @@ def overlay_png(
     return path
 
 
-def _to_ras_affine(affine: np.ndarray) -> np.ndarray:
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(affine)
-    shape = (2, 2, 2)
-    return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-
-
 def training_curves_png(history: list[dict[str, float]], path: str | Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5), layout="tight")
+    ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     ax[0].plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax[0].set_xlabel("epoch")
@@ -186,18 +182,12 @@ def training_curves_png(history: list[dict[str, float]], path: str | Path) -> Pa
         ax[1].set_ylim(0, 1)
         ax[1].set_xlabel("epoch")
         ax[1].legend()
-    fig.tight_layout()
     return save_figure(fig, path, dpi=80)
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 90) -> Path:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
+    """Write a matplotlib ``Figure`` (made without pyplot: no global backend switch) as PNG, atomically."""
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path

@@ -2,46 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "totalsegmentator"
-
-
-def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m medseg ARGS`` as a user would, from ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "medseg", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"medseg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
+from tests.helpers import REPO, REQUIRE_SHARED_DATA, SHARED_DATA, run_cli  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Tests never write to the user's mlflow.db: each gets its own store in tmp."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # MLflow also keeps a process-wide URI (set_tracking_uri) that would outlive a test and shadow the
-    # variable above: clear it, so that each test's environment decides.
-    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+    """Tests never write to the user's mlflow.db or bundle cache: each gets its own in tmp.
 
-    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
+    medseg never sets MLflow's process-wide tracking URI, so the variable decides for every test.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,5 +45,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
+        if REQUIRE_SHARED_DATA:
+            pytest.fail(f"real scans not present at {SHARED_DATA} (MEDSEG_REQUIRE_SHARED_DATA is set)")
         pytest.skip(f"real scans not present at {SHARED_DATA}")
     return SHARED_DATA

@@ -93,3 +93,21 @@ def test_augment_preview_command_writes_png(tiny_dataset, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(out).size[0] > 400
+
+
+def test_rotation_and_scaling_have_their_own_probability():
+    def affines(cfg: Config) -> list:
+        return [t for t in build_augment(cfg).transforms if type(t).__name__ == "RandAffined"]
+
+    def ranged(values) -> bool:
+        return any(v is not None for v in values)
+
+    rot, scale = affines(_cfg(rotate_prob=0.3, scale_prob=0.05))
+    assert rot.prob == pytest.approx(0.3)
+    assert scale.prob == pytest.approx(0.05)
+    assert ranged(rot.rand_affine.rand_affine_grid.rotate_range)
+    assert not ranged(rot.rand_affine.rand_affine_grid.scale_range)
+    assert ranged(scale.rand_affine.rand_affine_grid.scale_range)
+    assert not ranged(scale.rand_affine.rand_affine_grid.rotate_range)
+    (only_rot,) = affines(_cfg(rotate_prob=0.3, scale_prob=0.0))
+    assert not ranged(only_rot.rand_affine.rand_affine_grid.scale_range)

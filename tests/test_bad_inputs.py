@@ -404,10 +404,6 @@ def test_broken_input_gives_one_line_and_exit_2(battery, name):
     print(f"\n{name}: {lines[0]}")  # the table in the closing note is printed from here (pytest -s)
 
 
-def test_battery_is_big_enough():
-    assert len(CASES) >= 25
-
-
 def test_existing_output_is_not_overwritten(tmp_path):
     dc.series(tmp_path / "ct")
     run_cli("convert", "ct", "out.nii.gz", cwd=tmp_path, check=True)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from medseg.config import Config, flatten, load_config
+from medseg.config import Config, apply_overrides, config_from_dict, flatten, load_config
 from medseg.errors import ConfigError
 
 
@@ -35,6 +37,11 @@ def test_labels_need_background():
 
 
 def test_flatten_roundtrip():
-    flat = flatten(Config().model_dump(mode="json"))
-    assert flat["train.epochs"] == 50
+    """Flattened params (what MLflow holds) given back as --set overrides rebuild the same config."""
+    cfg = Config.model_validate({"train": {"epochs": 7, "patch_size": [16, 32, 48]}, "labels": {0: "bg", 1: "a"}})
+    flat = flatten(cfg.model_dump(mode="json"))
+    assert flat["train.epochs"] == 7
     assert "preprocess.intensity.kind" in flat
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flat.items()]
+    rebuilt = config_from_dict(apply_overrides({}, overrides))
+    assert rebuilt == cfg

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO, TINY_ARGS
 
 
 def _free_port() -> int:
@@ -40,12 +40,7 @@ def test_torchrun_two_gloo_processes(tiny_dataset, tmp_path):
         "run",
         "--epochs",
         "2",
-        *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
-        *("--set", "train.patch_size=[16, 16, 16]"),
-        *("--set", "model.features=4"),
-        *("--set", "model.depth=2"),
-        *("--set", "train.val_every=1"),
-        *("--set", "augment.samples_per_volume=1"),
+        *TINY_ARGS,
         *("--set", "train.device=cpu"),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

@@ -8,22 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import TINY_ARGS, run_cli
 
-TINY = [
-    "--set",
-    "preprocess.spacing=[2.0, 2.0, 3.0]",
-    "--set",
-    "train.patch_size=[16, 16, 16]",
-    "--set",
-    "model.features=4",
-    "--set",
-    "model.depth=2",
-    "--set",
-    "train.val_every=1",
-    "--set",
-    "augment.samples_per_volume=1",
-]
+TINY = TINY_ARGS  # kept under this name: other modules import it
 
 
 @pytest.mark.slow

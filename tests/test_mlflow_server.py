@@ -177,8 +177,17 @@ def test_server_lost_mid_run_goes_offline_and_says_what_was_not_logged(caplog, m
         TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", http_retries=1, http_timeout_s=5)
     )
     tracker.run_id = "0" * 32
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # the bound MLflow reads at each call
+    seen = []
+    real = tracker.client.log_batch
+
+    def log_batch(*args, **kwargs):  # what MLflow reads during the call
+        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", log_batch)
     tracker.log_metrics({"train_loss": 1.0}, step=1)
+    assert seen == ["1"]  # the bound applies during the call ...
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # ... and is gone after it
     assert tracker.offline
     tracker.log_metrics({"train_loss": 0.5}, step=2)  # not attempted: training is not held up
     tracker.log_artifact(__file__)

@@ -13,7 +13,7 @@ from medseg.models import MODELS, ClassicUNet, build_model, divisor_of
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dims", [2, 3])
 def test_forward_backward(name, dims):
-    cfg = ModelConfig(name=name, spatial_dims=dims, features=4, depth=2)
+    cfg = ModelConfig(name=name, spatial_dims=dims, features=4, depth=4 if name == "basic_unet" else 2)
     net = build_model(cfg, in_channels=1, out_channels=3)
     size = divisor_of(cfg) * 2
     x = torch.randn(2, 1, *([size] * dims), requires_grad=True)
@@ -46,3 +46,44 @@ def test_indivisible_input_is_refused():
 def test_unknown_model_lists_options():
     with pytest.raises(ConfigError, match="Available options are"):
         build_model(ModelConfig(name="nope"), out_channels=2)
+
+
+def _signature(net: torch.nn.Module) -> tuple:
+    """What a knob can change: the layer types and every parameter's shape."""
+    return tuple(
+        (type(m).__name__, getattr(m, "p", None), tuple(p.shape for p in m.parameters(recurse=False)))
+        for m in net.modules()
+    )
+
+
+KNOBS = {"features": 8, "depth": 3, "norm": "batch", "dropout": 0.2}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_every_knob_changes_the_network_or_is_refused(name, knob):
+    """A config knob the model ignores would lie to the user: it must change the network, or be refused."""
+    base = ModelConfig(name=name, features=4, depth=4 if name == "basic_unet" else 2, norm="instance")
+    changed = base.model_copy(update={knob: KNOBS[knob]})
+    reference = _signature(build_model(base, out_channels=2))
+    try:
+        other = build_model(changed, out_channels=2)
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        assert _signature(other) != reference, f"{name} ignores model.{knob}"
+        return
+    assert f"model.{knob}" in message
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_norm_none_means_no_normalisation_or_is_refused(name):
+    cfg = ModelConfig(name=name, features=4, depth=4 if name == "basic_unet" else 2, norm="none")
+    try:
+        net = build_model(cfg, out_channels=2)
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        assert not any("Norm" in type(m).__name__ for m in net.modules()), f"{name}: norm=none still normalises"
+        return
+    assert "model.norm" in message

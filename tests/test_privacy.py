@@ -149,3 +149,88 @@ def test_no_patient_data_leaks_through_convert_series_train_infer(tmp_path):
     assert uids[3] in procs["series"].stdout
     assert uid_hash(uids[3]) in procs["series"].stdout
     assert uids[0] not in procs["train"].stderr
+
+
+# ---- third-party messages on DICOM paths: patient names in every form --------------------------------
+
+NAME_FORMS = {
+    "no carets": "DOE JOHN",
+    "unicode": "Ñúñez Þórsdóttir Ωμέγα",
+    "very long": "QUEXLEYWILHELMINA " * 6,
+}
+
+
+def _named_series(folder, name: str):
+    from tests.dicom_cases import ramp_volume
+
+    paths = write_dicom_series(ramp_volume((8, 8, 4)), folder)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, so the unicode name is stored as it is
+        ds.PatientName = name
+        ds.ReferringPhysicianName = name.split()[0]
+        ds.save_as(path)
+    return paths
+
+
+def _name_needles(name: str) -> list[str]:
+    words = name.split()
+    return [name.strip(), *[w for w in words if len(w) >= 3], " ".join(words[:2])]
+
+
+@pytest.mark.parametrize("form", sorted(NAME_FORMS))
+def test_library_warnings_about_a_name_never_show_it(tmp_path, caplog, capfd, form):
+    """highdicom warns that a name without carets is "unlikely to represent the intended person name",
+    quoting it; pydicom warns about over-long components. Read + DICOM SEG with debug logging on:
+    the messages are captured and logged scrubbed, and the name appears nowhere."""
+    import logging
+    import warnings
+
+    from medseg.io import write_dicom_seg
+
+    name = NAME_FORMS[form]
+    _named_series(tmp_path / "series", name)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as escaped:  # what would reach stderr outside pytest
+        warnings.simplefilter("always")
+        volume = read_dicom_series(tmp_path / "series")
+        mask = np.zeros(volume.shape, np.uint8)
+        mask[2:5, 2:5, 1:3] = 1
+        seg = write_dicom_seg(mask, tmp_path / "series", tmp_path / "seg.dcm", labels={1: "liver"})
+    assert str(pydicom.dcmread(seg).PatientName).strip() == name.strip()  # the SEG keeps it, by design
+    out, err = capfd.readouterr()
+    text = caplog.text
+    warned = " ".join(str(w.message) for w in escaped)
+    leaks = _findings((out + err + text + warned).encode(), "output", _name_needles(name))
+    assert not leaks, leaks
+    assert "unlikely to represent the intended person name" in text  # the warning was there, scrubbed
+    assert "<redacted>" in text
+
+
+def test_scrub_removes_every_form_of_the_identifying_values():
+    from pydicom.dataset import Dataset
+
+    from medseg.io.privacy import identifying_values, scrub
+
+    ds = Dataset()
+    ds.PatientName = "Doe^John^Quincy"
+    ds.PatientID = "PID-7788991"
+    ds.InstitutionName = "St Elsewhere"
+    needles = identifying_values([ds])
+    for text in (
+        "The string DOE JOHN QUINCY is odd",
+        "name Doe, John, Quincy; id pid-7788991",
+        "bytes b'Doe^John^Quincy' seen at ST ELSEWHERE",
+        "copy attributes from dataset 1.2.826.0.1.3680043.10.7777.3",
+        "quoted \"anything at all\" and 'more'",
+    ):
+        cleaned = scrub(text, needles)
+        for needle in ("doe", "john", "quincy", "7788991", "elsewhere", "3680043", "anything", "more"):
+            assert needle not in cleaned.lower(), (text, cleaned)
+
+
+def test_convert_with_debug_logging_shows_no_name(tmp_path):
+    _named_series(tmp_path / "series", NAME_FORMS["no carets"])
+    proc = run_cli("-v", "convert", "series", "out.nii.gz", cwd=tmp_path, check=True)
+    leaks = _findings((proc.stdout + proc.stderr).encode(), "convert", _name_needles(NAME_FORMS["no carets"]))
+    assert not leaks, leaks

@@ -11,24 +11,23 @@ import time
 import pytest
 import torch
 
+from medseg.checkpoint import LAST as CHECKPOINT
+from medseg.checkpoint import TIMED as TIMED_CHECKPOINT
+from medseg.checkpoint import TrainState, find_checkpoint, save_state
 from medseg.errors import InputError
-from medseg.train import CHECKPOINT, TIMED_CHECKPOINT, find_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, TINY_ARGS, run_cli
 
 EPOCHS = 4
 TINY = [
     "--epochs",
     str(EPOCHS),
-    *("--set", "preprocess.spacing=[2.0, 2.0, 3.0]"),
-    *("--set", "train.patch_size=[16, 16, 16]"),
-    *("--set", "model.features=4"),
-    *("--set", "model.depth=2"),
+    *TINY_ARGS,
     *("--set", "train.val_every=2"),
     *("--set", "train.val_surface_metrics=false"),
     *("--set", "augment.samples_per_volume=2"),
     *("--set", "tracking.log_model=false"),
-    # a checkpoint by time after every step, so the kill lands mid-epoch
-    *("--set", "train.checkpoint_every_minutes=0.00001"),
+    # a mid-epoch checkpoint after every step, so the kill lands mid-epoch
+    *("--set", "train.checkpoint_every_steps=1"),
 ]
 
 
@@ -53,6 +52,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
         assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stderr.read()}"
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)  # freeze it where it is, then kill: no step can slip past the kill
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -98,8 +98,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
 
 
 def _fake_checkpoint(path, step: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {}, "epoch": 1, "global_step": step}, path)
+    state = TrainState(model={}, optimizer={}, scheduler={}, scaler={}, epoch=1, step_in_epoch=0,
+                       global_step=step, best=-1.0, stale=0, history=[], run_id=None, config={}, ranks=[])
+    save_state(state, path)
 
 
 def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
@@ -108,7 +109,7 @@ def test_resume_auto_skips_corrupt_checkpoint(tmp_path, caplog):
     (ckpt / TIMED_CHECKPOINT).write_bytes(b"\x00partial write")
     path, state = find_checkpoint(tmp_path, "auto")
     assert path.name == CHECKPOINT
-    assert state["global_step"] == 4
+    assert state.global_step == 4
     assert "skipping checkpoint" in caplog.text
 
     # the newest valid one wins
@@ -153,3 +154,33 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_dataset, tmp_path):
     assert not (tmp_path / "run" / "bundle").exists()
     # the handler was removed again: SIGTERM means what it meant before
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_the_second_is_refused(tiny_dataset, tmp_path):
+    """Run B into run A's folder is refused with A's PID; once A is killed, the folder is free again."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["train", "--data", str(tiny_dataset), "--out", "run", *TINY[:1], "50", *TINY[2:]]
+    first = subprocess.Popen([sys.executable, "-m", "medseg", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        ckpt_dir = tmp_path / "run" / "checkpoints"
+        while not (ckpt_dir / TIMED_CHECKPOINT).exists() and not (ckpt_dir / CHECKPOINT).exists():
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_cli(*args, cwd=tmp_path, timeout=120)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"PID {first.pid}" in lines[0]
+        assert first.poll() is None, "the refused run must not disturb the running one"
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    # the kernel released the lock with the process: the next run (a resume) is not blocked
+    from medseg.locks import exclusive
+
+    with exclusive(tmp_path / "run"):
+        pass

@@ -1,7 +1,8 @@
-"""File formats live here and nowhere else: NIfTI, DICOM series, DICOM SEG.
+"""File formats live here and nowhere else: NIfTI, NRRD/MetaImage (SimpleITK), DICOM series
+(folders or zipped studies), DICOM SEG, RTSTRUCT, label tables for viewers.
 
-``load_volume(path)`` reads a NIfTI file or a DICOM series folder into a
-``Volume``; ``write_mask`` writes a label map in the exact grid of its source.
+``load_volume(path)`` reads any of these inputs into a ``Volume``; ``write_mask`` writes a label
+map in the exact grid of its source, as NIfTI or in the source's own format.
 """
 
 from __future__ import annotations
@@ -24,27 +25,39 @@ from medseg.io.dicom import (
     write_dicom_series,
 )
 from medseg.io.dicom_seg import write_dicom_seg
-from medseg.io.nifti import is_nifti, read_nifti, write_nifti
+from medseg.io.labeltables import write_label_tables
+from medseg.io.nifti import is_nifti, read_label_names, read_nifti, write_nifti
+from medseg.io.rtstruct import write_rtstruct
+from medseg.io.sitk import MASK_SUFFIX, is_sitk_image, read_sitk, sitk_format, write_sitk
 from medseg.io.volume import Volume, atomic_path, case_stem, write_text_atomic
 
 __all__ = [
+    "OUTPUT_FORMATS",
     "ScanResult",
     "SeriesInfo",
     "Volume",
     "atomic_path",
     "case_stem",
     "find_inputs",
+    "is_image_file",
+    "is_sitk_image",
     "load_label",
     "load_volume",
+    "mask_path",
     "read_dicom_series",
+    "read_label_names",
     "read_nifti",
+    "read_sitk",
     "scan_dicom",
     "select_series",
     "uid_hash",
     "write_dicom_seg",
     "write_dicom_series",
+    "write_label_tables",
     "write_mask",
     "write_nifti",
+    "write_rtstruct",
+    "write_sitk",
     "write_text_atomic",
 ]
 
@@ -56,7 +69,8 @@ def load_volume(
     allow_tilt: bool = False,
     scan: ScanResult | None = None,
 ) -> Volume:
-    """Read an image: a NIfTI file, a DICOM file, or a folder holding DICOM series.
+    """Read an image: NIfTI, NRRD or MetaImage file, a DICOM file, a folder holding DICOM series,
+    or a zipped DICOM study (``.zip``, extracted safely into a temporary folder, removed after).
 
     For DICOM, ``series_id`` picks a series (UID, its hash or a unique prefix); without it
     the main series is chosen (see ``select_series``). ``allow_tilt`` resamples a
@@ -65,21 +79,34 @@ def load_volume(
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
-    if path.is_file() and is_nifti(path):
+    if path.is_file() and (is_nifti(path) or is_sitk_image(path)):
         if series_id is not None:
-            raise InputError(path, "--series applies to DICOM folders, not to a NIfTI file")
-        return read_nifti(path, kind="image")
+            raise InputError(path, "--series applies to DICOM folders, not to a NIfTI/NRRD/MetaImage file")
+        return read_nifti(path, kind="image") if is_nifti(path) else read_sitk(path, kind="image")
+    if path.is_file() and is_zip(path):
+        from medseg.io.archive import read_zipped_series
+
+        return read_zipped_series(path, series_id=series_id, allow_tilt=allow_tilt)
     if path.is_dir() or path.is_file():
         return read_dicom_series(path, series_id=series_id, allow_tilt=allow_tilt, scan=scan)
-    raise InputError(path, "neither a NIfTI file nor a DICOM series folder")
+    raise InputError(path, "neither a NIfTI/NRRD/MetaImage file nor a DICOM series folder")
+
+
+def is_zip(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".zip"
+
+
+def is_image_file(path: str | Path) -> bool:
+    """A file name medseg reads as one input on its own: NIfTI, NRRD, MetaImage or a zipped study."""
+    return is_nifti(path) or is_sitk_image(path) or is_zip(path)
 
 
 def load_label(
     path: str | Path, *, image: Volume | None = None, expected_labels: Iterable[int] | None = None
 ) -> Volume:
-    """Read a label map; when ``image`` is given, its grid must match exactly; when
-    ``expected_labels`` is given, no other value may occur."""
-    label = read_nifti(path, kind="label")
+    """Read a label map (NIfTI, NRRD or MetaImage); when ``image`` is given, its grid must match
+    exactly; when ``expected_labels`` is given, no other value may occur."""
+    label = read_sitk(path, kind="label") if is_sitk_image(path) else read_nifti(path, kind="label")
     if image is not None:
         check_same_grid(image, label)
     if expected_labels is not None:
@@ -120,7 +147,8 @@ def check_same_grid(
 
 
 def find_inputs(paths: list[str | Path]) -> list[Path]:
-    """Expand ``infer --input`` arguments: NIfTI files, DICOM series folders, or folders of either."""
+    """Expand ``infer --input`` arguments: image files (NIfTI, NRRD, MetaImage, zipped DICOM), DICOM
+    series folders, or folders of these. Dot-files (macOS ``._*`` among them) are never inputs."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -129,7 +157,9 @@ def find_inputs(paths: list[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
             continue
-        niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+        niftis = sorted(
+            p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+        )
         subdirs = sorted(p for p in path.iterdir() if p.is_dir())
         if niftis:
             found.extend(niftis)
@@ -141,6 +171,25 @@ def find_inputs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+OUTPUT_FORMATS = ("nifti", "nrrd", "metaimage", "input")
+
+
+def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "nifti") -> Path:
+    """Where the mask for input ``source`` goes: ``out_dir/<stem>_seg`` + the format's suffix.
+
+    ``output_format`` is ``nifti`` (``.nii.gz``), ``nrrd`` (``.nrrd``), ``metaimage`` (``.mha``), or
+    ``input``: the input's own format for a NRRD/MetaImage input (a detached ``.nhdr``/``.mhd``
+    header gives a single ``.nrrd``/``.mha`` file), NIfTI for every other input.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r} is not one of {list(OUTPUT_FORMATS)}")
+    fmt = output_format
+    if fmt == "input":
+        fmt = sitk_format(source) if is_sitk_image(source) else "nifti"
+    suffix = ".nii.gz" if fmt == "nifti" else MASK_SUFFIX[fmt]
+    return Path(out_dir) / f"{case_stem(source)}_seg{suffix}"
+
+
 def write_mask(
     mask: np.ndarray,
     source: Volume,
@@ -149,14 +198,19 @@ def write_mask(
     labels: dict[int, str],
     extra: dict[str, Any] | None = None,
     overwrite: bool = True,
+    label_tables: bool = False,
 ) -> Path:
-    """Write ``mask`` (in ``source``'s grid) as NIfTI plus ``<stem>.json`` with label names and geometry."""
+    """Write ``mask`` (in ``source``'s grid) plus ``<stem>.json`` with label names and geometry.
+
+    The format follows the suffix of ``path`` (see ``mask_path``): NIfTI (label names embedded as a
+    header extension), NRRD or MetaImage (the source file's grid copied exactly). With
+    ``label_tables`` the ITK-SNAP and 3D Slicer label tables are written beside it.
+    """
     path = Path(path)
     if mask.shape != source.shape:
         raise ValueError(f"mask shape {mask.shape} differs from source grid {source.shape}")
     if mask.max(initial=0) > 255:
         raise ValueError("mask holds labels above 255")
-    out = Volume(array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=str(path))
     sidecar = {
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "source": {
@@ -170,6 +224,19 @@ def write_mask(
         **(extra or {}),
     }
     json_path = path.with_name(case_stem(path) + ".json")
-    write_nifti(out, path, overwrite=overwrite)
+    if is_nifti(path):
+        out = Volume(
+            array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=str(path)
+        )
+        write_nifti(out, path, overwrite=overwrite, labels=labels)
+    else:  # the source path rides along so that write_sitk copies its header's grid
+        out = Volume(
+            array=mask.astype(np.uint8), affine=source.affine, meta={"kind": "label"}, source=source.source
+        )
+        write_sitk(out, path, overwrite=overwrite)
+    if label_tables:
+        from medseg.io.labeltables import write_label_tables
+
+        write_label_tables(path, labels)
     write_text_atomic(json_path, json.dumps(sidecar, indent=2), overwrite=True)
     return path

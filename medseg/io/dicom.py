@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -81,12 +80,12 @@ def one_line(exc: BaseException | str) -> str:
 
 @contextlib.contextmanager
 def _quiet(path: Path) -> Iterator[None]:
-    """pydicom warns on stderr about odd values; medseg decides itself what is fatal."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """pydicom warns on stderr about odd values (quoting them); medseg decides itself what is fatal,
+    and the messages are logged at DEBUG scrubbed of header values (``medseg.io.privacy``)."""
+    from medseg.io.privacy import scrubbed_messages
+
+    with scrubbed_messages(where=str(path)):
         yield
-    for w in caught[:3]:
-        log.debug("%s: %s", path, one_line(str(w.message)))
 
 
 @dataclass
@@ -614,7 +613,8 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
         with _quiet(path):
-            ds.pixel_array_options(decoding_plugin=_decoder_of_record(ts))
+            # unused high bits are kept, so that values outside BitsStored are seen (_within_bits_stored)
+            ds.pixel_array_options(decoding_plugin=_decoder_of_record(ts), correct_unused_bits=False)
             pixels = ds.pixel_array
     except Exception as exc:
         name = getattr(ts, "name", str(ts))
@@ -630,23 +630,116 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     return pixels.reshape((frames, int(ds.Rows), int(ds.Columns))), ds
 
 
-def _rescaled(pixels: np.ndarray, ds: pydicom.Dataset, hdr: _SliceHeader) -> np.ndarray:
-    """Stored values -> modality values (e.g. Hounsfield units), higher meaning brighter."""
-    if hdr.slope is not None:
-        slope, intercept = hdr.slope, float(hdr.intercept or 0.0)
+def _within_bits_stored(pixels: np.ndarray, ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, int]:
+    """Stored values cut to BitsStored, as dcm2niix (nii_mask12bit) and pydicom do; and how many were outside.
+
+    Bits above BitsStored are not part of the value (PS3.5 8.1.1): overlay planes, or a writer that
+    put signed 16-bit values under an unsigned 12-bit header. Unsigned values are masked, signed ones
+    sign-extended from bit BitsStored-1. The caller warns when any value was outside.
+    """
+    allocated = int(ds.get("BitsAllocated", 16) or 16)
+    stored = int(ds.get("BitsStored", allocated) or allocated)
+    if pixels.dtype.kind not in "iu" or not 0 < stored < pixels.dtype.itemsize * 8:
+        return pixels, 0
+    shift = pixels.dtype.itemsize * 8 - stored
+    corrected = np.right_shift(np.left_shift(pixels, shift), shift)
+    outside = int(np.count_nonzero(corrected != pixels))
+    return corrected, outside
+
+
+# Modalities whose pixel values are display values (projection radiography): there MONOCHROME1
+# is mirrored so that higher means brighter. Elsewhere (CT in HU, PET, MR, ...) the values are
+# physical and MONOCHROME1 only says how to display them.
+DISPLAY_VALUE_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RF", "XA"})
+
+
+def _values_are_physical(ds: pydicom.Dataset) -> bool:
+    rescale_type = str(ds.get("RescaleType", "") or "").strip().upper()
+    lut_types = {
+        str(item.get("ModalityLUTType", "")).strip().upper() for item in ds.get("ModalityLUTSequence", [])
+    }
+    if rescale_type == "HU" or "HU" in lut_types:
+        return True
+    return str(ds.get("Modality", "")).upper() not in DISPLAY_VALUE_MODALITIES
+
+
+def _rescaled(
+    pixels: np.ndarray, ds: pydicom.Dataset, hdr: _SliceHeader, notes: set[str] | None = None
+) -> np.ndarray:
+    """Stored values -> modality values (e.g. Hounsfield units) through the modality LUT.
+
+    The Modality LUT Sequence where a file has one (pydicom's ``apply_modality_lut``), else
+    RescaleSlope/RescaleIntercept (per frame for enhanced objects). MONOCHROME1 mirrors the
+    values only where they are display values (CR/DX/MG...); CT values stay in HU. What was
+    done is added to ``notes``.
+    """
+    if hdr.slope is None and "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        try:
+            values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+        except Exception as exc:
+            raise InputError(
+                hdr.path, f"invalid Modality LUT Sequence ({type(exc).__name__}: {one_line(exc)})"
+            ) from exc
+        ends = _stored_range(ds)
+        ends_out = np.asarray(apply_modality_lut(np.asarray(ends, dtype=pixels.dtype), ds), dtype=np.float64)
+        _note(notes, "modality LUT sequence applied")
     else:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    if not (np.isfinite(slope) and np.isfinite(intercept)):
-        raise InputError(hdr.path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
-    values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if hdr.slope is not None:
+            slope, intercept = hdr.slope, float(hdr.intercept or 0.0)
+        else:
+            slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        if not (np.isfinite(slope) and np.isfinite(intercept)):
+            raise InputError(hdr.path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+        values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        lo, hi = _stored_range(ds)
+        ends_out = np.array([lo * slope + intercept, hi * slope + intercept])
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        # MONOCHROME1: low stored values display bright. Mirror the stored range so higher means brighter.
-        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        values = np.float32((lo + hi) * slope + 2 * intercept) - values
+        modality = str(ds.get("Modality", "") or "?")
+        if _values_are_physical(ds):
+            _note(
+                notes,
+                f"MONOCHROME1 {modality}: values are physical, kept as stored (display inversion not applied)",
+            )
+        else:
+            # low stored values display bright: mirror the output range so that higher means brighter
+            values = np.float32(ends_out.sum()) - values
+            _note(notes, f"MONOCHROME1 {modality}: display values mirrored so that higher means brighter")
     return values
+
+
+def _stored_range(ds: pydicom.Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _note(notes: set[str] | None, text: str) -> None:
+    if notes is not None:
+        notes.add(text)
+
+
+def _warn_bits_stored(outside: list[tuple[Path, int]], ds: pydicom.Dataset) -> str:
+    """Warn, naming the first file, that stored values were cut to BitsStored; return the note."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    kind = "signed" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "unsigned"
+    total = sum(n for _, n in outside)
+    more = f" and {len(outside) - 1} more file(s)" if len(outside) > 1 else ""
+    log.warning(
+        "%s%s: %d stored pixel values lie outside the declared %d-bit %s range; masked to BitsStored as "
+        "dcm2niix does. Check the values: a header declaring %d-bit %s data over pixels written as 16-bit "
+        "signed gives wrong intensities",
+        outside[0][0],
+        more,
+        total,
+        bits,
+        kind,
+        bits,
+        kind,
+    )
+    return f"{total} stored values outside BitsStored {bits} ({kind}) masked to {bits} bits"
 
 
 def _resample_tilt(array: np.ndarray, geo: _Geometry) -> np.ndarray:
@@ -711,8 +804,11 @@ def read_dicom_series(
 ) -> Volume:
     """Read one series from a folder (or a single file) into a RAS ``Volume`` of float32 values.
 
-    Values are rescaled per slice (RescaleSlope/RescaleIntercept, e.g. Hounsfield units for CT);
-    MONOCHROME1 is inverted so that higher always means brighter.
+    Values go through the modality LUT per slice (the Modality LUT Sequence, else
+    RescaleSlope/RescaleIntercept: Hounsfield units for CT). MONOCHROME1 is mirrored only
+    where values are display values (CR/DX/MG...); CT values stay physical. Stored values
+    outside BitsStored are masked to it with a warning (as dcm2niix does). What was done is
+    listed in ``meta["pixel_values"]``.
 
     Args:
         root: a folder (searched recursively) or one file.
@@ -744,10 +840,16 @@ def read_dicom_series(
     slices = []
     decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
+    notes: set[str] = set()
+    outside: list[tuple[Path, int]] = []  # files with values outside BitsStored, and how many
     for hdr in geo.ordered:
         if hdr.path not in decoded:
             decoded.clear()  # keep at most one multi-frame file in memory
-            decoded[hdr.path] = _decode(hdr.path)
+            raw, ds = _decode(hdr.path)
+            pixels, n_outside = _within_bits_stored(raw, ds, hdr.path)
+            if n_outside:
+                outside.append((hdr.path, n_outside))
+            decoded[hdr.path] = (pixels, ds)
         pixels, ds = decoded[hdr.path]
         frame = hdr.frame or 0
         if frame >= pixels.shape[0] or pixels.shape[1:] != (hdr.rows, hdr.cols):
@@ -756,7 +858,9 @@ def read_dicom_series(
             )
         photometric = str(ds.get("PhotometricInterpretation", ""))
         # (rows, cols) -> (i along the row direction, j along the column direction)
-        slices.append(_rescaled(pixels[frame], ds, hdr).T)
+        slices.append(_rescaled(pixels[frame], ds, hdr, notes).T)
+    if outside:
+        notes.add(_warn_bits_stored(outside, ds))
     array = np.stack(slices, axis=-1)
     if tilted:
         array = _resample_tilt(array, geo)
@@ -772,6 +876,7 @@ def read_dicom_series(
         "manufacturer": geo.ordered[0].manufacturer,
         "transfer_syntax": info.transfer_syntax,
         "photometric": photometric,
+        "pixel_values": sorted(notes),
         "n_slices": len(geo.ordered),
         "orientation": info.orientation,
         "source_format": "dicom",

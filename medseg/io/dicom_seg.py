@@ -2,7 +2,9 @@
 
 The SEG references every source instance of the series (the same files, in the same
 order along the slice normal, that ``read_dicom_series`` stacked into the volume), holds
-one segment per label with its name, and is written atomically. A SEG is attached to
+one segment per label with its name, its SNOMED CT codes (``medseg.io.coding``), its display
+colour (the QC overlay's, as CIELab) and the model as algorithm identification, and is written
+atomically. The source may be a zipped study (extracted again, into a temporary folder). A SEG is attached to
 its study in a PACS through the patient and study modules it copies from the source
 images, so unlike every other medseg output it carries the source's patient identity, as
 the DICOM standard requires; it is written only where the user asks for it.
@@ -11,7 +13,9 @@ the DICOM standard requires; it is written only where the user asks for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,87 +35,145 @@ def write_dicom_seg(
     labels: dict[int, str],
     series_id: str | None = None,
     overwrite: bool = True,
+    codes: Mapping[Any, Any] | None = None,
+    algorithm_name: str = "medseg",
+    algorithm_version: str | None = None,
 ) -> Path:
     """Write ``mask`` (in the grid ``read_dicom_series(source_dir)`` gives) as a DICOM SEG.
 
     Args:
         mask: label map (i, j, k) on the source series' grid; 0 is background.
-        source_dir: the DICOM folder (or file) the mask was computed from.
+        source_dir: the DICOM folder (or file, or zipped study) the mask was computed from.
         path: the ``.dcm`` file to write.
         labels: label value -> name; each non-zero label becomes a segment, numbered 1..N in
             label order and labelled with its name.
         series_id: the series within ``source_dir`` (as for ``read_dicom_series``).
         overwrite: replace an existing file.
+        codes: per-label codes overriding the bundled map, keyed by label name or value:
+            ``{"tumour": {"category": "SCT:49755003:Morphologically Abnormal Structure",
+            "type": "SCT:108369006:Neoplasm"}}`` (see ``medseg.io.coding.parse_override``).
+        algorithm_name: the model's name, recorded as the segments' algorithm identification.
+        algorithm_version: the model's version (default: medseg's version).
 
     Returns:
         ``path``.
 
     Raises:
         InputError: the source series cannot be referenced (unreadable, multi-frame, tilted).
-        ValueError: the mask does not fit the series, or holds labels not in ``labels``.
+        ValueError: the mask does not fit the series, holds labels not in ``labels``, or an
+            override is not a valid code.
     """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from medseg import __version__
+    from medseg.io.archive import dicom_source
+    from medseg.io.privacy import scrubbed_messages
 
     path = Path(path)
-    info, files = series_files_in_grid_order(source_dir, series_id=series_id)
-    expected = (*info.size[:2], len(files))
-    if mask.shape != expected:
-        raise ValueError(f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}")
+    with dicom_source(source_dir) as folder:
+        info, files = series_files_in_grid_order(folder, series_id=series_id)
+        expected = (*info.size[:2], len(files))
+        if mask.shape != expected:
+            raise ValueError(
+                f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}"
+            )
+        try:
+            sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        except Exception as exc:
+            raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
+    with scrubbed_messages(sources, where=path.name):
+        _complete_for_reference(sources, source_dir, info.uid_hash)
+        seg = _segmentation(mask, sources, labels, codes=codes, algorithm=(algorithm_name, algorithm_version))
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            seg.save_as(tmp)
+    log.info(
+        "%s: DICOM SEG with %d segment(s) for series %s", path.name, len(seg.SegmentSequence), info.uid_hash
+    )
+    return path
+
+
+def _segment_values(mask: np.ndarray, labels: dict[int, str]) -> list[int]:
     segment_labels = sorted(v for v in labels if v != 0)
     unknown = sorted(set(np.unique(mask).tolist()) - set(segment_labels) - {0})
     if unknown:
         raise ValueError(f"mask holds labels {unknown} that have no name in labels {sorted(labels)}")
     if not segment_labels:
         raise ValueError("no non-zero labels to write as segments")
+    return segment_labels
+
+
+def segment_descriptions(
+    labels: dict[int, str],
+    *,
+    codes: Mapping[Any, Any] | None = None,
+    algorithm: tuple[str, str | None] = ("medseg", None),
+) -> list:
+    """One highdicom ``SegmentDescription`` per non-zero label: name, SNOMED codes, colour, algorithm."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes as dicom_codes
+
+    from medseg import __version__
+    from medseg.io.coding import segment_code
+    from medseg.io.labeltables import label_rgb
+
+    name, version = algorithm
+    identification = hd.AlgorithmIdentificationSequence(
+        name=str(name)[:64],
+        family=dicom_codes.cid7162.ArtificialIntelligence,
+        version=str(version or __version__)[:64],
+    )
+    descriptions = []
+    for number, value in enumerate(sorted(v for v in labels if v != 0), start=1):
+        code = segment_code(str(labels[value]), value, overrides=codes)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(labels[value])[:64],
+            segmented_property_category=code.category.concept(),
+            segmented_property_type=code.type.concept(),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+            display_color=hd.color.CIELabColor.from_rgb(*label_rgb(value)),
+        )
+        if code.modifier is not None:  # laterality of a paired organ (DICOM CID 244)
+            item = description.SegmentedPropertyTypeCodeSequence[0]
+            item.SegmentedPropertyTypeModifierCodeSequence = [code.modifier.concept()]
+        descriptions.append(description)
+    return descriptions
+
+
+def _segmentation(
+    mask: np.ndarray,
+    sources: list[pydicom.Dataset],
+    labels: dict[int, str],
+    *,
+    codes: Mapping[Any, Any] | None,
+    algorithm: tuple[str, str | None],
+):
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from medseg import __version__
+
+    segment_labels = _segment_values(mask, labels)
     lut = np.zeros(max(segment_labels) + 1, dtype=np.uint8)
     for number, value in enumerate(segment_labels, start=1):
         lut[value] = number
     # (i, j, k) = (column, row, slice) -> frames of (rows, columns), one per source instance
     frames = lut[np.asarray(mask, dtype=np.int64)].transpose(2, 1, 0)
-    try:
-        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    except Exception as exc:
-        raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
-    _complete_for_reference(sources, source_dir, info.uid_hash)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=str(labels[value])[:64],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Organ,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for number, value in enumerate(segment_labels, start=1)
-    ]
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+        segment_descriptions=segment_descriptions(labels, codes=codes, algorithm=algorithm),
         series_instance_uid=generate_uid(),
         series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 1000,
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="medseg",
-        manufacturer_model_name="medseg",
+        manufacturer_model_name=str(algorithm[0])[:64],
         software_versions=__version__,
         device_serial_number="none",
         series_description="medseg segmentation",
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
     )
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        seg.save_as(tmp)
-    log.info("%s: DICOM SEG with %d segment(s) for series %s", path.name, len(descriptions), info.uid_hash)
-    return path
 
 
 # Type 2 attributes of the patient and study modules a SEG must carry (empty when the source lacks them).

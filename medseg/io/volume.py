@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
-import tempfile
+import re
+import secrets
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import OutputError
+
+logger = logging.getLogger(__name__)
 
 # Header fields a Volume may carry. Anything else read from a file header
 # (patient name, ID, birth date, accession number, institution, study dates) is
@@ -27,6 +33,7 @@ SAFE_META_KEYS = frozenset(
         "body_part",
         "transfer_syntax",
         "photometric",
+        "pixel_values",  # what the reader did to the stored values (MONOCHROME1, modality LUT, BitsStored)
         "n_slices",
         "source_format",
         "orientation",
@@ -91,48 +98,190 @@ class Volume:
 
 
 def case_stem(path: str | Path) -> str:
-    """File name without .nii/.nii.gz/.nrrd/.mha/.dcm; a DICOM folder's name."""
+    """File name without .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.dcm/.zip; a DICOM folder's name."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".zip"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+# Temp names: ".{final name, cut to fit}.{writer PID}-{token}.partial{format suffix}". The PID lets a
+# later run tell a dead writer's leftovers (removed by sweep_partials) from a live writer's file.
+_PARTIAL_RE = re.compile(r"^\..*\.(?P<pid>\d+)-[0-9a-z]{8}\.partial(?:\.[^.]+){0,2}$")
+# Names of partials written before the PID was part of the name (mkstemp's 8 random characters,
+# train's ".best.pt.partial"): removed only when older than ``legacy_age_s``.
+_LEGACY_PARTIAL_RE = re.compile(r"^\..+\.(?:[0-9a-z_]{8}\.partial(?:\.[^.]+){0,2}|partial)$")
+_COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
+
+
+def _format_suffix(name: str) -> str:
+    """The suffix a writer picks the format from (".nii.gz", ".pt", ...), never a dotted UID's parts."""
+    lower = name.lower()
+    for compound in _COMPOUND_SUFFIXES:
+        if lower.endswith(compound) and len(name) > len(compound):
+            return name[-len(compound) :]
+    suffix = Path(name).suffix
+    return suffix if 1 < len(suffix) <= 16 else ".tmp"
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def partial_name(final_name: str, *, folder: str | Path = ".", token: str | None = None) -> str:
+    """The temporary name for writing ``final_name``: within the file system's name limit, PID inside."""
+    token = token or secrets.token_hex(4)
+    tail = f".{os.getpid()}-{token}.partial{_format_suffix(final_name)}"
+    room = _name_max(Path(folder)) - len(tail.encode()) - 1  # the leading dot
+    head = final_name.encode()[: max(room, 1)].decode(errors="ignore")
+    return f".{head}{tail}"
+
+
+def _create_partial(final: Path) -> Path:
+    """Create an empty temp file beside ``final``; the kernel applies the umask (mode 0666)."""
+    for _ in range(100):
+        tmp = final.parent / partial_name(final.name, folder=final.parent)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))
+
+
+def _write_failure(final: Path, exc: BaseException) -> OutputError | None:
+    """The one-line OutputError for a failed write, or None when ``exc`` is not a write failure."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on the device"
+        return OutputError(f"{final}: could not be written ({reason})")
+    # torch.save reports a failed write (disk full) as a RuntimeError from its C++ stream writer,
+    # worded differently by where it failed; a nearly full device says what happened.
+    if isinstance(exc, RuntimeError):
+        free = _free_bytes(final.parent)
+        if free is not None and free < 1 << 20:
+            return OutputError(f"{final}: could not be written (no space left on the device)")
+        text = str(exc).lower()
+        if any(word in text for word in ("write", "iostream", "inline_container")):
+            return OutputError(f"{final}: could not be written ({_one_line(exc)})")
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place on success.
 
-    The temporary name keeps the final suffixes (writers pick the format from
-    them). On any error the temporary file is removed and ``final`` is untouched.
+    The temporary name keeps the final format suffix (writers pick the format from
+    it), carries the writer's PID (see ``sweep_partials``) and stays within the
+    file system's name limit. On any error the temporary file is removed and
+    ``final`` is untouched; a failed write (disk full, read-only folder, ...)
+    becomes an ``OutputError`` naming ``final``.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise OutputError(f"{final}: already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_partial(final)
+    except OSError as exc:
+        raise _write_failure(final, exc) from exc  # type: ignore[misc]
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
-    except OSError as exc:
+    except BaseException as exc:
+        failure = _write_failure(final, exc)  # before the unlink, which frees the space it measures
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{final}: could not be written ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from exc
         raise
+    _fsync_folder(final.parent)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (best effort: some file systems cannot fsync a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_partials(folder: str | Path, *, recursive: bool = True, legacy_age_s: float = 3600.0) -> list[Path]:
+    """Remove temp files left by writers that died (SIGKILL, power loss) in ``folder``.
+
+    A temp file whose name carries a PID is removed when that process no longer
+    exists; one in the older PID-less form when it is older than ``legacy_age_s``.
+    Files of live writers are kept. Call it at the start of a run, on the run or
+    output folder (best while holding ``medseg.locks.exclusive`` on it).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
+    now = time.time()
+    for root, _dirs, files in walker:
+        for name in files:
+            path = Path(root) / name
+            if not _is_stale_partial(path, name, now, legacy_age_s):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted writes in %s", len(removed), folder)
+    return removed
+
+
+def _is_stale_partial(path: Path, name: str, now: float, legacy_age_s: float) -> bool:
+    if not name.startswith("."):
+        return False
+    match = _PARTIAL_RE.match(name)
+    if match:
+        return not _pid_alive(int(match.group("pid")))
+    if _LEGACY_PARTIAL_RE.match(name):
+        try:
+            return now - path.lstat().st_mtime > legacy_age_s
+        except OSError:
+            return False
+    return False
 
 
 def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = True) -> Path:

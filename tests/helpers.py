@@ -1,0 +1,42 @@
+"""What several test modules share: the repo paths, running the CLI as a user would, the tiny settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from medseg.config import flatten
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA") or REPO.parent / "shared" / "data") / "totalsegmentator"
+# CI sets this: a missing ../shared/data then fails the real-scan tests instead of skipping them
+REQUIRE_SHARED_DATA = os.environ.get("MEDSEG_REQUIRE_SHARED_DATA", "") not in ("", "0")
+
+# the smallest settings that run the real pipeline (medseg/configs/smoke.yaml, one file for every test)
+TINY_OVERRIDES: list[str] = [
+    f"{key}={value}"
+    for key, value in flatten(yaml.safe_load((REPO / "medseg" / "configs" / "smoke.yaml").read_text())).items()
+]
+TINY_ARGS: list[str] = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
+
+
+def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m medseg ARGS`` as a user would, from ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medseg", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"medseg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
