@@ -42,8 +42,10 @@ def main() -> None:
         runs = {}
         for name, bf16 in (("fp32", False), ("bf16", True)):
             bundle = load_bundle(args.model)  # fresh network: bf16 switches it to channels-last
-            predict_volume([bundle], volume, crf=False, cpu_bf16=bf16)  # warm-up
-            pred = predict_volume([bundle], volume, crf=False, cpu_bf16=bf16, postprocess=False)
+            predict_volume([bundle], volume, crf=False, cpu_bf16=bf16, backend="torch")  # warm-up
+            pred = predict_volume(
+                [bundle], volume, crf=False, cpu_bf16=bf16, backend="torch", postprocess=False
+            )
             runs[name] = pred
         a, b = runs["fp32"].mask.array, runs["bf16"].mask.array
         labels = [int(k) for k in load_bundle(args.model).labels if k]

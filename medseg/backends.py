@@ -109,7 +109,7 @@ def torch_predictor(network: torch.nn.Module, precision: str, device: str | torc
         raise BackendUnavailableError("precision fp16 is for CUDA; on CPU use fp32 or bf16")
     channels_last = precision == "bf16" and device.type == "cpu"
     # in place, once: the weights stay the same; channels-last is what oneDNN's bf16 kernels want
-    network.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    network.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)  # type: ignore[call-overload]
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(device)
@@ -481,7 +481,7 @@ def measure(
             continue
         finally:
             if b == "torch":
-                bundle.network.to(memory_format=torch.contiguous_format)
+                bundle.network.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         result = parity(reference, logits, labels)
         cand.seconds = round(seconds, 4)
         cand.agreement, cand.dice = result["agreement"], result["dice"]

@@ -93,7 +93,7 @@ def _forward_context(device: torch.device, cpu_bf16: bool):
 
 
 def sliding_window_logits(
-    network: torch.nn.Module,
+    network: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     *,
     roi_size: tuple[int, ...],
@@ -114,6 +114,7 @@ def sliding_window_logits(
     autocast and probabilities are kept in half precision. ``cpu_bf16`` (CPU only,
     opt-in) runs the forward under bfloat16 autocast with channels-last 3D.
     When ``flip_labels`` is a list, each flip's argmax (uint8) is appended to it.
+    ``network`` may be any callable on a batch of windows (a medseg.backends.Predictor).
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
@@ -121,12 +122,12 @@ def sliding_window_logits(
     x = torch.as_tensor(image)[None].float().to(stitch_device)
     use_bf16 = cpu_bf16 and not on_cuda
     predictor: Callable[[torch.Tensor], torch.Tensor] = network
-    if use_bf16:
+    if use_bf16 and isinstance(network, torch.nn.Module):
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
             return network(window.contiguous(memory_format=torch.channels_last_3d)).float()
 
-        network.to(memory_format=torch.channels_last_3d)  # in place, once: the weights stay the same
+        network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # in place, once: the weights stay the same
 
     flips: list[tuple[int, ...]] = [()]
     if tta:
@@ -185,7 +186,7 @@ def model_grid_probabilities(
     n_voxels = int(np.prod(image.shape[1:]))
     flip_labels: list[torch.Tensor] | None = [] if tta else None
     probs = sliding_window_logits(
-        predictor,  # type: ignore[arg-type]  (any callable on a batch of windows)
+        predictor,
         image.as_tensor(),
         roi_size=tuple(int(p) for p in cfg.train.patch_size),
         overlap=cfg.infer.overlap,
