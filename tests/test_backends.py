@@ -259,3 +259,22 @@ def test_backend_failure_mid_batch_is_one_line_and_the_batch_goes_on(
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors
     assert all(r.exc_info is None for r in errors)
+
+
+def test_parity_scores_labels_with_enough_voxels():
+    from medseg.backends import MIN_LABEL_VOXELS, parity
+
+    ref = torch.zeros(1, 3, 20, 20, 20)
+    ref[:, 0] = 1.0
+    ref[0, 1, :10] = 2.0  # label 1: 4000 voxels
+    ref[0, 2, 15, 0, :5] = 2.0  # label 2: 5 voxels
+    got = ref.clone()
+    got[0, 1, 9] = 0.0  # 400 voxels of label 1 lost
+    got[0, 2, 15, 0, :5] = 0.0  # label 2 gone: 5 voxels, not scored
+    result = parity(ref, got, {0: "bg", 1: "big", 2: "tiny"})
+    assert set(result["dice"]) == {"big"}
+    assert result["dice"]["big"] == pytest.approx(2 * 3600 / 7600, abs=1e-6)
+    assert result["agreement"] == pytest.approx(1 - 405 / 8000)
+    assert not result["passed"]
+    assert MIN_LABEL_VOXELS > 5
+    assert parity(ref, ref.clone(), {0: "bg", 1: "big", 2: "tiny"})["passed"]
