@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.bundle import load_bundle
-from medseg.infer import predict_volume
 from medseg.io import load_volume
 from medseg.metrics import dice
+from medseg.predict import predict_volume
 
 HERE = Path(__file__).resolve().parent
 

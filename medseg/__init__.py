@@ -3,7 +3,8 @@
 Importing medseg prints nothing, changes no global state and imports neither torch nor
 MLflow. The public API: ``load_bundle(path, device=...)`` for inference (its
 ``predict(image)`` takes a path, a Volume, a nibabel or SimpleITK image, or
-``(array, affine)``), and the stage modules (``medseg.io``, ``medseg.train``, ...).
+``(array, affine)``), and the stage modules (``medseg.io``, ``medseg.train``, ``medseg.predict``,
+``medseg.batch``, ...).
 """
 
 from __future__ import annotations

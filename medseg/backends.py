@@ -102,27 +102,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def torch_predictor(network: torch.nn.Module, precision: str, device: str | torch.device) -> Predictor:
-    """The network itself under autocast (``bf16`` on CPU: channels-last 3D; CUDA: fp16/bf16 AMP)."""
-    from medseg.runtime import autocast
+    """The network itself (medseg.predict.torch_predictor: no_grad, autocast, channels-last for CPU bf16)."""
+    from medseg.predict import torch_predictor as wrap
+    from medseg.runtime import set_memory_format
 
     device = torch.device(device)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision {precision!r} for torch; expected fp32, bf16 (or fp16 on CUDA)")
     if precision == "fp16" and device.type != "cuda":
         raise BackendUnavailableError("precision fp16 is for CUDA; on CPU use fp32 or bf16")
-    channels_last = precision == "bf16" and device.type == "cpu"
-    # in place, once: the weights stay the same; channels-last is what oneDNN's bf16 kernels want
-    network.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)  # type: ignore[call-overload]
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.no_grad(), autocast(device, precision):  # type: ignore[arg-type]
-            out = network(x)
-        return out.float().contiguous().to(batch.device)
-
-    return Predictor("torch", precision, run)
+    set_memory_format(network, torch.contiguous_format)  # wrap() goes channels-last where that is faster
+    return Predictor("torch", precision, wrap(network, device=device, precision=precision))  # type: ignore[arg-type]
 
 
 def onnxruntime_predictor(onnx_path: str | Path, precision: str, *, threads: int | None = None) -> Predictor:
@@ -488,7 +478,9 @@ def measure(
             continue
         finally:
             if b == "torch":
-                bundle.network.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+                from medseg.runtime import set_memory_format
+
+                set_memory_format(bundle.network, torch.contiguous_format)
         result = parity(reference, logits, labels)
         cand.seconds = round(seconds, 4)
         cand.agreement, cand.dice = result["agreement"], result["dice"]
@@ -598,6 +590,8 @@ def make_predictor(
         raise ConfigError(f"backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
     if precision not in ("auto", *PRECISIONS, "fp16"):
         raise ConfigError(f"precision {precision!r}; expected one of auto, {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 is for CUDA; on the CPU use fp32 or bf16")
     window_shape = tuple(window_shape or default_window_shape(bundle))
     if device.type != "cpu":
         if backend not in ("auto", "torch"):
@@ -663,6 +657,11 @@ def predictor_for(
             bundle, infer.backend, precision, device, window_shape=window_shape, cache_dir=cache_dir
         )
     return memo[key]
+
+
+def backend_predictors(bundles: list[Bundle], device: str | torch.device) -> list[Predictor]:
+    """One predictor per bundle (an ensemble may differ), from each bundle's ``infer`` config."""
+    return [predictor_for(bundle, device) for bundle in bundles]
 
 
 def describe(predictor: Predictor) -> dict[str, Any]:

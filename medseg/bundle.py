@@ -88,7 +88,7 @@ class Bundle:
             >>> mask = bundle.predict("ct.nii.gz")
             >>> medseg.io.write_nifti(mask, "ct_seg.nii.gz")
         """
-        from medseg.infer import predict_volume
+        from medseg.predict import predict_volume
 
         volume = as_volume(image)
         return predict_volume(

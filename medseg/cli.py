@@ -237,11 +237,11 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from medseg.batch import check_output_folder, expand_models, run_inference
     from medseg.bundle import load_bundle
-    from medseg.infer import expand_models, run_inference
-    from medseg.progress import track
     from medseg.runtime import resolve_device
 
+    check_output_folder(args.input, args.output)
     device = resolve_device(args.device)
     bundles = [load_bundle(m, device=device) for m in expand_models(args.model)]
     tracker = None
@@ -251,33 +251,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
         tracker = Tracker(TrackingConfig())
         tracker.start(run_id=args.mlflow_run)
-    summary = run_inference(
-        bundles,
-        args.input,
-        args.output,
-        device=device,
-        tta=True if args.tta else None,
-        overwrite=args.overwrite,
-        progress=lambda items, desc: track(items, desc),
-        dicom_seg=args.dicom_seg,
-        crf=True if args.crf else None,
-        save_probabilities=args.save_probabilities,
-        report=args.report,
-        overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size,
-        blend_mode=args.blend_mode,
-        cpu_bf16=True if args.cpu_bf16 else None,
-        backend=args.backend,
-        precision=args.precision,
-        tracker=tracker,
-    )
-    if tracker is not None:
-        tracker.end()
+    try:
+        summary = run_inference(
+            bundles,
+            args.input,
+            args.output,
+            device=device,
+            tta=True if args.tta else None,
+            overwrite=args.overwrite,
+            progress=True,
+            dicom_seg=args.dicom_seg,
+            crf=True if args.crf else None,
+            save_probabilities=args.save_probabilities,
+            report=args.report,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            blend_mode=args.blend_mode,
+            cpu_bf16=True if args.cpu_bf16 else None,
+            backend=args.backend,
+            precision=args.precision,
+            tracker=tracker,
+        )
+    finally:
+        if tracker is not None:
+            tracker.end()
     rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     print(
-        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (exist), "
+        f"{rank}{len(summary.written)} written, {len(summary.skipped)} skipped (done), "
         f"{len(summary.failed)} failed"
     )
+    if summary.differing:
+        print(f"{len(summary.differing)} skipped case(s) were done with other options; --overwrite redoes them")
     if summary.report:
         print(f"QC report: {summary.report}")
     for path, reason in summary.failed:
@@ -318,8 +322,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medseg.metrics import evaluate_folders, markdown_table, write_csv
+    from medseg.metrics import check_outputs_are_not_inputs, evaluate_folders, markdown_table, write_csv
 
+    check_outputs_are_not_inputs([args.out, Path(args.out).with_suffix(".json")], args.pred, args.ref)
     rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
     out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
     print(markdown_table(rows, tolerance_mm=args.tolerance))

@@ -210,7 +210,7 @@ class InferConfig(_Strict):
     # Network runtime: auto = the fastest backend/precision that passed parity with torch fp32 in a short
     # micro-benchmark on this machine (cached per machine and bundle); see medseg.backends.
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # fp16: CUDA only
 
 
 class LabelPostprocess(_Strict):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from medseg.batch import run_inference
 from medseg.checkpoint import has_checkpoint
 from medseg.config import Config, apply_overrides, config_from_dict
 from medseg.data import load_dataset
-from medseg.infer import run_inference
 from medseg.metrics import EvalRow, evaluate_folders, summarise, write_csv
-from medseg.progress import track
 from medseg.synthetic import make_dataset
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def run_demo(
         predictions,
         overwrite=True,
         report=True,
-        progress=lambda items, desc: track(items, desc),
+        progress=True,
     )
     rows = evaluate_folders(predictions, data / "labelsTs", labels=bundle.labels)
     metrics_csv = write_csv(rows, out / "metrics.csv")

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import InputError
-from medseg.io import Volume, case_stem, check_same_grid, read_nifti, write_text_atomic
+from medseg.errors import InputError, OutputError
+from medseg.io import Volume, case_stem, check_same_grid, is_medseg_output, read_nifti, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,29 @@ def _pred_case_name(path: Path) -> str:
     return stem[: -len("_seg")] if stem.endswith("_seg") else stem
 
 
+def _prediction_files(pred_dir: Path) -> list[Path]:
+    """The masks in a prediction folder: no dot-files, none of medseg's probability/entropy maps."""
+    return [
+        p
+        for p in sorted(pred_dir.glob("*.nii*"))
+        if not p.name.startswith(".")
+        and not (is_medseg_output(p) and not p.name.endswith(("_seg.nii.gz", "_seg.nii")))
+    ]
+
+
+def check_outputs_are_not_inputs(
+    outputs: list[str | Path], pred_dir: str | Path, ref_dir: str | Path
+) -> None:
+    """Refuse to write ``outputs`` over a file ``evaluate`` reads (a mask, a reference, a sidecar)."""
+    read = {p.resolve() for folder in (pred_dir, ref_dir) for p in Path(folder).glob("*.nii*")}
+    read |= {p.resolve() for p in Path(pred_dir).glob("*_seg.json")}
+    for out in outputs:
+        if Path(out).resolve() in read:
+            raise OutputError(
+                f"{out}: is an input of evaluate (a mask, reference or sidecar); choose another --out"
+            )
+
+
 def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """Pairs (case, prediction, reference) matched by name, and the reference cases with no prediction.
 
@@ -198,11 +221,19 @@ def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[tuple[s
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
             raise InputError(folder, "not a folder")
-    preds = {_pred_case_name(p): p for p in sorted(pred_dir.glob("*.nii*")) if not p.name.startswith(".")}
+    preds = {_pred_case_name(p): p for p in _prediction_files(pred_dir)}
     refs = {case_stem(p): p for p in sorted(ref_dir.glob("*.nii*")) if not p.name.startswith(".")}
     common = sorted(set(preds) & set(refs))
     if not common:
         raise InputError(pred_dir, f"no case names in common with {ref_dir}")
+    unmatched = sorted(set(preds) - set(refs))
+    if unmatched:
+        log.warning(
+            "%d prediction(s) have no reference in %s (not evaluated): %s",
+            len(unmatched),
+            ref_dir,
+            ", ".join(unmatched[:10]),
+        )
     return [(c, preds[c], refs[c]) for c in common], sorted(set(refs) - set(preds))
 
 

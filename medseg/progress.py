@@ -64,3 +64,56 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class CaseProgress:
+    """Inference progress: cases done, and inside the current case its stage and windows with an ETA.
+
+    A rich display on an interactive terminal when ``enabled``; otherwise stages go to the debug log.
+    """
+
+    def __init__(self, *, total_cases: int, enabled: bool) -> None:
+        self._progress = None
+        self._case = ""
+        if not (enabled and interactive()):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._cases = self._progress.add_task("cases", total=total_cases)
+        self._windows = self._progress.add_task("", total=None, visible=False)
+        self._progress.start()
+
+    def start_case(self, name: str) -> None:
+        self._case = name
+        if self._progress is not None:
+            self._progress.reset(self._windows, total=None, description=f"{name}: starting", visible=True)
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        """``stage`` of the current case; while the network runs, ``done`` of ``total`` windows."""
+        if self._progress is None:
+            if not done:
+                log.debug("%s: %s", self._case, stage)
+            return
+        if total:
+            self._progress.update(
+                self._windows, description=f"{self._case}: {stage} (windows)", total=total, completed=done
+            )
+        else:
+            self._progress.update(self._windows, description=f"{self._case}: {stage}")
+
+    def end_case(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._cases)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -18,7 +18,7 @@ import base64
 import datetime as _dt
 import html
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,9 @@ def case_qc(
     tta_disagreement: float | None = None,
     volume_ranges: Any = None,
     connectivity: int = 26,
+    overlay: bool = True,
 ) -> CaseQC:
-    """QC figures of one segmented case (the mask in the image's grid)."""
+    """QC figures of one segmented case (the mask in the image's grid); without ``overlay`` no PNG."""
     voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
     structures = []
     warnings = []
@@ -123,7 +124,7 @@ def case_qc(
         if s.touches_border:
             warnings.append(f"{label_name} touches the border of the field of view")
         structures.append(s)
-    png = overlay_png_bytes(image, mask, labels=labels, title=name)
+    png = overlay_png_bytes(image, mask, labels=labels, title=name) if overlay else b""
     return CaseQC(
         name=name,
         structures=structures,
@@ -132,6 +133,26 @@ def case_qc(
         shape=image.shape,
         spacing=image.spacing,
         warnings=warnings,
+    )
+
+
+def qc_to_dict(qc: CaseQC) -> dict[str, Any]:
+    """A case's QC figures as JSON (the overlay PNG is kept apart, as a file beside the mask)."""
+    tree = asdict(qc)
+    del tree["overlay_png"]
+    return tree
+
+
+def qc_from_dict(tree: dict[str, Any], overlay_png: bytes) -> CaseQC:
+    """The ``CaseQC`` that ``qc_to_dict`` recorded, with its overlay."""
+    return CaseQC(
+        name=str(tree["name"]),
+        structures=[StructureQC(**s) for s in tree["structures"]],
+        tta_disagreement=tree.get("tta_disagreement"),
+        overlay_png=overlay_png,
+        shape=tuple(tree["shape"]),  # type: ignore[arg-type]
+        spacing=tuple(tree["spacing"]),  # type: ignore[arg-type]
+        warnings=list(tree.get("warnings", [])),
     )
 
 
@@ -222,6 +243,9 @@ def render_html(
                 f"<td class='num'>{s.components}</td><td>{border}</td><td>{flag}</td></tr>"
             )
         parts.append("</table>")
+        if not c.overlay_png:
+            parts.append("<p>No overlay: segmented without the report.</p>")
+            continue
         b64 = base64.b64encode(c.overlay_png).decode("ascii")
         parts.append(
             f'<img class="overlay" alt="overlays of {esc(c.name)}" src="data:image/png;base64,{b64}">'

@@ -3,7 +3,7 @@
 ``build_preprocess(cfg)`` loads (through ``medseg.io``, the reader of record), orients
 to RAS, resamples to the planned spacing, crops to the body and normalises
 intensities; ``build_augment(cfg)`` is applied per step. Spatial metadata rides
-with the data as MONAI ``MetaTensor`` affines, which is how ``medseg.infer`` maps
+with the data as MONAI ``MetaTensor`` affines, which is how ``medseg.predict`` maps
 predictions back to the source grid.
 """
 

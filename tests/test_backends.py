@@ -224,7 +224,7 @@ def test_backend_failure_mid_batch_is_one_line_and_the_batch_goes_on(
 ):
     """A runtime error inside the backend on one window batch: that case fails with one line, the next runs."""
     import medseg.backends as backends
-    from medseg.infer import run_inference
+    from medseg.batch import run_inference
 
     real = backends.openvino_predictor
     calls = {"n": 0}

@@ -8,8 +8,8 @@ import torch
 
 from medseg.config import Config
 from medseg.data import _ras_spacing
-from medseg.infer import resample_to_grid
 from medseg.io import Volume
+from medseg.predict import resample_to_grid
 from medseg.synthetic import make_case
 from medseg.transforms import build_preprocess, to_metatensor
 

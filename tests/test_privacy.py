@@ -191,6 +191,8 @@ def test_library_warnings_about_a_name_never_show_it(tmp_path, caplog, capfd, fo
     name = NAME_FORMS[form]
     _named_series(tmp_path / "series", name)
     caplog.set_level(logging.DEBUG)
+    for library in ("highdicom", "pydicom"):  # an earlier in-process CLI run may have quietened them
+        caplog.set_level(logging.DEBUG, logger=library)
     with warnings.catch_warnings(record=True) as escaped:  # what would reach stderr outside pytest
         warnings.simplefilter("always")
         volume = read_dicom_series(tmp_path / "series")

@@ -40,6 +40,8 @@ __all__ = [
     "case_stem",
     "find_inputs",
     "is_image_file",
+    "is_medseg_output",
+    "is_nifti",
     "is_sitk_image",
     "load_label",
     "load_volume",
@@ -50,6 +52,7 @@ __all__ = [
     "read_sitk",
     "scan_dicom",
     "select_series",
+    "sidecar_fields",
     "uid_hash",
     "write_dicom_seg",
     "write_dicom_series",
@@ -146,9 +149,35 @@ def check_same_grid(
         )
 
 
+# medseg's own outputs beside a mask (see medseg.batch): never inputs
+_OUTPUT_SUFFIXES = (
+    "_seg.nii.gz", "_seg.nii", "_seg.nrrd", "_seg.mha", "_seg.json", "_seg.dcm", "_seg_rtstruct.dcm",
+    "_seg.itksnap.txt", "_seg.ctbl", "_seg_entropy.nii.gz", "_seg_qc.png",
+)
+
+
+def is_medseg_output(path: str | Path) -> bool:
+    """Whether ``path`` is named as medseg writes its outputs (mask, sidecar, SEG, maps, report)."""
+    name = Path(path).name
+    if name.endswith(_OUTPUT_SUFFIXES) or (name.startswith("report") and name.endswith(".html")):
+        return True
+    stem, _, rest = name.rpartition("_prob_")
+    return stem.endswith("_seg") and rest.removesuffix(".nii.gz").isdigit()
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """A folder's entries that may be inputs: no dot-files (macOS ``._*`` included), no medseg outputs."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [p for p in entries if not (p.is_file() and is_medseg_output(p))]
+
+
 def find_inputs(paths: list[str | Path]) -> list[Path]:
     """Expand ``infer --input`` arguments: image files (NIfTI, NRRD, MetaImage, zipped DICOM), DICOM
-    series folders, or folders of these. Dot-files (macOS ``._*`` among them) are never inputs."""
+    series folders, or folders of these.
+
+    Inside folders, dot-files (macOS ``._*`` AppleDouble files included) and medseg's own outputs
+    (``*_seg.nii.gz``, sidecars, probability maps, label tables, reports) are never taken as inputs.
+    """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -157,17 +186,16 @@ def find_inputs(paths: list[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
             continue
-        niftis = sorted(
-            p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
-        )
-        subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+        entries = _candidates(path)
+        niftis = [p for p in entries if p.is_file() and is_image_file(p)]
+        subdirs = [p for p in entries if p.is_dir()]
         if niftis:
             found.extend(niftis)
             found.extend(subdirs)
-        elif subdirs and not any(p.is_file() for p in path.iterdir() if not p.name.startswith(".")):
+        elif subdirs and not any(p.is_file() for p in entries):
             found.extend(subdirs)  # a folder of DICOM series folders
-        else:
-            found.append(path)  # a DICOM series folder
+        elif entries or not any(is_medseg_output(p) for p in path.iterdir()):
+            found.append(path)  # a DICOM series folder (an empty one fails as such)
     return found
 
 
@@ -188,6 +216,21 @@ def mask_path(out_dir: str | Path, source: str | Path, *, output_format: str = "
         fmt = sitk_format(source) if is_sitk_image(source) else "nifti"
     suffix = ".nii.gz" if fmt == "nifti" else MASK_SUFFIX[fmt]
     return Path(out_dir) / f"{case_stem(source)}_seg{suffix}"
+
+
+def sidecar_fields(source: Volume, labels: dict[int, str]) -> dict[str, Any]:
+    """The label names and the source grid, as a mask's ``<stem>.json`` sidecar records them."""
+    return {
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "source": {
+            "name": Path(source.source).name,
+            "format": source.meta.get("source_format", ""),
+            "shape": list(source.shape),
+            "spacing_mm": [round(s, 6) for s in source.spacing],
+            "affine": np.asarray(source.affine).round(6).tolist(),
+            "axcodes": source.axcodes(),
+        },
+    }
 
 
 def write_mask(
@@ -211,18 +254,7 @@ def write_mask(
         raise ValueError(f"mask shape {mask.shape} differs from source grid {source.shape}")
     if mask.max(initial=0) > 255:
         raise ValueError("mask holds labels above 255")
-    sidecar = {
-        "labels": {str(k): v for k, v in sorted(labels.items())},
-        "source": {
-            "name": Path(source.source).name,
-            "format": source.meta.get("source_format", ""),
-            "shape": list(source.shape),
-            "spacing_mm": [round(s, 6) for s in source.spacing],
-            "affine": np.asarray(source.affine).round(6).tolist(),
-            "axcodes": source.axcodes(),
-        },
-        **(extra or {}),
-    }
+    sidecar = {**sidecar_fields(source, labels), **(extra or {})}
     json_path = path.with_name(case_stem(path) + ".json")
     if is_nifti(path):
         out = Volume(

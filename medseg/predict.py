@@ -1,0 +1,498 @@
+"""Prediction: sliding-window probabilities in the model's grid, mapped back to the source grid.
+
+The bundle's preprocessing (RAS orientation, spacing, crop, normalisation) is
+applied with MONAI; the MetaTensor affine after it says exactly where each
+model-grid voxel lies in the world. Probabilities (optionally flip-TTA averaged,
+CRF-refined in the model grid where the normalised image lives) are then resampled
+onto the source grid (trilinear, in chunks, so memory stays bounded), averaged over
+an ensemble of bundles and reduced to labels: the mask has the input's shape and
+affine by construction, for any orientation, NIfTI or DICOM. Voxels outside the
+model's field of view are background.
+
+Every network call goes through one ``Predictor``: a callable from a batch of
+windows (B, 1, X, Y, Z) to logits (B, C, X, Y, Z). ``torch_predictor`` wraps a
+bundle's network (no_grad, autocast, memory format); other backends (ONNX Runtime,
+OpenVINO) plug in by passing their own callable as ``predictor``.
+
+Hands on a ``Prediction`` (mask in the source grid, optional probabilities, timings)
+to ``medseg.batch``, which writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from medseg.config import CRFConfig, InferConfig
+from medseg.io import Volume
+from medseg.postprocess import postprocess_labels
+from medseg.runtime import Precision, autocast, channels_last, resolve_precision
+from medseg.transforms import build_preprocess, to_metatensor
+
+if TYPE_CHECKING:
+    from medseg.bundle import Bundle
+
+FLIP_AXES = (2, 3, 4)
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+"""A batch of windows (B, 1, X, Y, Z) -> logits (B, C, X, Y, Z): the one seam to the network."""
+
+ProgressHook = Callable[[str, int, int], None]
+"""Called as ``hook(stage, done, total)``: the stage starting (``done == total == 0``) or, while
+the network runs, windows done of the total for this case. It may raise to stop the case."""
+
+
+@dataclass
+class Prediction:
+    mask: Volume
+    timings: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None  # (C, X, Y, Z) float16 in the source grid, when asked for
+    tta_disagreement: float | None = None  # fraction of predicted-foreground voxels where flips disagree
+
+
+@dataclass
+class ModelGridResult:
+    """One bundle's output in its own model grid."""
+
+    probs: torch.Tensor  # (C, X, Y, Z) on the CPU: float32, or float16 when computed on CUDA
+    affine: np.ndarray  # model-grid voxel -> RAS mm
+    image: torch.Tensor  # (X, Y, Z) normalised image the network saw
+    tta_disagreement: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def inference_precision(
+    device: str | torch.device, requested: str = "auto", *, cpu_bf16: bool = False
+) -> Precision:
+    """The forward pass's precision: ``medseg.runtime``'s policy (shared with training); a bundle's or
+    flag's ``cpu_bf16`` asks for bf16 on the CPU when nothing more specific was requested."""
+    device = torch.device(device)
+    if cpu_bf16 and device.type == "cpu" and requested == "auto":
+        requested = "bf16"
+    return resolve_precision(device, requested)
+
+
+def torch_predictor(
+    network: torch.nn.Module, *, device: str | torch.device, precision: Precision
+) -> Predictor:
+    """The network as a ``Predictor``: no_grad and autocast in ``precision`` around each call.
+
+    Where the policy says so (CPU bf16) windows go channels-last 3D; bf16 logits come back float32,
+    fp16 logits (CUDA) stay half precision so the stitching buffer does too.
+    """
+    device = torch.device(device)
+    last = channels_last(device, precision)
+    if last:
+        network.to(memory_format=torch.channels_last_3d)  # in place, once: the weights stay the same
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device, precision):
+            out = network(windows.contiguous(memory_format=torch.channels_last_3d) if last else windows)
+        return out.float() if precision == "bf16" else out
+
+    return predict
+
+
+def flip_sets(tta: bool) -> list[tuple[int, ...]]:
+    """The flips run for one image: none, or (with TTA) every non-empty combination of the spatial axes."""
+    flips: list[tuple[int, ...]] = [()]
+    if tta:
+        flips += [c for r in (1, 2, 3) for c in itertools.combinations(FLIP_AXES, r)]
+    return flips
+
+
+def count_windows(shape: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` runs over an image of ``shape`` (as it pads and steps)."""
+    n = 1
+    for size, roi in zip(shape, roi_size, strict=True):
+        padded = max(size, roi)
+        step = roi if roi == padded else max(1, int(roi * (1 - overlap)))
+        n *= math.ceil((padded - roi) / step) + 1
+    return n
+
+
+def _counting(predictor: Predictor, on_windows: Callable[[int], None] | None) -> Predictor:
+    if on_windows is None:
+        return predictor
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        out = predictor(windows)
+        on_windows(int(windows.shape[0]))
+        return out
+
+    return predict
+
+
+def sliding_window_logits(
+    network: torch.nn.Module | Predictor,
+    image: torch.Tensor,
+    *,
+    roi_size: tuple[int, ...],
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+    mode: str = "gaussian",
+    tta: bool = False,
+    device: str | torch.device = "cpu",
+    accumulate_on_cpu: bool = False,
+    cpu_bf16: bool = False,
+    precision: Precision | None = None,
+    flip_labels: list[torch.Tensor] | None = None,
+    on_windows: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities (C, X, Y, Z) for one channel-first image (1, X, Y, Z), on the CPU.
+
+    ``network`` is a torch module (wrapped by ``torch_predictor`` in ``precision``, by default
+    ``inference_precision(device, cpu_bf16=cpu_bf16)``) or any ``Predictor``. Windows run on
+    ``device``; with ``accumulate_on_cpu`` the full-volume stitching stays on the CPU (MONAI's ``sw_device``/``device`` split), so a large volume
+    does not have to fit in GPU memory. On CUDA probabilities are kept in half precision.
+    When ``flip_labels`` is a list, each flip's argmax (uint8) is appended to it;
+    ``on_windows(n)`` is called after each batch of ``n`` windows.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    stitch_device = torch.device("cpu") if (accumulate_on_cpu or not on_cuda) else device
+    x = torch.as_tensor(image)[None].float().to(stitch_device)
+    if isinstance(network, torch.nn.Module):
+        precision = precision or inference_precision(device, cpu_bf16=cpu_bf16)
+        network = torch_predictor(network, device=device, precision=precision)
+    predictor = _counting(network, on_windows)
+    flips = flip_sets(tta)
+    acc_dtype = torch.float16 if on_cuda else torch.float32
+    total: torch.Tensor | None = None
+    with torch.no_grad():
+        for dims in flips:
+            inp = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(
+                inp,
+                roi_size=roi_size,
+                sw_batch_size=sw_batch_size,
+                predictor=predictor,
+                overlap=overlap,
+                mode=mode,
+                sw_device=device,
+                device=stitch_device,
+            )
+            probs = torch.softmax(torch.as_tensor(logits).float(), dim=1).to(acc_dtype)
+            del logits
+            probs = torch.flip(probs, dims) if dims else probs
+            if flip_labels is not None:
+                flip_labels.append(probs[0].argmax(dim=0).to(torch.uint8).cpu())
+            total = probs if total is None else total.add_(probs)
+    assert total is not None
+    return (total / len(flips))[0].cpu()
+
+
+def tta_disagreement(probs: torch.Tensor, flip_labels: list[torch.Tensor]) -> float:
+    """Fraction of voxels, among those any flip calls foreground, where a flip's label differs from the mean's."""
+    final = probs.argmax(dim=0).to(torch.uint8)
+    differs = torch.zeros_like(final, dtype=torch.bool)
+    foreground = final > 0
+    for lab in flip_labels:
+        differs |= lab != final
+        foreground |= lab > 0
+    return float(differs.sum()) / max(1, int(foreground.sum()))
+
+
+@contextlib.contextmanager
+def _stage(name: str, timings: dict[str, float], progress: ProgressHook | None) -> Iterator[None]:
+    if progress is not None:
+        progress(name, 0, 0)
+    t0 = time.perf_counter()
+    yield
+    timings[f"{name}_s"] = timings.get(f"{name}_s", 0.0) + time.perf_counter() - t0
+
+
+def _network_probabilities(
+    bundle: Bundle,
+    image: torch.Tensor,
+    *,
+    device: str | torch.device,
+    tta: bool,
+    precision: Precision | None,
+    predictor: Predictor | None,
+    progress: ProgressHook | None,
+) -> tuple[torch.Tensor, float | None]:
+    """Sliding-window probabilities of the preprocessed image (1, X, Y, Z), and the TTA disagreement."""
+    infer = bundle.config.infer
+    roi = tuple(int(p) for p in bundle.config.train.patch_size)
+    on_windows = None
+    if progress is not None:
+        total = count_windows(tuple(image.shape[1:]), roi, infer.overlap) * len(flip_sets(tta))
+        done = [0]
+
+        def on_windows(n: int) -> None:
+            done[0] += n
+            progress("network", done[0], total)
+
+    flip_labels: list[torch.Tensor] | None = [] if tta else None
+    probs = sliding_window_logits(
+        predictor or bundle.network,
+        image,
+        roi_size=roi,
+        overlap=infer.overlap,
+        sw_batch_size=infer.sw_batch_size,
+        mode=infer.blend_mode,
+        tta=tta,
+        device=device,
+        accumulate_on_cpu=int(np.prod(image.shape[1:])) > infer.accumulate_on_cpu_voxels,
+        cpu_bf16=infer.cpu_bf16,
+        precision=precision,
+        flip_labels=flip_labels,
+        on_windows=on_windows,
+    )
+    return probs, (tta_disagreement(probs, flip_labels) if flip_labels else None)
+
+
+def model_grid_probabilities(
+    bundle: Bundle,
+    volume: Volume,
+    *,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    crf: CRFConfig | None = None,
+    precision: Precision | None = None,
+    predictor: Predictor | None = None,
+    progress: ProgressHook | None = None,
+) -> ModelGridResult:
+    """Probabilities in the bundle's model grid and that grid's affine (voxel -> RAS mm).
+
+    Sliding-window settings come from the bundle's ``infer`` config (see
+    ``with_infer_overrides``). ``predictor`` replaces the bundle's torch network (a
+    backend); ``precision`` (default: ``inference_precision`` for the bundle) is the torch
+    network's; ``crf`` (when enabled) refines the probabilities with the dense CRF in this grid.
+    """
+    timings: dict[str, float] = {}
+    with _stage("preprocess", timings, progress):
+        pre = build_preprocess(bundle.config, keys=("image",), load=False)
+        image = pre({"image": to_metatensor(volume)})["image"]
+        affine = np.asarray(image.affine, dtype=np.float64)
+    with _stage("network", timings, progress):
+        probs, disagreement = _network_probabilities(
+            bundle,
+            image.as_tensor(),
+            device=device,
+            tta=tta,
+            precision=precision,
+            predictor=predictor,
+            progress=progress,
+        )
+    grid_image = image.as_tensor()[0].float()
+    if crf is not None and crf.enabled:
+        from medseg.crf import dense_crf
+
+        with _stage("crf", timings, progress):
+            spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+            crf_device = torch.device(device)
+            refined = dense_crf(
+                probs.to(crf_device).float(), grid_image.to(crf_device), spacing=spacing, cfg=crf
+            )
+            probs = refined.to(probs.dtype).cpu()
+    return ModelGridResult(probs, affine, grid_image, disagreement, timings)
+
+
+def _sample_source(
+    probs: torch.Tensor, affine: np.ndarray, target_affine: np.ndarray, idx: np.ndarray
+) -> torch.Tensor:
+    """A source's probabilities (C, N) at target voxel indices ``idx`` (N, 3); outside it, background."""
+    n_classes = probs.shape[0]
+    to_src = np.linalg.inv(affine) @ target_affine
+    coords = idx @ to_src[:3, :3].T + to_src[:3, 3]
+    size = np.asarray(probs.shape[1:])
+    # the part of the source this slab reads (+1 voxel for interpolation), clamped to the source
+    lo = np.clip(np.floor(coords.min(axis=0)).astype(int), 0, size - 1)
+    hi = np.clip(np.ceil(coords.max(axis=0)).astype(int) + 1, lo + 1, size)
+    # one explicit zero voxel around the part read: the same as grid_sample's zero padding, and
+    # no degenerate one-voxel axis (align_corners maps every coordinate of such an axis to 0)
+    sub = F.pad(probs[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float(), (1, 1, 1, 1, 1, 1))
+    local = coords - lo + 1.0
+    sub_size = np.asarray(sub.shape[1:], dtype=np.float64)
+    norm = 2.0 * local / (sub_size - 1) - 1.0
+    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=torch.float32).view(1, 1, 1, -1, 3)
+    sampled = F.grid_sample(sub[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(
+        n_classes, -1
+    )
+    sampled[0] += (1.0 - sampled.sum(dim=0)).clamp_min(0.0)  # outside the field of view -> background
+    return sampled
+
+
+def resample_to_grid(
+    sources: list[tuple[torch.Tensor, np.ndarray]],
+    target_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+    *,
+    chunk_voxels: int = 2**22,
+    return_probabilities: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Average class probabilities given on other grids onto a target grid; return the argmax labels.
+
+    Each source is (probabilities (C, X, Y, Z), affine). Target voxels outside a
+    source's grid count as background for it. Work goes in slabs of the target of
+    about ``chunk_voxels``, each reading only the part of each source it needs, so
+    memory stays bounded. With ``return_probabilities`` the averaged probabilities
+    (C, X, Y, Z) float16 are returned too.
+    """
+    n_classes = sources[0][0].shape[0]
+    out = np.zeros(target_shape, dtype=np.uint8)
+    probs_out = np.zeros((n_classes, *target_shape), dtype=np.float16) if return_probabilities else None
+    plane = target_shape[1] * target_shape[2]
+    step = max(1, chunk_voxels // max(plane, 1))
+    jj, kk = np.meshgrid(np.arange(target_shape[1]), np.arange(target_shape[2]), indexing="ij")
+    for start in range(0, target_shape[0], step):
+        stop = min(target_shape[0], start + step)
+        ii = np.arange(start, stop)[:, None, None]
+        idx = np.stack(np.broadcast_arrays(ii, jj[None], kk[None]), axis=-1).reshape(-1, 3).astype(np.float64)
+        acc = torch.zeros((n_classes, idx.shape[0]), dtype=torch.float32)
+        for probs, affine in sources:
+            acc += _sample_source(probs, affine, target_affine, idx)
+        out[start:stop] = acc.argmax(dim=0).view(stop - start, *target_shape[1:]).numpy().astype(np.uint8)
+        if probs_out is not None:
+            probs_out[:, start:stop] = (
+                (acc / len(sources)).view(n_classes, stop - start, *target_shape[1:]).numpy()
+            )
+    if probs_out is not None:
+        return out, probs_out
+    return out
+
+
+def entropy_map(probabilities: np.ndarray) -> np.ndarray:
+    """Normalised entropy (0 = certain, 1 = uniform over the classes) of (C, X, Y, Z) probabilities."""
+    p = probabilities.astype(np.float32)
+    n = p.shape[0]
+    ent = -(p * np.log(np.clip(p, 1e-7, 1.0))).sum(axis=0)
+    return (ent / math.log(n)).astype(np.float32) if n > 1 else np.zeros(p.shape[1:], np.float32)
+
+
+def with_infer_overrides(bundles: list[Bundle], **overrides: Any) -> list[Bundle]:
+    """The bundles with their ``infer`` config updated by the overrides that are not None (validated)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return bundles
+    out = []
+    for bundle in bundles:
+        infer_cfg = InferConfig.model_validate({**bundle.config.infer.model_dump(), **given})
+        out.append(dataclasses.replace(bundle, config=bundle.config.model_copy(update={"infer": infer_cfg})))
+    return out
+
+
+def crf_config(bundle: Bundle, crf: bool | None) -> CRFConfig:
+    """The bundle's CRF settings, switched on or off by ``crf`` (None keeps the bundle's choice)."""
+    cfg = bundle.config.postprocess.crf
+    return cfg if crf is None else cfg.model_copy(update={"enabled": crf})
+
+
+def ensemble_to_source_grid(
+    bundles: list[Bundle],
+    volume: Volume,
+    *,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    crf: CRFConfig | None = None,
+    probabilities: bool = False,
+    postprocess: bool = True,
+    precision: Precision | None = None,
+    predictors: list[Predictor] | None = None,
+    progress: ProgressHook | None = None,
+) -> Prediction:
+    """Segment ``volume`` with bundles already configured (overrides applied, ``crf`` resolved).
+
+    Each bundle's model-grid probabilities (through ``predictors[i]`` when given) are
+    averaged in ``volume``'s grid, reduced to labels and post-processed with the
+    first bundle's settings. This is the one prediction path: ``predict_volume`` and the
+    batch both call it.
+    """
+    timings: dict[str, float] = {}
+    results = []
+    for i, bundle in enumerate(bundles):
+        predictor = predictors[i] if predictors else None
+        r = model_grid_probabilities(
+            bundle,
+            volume,
+            device=device,
+            tta=tta,
+            crf=crf,
+            precision=precision,
+            predictor=predictor,
+            progress=progress,
+        )
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        results.append(r)
+    with _stage("invert", timings, progress):
+        resampled = resample_to_grid(
+            [(r.probs, r.affine) for r in results],
+            volume.affine,
+            volume.shape,
+            return_probabilities=probabilities,
+        )
+        labels, probs = resampled if probabilities else (resampled, None)
+    cfg = bundles[0].config
+    if postprocess:
+        with _stage("postprocess", timings, progress):
+            labels = postprocess_labels(
+                labels, cfg.postprocess, spacing=volume.spacing, label_ids=sorted(cfg.labels or {})
+            )
+    disagreements = [r.tta_disagreement for r in results if r.tta_disagreement is not None]
+    return Prediction(
+        mask=volume.with_array(labels, kind="label"),
+        timings=timings,
+        probabilities=probs,
+        tta_disagreement=float(np.mean(disagreements)) if disagreements else None,
+    )
+
+
+def predict_volume(
+    bundles: list[Bundle],
+    volume: Volume,
+    *,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    postprocess: bool = True,
+    crf: bool | None = None,
+    probabilities: bool = False,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    blend_mode: str | None = None,
+    cpu_bf16: bool | None = None,
+    precision: str | None = "auto",
+    backend: str | None = None,
+) -> Prediction:
+    """Segment one volume with one bundle or an ensemble (probabilities averaged); the mask is in ``volume``'s grid.
+
+    ``crf``: None follows the first bundle's ``postprocess.crf.enabled``; True/False force it.
+    The sliding-window options override the bundles' ``infer`` settings for this call;
+    ``backend`` (auto, torch, onnxruntime, openvino) and ``precision`` (auto, fp32, bf16; fp16 on
+    CUDA) default to the bundles' ``infer`` config; medseg.backends builds the predictors (``auto``:
+    measured once per machine and bundle).
+    """
+    from medseg.backends import backend_predictors
+
+    bundles = with_infer_overrides(
+        bundles,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        blend_mode=blend_mode,
+        cpu_bf16=cpu_bf16,
+        backend=backend,
+        precision=None if precision in (None, "auto") else precision,
+    )
+    return ensemble_to_source_grid(
+        bundles,
+        volume,
+        device=device,
+        tta=tta,
+        crf=crf_config(bundles[0], crf),
+        probabilities=probabilities,
+        postprocess=postprocess,
+        predictors=list(backend_predictors(bundles, device)),
+    )
