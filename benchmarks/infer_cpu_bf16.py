@@ -42,8 +42,8 @@ def main() -> None:
         runs = {}
         for name in ("fp32", "bf16"):
             bundle = load_bundle(args.model)  # fresh network: bf16 switches it to channels-last
-            predict_volume([bundle], volume, crf=False, precision=name)  # warm-up
-            pred = predict_volume([bundle], volume, crf=False, precision=name, postprocess=False)
+            predict_volume([bundle], volume, crf=False, precision=name, backend="torch")  # warm-up
+            pred = predict_volume([bundle], volume, crf=False, precision=name, backend="torch", postprocess=False)
             runs[name] = pred
         a, b = runs["fp32"].mask.array, runs["bf16"].mask.array
         labels = [int(k) for k in load_bundle(args.model).labels if k]

@@ -64,7 +64,6 @@ from medseg.predict import (
     crf_config,
     ensemble_to_source_grid,
     entropy_map,
-    inference_precision,
     with_infer_overrides,
 )
 from medseg.runtime import rank_and_world
@@ -116,7 +115,8 @@ def resolve_options(
     bundles: list[Bundle],
     *,
     device: str | torch.device = "cpu",
-    precision: str = "auto",
+    precision: str | None = "auto",
+    backend: str | None = None,
     tta: bool | None = None,
     crf: bool | None = None,
     overlap: float | None = None,
@@ -136,15 +136,27 @@ def resolve_options(
     """The bundles with the sliding-window overrides applied, and the batch's ``InferOptions``.
 
     None means "the first bundle's setting" (``infer.tta``, ``postprocess.crf.enabled``, ...).
+    ``backend``/``precision`` (None or auto: the bundle's ``infer.backend``/``infer.precision``) are
+    resolved here, once, into a predictor per bundle (medseg.backends; ``auto`` measures once per
+    machine and bundle); the precision recorded is the one that runs.
     """
+    from medseg.backends import backend_predictors
+
     bundles = with_infer_overrides(
-        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+        bundles,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        blend_mode=blend_mode,
+        cpu_bf16=cpu_bf16,
+        backend=backend,
+        precision=None if precision in (None, "auto") else precision,
     )
     cfg = bundles[0].config
     dev = torch.device(device)
+    predictors = backend_predictors(bundles, dev)
     options = InferOptions(
         device=str(dev),
-        precision=inference_precision(dev, precision, cpu_bf16=cfg.infer.cpu_bf16),
+        precision=predictors[0].precision,
         tta=cfg.infer.tta if tta is None else tta,
         crf=cfg.postprocess.crf.enabled if crf is None else crf,
         overlap=cfg.infer.overlap,
@@ -480,6 +492,9 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     channels = _load_case(batch, files)
     volume = channels[0]
     timings = {"load_s": time.perf_counter() - t0}
+    from medseg.backends import backend_predictors, describe
+
+    predictors = backend_predictors(batch.bundles, options.device)  # built in resolve_options
     pred = ensemble_to_source_grid(
         batch.bundles,
         channels,
@@ -488,6 +503,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
         crf=crf_config(batch.bundles[0], options.crf),
         probabilities=options.save_probabilities,
         precision=options.precision,  # type: ignore[arg-type]
+        predictors=list(predictors),
         progress=batch.hook,
     )
     timings.update(pred.timings)
@@ -510,6 +526,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
         "tta": options.tta,
         "crf": options.crf,
         "tta_disagreement": pred.tta_disagreement,
+        "backend": describe(predictors[0]) if len(predictors) == 1 else [describe(p) for p in predictors],
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "options": options.recorded(),
         "outputs": [p.name for p in written],
@@ -690,7 +707,8 @@ def run_inference(
     output_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    precision: str = "auto",
+    precision: str | None = "auto",
+    backend: str | None = None,
     tta: bool | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -728,6 +746,7 @@ def run_inference(
         bundles,
         device=device,
         precision=precision,
+        backend=backend,
         tta=tta,
         crf=crf,
         overlap=overlap,

@@ -68,13 +68,21 @@ class Bundle:
         return first.device if first is not None else torch.device("cpu")
 
     def predict(
-        self, image: ImageLike, *, device: str | torch.device | None = None, tta: bool = False
+        self,
+        image: ImageLike,
+        *,
+        device: str | torch.device | None = None,
+        tta: bool = False,
+        backend: str | None = None,
+        precision: str | None = None,
     ) -> Volume:
         """Segment ``image``; the mask (a label ``Volume``) has its exact shape and affine.
 
         ``image``: a file or DICOM folder path, a :class:`~medseg.io.Volume`, a nibabel image,
         a SimpleITK image, or ``(array, affine)`` with a 4x4 voxel -> RAS (mm) affine.
-        Runs on the bundle's device unless ``device`` says otherwise.
+        Runs on the bundle's device unless ``device`` says otherwise. ``backend`` (auto, torch,
+        onnxruntime, openvino) and ``precision`` (auto, fp32, bf16) default to the bundle's ``infer``
+        config; see medseg.backends.
 
         Example:
             >>> bundle = medseg.load_bundle("runs/demo/bundle", device="cuda")
@@ -84,7 +92,9 @@ class Bundle:
         from medseg.predict import predict_volume
 
         volume = as_volume(image)
-        return predict_volume([self], volume, device=device or self.device, tta=tta).mask
+        return predict_volume(
+            [self], volume, device=device or self.device, tta=tta, backend=backend, precision=precision
+        ).mask
 
 
 def as_volume(image: ImageLike) -> Volume:

@@ -282,7 +282,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
             args.input,
             args.output,
             device=device,
-            precision=args.precision,
             tta=True if args.tta else None,
             overwrite=args.overwrite,
             progress=True,
@@ -294,6 +293,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             sw_batch_size=args.sw_batch_size,
             blend_mode=args.blend_mode,
             cpu_bf16=True if args.cpu_bf16 else None,
+            backend=args.backend,
+            precision=args.precision,
             tracker=tracker,
             max_memory=args.max_memory,
             output_format=args.output_format,
@@ -326,14 +327,33 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "monai-bundle":
+        from medseg.errors import ConfigError
         from medseg.monai_bundle import export_monai_bundle
 
+        if not args.output:
+            raise ConfigError("--format monai-bundle writes a new folder: pass -o DIR")
         out = export_monai_bundle(args.model, args.output)
         print(f"monai-bundle: {out}")
         print(
             f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json "
             f"--bundle_root {out} --dataset_dir IMAGES --output_dir MASKS"
         )
+        return 0
+    from medseg.export import export_bundle
+
+    records = export_bundle(args.model, args.format, args.output)
+    for fmt, record in records.items():
+        print(f"{fmt}: {Path(args.output or args.model) / record['file']}")
+        for name, result in (record.get("parity") or {}).get("results", {}).items():
+            if "skipped" in result:
+                print(f"  parity {name}: not measured ({result['skipped']})")
+                continue
+            dice = ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items())
+            verdict = "passed" if result["passed"] else "FAILED (auto will not choose it)"
+            print(
+                f"  parity {name} vs torch fp32: agreement {100 * result['agreement']:.3f} %, "
+                f"Dice {dice}: {verdict}"
+            )
     return 0
 
 
@@ -604,12 +624,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo every case (default: skip the done ones; incomplete ones are always redone)",
     )
     p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="forward-pass precision (auto: bf16/fp16 on CUDA, bf16 on a CPU where measured faster)",
-    )
-    p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
     )
     p.add_argument(
@@ -655,6 +669,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpu-bf16", action="store_true", help="CPU only: bfloat16 autocast, channels-last 3D")
     p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="network runtime (default: the bundle's; auto = the fastest that passed parity with torch "
+        "fp32, measured once on this machine and cached)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="network precision (default: the bundle's; auto: bf16/fp16 on CUDA, on CPU the fastest that "
+        "passed parity, measured on this machine)",
+    )
+    p.add_argument(
         "--mlflow-run",
         metavar="RUN_ID",
         help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
@@ -672,10 +698,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
-    p = command("export", "export a bundle for other tools: a MONAI bundle that runs with MONAI alone")
+    p = command(
+        "export",
+        "export a bundle for other tools: ONNX and OpenVINO (into the bundle, with a parity record), "
+        "or a MONAI bundle that runs with MONAI alone",
+    )
     p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI")
-    p.add_argument("--format", required=True, choices=["monai-bundle"], help="what to write")
-    p.add_argument("-o", "--output", required=True, help="new folder for the MONAI bundle")
+    p.add_argument(
+        "--format",
+        default="all",
+        choices=["onnx", "openvino", "all", "monai-bundle"],
+        help="what to write; all = onnx and openvino",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="onnx/openvino: a copy of the bundle with the exports goes here (default: into the bundle); "
+        "monai-bundle: the new folder (required)",
+    )
     p.set_defaults(func=cmd_export)
     _add_dataset_options(sub.choices)
     return parser

@@ -215,6 +215,10 @@ class InferConfig(_Strict):
     accumulate_on_cpu_voxels: int = Field(256**3, ge=0)
     # CPU only, opt-in: bfloat16 autocast with channels-last 3D for the network forward.
     cpu_bf16: bool = False
+    # Network runtime: auto = the fastest backend/precision that passed parity with torch fp32 in a short
+    # micro-benchmark on this machine (cached per machine and bundle); see medseg.backends.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # fp16: CUDA only
 
 
 class LabelPostprocess(_Strict):

@@ -467,16 +467,27 @@ def predict_volume(
     sw_batch_size: int | None = None,
     blend_mode: str | None = None,
     cpu_bf16: bool | None = None,
-    precision: str = "auto",
+    precision: str | None = "auto",
+    backend: str | None = None,
 ) -> Prediction:
     """Segment one volume with one bundle or an ensemble (probabilities averaged); the mask is in ``volume``'s grid.
 
     ``crf``: None follows the first bundle's ``postprocess.crf.enabled``; True/False force it.
     The sliding-window options override the bundles' ``infer`` settings for this call;
-    ``precision`` (auto, fp32, bf16, fp16) is resolved once by ``inference_precision``.
+    ``backend`` (auto, torch, onnxruntime, openvino) and ``precision`` (auto, fp32, bf16; fp16 on
+    CUDA) default to the bundles' ``infer`` config; medseg.backends builds the predictors (``auto``:
+    measured once per machine and bundle).
     """
+    from medseg.backends import backend_predictors
+
     bundles = with_infer_overrides(
-        bundles, overlap=overlap, sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16
+        bundles,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        blend_mode=blend_mode,
+        cpu_bf16=cpu_bf16,
+        backend=backend,
+        precision=None if precision in (None, "auto") else precision,
     )
     return ensemble_to_source_grid(
         bundles,
@@ -486,5 +497,5 @@ def predict_volume(
         crf=crf_config(bundles[0], crf),
         probabilities=probabilities,
         postprocess=postprocess,
-        precision=inference_precision(device, precision, cpu_bf16=bundles[0].config.infer.cpu_bf16),
+        predictors=list(backend_predictors(bundles, device)),
     )

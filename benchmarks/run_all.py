@@ -1,0 +1,440 @@
+"""medseg against the MONAI reference pipeline on this machine, side by side, in one run.
+
+Measures, and prints as tables (JSON to benchmarks/results/run_all.json, a PNG bar chart beside it):
+
+1. Inference end to end on a CT-sized volume (512x512x200 at 0.8x0.8x2.5 mm; ``--full`` adds
+   512x512x600), each pipeline as its own process, as a user runs it: ``medseg infer`` with
+   ``--backend auto`` (after one run that measures and caches the choice), ``medseg infer`` with torch
+   fp32, and the MONAI spleen-tutorial pipeline (benchmarks/reference/spleen_pipeline.py) with the same
+   bundle weights. Seconds per stage, whole-process wall time, peak RSS, and Dice per label between the
+   masks.
+2. The network alone: every backend/precision on a batch of windows (medseg.backends.measure), its
+   achieved GFLOP/s beside this machine's measured matmul peak (fp32 and bf16).
+3. Post-processing (connected components: medseg's cc3d path against MONAI's
+   KeepLargestConnectedComponent) and the dense CRF at a given size.
+
+The bundle: ``--model BUNDLE``, else one trained here in a few minutes (classic U-Net, 16 features,
+depth 4, 64x64x32 patches at 2x2x3 mm) on synthetic CT phantoms whose anatomy is scaled to an adult
+abdomen (about 320 mm across); it is cached in ``--work`` with the volumes. Training throughput is
+measured by benchmarks/train_throughput.py.
+
+Run: python benchmarks/run_all.py [--full] [--model BUNDLE] [--work /tmp/medseg-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HERE = Path(__file__).resolve().parent
+ANATOMY_SCALE = 2.5  # synthetic phantoms (128 mm) scaled to an adult abdomen
+TRAIN_SETTINGS = [
+    "model.name=classic_unet",
+    "model.features=16",
+    "model.depth=4",
+    "train.patch_size=[64,64,32]",
+    "preprocess.spacing=[2,2,3]",
+    "train.batch_size=2",
+    "train.val_surface_metrics=false",
+    "tracking.enabled=false",
+]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    model, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "flags": [f for f in wanted if f in flags],
+        "load_avg_at_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype`` (the machine's practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- data and bundle
+
+
+def run_medseg(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "medseg", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
+def prepare_bundle(work: Path, epochs: int) -> Path:
+    """A bundle trained here on scaled synthetic phantoms (cached in ``work``)."""
+    import nibabel as nib
+
+    bundle = work / "run" / "bundle"
+    if (bundle / "model.safetensors").is_file():
+        return bundle
+    data = work / "data"
+    if not (data / "dataset.json").is_file():
+        run_medseg("synth", "--out", str(data), "--cases", "8", "--size", "128", "--seed", "0")
+        for path in sorted(data.glob("*/*.nii.gz")):
+            img = nib.load(path)
+            affine = img.affine.copy()
+            affine[:3] *= ANATOMY_SCALE
+            nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine, img.header), path)
+    print(f"training the benchmark bundle ({epochs} epochs) ...", flush=True)
+    t0 = time.perf_counter()
+    sets = [
+        x
+        for s in [*TRAIN_SETTINGS, f"train.epochs={epochs}", f"train.val_every={epochs}"]
+        for x in ("--set", s)
+    ]
+    run_medseg("train", "--data", str(data), "--out", str(work / "run"), *sets)
+    print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return bundle
+
+
+def make_ct_volume(path: Path, shape: tuple[int, int, int], spacing=(0.8, 0.8, 2.5), seed: int = 99) -> Path:
+    """A CT-like volume of ``shape`` at ``spacing`` (RAS): a scaled phantom, repeated along z, air around."""
+    from scipy import ndimage
+
+    from medseg.io import Volume, write_nifti
+    from medseg.synthetic import make_case
+
+    if path.is_file():
+        return path
+    image, _ = make_case((seed, 1), size=128, orientation="RAS")
+    src_affine = image.affine.copy()
+    src_affine[:3] *= ANATOMY_SCALE
+    target = np.diag([*spacing, 1.0])
+    target[:3, 3] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2
+    to_src = np.linalg.inv(src_affine) @ target
+    out = np.empty(shape, dtype=np.int16)
+    src_z = image.array.shape[2]
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    for k in range(shape[2]):
+        idx = np.stack([ii, jj, np.full_like(ii, k), np.ones_like(ii)], axis=-1).reshape(-1, 4).astype(float)
+        coords = (idx @ to_src.T)[:, :3].T
+        coords[2] = np.mod(coords[2], src_z)  # repeat along z, as a long scan would
+        out[:, :, k] = ndimage.map_coordinates(image.array, coords, order=1, cval=-1000.0).reshape(shape[:2])
+    write_nifti(Volume(array=out, affine=target, meta={"kind": "image"}), path, dtype="int16")
+    return path
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def run_with_rss(cmd: list[str]) -> dict:
+    """Run ``cmd`` and measure its peak RSS with wait4 (per child, not cumulative)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    with (
+        open(os.devnull, "w") as null,
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=null, text=True) as proc,
+    ):
+        stdout = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stdout": stdout}
+
+
+def medseg_infer(bundle: Path, volume: Path, out: Path, backend: str, precision: str) -> dict:
+    cmd = [sys.executable, "-m", "medseg", "infer", "--model", str(bundle), "--input", str(volume)]
+    cmd += ["--output", str(out), "--device", "cpu", "--backend", backend, "--precision", precision]
+    cmd += ["--overwrite", "--no-report"]
+    run = run_with_rss(cmd)
+    stem = volume.name.removesuffix(".nii.gz")
+    sidecar = json.loads((out / f"{stem}_seg.json").read_text())
+    run["stages_s"] = sidecar.get("timings_s", {})
+    run["backend"] = sidecar.get("backend")
+    run["mask"] = str(out / f"{stem}_seg.nii.gz")
+    return run
+
+
+def reference_infer(bundle: Path, volume: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(HERE / "reference" / "spleen_pipeline.py"), "--model", str(bundle)]
+    cmd += ["--input", str(volume), "--output", str(out)]
+    run = run_with_rss(cmd)
+    run["stages_s"] = json.loads(run["stdout"].strip().splitlines()[-1])["timings_s"]
+    run["mask"] = str(out / volume.name.replace(".nii.gz", "_seg.nii.gz"))
+    return run
+
+
+def mask_dice(a_path: str, b_path: str, labels: dict[int, str]) -> dict[str, float | None]:
+    import nibabel as nib
+
+    a = np.asarray(nib.load(a_path).dataobj).astype(np.uint8)
+    b = np.asarray(nib.load(b_path).dataobj).astype(np.uint8).reshape(a.shape)
+    out: dict[str, float | None] = {}
+    for k, name in labels.items():
+        if k == 0:
+            continue
+        total = int((a == k).sum()) + int((b == k).sum())
+        out[name] = round(2 * int(((a == k) & (b == k)).sum()) / total, 4) if total else None
+    return out
+
+
+def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dict:
+    """Alternating whole-process runs of each pipeline; median wall time, per-stage seconds, peak RSS."""
+    from medseg.bundle import load_bundle
+
+    labels = load_bundle(bundle).labels
+    out = work / "out"
+    first = medseg_infer(bundle, volume, out / "auto", "auto", "auto")  # measures and caches the choice
+    runs: dict[str, list[dict]] = {"medseg auto": [], "medseg torch fp32": [], "reference (MONAI)": []}
+    for _ in range(repeats):
+        runs["medseg auto"].append(medseg_infer(bundle, volume, out / "auto", "auto", "auto"))
+        runs["medseg torch fp32"].append(medseg_infer(bundle, volume, out / "torch", "torch", "fp32"))
+        runs["reference (MONAI)"].append(reference_infer(bundle, volume, out / "reference"))
+    rows = {}
+    for name, items in runs.items():
+        best = sorted(items, key=lambda r: r["wall_s"])[len(items) // 2]
+        rows[name] = {
+            "wall_s": round(statistics.median(r["wall_s"] for r in items), 2),
+            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in items)),
+            "stages_s": best["stages_s"],
+            "backend": best.get("backend"),
+        }
+    masks = {name: items[-1]["mask"] for name, items in runs.items()}
+    return {
+        "volume": str(volume),
+        "first_auto_run_wall_s": round(first["wall_s"], 2),
+        "auto_choice": first.get("backend"),
+        "rows": rows,
+        "dice": {
+            "medseg auto vs medseg torch fp32": mask_dice(
+                masks["medseg auto"], masks["medseg torch fp32"], labels
+            ),
+            "medseg auto vs reference": mask_dice(masks["medseg auto"], masks["reference (MONAI)"], labels),
+            "medseg torch fp32 vs reference": mask_dice(
+                masks["medseg torch fp32"], masks["reference (MONAI)"], labels
+            ),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- network, post-processing, CRF
+
+
+def bench_network(bundle_path: Path, work: Path, peaks: dict[str, float]) -> dict:
+    """Every backend/precision on the parity batch (sw_batch windows): seconds, GFLOP/s, % of peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medseg.backends import default_window_shape, measure
+    from medseg.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    shape = default_window_shape(bundle)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        bundle.network(torch.zeros(shape))
+    flops = counter.get_total_flops()
+    candidates = measure(bundle, window_shape=shape, cache_dir=work / "cache", repeats=3)
+    rows = []
+    for c in candidates:
+        gflops = flops / c.seconds / 1e9 if c.seconds else None
+        peak = peaks["bf16" if c.precision == "bf16" else "fp32"]
+        rows.append(
+            {
+                "candidate": c.name,
+                "seconds": c.seconds,
+                "gflop_s": round(gflops, 1) if gflops else None,
+                "percent_of_peak": round(100 * gflops / peak, 1) if gflops else None,
+                "agreement": c.agreement,
+                "passed": c.passed,
+                "note": c.note,
+            }
+        )
+    return {"window_shape": list(shape), "gflop_per_batch": round(flops / 1e9, 2), "candidates": rows}
+
+
+def bench_postprocess(size: int) -> dict:
+    """Keep-largest-component + small-object removal on a ``size``^3 mask: medseg (cc3d) and MONAI."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from medseg.config import PostprocessConfig
+    from medseg.postprocess import postprocess_labels
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((size,) * 3, np.uint8)
+    zz = np.indices(labels.shape).astype(np.float32) - size / 2
+    labels[(zz**2).sum(0) < (size / 4) ** 2] = 1
+    labels[(rng.random(labels.shape) < 0.002)] = 2  # speckle: many small components
+    labels[size // 8 : size // 4, size // 8 : size // 4, size // 8 : size // 4] = 2
+    cfg = PostprocessConfig(keep_largest=True, min_volume_mm3=10.0)
+    t0 = time.perf_counter()
+    ours = postprocess_labels(labels, cfg, spacing=(1.0, 1.0, 1.0), label_ids=[1, 2])
+    medseg_s = time.perf_counter() - t0
+    monai_keep = KeepLargestConnectedComponent(applied_labels=[1, 2], is_onehot=False, connectivity=3)
+    t0 = time.perf_counter()
+    theirs = np.asarray(monai_keep(torch.as_tensor(labels[None]))[0])
+    monai_s = time.perf_counter() - t0
+    return {
+        "size": size,
+        "medseg_s": round(medseg_s, 3),
+        "monai_keep_largest_s": round(monai_s, 3),
+        "same_mask": bool((ours == theirs).all()),
+    }
+
+
+def bench_crf(size: int) -> dict:
+    from medseg.crf import dense_crf
+
+    rng = np.random.default_rng(0)
+    zz = np.indices((size,) * 3).astype(np.float32) - size / 2
+    inside = (zz**2).sum(0) < (size / 4) ** 2
+    image = torch.as_tensor(inside.astype(np.float32) + rng.normal(0, 0.35, inside.shape).astype(np.float32))
+    logits = torch.as_tensor(
+        np.stack([~inside, inside]).astype(np.float32) * 2 + rng.normal(0, 1.5, (2, *inside.shape))
+    )
+    probs = torch.softmax(logits.float(), 0)
+    t0 = time.perf_counter()
+    dense_crf(probs, image, spacing=(1.0, 1.0, 1.0))
+    return {"size": size, "crf_s": round(time.perf_counter() - t0, 2), "iterations": 5}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_inference(result: dict) -> None:
+    rows = result["rows"]
+    ref = rows["reference (MONAI)"]["wall_s"]
+    print(f"\n## Inference end to end: {Path(result['volume']).name}")
+    print(
+        f"auto chose: {result['auto_choice']} (first run, measuring and caching: {result['first_auto_run_wall_s']} s)"
+    )
+    print("| pipeline | wall s | vs reference | peak RSS MiB | stages s |\n| --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        stages = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in row["stages_s"].items())
+        print(
+            f"| {name} | {row['wall_s']:.1f} | {row['wall_s'] / ref:.2f}x | {row['peak_rss_mib']} | {stages} |"
+        )
+    for pair, dice in result["dice"].items():
+        print(f"Dice {pair}: " + ", ".join(f"{k} {v}" for k, v in dice.items()))
+
+
+def print_network(result: dict, peaks: dict) -> None:
+    print(
+        f"\n## Network forward: batch {result['window_shape']}, {result['gflop_per_batch']} GFLOP per batch"
+    )
+    print(f"matmul peak here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(
+        "| backend | s per batch | GFLOP/s | % of peak | agreement | parity |\n| --- | --- | --- | --- | --- | --- |"
+    )
+    for r in result["candidates"]:
+        if r["seconds"] is None:
+            print(f"| {r['candidate']} | - | - | - | - | {r['note']} |")
+            continue
+        verdict = "passed" if r["passed"] else "failed"
+        print(
+            f"| {r['candidate']} | {r['seconds']:.3f} | {r['gflop_s']} | {r['percent_of_peak']} | "
+            f"{r['agreement']} | {verdict} |"
+        )
+
+
+def plot(results: dict, png: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    infer = results["inference"]
+    fig = Figure(figsize=(10, 3.2 * len(infer) + 3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(infer) + 1, 1)
+    for ax, result in zip(axes, infer, strict=False):
+        names = list(result["rows"])
+        ax.barh(names, [result["rows"][n]["wall_s"] for n in names], color=["#2a7", "#27a", "#a52"])
+        ax.set_xlabel("seconds, whole process")
+        ax.set_title(f"inference end to end, {Path(result['volume']).name}")
+    net = results["network"]["candidates"]
+    ok = [r for r in net if r["seconds"]]
+    axes[-1].barh([r["candidate"] for r in ok], [r["gflop_s"] for r in ok], color="#27a")
+    axes[-1].axvline(results["peaks_gflops"]["fp32"], color="k", ls="--", label="matmul peak fp32")
+    axes[-1].axvline(results["peaks_gflops"]["bf16"], color="r", ls=":", label="matmul peak bf16")
+    axes[-1].set_xlabel("achieved GFLOP/s (network forward)")
+    axes[-1].legend(loc="lower right")
+    fig.suptitle(f"{results['machine']['cpu']}, {results['machine']['torch_threads']} threads")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="realistic sizes, 3 runs each (long)")
+    parser.add_argument("--model", help="bundle to use (default: one trained here, cached in --work)")
+    parser.add_argument("--work", default="/tmp/medseg-bench")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs for the benchmark bundle")
+    parser.add_argument("--out", default=str(HERE / "results" / "run_all.json"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"mode": "full" if args.full else "quick", "machine": machine_info()}
+    print(json.dumps(results["machine"]))
+    bundle = Path(args.model) if args.model else prepare_bundle(work, args.epochs)
+    results["bundle"] = {"path": str(bundle), "trained_here": not args.model, "settings": TRAIN_SETTINGS}
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    results["peaks_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
+    results["network"] = bench_network(bundle, work, peaks)
+    print_network(results["network"], peaks)
+    volumes = [make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200))]
+    if args.full:
+        volumes.append(make_ct_volume(work / "ct_512x512x600.nii.gz", (512, 512, 600)))
+    results["inference"] = []
+    for volume in volumes:
+        result = bench_inference(bundle, volume, work, repeats=3 if args.full else 1)
+        results["inference"].append(result)
+        print_inference(result)
+    size = 256 if args.full else 128
+    results["postprocess"] = bench_postprocess(size)
+    results["crf"] = bench_crf(size)
+    print(f"\n## Post-processing at {size}^3: {json.dumps(results['postprocess'])}")
+    print(f"## Dense CRF at {size}^3 (5 iterations, CPU): {results['crf']['crf_s']} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"\nwritten {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
