@@ -31,3 +31,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Docker images + the compose MLflow stack, built and exercised (needs a Docker engine; not part of `make test`).
+# HOST_PYTHON: a Python with nibabel and mlflow for the host-side checks (default: this venv).
+.PHONY: docker-test
+docker-test:
+	HOST_PYTHON=$${HOST_PYTHON:-$(abspath $(PY))} bash docker/test.sh
