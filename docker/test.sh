@@ -209,15 +209,14 @@ cat >"$WORK/mlflow.env" <<EOF
 POSTGRES_USER=mlflow
 POSTGRES_PASSWORD=$(pw)
 POSTGRES_DB=mlflow
-MLFLOW_AUTH_ADMIN_USERNAME=admin
-MLFLOW_AUTH_ADMIN_PASSWORD=$ADMIN_PASSWORD
 EOF
+printf 'MLFLOW_AUTH_ADMIN_USERNAME=admin\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\n' "$ADMIN_PASSWORD" >"$WORK/mlflow-auth.env"
 printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' "$ADMIN_PASSWORD" >"$WORK/mlflow-client.env"
 umask 022
 mkdir -p "$WORK/stack"
 MEDSEG_UID=$(id -u) MEDSEG_GID=$(id -g)
 export MEDSEG_IMAGE MLFLOW_IMAGE POSTGRES_IMAGE MLFLOW_PORT MLFLOW_ENV_FILE="$WORK/mlflow.env" \
-    MLFLOW_CLIENT_ENV_FILE="$WORK/mlflow-client.env" MEDSEG_WORKDIR="$WORK/stack" MEDSEG_UID MEDSEG_GID
+    MLFLOW_CLIENT_ENV_FILE="$WORK/mlflow-client.env" MLFLOW_AUTH_ENV_FILE="$WORK/mlflow-auth.env" MEDSEG_WORKDIR="$WORK/stack" MEDSEG_UID MEDSEG_GID
 compose up -d --wait --wait-timeout 300 --pull never db mlflow >"$WORK/up.log" 2>&1 \
     || { cat "$WORK/up.log"; compose logs --tail 40; fail "the stack did not become healthy"; }
 URI="http://127.0.0.1:$MLFLOW_PORT"
