@@ -132,7 +132,7 @@ fi
 "${BUILD[@]}" "${SECRET[@]}" -f docker/Dockerfile -t "$MEDSEG_IMAGE" \
     --build-arg "MEDSEG_VERSION=$VERSION" --build-arg "VCS_REF=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     . >"$WORK/build-cpu.log" 2>&1 || { tail -n 30 "$WORK/build-cpu.log"; fail "docker build (log above)"; }
-grep -E "torch .* from " "$WORK/build-cpu.log" | sed 's/^#[0-9]* [0-9.]* /    /' | head -n1 || true
+grep -E "^#[0-9]+ [0-9.]+ torch .* from " "$WORK/build-cpu.log" | sed -E 's/^#[0-9]+ [0-9.]+ /    /' | head -n1 || true
 user=$(docker image inspect --format '{{.Config.User}}' "$MEDSEG_IMAGE")
 [[ "$user" == 10001:10001 ]] || fail "the image runs as '$user', not the non-root 10001:10001"
 docker run --rm "$MEDSEG_IMAGE" --help >/dev/null || fail "medseg --help in the image as its default user"
@@ -210,7 +210,8 @@ POSTGRES_USER=mlflow
 POSTGRES_PASSWORD=$(pw)
 POSTGRES_DB=mlflow
 EOF
-printf 'MLFLOW_AUTH_ADMIN_USERNAME=admin\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\n' "$ADMIN_PASSWORD" >"$WORK/mlflow-auth.env"
+printf 'MLFLOW_AUTH_ADMIN_USERNAME=admin\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\nMLFLOW_FLASK_SERVER_SECRET_KEY=%s\n' \
+    "$ADMIN_PASSWORD" "$(pw)" >"$WORK/mlflow-auth.env"
 printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' "$ADMIN_PASSWORD" >"$WORK/mlflow-client.env"
 umask 022
 mkdir -p "$WORK/stack"
@@ -220,7 +221,8 @@ export MEDSEG_IMAGE MLFLOW_IMAGE POSTGRES_IMAGE MLFLOW_PORT MLFLOW_ENV_FILE="$WO
 compose up -d --wait --wait-timeout 300 --pull never db mlflow >"$WORK/up.log" 2>&1 \
     || { cat "$WORK/up.log"; compose logs --tail 40; fail "the stack did not become healthy"; }
 URI="http://127.0.0.1:$MLFLOW_PORT"
-curl -sf --max-time 10 "$URI/health" >/dev/null || fail "$URI/health does not answer from the host"
+curl -sf --retry 30 --retry-delay 2 --retry-all-errors --max-time 10 -o /dev/null "$URI/health" \
+    || fail "$URI/health does not answer from the host"
 published=$(docker port "$(compose ps -q mlflow)" 5000/tcp | head -n1)
 [[ "$published" == 127.0.0.1:* ]] || fail "MLflow published on $published, not on 127.0.0.1"
 echo "    MLflow $URI (published $published), PostgreSQL $(compose exec -T db postgres --version)"
@@ -240,6 +242,7 @@ import sys
 import mlflow
 
 uri = sys.argv[1]
+mlflow.set_tracking_uri(uri)  # this checking process only: runs:/ URIs resolve through the server
 client = mlflow.MlflowClient(uri)
 exp = client.get_experiment_by_name("docker-test")
 assert exp is not None, "no experiment docker-test"
@@ -296,9 +299,11 @@ step "MLflow basic-auth app (docker/compose.auth.yaml): anonymous refused, the a
 COMPOSE_EXTRA="$REPO/docker/compose.auth.yaml"
 compose up -d --wait --wait-timeout 300 --pull never mlflow >"$WORK/up-auth.log" 2>&1 \
     || { cat "$WORK/up-auth.log"; compose logs --tail 40 mlflow; fail "the server with basic auth did not come up"; }
+curl -sf --retry 30 --retry-delay 2 --retry-all-errors --max-time 10 -o /dev/null "$URI/health" \
+    || { compose logs --tail 40 mlflow; fail "the server with basic auth does not answer /health"; }
 api="$URI/api/2.0/mlflow/experiments/get-by-name?experiment_name=docker-test"
-anon=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 "$api")
-admin=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -u "admin:$ADMIN_PASSWORD" "$api")
+anon=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 "$api" || true)
+admin=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -u "admin:$ADMIN_PASSWORD" "$api" || true)
 [[ "$anon" == 401 && "$admin" == 200 ]] || fail "anonymous got $anon (want 401), admin got $admin (want 200)"
 compose run --rm -T medseg infer --model "runs:/$RUN_ID/model" --input "data/imagesTs/$case_file" \
     --output pred-auth --device cpu >"$WORK/infer-auth.log" 2>&1 \
