@@ -303,7 +303,9 @@ curl -sf --retry 30 --retry-delay 2 --retry-all-errors --max-time 10 -o /dev/nul
     || { compose logs --tail 40 mlflow; fail "the server with basic auth does not answer /health"; }
 api="$URI/api/2.0/mlflow/experiments/get-by-name?experiment_name=docker-test"
 anon=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 "$api" || true)
-admin=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -u "admin:$ADMIN_PASSWORD" "$api" || true)
+# the first authenticated call can outlast a short timeout on a loaded host (password hashing, lazy app start)
+admin=$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 --retry 5 --retry-all-errors -u "admin:$ADMIN_PASSWORD" \
+    "$api" || true)
 [[ "$anon" == 401 && "$admin" == 200 ]] || fail "anonymous got $anon (want 401), admin got $admin (want 200)"
 compose run --rm -T medseg infer --model "runs:/$RUN_ID/model" --input "data/imagesTs/$case_file" \
     --output pred-auth --device cpu >"$WORK/infer-auth.log" 2>&1 \
