@@ -41,3 +41,9 @@ clean:
 constraints: $(STAMP)
 	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(medseg|torch|nvidia-|triton)[=@ ]'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+
+# Docker images + the compose MLflow stack, built and exercised (needs a Docker engine; not part of `make test`).
+# HOST_PYTHON: a Python with nibabel and mlflow for the host-side checks (default: this venv).
+.PHONY: docker-test
+docker-test:
+	HOST_PYTHON=$${HOST_PYTHON:-$(abspath $(PY))} bash docker/test.sh
