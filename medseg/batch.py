@@ -152,6 +152,11 @@ def resolve_options(
         precision=None if precision in (None, "auto") else precision,
     )
     cfg = bundles[0].config
+    if crf and not cfg.postprocess.crf.enabled and (bundles[0].path / "postprocess_tuning.json").is_file():
+        log.warning(
+            "--crf: this model's validation tuning did not keep the CRF (it did not raise the validation "
+            "Dice; see postprocess_tuning.json in the bundle); applying it because asked"
+        )
     dev = torch.device(device)
     predictors = backend_predictors(bundles, dev)
     options = InferOptions(
