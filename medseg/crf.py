@@ -22,6 +22,7 @@ No compiled extension is needed (MONAI's ``CRF`` needs ``monai._C``).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +174,9 @@ def dense_crf(
     probs = probs.float()
     image = image.to(probs.device).float()
     unary = torch.log(probs.clamp_min(1e-6))
-    smooth_vox = tuple(cfg.smooth_sigma_mm / s for s in spacing)
-    bil_vox = tuple(cfg.bilateral_sigma_mm / s for s in spacing)
-    shape = tuple(image.shape)
+    smooth_vox = cast(Spacing, tuple(cfg.smooth_sigma_mm / s for s in spacing))
+    bil_vox = cast(Spacing, tuple(cfg.bilateral_sigma_mm / s for s in spacing))
+    shape = cast(tuple[int, int, int], tuple(image.shape))  # 3D: probs is 4D and probs.shape[1:] matched it
     smooth = GridFilter(shape, sigma_vox=smooth_vox, device=probs.device) if cfg.smooth_weight > 0 else None
     bilateral = (
         GridFilter(

@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -224,6 +224,7 @@ def _msd_cases(spec_path: Path, spec: dict[str, Any], entries: _Entries) -> tupl
     training_raw = spec.get("training")
     if not isinstance(training_raw, list):
         raise InputError(spec_path, "missing or malformed 'training' list")
+    label: Path | None
     training = []
     for entry in training_raw:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
@@ -369,12 +370,12 @@ def group_channel_inputs(paths: Sequence[str | Path], n_channels: int) -> list[t
     """
     from medseg.io import case_stem
 
-    paths = [Path(p) for p in paths]
+    input_paths = [Path(p) for p in paths]
     if n_channels == 1:
-        return [(case_stem(p), [p]) for p in paths]
+        return [(case_stem(p), [p]) for p in input_paths]
     cases: list[tuple[str, list[Path]]] = []
     groups: dict[tuple[Path, str], dict[int, Path]] = {}
-    for path in paths:
+    for path in input_paths:
         match = _CHANNEL_FILE.match(path.name)
         if match and path.is_file() and not _is_multichannel_nifti(path):
             groups.setdefault((path.parent, match.group(1)), {})[int(match.group(2))] = path
@@ -396,9 +397,10 @@ def _is_multichannel_nifti(path: Path) -> bool:
     if not is_nifti(path):
         return False
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     try:
-        shape = nib.load(str(path)).shape  # the header only
+        shape = cast(SpatialImage, nib.load(str(path))).shape  # the header only
     except Exception:
         return False
     return len(shape) >= 4 and int(np.prod(shape[3:])) > 1
@@ -497,6 +499,7 @@ def fingerprint(
     label_voxels = {k: 0 for k in dataset.labels}
     label_ml: dict[int, list[float]] = {k: [] for k in dataset.labels if k}
     for case in dataset.training:
+        assert case.label is not None  # every training case has a label (load_dataset refuses one without)
         channels = load_channels(case.images, resample=resample_channels)
         image = channels[0]
         label = load_label(case.label, image=image)
@@ -558,6 +561,7 @@ def check_dataset(
         return [str(exc)]
     known = set(dataset.labels)
     for case in dataset.training + [c for c in dataset.test if c.label is not None]:
+        assert case.label is not None  # training cases all have labels; unlabelled test cases are skipped
         try:
             channels = load_channels(case.images, resample=resample_channels)
             if len(channels) != dataset.n_channels:

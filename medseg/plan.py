@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def _plan_intensity(pre: PreprocessConfig, fp: dict[str, Any]) -> int:
             _plan_ct(it, fp["foreground_intensity"])
         return 1
     if pre.channels is None:
-        pre.channels = [IntensityConfig(kind=channel_kind(n), name=n) for n in names]  # type: ignore[arg-type]
+        pre.channels = [IntensityConfig(kind=channel_kind(n), name=n) for n in names]
     elif len(pre.channels) != len(names):
         raise ConfigError(
             f"preprocess.channels lists {len(pre.channels)} channels; the dataset has {len(names)} ({names})"
@@ -147,7 +147,7 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     plan = cfg.model_copy(deep=True)
     pre, tr = plan.preprocess, plan.train
     if pre.spacing is None:
-        pre.spacing = target_spacing(fp)  # type: ignore[assignment]
+        pre.spacing = target_spacing(fp)
     n_channels = _plan_intensity(pre, fp)
     if plan.model.in_channels is None:
         plan.model.in_channels = n_channels
@@ -162,7 +162,7 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     divisor = divisor_of(plan.model)
     if tr.patch_size is None:
         per_sample = min(max_patch_voxels, budget_voxels / 2)  # room for a batch of 2
-        tr.patch_size = _fit_patch(extent_vox, divisor, per_sample)  # type: ignore[assignment]
+        tr.patch_size = _fit_patch(extent_vox, divisor, per_sample)
     if tr.batch_size is None:
         patch_vox = float(np.prod(tr.patch_size))
         covers_image = bool(np.all(np.asarray(tr.patch_size) >= extent_vox))
@@ -443,8 +443,10 @@ def plan_for_budget(
     if budget is None:
         return planned, None
     tr, fixed = planned.train, cfg.train.model_fields_set
+    assert tr.patch_size is not None  # make_plan fills both
+    assert tr.batch_size is not None
     patches = (
-        [tuple(int(p) for p in tr.patch_size)]
+        [cast(tuple[int, int, int], tuple(int(p) for p in tr.patch_size))]
         if "patch_size" in fixed
         else candidate_patches(tr.patch_size, divisor_of(planned.model))
     )

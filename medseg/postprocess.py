@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import cc3d
 import numpy as np
@@ -25,8 +26,11 @@ from medseg.config import PostprocessConfig
 
 log = logging.getLogger(__name__)
 
+Connectivity = Literal[6, 18, 26]
+"""Voxel connectivity of a 3D component: faces (6), faces and edges (18), or all neighbours (26)."""
 
-def keep_largest_component(mask: np.ndarray, *, connectivity: int = 26, k: int = 1) -> np.ndarray:
+
+def keep_largest_component(mask: np.ndarray, *, connectivity: Connectivity = 26, k: int = 1) -> np.ndarray:
     """Keep only the ``k`` largest connected components of a binary mask."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
@@ -35,7 +39,7 @@ def keep_largest_component(mask: np.ndarray, *, connectivity: int = 26, k: int =
 
 
 def remove_small_components(
-    mask: np.ndarray, *, min_volume_mm3: float, spacing: tuple[float, float, float], connectivity: int = 26
+    mask: np.ndarray, *, min_volume_mm3: float, spacing: tuple[float, float, float], connectivity: Connectivity = 26
 ) -> np.ndarray:
     """Drop components smaller than ``min_volume_mm3`` (physical volume)."""
     mask = np.asarray(mask, dtype=bool)
@@ -51,7 +55,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(np.asarray(mask, dtype=bool))
 
 
-def count_components(mask: np.ndarray, *, connectivity: int = 26) -> int:
+def count_components(mask: np.ndarray, *, connectivity: Connectivity = 26) -> int:
     """Number of connected components of a binary mask."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from monai.inferers import sliding_window_inference
 from medseg.config import CRFConfig, InferConfig
 from medseg.io import Volume
 from medseg.postprocess import postprocess_labels
-from medseg.runtime import Precision, autocast, channels_last, resolve_precision
+from medseg.runtime import Precision, autocast, channels_last, resolve_precision, set_memory_format
 from medseg.transforms import build_preprocess, to_metatensor
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def torch_predictor(
     device = torch.device(device)
     last = channels_last(device, precision)
     if last:
-        network.to(memory_format=torch.channels_last_3d)  # in place, once: the weights stay the same
+        set_memory_format(network, torch.channels_last_3d)  # in place, once: the weights stay the same
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(device, precision):
@@ -225,6 +225,7 @@ def _network_probabilities(
 ) -> tuple[torch.Tensor, float | None]:
     """Sliding-window probabilities of the preprocessed image (1, X, Y, Z), and the TTA disagreement."""
     infer = bundle.config.infer
+    assert bundle.config.train.patch_size is not None  # a trained bundle's config records its patch
     roi = tuple(int(p) for p in bundle.config.train.patch_size)
     on_windows = None
     if progress is not None:
@@ -289,10 +290,10 @@ def model_grid_probabilities(
         )
     grid_image = image.as_tensor()[0].float()
     if crf is not None and crf.enabled:
-        from medseg.crf import dense_crf
+        from medseg.crf import Spacing, dense_crf
 
         with _stage("crf", timings, progress):
-            spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+            spacing = cast(Spacing, tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
             crf_device = torch.device(device)
             refined = dense_crf(
                 probs.to(crf_device).float(), grid_image.to(crf_device), spacing=spacing, cfg=crf
@@ -438,7 +439,11 @@ def ensemble_to_source_grid(
             volume.shape,
             return_probabilities=probabilities,
         )
-        labels, probs = resampled if probabilities else (resampled, None)
+        labels, probs = (
+            cast(tuple[np.ndarray, np.ndarray], resampled)
+            if probabilities
+            else (cast(np.ndarray, resampled), None)
+        )
     cfg = bundles[0].config
     if postprocess:
         with _stage("postprocess", timings, progress):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.io import Volume, write_text_atomic
-from medseg.postprocess import count_components
+from medseg.postprocess import Connectivity, count_components
 from medseg.viz import label_colour, overlay_png_bytes
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def case_qc(
     labels: dict[int, str],
     tta_disagreement: float | None = None,
     volume_ranges: Any = None,
-    connectivity: int = 26,
+    connectivity: Connectivity = 26,
     overlay: bool = True,
 ) -> CaseQC:
     """QC figures of one segmented case (the mask in the image's grid); without ``overlay`` no PNG."""
@@ -150,8 +150,8 @@ def qc_from_dict(tree: dict[str, Any], overlay_png: bytes) -> CaseQC:
         structures=[StructureQC(**s) for s in tree["structures"]],
         tta_disagreement=tree.get("tta_disagreement"),
         overlay_png=overlay_png,
-        shape=tuple(tree["shape"]),  # type: ignore[arg-type]
-        spacing=tuple(tree["spacing"]),  # type: ignore[arg-type]
+        shape=tuple(tree["shape"]),
+        spacing=tuple(tree["spacing"]),
         warnings=list(tree.get("warnings", [])),
     )
 

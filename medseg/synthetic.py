@@ -271,7 +271,8 @@ def make_dataset(
         raise ValueError(f"layout {layout!r}: expected 'msd' or 'nnunet'")
     names = channel_names(channels) if modality == "mr" else ["CT"]
     n_test = max(1, round(cases * test_fraction))
-    training, test = [], []
+    training: list[dict[str, str]] = []
+    test: list[dict[str, str]] = []
     for index in range(cases):
         name = f"case_{index:03d}"
         if modality == "mr":

@@ -181,8 +181,8 @@ def _intensity_ops(it: IntensityConfig, *, keys: str | None) -> list[Any]:
                 "CT normalisation needs preprocess.intensity.window/mean/std (planned from the dataset)"
             )
         lo, hi = it.window
-        clip = {"a_min": lo, "a_max": hi, "b_min": lo, "b_max": hi, "clip": True}
-        zscore = {"subtrahend": it.mean, "divisor": max(it.std, 1e-6)}
+        clip: dict[str, Any] = {"a_min": lo, "a_max": hi, "b_min": lo, "b_max": hi, "clip": True}
+        zscore: dict[str, Any] = {"subtrahend": it.mean, "divisor": max(it.std, 1e-6)}
         if keys is None:
             return [ScaleIntensityRange(**clip), NormalizeIntensity(**zscore)]
         return [ScaleIntensityRanged(keys=keys, **clip), NormalizeIntensityd(keys=keys, **zscore)]
@@ -345,7 +345,7 @@ def build_augment(
             RandBiasFieldd(keys="image", prob=bias_field_prob(cfg), coeff_range=aug.bias_field_coeff)
         )
     # several channels (different contrasts): brightness, shift and gamma drawn per channel
-    per_channel = {"channel_wise": True} if (cfg.model.in_channels or 1) > 1 else {}
+    per_channel: dict[str, Any] = {"channel_wise": True} if (cfg.model.in_channels or 1) > 1 else {}
     if aug.intensity_scale_prob > 0:
         chain.append(
             RandScaleIntensityd(
@@ -448,6 +448,7 @@ def augment_preview(
         for t in augment.transforms
         if isinstance(t, Randomizable)
     )
+    assert cfg.train.patch_size is not None  # make_plan filled it
     fig.suptitle(f"augmented patches {tuple(int(p) for p in cfg.train.patch_size)}: {enabled}", fontsize=7)
     from medseg.viz import save_figure
 

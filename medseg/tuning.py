@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -231,8 +231,8 @@ def tune_postprocessing(
         raise ValueError(
             f"need as many probabilities as references (got {len(probabilities)}, {len(references)})"
         )
-    spacings = list(spacing) if spacing and isinstance(spacing[0], Sequence) else [spacing] * len(references)
-    spacings = [tuple(float(v) for v in s) for s in spacings]
+    per_case = list(spacing) if spacing and isinstance(spacing[0], Sequence) else [spacing] * len(references)
+    spacings = [cast(Spacing, tuple(float(v) for v in cast(Sequence[float], s))) for s in per_case]
     refs = [np.asarray(r).astype(np.int64) for r in references]
     ids = sorted(int(k) for k in label_ids)
     fg = [k for k in ids if k]
@@ -285,7 +285,10 @@ def validation_probabilities(
 
     preprocess = build_preprocess(cfg)
     roi = tuple(int(p) for p in cfg.train.patch_size)
-    probs, refs, images, spacings = [], [], [], []
+    probs: list[np.ndarray] = []
+    refs: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    spacings: list[Spacing] = []
     network.eval()
     with torch.no_grad():
         for case in cases:
@@ -306,7 +309,7 @@ def validation_probabilities(
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
             images.append(np.asarray(item["image"][0], dtype=np.float32))  # the CRF reads the first channel
             affine = np.asarray(item["image"].affine, dtype=float)
-            spacings.append(tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
+            spacings.append(cast(Spacing, tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))))
     return probs, refs, images, spacings
 
 

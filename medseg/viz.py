@@ -140,7 +140,7 @@ def _overlay_rows(
 def _orientation_letters(ax, letters: str) -> None:
     """Patient directions at the four edges of a view (left, right, top, bottom)."""
     style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
-    left, right, top, bottom = letters
+    left, right, top, bottom = tuple(letters)  # one letter per edge
     ax.text(0.01, 0.5, left, ha="left", va="center", **style)
     ax.text(0.99, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.99, top, ha="center", va="top", **style)

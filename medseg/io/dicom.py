@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -246,7 +247,7 @@ def _headers_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_SliceHeader]
         )
     )
     instance = ds.get("InstanceNumber")
-    common = {
+    common: dict[str, Any] = {
         "path": path,
         "series_key": uid or f"hash:{uid_hash(fallback)}",
         "series_uid": uid,
@@ -275,10 +276,14 @@ def _headers_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_SliceHeader]
     problem = _check_geometry(iop, ipp, ps)
     if problem:
         return problem
+    # _check_geometry rejects a missing tag
+    assert iop is not None
+    assert ipp is not None
+    assert ps is not None
     return [_SliceHeader(iop=iop, ipp=ipp, pixel_spacing=(float(ps[0]), float(ps[1])), **common)]
 
 
-def _enhanced_frames(ds: pydicom.Dataset, common: dict) -> list[_SliceHeader] | str:
+def _enhanced_frames(ds: pydicom.Dataset, common: dict[str, Any]) -> list[_SliceHeader] | str:
     """Per-frame geometry of an enhanced multi-frame object from its functional groups."""
     frames = common["frames"]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -315,6 +320,10 @@ def _enhanced_frames(ds: pydicom.Dataset, common: dict) -> list[_SliceHeader] | 
         problem = _check_geometry(iop, ipp, ps)
         if problem:
             return f"multi-frame object, frame {f + 1}: {problem}"
+        # _check_geometry rejects a missing tag
+        assert iop is not None
+        assert ipp is not None
+        assert ps is not None
         pvt = group(fg, "PixelValueTransformationSequence")
         slope = intercept = None
         if pvt is not None:

@@ -10,9 +10,11 @@ import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from medseg.errors import InputError
 from medseg.io.preflight import default_max_memory, format_bytes
@@ -176,7 +178,7 @@ def read_nifti_channels(path: str | Path) -> list[Volume]:
     """
     path = Path(path)
     try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)  # the header only
+        shape = tuple(int(s) for s in cast(SpatialImage, nib.load(str(path))).shape)  # the header only
     except Exception:
         return [read_nifti(path)]  # which names the problem
     while len(shape) > 3 and shape[-1] == 1:
