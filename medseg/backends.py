@@ -121,8 +121,7 @@ def onnxruntime_predictor(onnx_path: str | Path, precision: str, *, threads: int
     if precision != "fp32":
         raise BackendUnavailableError("onnxruntime runs fp32 only on the CPU provider")
     try:
-        with stop_signals_held():
-            import onnxruntime as ort
+        import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailableError(
             f"onnxruntime is not installed ({INSTALL_HINT['onnxruntime']})"
@@ -178,9 +177,9 @@ def openvino_predictor(
 
     def request_for(shape: tuple[int, ...]) -> Any:
         if shape not in requests:
+            model = source.clone()
+            model.reshape({model.inputs[0].get_any_name(): list(shape)})
             with stop_signals_held():
-                model = source.clone()
-                model.reshape({model.inputs[0].get_any_name(): list(shape)})
                 requests[shape] = core.compile_model(model, "CPU", config).create_infer_request()
         return requests[shape]
 
