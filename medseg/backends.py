@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from medseg.errors import ConfigError, MedsegError
-from medseg.runtime import stop_signals_held
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
@@ -130,14 +129,12 @@ def onnxruntime_predictor(onnx_path: str | Path, precision: str, *, threads: int
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    with stop_signals_held():  # its thread pool never receives SIGTERM/SIGINT (see runtime)
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         arr = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        with stop_signals_held():
-            out = session.run(None, {input_name: arr})[0]
+        out = session.run(None, {input_name: arr})[0]
         return torch.from_numpy(out).to(batch.device)
 
     return Predictor("onnxruntime", "fp32", run)
@@ -159,15 +156,13 @@ def openvino_predictor(
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} for openvino; expected fp32 or bf16")
     try:
-        with stop_signals_held():
-            import openvino as ov
+        import openvino as ov
     except ImportError as exc:
         raise BackendUnavailableError(f"openvino is not installed ({INSTALL_HINT['openvino']})") from exc
     if precision == "bf16" and not cpu_has_native_bf16():
         raise BackendUnavailableError("openvino bf16: this CPU has no native bf16 (it would run f32)")
-    with stop_signals_held():  # OpenVINO's worker threads never receive SIGTERM/SIGINT (see runtime)
-        core = ov.Core()
-        source = core.read_model(str(model_path))
+    core = ov.Core()
+    source = core.read_model(str(model_path))
     config = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
@@ -179,8 +174,7 @@ def openvino_predictor(
         if shape not in requests:
             model = source.clone()
             model.reshape({model.inputs[0].get_any_name(): list(shape)})
-            with stop_signals_held():
-                requests[shape] = core.compile_model(model, "CPU", config).create_infer_request()
+            requests[shape] = core.compile_model(model, "CPU", config).create_infer_request()
         return requests[shape]
 
     if window_shape is not None:
@@ -193,9 +187,7 @@ def openvino_predictor(
         if window_shape is not None and tuple(window_shape[1:]) == shape[1:] and n < window_shape[0]:
             arr = np.concatenate([arr, np.zeros((window_shape[0] - n, *shape[1:]), arr.dtype)])
             shape = tuple(arr.shape)
-        request = request_for(shape)
-        with stop_signals_held():
-            out = request.infer({0: arr})[0]
+        out = request_for(shape).infer({0: arr})[0]
         return torch.from_numpy(np.array(out[:n], dtype=np.float32)).to(batch.device)
 
     return Predictor("openvino", precision, run)

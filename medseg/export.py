@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medseg.errors import ConfigError, MedsegError, OutputError
-from medseg.runtime import stop_signals_held
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
@@ -123,16 +122,14 @@ def _export_openvino_format(bundle: Bundle, out_dir: Path) -> dict[str, Any]:
     from medseg.backends import INSTALL_HINT, default_window_shape, onnx_for
 
     try:
-        with stop_signals_held():
-            import openvino as ov
+        import openvino as ov
     except ImportError as exc:
         raise ConfigError(f"OpenVINO export needs openvino ({INSTALL_HINT['openvino']})") from exc
     window_shape = default_window_shape(bundle)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
         onnx_path = onnx_for(bundle, Path(tmp))
-        with stop_signals_held():  # OpenVINO's threads never receive SIGTERM/SIGINT (see medseg.runtime)
-            model = ov.Core().read_model(str(onnx_path))
-            ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+        model = ov.Core().read_model(str(onnx_path))
+        ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
         target = out_dir / OPENVINO_DIR
         target.mkdir(exist_ok=True)
         os.replace(Path(tmp) / "model.bin", target / "model.bin")  # the .xml last: its presence means done

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,26 +242,3 @@ def channels_last(device: torch.device, precision: Precision) -> bool:
 def set_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
     """``module.to(memory_format=...)`` in place (torch's stubs omit the keyword)."""
     return module.to(memory_format=memory_format)  # type: ignore[call-overload]
-
-
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-@contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """SIGTERM/SIGINT held back (pending) while native runtimes run or start their thread pools.
-
-    A process-directed signal may land on any thread that does not block it; landing on one of
-    OpenVINO's worker threads crashed the process (segfault, about one run in two in the batch
-    SIGTERM test). Threads started inside this block inherit the blocked mask for good, and a
-    signal that arrives meanwhile is delivered to the main thread when the block ends, where the
-    run's own handler stops it cleanly. Off the main thread this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
