@@ -144,8 +144,8 @@ def test_report_is_rebuilt_from_every_sidecar(bundle_dir, inputs, tmp_path):
 
 def _signal_main_thread(signum: int) -> None:
     """The signal as the main thread receives it. (Sent to the process, it may land on an OpenVINO
-    worker thread instead: that crashed the process about one run in two here, a known open problem
-    that medseg.runtime.stop_signals_held narrows but has not closed.)"""
+    worker thread instead: with OpenVINO loaded in the process that crashed it about one run in two
+    here, a known open problem.)"""
     signal.pthread_kill(threading.main_thread().ident, signum)
 
 
