@@ -28,11 +28,6 @@ from .conftest import run_cli
 
 LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
 
-# Each test in a forked child: OpenVINO and ONNX Runtime never load into the main test process.
-# (With OpenVINO loaded, a later in-process SIGTERM/SIGINT test crashed the process: an open problem,
-# which is also why infer.backend defaults to torch.)
-pytestmark = pytest.mark.forked
-
 
 def _tiny_config():
     return config_from_dict(
