@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -188,7 +187,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
-    if int(os.environ.get("RANK", "0")) != 0:
+    from medseg.runtime import rank_and_world
+
+    if rank_and_world()[0] != 0:
         return 0  # under torchrun, rank 0 reports
     print(f"run folder: {result.run_dir}")
     print(f"bundle: {result.bundle}")
