@@ -613,6 +613,12 @@ def make_predictor(
             raise ConfigError(f"--backend {backend} --precision {precision}: {exc}") from exc
         predictor.reason = f"{predictor.name}: requested"
         return predictor
+    if (bundle.config.model.in_channels or 1) > 1 and backend in ("auto", "torch"):
+        # the parity check runs a synthetic single-channel CT: not measured for multi-channel models
+        fixed = "fp32" if precision == "auto" else precision
+        predictor = torch_predictor(bundle.network, fixed, device)
+        predictor.reason = f"torch {fixed}: multi-channel model, backends not measured"
+        return predictor
     record = select(
         bundle, backend=backend, precision=precision, window_shape=window_shape, cache_dir=cache_dir
     )

@@ -107,7 +107,8 @@ class InferOptions:
             "overlap": self.overlap,
             "blend_mode": self.blend_mode,
             "precision": self.precision,
-            "series": self.series,
+            # one series as given (a string), one per channel as a list
+            "series": self.series[0] if len(self.series) == 1 else list(self.series) or None,
         }
 
 
