@@ -441,32 +441,18 @@ def _write_outputs(
         _write_probability_maps(pred, volume, files, written)
     name, version = batch.algorithm
     series = batch.options.series[0] if batch.options.series else None
-    if files.dicom_seg is not None:
-        written.append(files.dicom_seg)
-        write_dicom_seg(
-            pred.mask.array,
-            files.input,
-            files.dicom_seg,
-            labels=batch.labels,
-            series_id=series,
-            algorithm_name=name,
-            algorithm_version=version,
-        )
-    elif batch.options.dicom_seg:
-        log.warning("%s: no DICOM SEG written: DICOM SEG needs a DICOM series as input", files.input.name)
-    if files.rtstruct is not None:
-        written.append(files.rtstruct)
-        write_rtstruct(
-            pred.mask.array,
-            files.input,
-            files.rtstruct,
-            labels=batch.labels,
-            series_id=series,
-            algorithm_name=name,
-            algorithm_version=version,
-        )
-    elif batch.options.rtstruct:
-        log.warning("%s: no RTSTRUCT written: RTSTRUCT needs a DICOM series as input", files.input.name)
+    dicom_outputs = (
+        ("DICOM SEG", files.dicom_seg, batch.options.dicom_seg, write_dicom_seg),
+        ("RTSTRUCT", files.rtstruct, batch.options.rtstruct, write_rtstruct),
+    )
+    for what, target, asked, writer in dicom_outputs:
+        if target is None:
+            if asked:
+                log.warning("%s: no %s written: %s needs a DICOM series as input", files.input.name, what, what)
+            continue
+        written.append(target)
+        writer(pred.mask.array, files.input, target, labels=batch.labels, series_id=series,
+               algorithm_name=name, algorithm_version=version)
 
 
 def _load_case(batch: _Batch, files: CaseFiles) -> list[Volume]:
