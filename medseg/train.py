@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset, list_data_collate
 from monai.losses import DiceCELoss
-from monai.transforms import Compose
 
 from medseg.bundle import save_bundle
 from medseg.checkpoint import (
@@ -79,7 +78,7 @@ from medseg.runtime import (
     set_memory_format,
 )
 from medseg.tracking import Tracker, git_commit, package_versions
-from medseg.transforms import build_augment, build_preprocess, build_sampling_prep
+from medseg.transforms import build_preprocess, build_train_chain
 from medseg.validation import FirstCase, summarise, validate
 
 log = logging.getLogger(__name__)
@@ -251,9 +250,9 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         set_determinism(seed=cfg.seed)
         preprocess = build_preprocess(cfg)
-        self.augment = build_augment(cfg, precomputed=True)
+        chain = build_train_chain(cfg)  # flat, so that CacheDataset caches the preprocessing
+        self.augment = chain
         self.augment.set_random_state(seed=cfg.seed + dist.rank)
-        chain = Compose([preprocess, build_sampling_prep(cfg), self.augment])
         items = dist.shard(_items(train_cases), even=True)
         if cfg.train.cache == "disk":
             cache_dir = self.run_dir / "cache"

@@ -213,6 +213,19 @@ def build_sampling_prep(cfg: Config, *, keys: tuple[str, ...] = ("image", "label
     return Compose([SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), index])
 
 
+def build_train_chain(cfg: Config) -> Compose:
+    """The whole per-case training chain, flat: preprocessing, sampling prep, augmentation.
+
+    Flat because MONAI's ``CacheDataset`` caches up to the first random transform of the
+    ``Compose`` it holds and does not look into nested ones: nested, nothing is cached and every
+    step loads and resamples its volume again (0.36 s against 0.08 s per step of two 48^3 cases
+    here). Seed the augmentation with ``chain.set_random_state``.
+    """
+    return Compose(
+        [build_preprocess(cfg), build_sampling_prep(cfg), build_augment(cfg, precomputed=True)]
+    ).flatten()
+
+
 def _num_classes(cfg: Config) -> int | None:
     return max(cfg.labels) + 1 if cfg.labels else None
 

@@ -45,3 +45,35 @@ def test_a_small_organ_beside_a_large_one_is_a_patch_centre_a_third_of_the_time(
         patch = chain(dict(item))[0]
         hits += bool((patch["label"] == 2).any())
     assert 0.25 < hits / 150 < 0.5  # by voxel count it would be about 0.1 % of foreground centres
+
+
+def test_training_caches_the_preprocessing(tmp_path):
+    """The training chain is flat: CacheDataset keeps every deterministic step (load, resample,
+    class indices) and runs only the random crop and augmentation per step."""
+    import nibabel as nib
+    from monai.data import CacheDataset
+    from monai.transforms import RandomizableTrait, Transform
+
+    from medseg.transforms import build_train_chain
+
+    cfg = _cfg({0: "bg", 1: "liver", 2: "spleen"}, flip_prob=0.5)
+    cfg = Config.model_validate(
+        {**cfg.model_dump(), "preprocess": {"spacing": [1.0, 1.0, 1.0], "intensity": {"kind": "zscore"}}}
+    )
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:8, 2:8, 2:8], label[12:16, 12:16, 12:16] = 1, 2
+    for name, array in (("image", np.random.default_rng(0).normal(size=label.shape)), ("label", label)):
+        nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    chain = build_train_chain(cfg)
+    first_random = chain.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+    )
+    assert first_random is not None
+    assert type(chain.transforms[first_random]).__name__ == "RandCropByLabelClassesd"
+    item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    ds = CacheDataset([item], transform=chain, cache_rate=1.0, progress=False)
+    cached = ds._cache[0]
+    assert not isinstance(cached["image"], str)  # loaded and preprocessed once
+    assert "label_cls_indices" in cached  # the class indices too
+    patches = ds[0]
+    assert patches[0]["image"].shape[1:] == (8, 8, 8)
