@@ -292,6 +292,16 @@ def _monai_val(net, val_ds, infer, labels) -> float:
 # ----------------------------------------------------------------------------- report
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summary(result: dict, labels: dict[int, str]) -> dict[str, float]:
     out = {}
     for k, name in labels.items():
@@ -344,7 +354,12 @@ def main() -> None:
         labels = {int(k): v for k, v in _spec(root)["labels"].items()}
         out = work / f"{name}_{args.minutes:g}min"
         out.mkdir(parents=True, exist_ok=True)
+        saved = HERE / "results" / f"accuracy_{name}.json"
         results = {}
+        if saved.exists() and set(args.methods) != {"medseg", "monai"}:  # one method again: keep the other
+            previous = json.loads(saved.read_text())
+            if previous.get("minutes") == args.minutes:
+                results = {m: r for m, r in previous["results"].items() if m not in args.methods}
         if "medseg" in args.methods:
             results["medseg"] = run_medseg(root, out, args.minutes, labels, reuse=args.reuse)
         val_names = []
@@ -355,7 +370,7 @@ def main() -> None:
             results["monai"] = run_monai(root, args.minutes, labels, val_names)
         for r in results.values():
             r["summary"] = summary(r, labels)
-        machine = f"{platform.node()} {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at the end"
+        machine = f"{_cpu_model()}, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at the end"
         print(f"\n## {name}: {args.minutes:g} min budget each ({machine})\n")
         print("| method | label | Dice mean | Dice min (case) | HD95 mean mm |\n|---|---|---|---|---|")
         for method, r in results.items():
@@ -368,7 +383,7 @@ def main() -> None:
                     )
             print(f"| {method} | **mean** | **{s['dice_mean']:.3f}** | | |")
         payload = {"set": name, "minutes": args.minutes, "machine": machine, "results": results}
-        (HERE / "results" / f"accuracy_{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+        saved.write_text(json.dumps(payload, indent=2, default=str))
         plot(
             results,
             HERE / "results" / f"accuracy_{name}.png",

@@ -104,7 +104,9 @@ class AugmentConfig(_Strict):
     crop: Literal["auto", "pos_neg", "label_classes"] = "auto"
     pos_neg_ratio: PositiveFloat = 2.0  # patches centred on foreground per background patch (both samplers)
     samples_per_volume: int = Field(2, ge=1, le=64)
-    elastic_prob: Probability = 0.1
+    # off by default, as in nnU-Net v2's default training: the deformation grid cost 60 % of the
+    # augmentation time per step here (28 of 44 ms per case); set a probability to use it
+    elastic_prob: Probability = 0.0
     elastic_sigma: PositivePair = (5.0, 7.0)  # voxels, smoothing of the displacement field
     elastic_magnitude: NonNegativePair = (50.0, 150.0)
     rotate_prob: Probability = 0.2

@@ -248,6 +248,7 @@ class Trainer:
         from monai.utils import set_determinism
 
         cfg, dist = self.cfg, self.dist
+        started = time.monotonic()
         set_determinism(seed=cfg.seed)
         preprocess = build_preprocess(cfg)
         chain = build_train_chain(cfg)  # flat, so that CacheDataset caches the preprocessing
@@ -279,6 +280,9 @@ class Trainer:
             shard = dist.shard(_items(val_cases), even=False)
             val_ds = CacheDataset(shard, transform=preprocess, cache_rate=1.0, num_workers=0, progress=False)
             self.val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
+        if dist.main:
+            log.info("data: %d training and %d validation case(s) preprocessed and cached in %.1f s",
+                     len(items), len(val_cases), time.monotonic() - started)
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
