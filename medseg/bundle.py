@@ -35,7 +35,15 @@ if TYPE_CHECKING:
     import nibabel
     import SimpleITK
 
-    ImageLike = str | Path | Volume | nibabel.Nifti1Image | SimpleITK.Image | tuple[np.ndarray, np.ndarray]
+    ImageLike = (
+        str
+        | Path
+        | Volume
+        | nibabel.Nifti1Image
+        | SimpleITK.Image
+        | np.ndarray
+        | tuple[np.ndarray, np.ndarray]
+    )
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -126,7 +134,7 @@ def as_channels(
     from medseg.data import load_input_channels, on_one_grid
 
     if n_channels == 1:
-        return [as_volume(image, affine=affine)]
+        return [as_volume(image, affine=affine)]  # type: ignore[arg-type]
     what = f"the model takes {n_channels} channels" + (f" ({', '.join(names)})" if names else "")
     if isinstance(image, (str, Path)):
         return load_input_channels([image], n_channels=n_channels, channel_names=list(names) or None)
@@ -136,11 +144,12 @@ def as_channels(
         if all(isinstance(x, (str, Path)) for x in image):
             return load_input_channels(list(image), n_channels=n_channels, channel_names=list(names) or None)
         return on_one_grid([as_volume(x) for x in image])
-    if isinstance(image, tuple):
-        image, affine = image
-    if isinstance(image, np.ndarray) or hasattr(image, "dataobj"):
-        array = np.asarray(getattr(image, "dataobj", image), dtype=np.float32)
-        affine = np.asarray(image.affine if hasattr(image, "dataobj") else _need_affine(affine), np.float64)
+    item: Any = image
+    if isinstance(item, tuple):
+        item, affine = item
+    if isinstance(item, np.ndarray) or hasattr(item, "dataobj"):
+        array = np.asarray(getattr(item, "dataobj", item), dtype=np.float32)
+        affine = np.asarray(item.affine if hasattr(item, "dataobj") else _need_affine(affine), np.float64)
         if array.ndim == 5 and array.shape[3] == 1:  # the NIfTI vector layout (x, y, z, 1, C)
             array = array[:, :, :, 0]
         if array.ndim != 4 or array.shape[-1] != n_channels:
