@@ -120,8 +120,15 @@ def test_evaluate_refuses_a_reference_with_values_outside_the_scheme(folders, tm
     assert str(ref / "a.nii.gz") in line
     assert "label value(s) 7, 9 outside the label scheme" in line
     assert "a_seg.json" in line  # where the scheme came from
-    # with no scheme named anywhere (no sidecar, no --model, no --labels) the values found are evaluated
+    # the references' own dataset.json names the scheme when the masks have no sidecar
     (pred / "a_seg.json").unlink()
+    spec = _dataset_json(
+        tmp_path / "dataset.json", {"0": "background", "1": "liver", "2": "spleen", "3": "x"}
+    )
+    code, err = _evaluate(capsys, tmp_path, pred, ref, "--labels", str(spec))
+    assert code == 2
+    assert "label value(s) 7, 9 outside the label scheme (" + str(spec) in err
+    # with no scheme named anywhere (no sidecar, no --model, no --labels) the values found are evaluated
     code, err = _evaluate(capsys, tmp_path, pred, ref)
     assert code == 0, err
     assert {r["label"] for r in csv.DictReader((tmp_path / "m.csv").open())} >= {"7", "9"}
