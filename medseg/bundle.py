@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,15 @@ if TYPE_CHECKING:
     import nibabel
     import SimpleITK
 
-    ImageLike = str | Path | Volume | nibabel.Nifti1Image | SimpleITK.Image | tuple[np.ndarray, np.ndarray]
+    ImageLike = (
+        str
+        | Path
+        | Volume
+        | nibabel.Nifti1Image
+        | SimpleITK.Image
+        | np.ndarray
+        | tuple[np.ndarray, np.ndarray]
+    )
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -67,10 +76,16 @@ class Bundle:
         first = next(self.network.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
 
+    @property
+    def in_channels(self) -> int:
+        """The image channels the network takes (several for multi-contrast MR, e.g. FLAIR, T1, T2)."""
+        return int(self.config.model.in_channels or len(self.config.preprocess.channels or ()) or 1)
+
     def predict(
         self,
-        image: ImageLike,
+        image: ImageLike | Sequence[ImageLike],
         *,
+        affine: np.ndarray | None = None,
         device: str | torch.device | None = None,
         tta: bool = False,
         backend: str | None = None,
@@ -79,7 +94,9 @@ class Bundle:
         """Segment ``image``; the mask (a label ``Volume``) has its exact shape and affine.
 
         ``image``: a file or DICOM folder path, a :class:`~medseg.io.Volume`, a nibabel image,
-        a SimpleITK image, or ``(array, affine)`` with a 4x4 voxel -> RAS (mm) affine.
+        a SimpleITK image, or a NumPy array with ``affine=`` (4x4, voxel -> RAS mm; ``(array, affine)``
+        works too). A multi-channel model takes a 4D NIfTI path or image, a 4D array (x, y, z, C) with
+        ``affine=``, or a list with one of the above per channel, in channel order.
         Runs on the bundle's device unless ``device`` says otherwise. ``backend`` (auto, torch,
         onnxruntime, openvino) and ``precision`` (auto, fp32, bf16) default to the bundle's ``infer``
         config; see medseg.backends.
@@ -88,17 +105,84 @@ class Bundle:
             >>> bundle = medseg.load_bundle("runs/demo/bundle", device="cuda")
             >>> mask = bundle.predict("ct.nii.gz")
             >>> medseg.io.write_nifti(mask, "ct_seg.nii.gz")
+            >>> mask = bundle.predict(array, affine=affine)  # a NumPy array indexed (i, j, k)
         """
         from medseg.predict import predict_volume
 
-        volume = as_volume(image)
+        channels = as_channels(image, affine=affine, n_channels=self.in_channels, names=self._channel_names())
         return predict_volume(
-            [self], volume, device=device or self.device, tta=tta, backend=backend, precision=precision
+            [self],
+            channels[0] if len(channels) == 1 else channels,
+            device=device or self.device,
+            tta=tta,
+            backend=backend,
+            precision=precision,
         ).mask
 
+    def _channel_names(self) -> list[str]:
+        return [c.name or str(i) for i, c in enumerate(self.config.preprocess.channels or [])]
 
-def as_volume(image: ImageLike) -> Volume:
-    """A path, Volume, nibabel image, SimpleITK image or ``(array, affine)`` as a :class:`Volume`."""
+
+def as_channels(
+    image: ImageLike | Sequence[ImageLike],
+    *,
+    affine: np.ndarray | None = None,
+    n_channels: int = 1,
+    names: Sequence[str] = (),
+) -> list[Volume]:
+    """``image`` as the ``n_channels`` Volumes (one grid) a model takes; see :meth:`Bundle.predict`."""
+    from medseg.data import load_input_channels, on_one_grid
+
+    if n_channels == 1:
+        return [as_volume(image, affine=affine)]  # type: ignore[arg-type]
+    what = f"the model takes {n_channels} channels" + (f" ({', '.join(names)})" if names else "")
+    if isinstance(image, (str, Path)):
+        return load_input_channels([image], n_channels=n_channels, channel_names=list(names) or None)
+    if isinstance(image, (list, tuple)) and not _is_array_and_affine(image):
+        if len(image) != n_channels:
+            raise TypeError(f"{what}; got a sequence of {len(image)}")
+        if all(isinstance(x, (str, Path)) for x in image):
+            return load_input_channels(list(image), n_channels=n_channels, channel_names=list(names) or None)
+        return on_one_grid([as_volume(x) for x in image])
+    item: Any = image
+    if isinstance(item, tuple):
+        item, affine = item
+    if isinstance(item, np.ndarray) or hasattr(item, "dataobj"):
+        array = np.asarray(getattr(item, "dataobj", item), dtype=np.float32)
+        affine = np.asarray(item.affine if hasattr(item, "dataobj") else _need_affine(affine), np.float64)
+        if array.ndim == 5 and array.shape[3] == 1:  # the NIfTI vector layout (x, y, z, 1, C)
+            array = array[:, :, :, 0]
+        if array.ndim != 4 or array.shape[-1] != n_channels:
+            raise TypeError(f"{what}: expected a 4D image (x, y, z, {n_channels}), got shape {array.shape}")
+        return [_checked_volume(array[..., c], affine, "image") for c in range(n_channels)]
+    raise TypeError(
+        f"{what}: pass a 4D NIfTI path or image, a 4D array with affine=, or one image per channel in a list"
+    )
+
+
+def _is_array_and_affine(value: Sequence[Any]) -> bool:
+    """``(array, affine)``: two items, the second a 4x4 matrix."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], np.ndarray)
+        and np.shape(value[1]) == (4, 4)
+    )
+
+
+def _need_affine(affine: np.ndarray | None) -> np.ndarray:
+    if affine is None:
+        raise TypeError(
+            "an array has no geometry: pass predict(array, affine=A) or (array, affine), "
+            "A a 4x4 voxel -> RAS (mm) matrix"
+        )
+    return np.asarray(affine)
+
+
+def as_volume(image: ImageLike, *, affine: np.ndarray | None = None) -> Volume:
+    """A path, Volume, nibabel image, SimpleITK image or NumPy array (with ``affine``) as a :class:`Volume`."""
+    if affine is not None and not isinstance(image, np.ndarray):
+        raise TypeError(f"affine= goes with a NumPy array; a {type(image).__name__} carries its own geometry")
     if isinstance(image, Volume):
         return image
     if isinstance(image, (str, Path)):
@@ -108,26 +192,27 @@ def as_volume(image: ImageLike) -> Volume:
     if isinstance(image, tuple) and len(image) == 2:
         array, affine = (np.asarray(x) for x in image)
         return _checked_volume(array, affine, "(array, affine)")
+    if isinstance(image, np.ndarray):
+        return _checked_volume(image, _need_affine(affine), "array")
     if hasattr(image, "dataobj") and hasattr(image, "affine"):  # nibabel
         array = np.asarray(image.dataobj, dtype=np.float32)
         return _checked_volume(array, np.asarray(image.affine, dtype=np.float64), "nibabel image")
     if hasattr(image, "GetDirection") and hasattr(image, "GetSpacing"):  # SimpleITK
         return _from_sitk(image)
-    if isinstance(image, np.ndarray):
-        raise TypeError("an array has no geometry: pass (array, affine) with a 4x4 voxel -> RAS affine")
     raise TypeError(
         f"cannot segment a {type(image).__name__}: expected a path, a medseg Volume, a nibabel image, "
-        "a SimpleITK image or (array, affine)"
+        "a SimpleITK image or a NumPy array with affine="
     )
 
 
 def _checked_volume(array: np.ndarray, affine: np.ndarray, what: str) -> Volume:
+    array, affine = np.asarray(array), np.asarray(affine)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         raise TypeError(f"{what}: expected a 3D image, got shape {array.shape}")
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise TypeError(f"{what}: the affine must be a finite, invertible 4x4 matrix")
+        raise TypeError(f"{what}: the affine must be a finite, invertible 4x4 matrix (voxel -> RAS mm)")
     return Volume(np.ascontiguousarray(array, dtype=np.float32), affine.astype(np.float64))
 
 
@@ -168,7 +253,9 @@ def save_bundle(path: str | Path, network: nn.Module, cfg: Config, metadata: dic
     with atomic_dir(path) as staging:
         save_file(state, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(dump_config(cfg))
-        (staging / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2, default=str))
+        (staging / METADATA).write_text(
+            json.dumps({**metadata, "versions": versions()}, indent=2, default=str)
+        )
     return path
 
 

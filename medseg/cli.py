@@ -362,7 +362,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.metrics import check_outputs_are_not_inputs, evaluate_folders, markdown_table, write_csv
 
     check_outputs_are_not_inputs([args.out, Path(args.out).with_suffix(".json")], args.pred, args.ref)
-    rows = evaluate_folders(args.pred, args.ref, tolerance_mm=args.tolerance)
+    rows = evaluate_folders(
+        args.pred, args.ref, model=args.model, labels_file=args.labels, tolerance_mm=args.tolerance
+    )
     out = write_csv(rows, args.out, tolerance_mm=args.tolerance)
     print(markdown_table(rows, tolerance_mm=args.tolerance))
     print(f"\nper-case metrics: {out}\nsummary: {out.with_suffix('.json')}")
@@ -693,6 +695,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pred", required=True, help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
     p.add_argument("--ref", required=True, help="folder of reference <case>.nii.gz")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="bundle folder or MLflow model URI whose label scheme the predictions use "
+        "(default: the one the masks' sidecars record)",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="DATASET_JSON",
+        default=None,
+        help="the references' dataset.json (Decathlon 'labels' map): refused when it differs from the model's",
+    )
     p.add_argument("--out", default="metrics.csv", help="per-case CSV; the JSON summary goes beside it")
     p.add_argument(
         "--tolerance", type=_bounded(float, low=0.0), default=2.0, help="surface Dice tolerance in mm"

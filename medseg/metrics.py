@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import InputError, OutputError
+from medseg.errors import ConfigError, InputError, OutputError
 from medseg.io import Volume, case_stem, check_same_grid, is_medseg_output, read_nifti, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -242,27 +242,184 @@ def evaluate_folders(
     ref_dir: str | Path,
     *,
     labels: dict[int, str] | None = None,
+    model: str | Path | None = None,
+    labels_file: str | Path | None = None,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
 ) -> list[EvalRow]:
-    """Evaluate every prediction in ``pred_dir`` that has a reference of the same case name in ``ref_dir``."""
+    """Evaluate every prediction in ``pred_dir`` that has a reference of the same case name in ``ref_dir``.
+
+    The label scheme (:func:`resolve_label_scheme`) comes from the model (``labels``, the bundle
+    ``model``, or the masks' sidecars) and from the references' ``labels_file`` (a ``dataset.json``);
+    schemes that differ are refused, and so is a reference holding a value outside the scheme.
+    """
     pairs, missing = match_cases(pred_dir, ref_dir)
     if missing:
         log.warning("%d reference case(s) have no prediction: %s", len(missing), ", ".join(missing[:10]))
-    if labels is None:
-        labels = _labels_from_sidecar(pairs[0][1])
+    scheme = resolve_label_scheme(
+        [pred for _, pred, _ in pairs], labels=labels, model=model, labels_file=labels_file
+    )
     rows: list[EvalRow] = []
     for case, pred_path, ref_path in pairs:
         pred = read_nifti(pred_path, kind="label")
         ref = read_nifti(ref_path, kind="label")
-        rows.extend(evaluate_pair(pred, ref, case=case, labels=labels, tolerance_mm=tolerance_mm))
+        if scheme is not None:
+            check_label_values(ref_path, ref.array, scheme)
+        rows.extend(
+            evaluate_pair(
+                pred, ref, case=case, labels=scheme.labels if scheme else None, tolerance_mm=tolerance_mm
+            )
+        )
     return rows
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """Label values and their names, and where they were read (a sidecar, a bundle, a dataset.json)."""
+
+    labels: dict[int, str]
+    source: str
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").casefold().split())
+
+
+def _same_name(a: str, b: str) -> bool:
+    return _name_key(a) == _name_key(b)
+
+
+def scheme_differences(a: LabelScheme, b: LabelScheme) -> list[str]:
+    """What differs between two label schemes (values, or names compared case- and separator-blind)."""
+    out = []
+    for k in sorted(set(a.labels) | set(b.labels)):
+        x, y = a.labels.get(k), b.labels.get(k)
+        if x is None or y is None or not _same_name(x, y):
+            out.append(f"label {k} is {x or 'absent'!r} vs {y or 'absent'!r}")
+    return out
+
+
+def check_same_scheme(reference: LabelScheme, model: LabelScheme) -> None:
+    """Refuse (ConfigError, one line) a reference scheme that is not the model's."""
+    diff = scheme_differences(reference, model)
+    if diff:
+        raise ConfigError(
+            f"the references' label scheme ({reference.source}: {reference.describe()}) differs from the "
+            f"model's ({model.source}: {model.describe()}): {'; '.join(diff[:5])}; evaluate masks against "
+            "references labelled the same way (or pass the right --labels dataset.json)"
+        )
+
+
+def check_label_values(path: str | Path, array: np.ndarray, scheme: LabelScheme) -> None:
+    """Refuse (InputError naming ``path``) a mask holding values that are not labels of ``scheme``."""
+    outside = sorted(int(v) for v in np.unique(array) if int(v) not in scheme.labels)
+    if outside:
+        shown = ", ".join(str(v) for v in outside[:10]) + (", ..." if len(outside) > 10 else "")
+        raise InputError(
+            path,
+            f"holds label value(s) {shown} outside the label scheme ({scheme.source}: {scheme.describe()})",
+        )
+
+
+def labels_from_dataset_json(path: str | Path) -> LabelScheme:
+    """The ``labels`` map of a Decathlon (``{"1": "liver"}``) or nnU-Net (``{"liver": 1}``) dataset.json."""
+    from medseg.data import _parse_labels
+
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise InputError(path, f"is not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict):
+        raise InputError(path, "is not a dataset.json (expected an object with a 'labels' map)")
+    return LabelScheme(_parse_labels(path, spec), str(path))
+
+
+def labels_from_model(model: str | Path) -> LabelScheme:
+    """The label names of a bundle folder or MLflow model URI (its config, without loading the network)."""
+    import yaml
+
+    from medseg.bundle import CONFIG, resolve_model
+    from medseg.config import config_from_dict
+
+    folder = resolve_model(model)
+    try:
+        cfg = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()), source=str(folder / CONFIG))
+    except OSError as exc:
+        raise InputError(folder, f"not a medseg bundle (cannot read {CONFIG})") from exc
+    if not cfg.labels:
+        raise InputError(folder / CONFIG, "bundle config has no labels")
+    return LabelScheme(dict(cfg.labels), str(model))
+
+
+def labels_from_sidecars(masks: list[Path]) -> LabelScheme | None:
+    """The label scheme the masks' sidecars record; sidecars that disagree are refused."""
+    found: LabelScheme | None = None
+    for mask in masks:
+        labels = _labels_from_sidecar(mask)
+        if labels is None:
+            continue
+        scheme = LabelScheme(labels, str(_sidecar_of(mask)))
+        if found is None:
+            found = scheme
+        elif diff := scheme_differences(found, scheme):
+            raise InputError(
+                scheme.source,
+                f"records another label scheme than {found.source} ({'; '.join(diff[:5])}): "
+                "the predictions come from different models; evaluate them separately",
+            )
+    return found
+
+
+def resolve_label_scheme(
+    masks: list[Path],
+    *,
+    labels: dict[int, str] | None = None,
+    model: str | Path | None = None,
+    labels_file: str | Path | None = None,
+) -> LabelScheme | None:
+    """The label scheme to evaluate with, refusing the combinations that disagree.
+
+    The model's scheme is ``labels`` (given by the caller), the bundle ``model``'s, or what the
+    masks' sidecars record (which must then agree with it); the references' scheme is ``labels_file``.
+    The model's wins when both exist and agree; None when nothing names the labels (the values found
+    are evaluated then).
+    """
+    model_scheme = None
+    if labels:
+        model_scheme = LabelScheme({int(k): str(v) for k, v in labels.items()}, "the model")
+    elif model is not None:
+        model_scheme = labels_from_model(model)
+    recorded = labels_from_sidecars(masks)
+    if (
+        model_scheme is not None
+        and recorded is not None
+        and (diff := scheme_differences(model_scheme, recorded))
+    ):
+        raise InputError(
+            recorded.source,
+            f"the predictions were made with another label scheme than {model_scheme.source}'s "
+            f"({'; '.join(diff[:5])})",
+        )
+    model_scheme = model_scheme or recorded
+    reference_scheme = labels_from_dataset_json(labels_file) if labels_file is not None else None
+    if model_scheme is not None and reference_scheme is not None:
+        check_same_scheme(reference_scheme, model_scheme)
+    return model_scheme or reference_scheme
+
+
+def _sidecar_of(mask_path: Path) -> Path:
+    return mask_path.with_name(case_stem(mask_path) + ".json")
 
 
 def _labels_from_sidecar(mask_path: Path) -> dict[int, str] | None:
     """Label names from the ``<stem>.json`` medseg writes beside each mask, when present."""
-    sidecar = mask_path.with_name(case_stem(mask_path) + ".json")
     try:
-        return {int(k): str(v) for k, v in json.loads(sidecar.read_text())["labels"].items()}
+        return {int(k): str(v) for k, v in json.loads(_sidecar_of(mask_path).read_text())["labels"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

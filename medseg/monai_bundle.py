@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from medseg.bundle import Bundle, bundle_hash, load_bundle
-from medseg.config import Config
+from medseg.config import Config, IntensityConfig
 from medseg.errors import ConfigError, OutputError
 from medseg.transforms import foreground_threshold
 
@@ -68,13 +68,19 @@ def preprocessing(cfg: Config) -> list[dict[str, Any]]:
                 "allow_smaller": True,
             }
         )
-    it = pre.intensity
+    chain += intensity(cfg)
+    chain.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
+    return chain
+
+
+def _intensity_ops(it: IntensityConfig, key: str) -> list[dict[str, Any]]:
+    """One channel's normalisation (``medseg.transforms._intensity_ops``) as MONAI dict transforms."""
     if it.kind == "ct":
         lo, hi = it.window  # type: ignore[misc]
-        chain += [
+        return [
             {
                 "_target_": "ScaleIntensityRanged",
-                "keys": "image",
+                "keys": key,
                 "a_min": lo,
                 "a_max": hi,
                 "b_min": lo,
@@ -83,15 +89,44 @@ def preprocessing(cfg: Config) -> list[dict[str, Any]]:
             },
             {
                 "_target_": "NormalizeIntensityd",
-                "keys": "image",
+                "keys": key,
                 "subtrahend": it.mean,
                 "divisor": max(float(it.std or 0.0), 1e-6),
             },
         ]
-    elif it.kind in ("mr", "zscore"):
-        chain.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True})
-    chain.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
+    if it.kind in ("mr", "zscore"):
+        return [{"_target_": "NormalizeIntensityd", "keys": key, "nonzero": True}]
+    return []
+
+
+def intensity(cfg: Config) -> list[dict[str, Any]]:
+    """The intensity normalisation: the plan's one, or one per channel (``ChannelIntensityd``): the
+    image is split into ``image_0`` .. ``image_{N-1}``, each normalised its own way, then joined again."""
+    channels = cfg.preprocess.channels
+    if not channels:
+        return _intensity_ops(cfg.preprocess.intensity, "image")
+    keys = [f"image_{c}" for c in range(len(channels))]
+    chain: list[dict[str, Any]] = [
+        {"_target_": "SplitDimd", "keys": "image", "dim": 0, "keepdim": True, "update_meta": False}
+    ]
+    for key, it in zip(keys, channels, strict=True):
+        chain += _intensity_ops(it, key)
+    chain += [
+        {"_target_": "ConcatItemsd", "keys": keys, "name": "image", "dim": 0},
+        {"_target_": "DeleteItemsd", "keys": keys},
+    ]
     return chain
+
+
+def n_channels(cfg: Config) -> int:
+    """The image channels the network takes."""
+    return int(cfg.model.in_channels or len(cfg.preprocess.channels or ()) or 1)
+
+
+def channel_names(cfg: Config) -> list[str]:
+    """The name of each input channel (dataset.json ``channel_names``/``modality``), else its kind."""
+    channels = cfg.preprocess.channels or [cfg.preprocess.intensity] * n_channels(cfg)
+    return [it.name or ("CT" if it.kind == "ct" else it.kind) for it in channels]
 
 
 def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
@@ -170,7 +205,7 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
 def inference_config(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     """``configs/inference.json`` for the bundle's config, and the settings it leaves out."""
     post, skipped = postprocessing(cfg)
-    config = {
+    config: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
         "bundle_root": ".",
         "dataset_dir": "$@bundle_root + '/input'",
@@ -198,7 +233,32 @@ def inference_config(cfg: Config) -> tuple[dict[str, Any], list[str]]:
             "$[@postprocessing(@predict(d)) for d in @dataset]",
         ],
     }
+    if n_channels(cfg) > 1:
+        config.update(_channel_inputs())
+        post[-1]["output_name_formatter"] = (
+            "$lambda meta, saver: {'subject': re.sub('_0000(?=[.]nii)', '', str(meta['filename_or_obj'])), "
+            "'idx': None}"
+        )
     return config, skipped
+
+
+def _channel_inputs() -> dict[str, Any]:
+    """How a multi-channel bundle finds its cases, as ``medseg infer`` does: a 4D NIfTI (x, y, z, C) is
+    one case (MONAI's loader moves the last axis to channels), and nnU-Net-named files ``CASE_0000`` ..
+    ``CASE_000N`` are one case ``CASE`` (MONAI's loader stacks a list of files as channels)."""
+    return {
+        "imports": ["$import glob", "$import os", "$import re", "$import numpy", "$import torch"],
+        "channel_file": "$re.compile('^(.+)_([0-9]{4})[.]nii([.]gz)?$', re.IGNORECASE)",
+        # a lambda so that the comprehensions see its arguments (names of eval's locals they would not)
+        "cases": (
+            "$lambda files, pattern: [f for f in files if not pattern.match(os.path.basename(f))] + "
+            "[sorted(f for f in files if pattern.match(os.path.basename(f)) "
+            "and pattern.match(os.path.basename(f)).group(1) == stem) "
+            "for stem in sorted({pattern.match(os.path.basename(f)).group(1) "
+            "for f in files if pattern.match(os.path.basename(f))})]"
+        ),
+        "datalist": "$@cases(sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*'))), @channel_file)",
+    }
 
 
 def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
@@ -210,6 +270,8 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
     cfg = bundle.config
     labels = {str(k): v for k, v in sorted((cfg.labels or {}).items())}
     patch = [int(p) for p in cfg.train.patch_size or ()]
+    names = channel_names(cfg)
+    kinds = [it.kind for it in cfg.preprocess.channels or [cfg.preprocess.intensity]]
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
         "0.8.1/meta_schema_20220324.json",
@@ -228,14 +290,16 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
             "inputs": {
                 "image": {
                     "type": "image",
-                    "format": "hounsfield" if cfg.preprocess.intensity.kind == "ct" else "magnitude",
-                    "modality": "CT" if cfg.preprocess.intensity.kind == "ct" else "MR",
-                    "num_channels": 1,
+                    "format": "hounsfield" if set(kinds) == {"ct"} else "magnitude",
+                    "modality": "/".join(dict.fromkeys("CT" if k == "ct" else "MR" for k in kinds)),
+                    "num_channels": len(names),
                     "spatial_shape": patch,
                     "dtype": "float32",
                     "value_range": [],
                     "is_patch_data": True,
-                    "channel_def": {"0": "image"},
+                    "channel_def": {str(c): name for c, name in enumerate(names)}
+                    if len(names) > 1
+                    else {"0": "image"},
                 }
             },
             "outputs": {
@@ -252,11 +316,21 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
             },
         },
         "medseg": {
+            "inputs": _inputs_doc(len(names)),
             "source": bundle.source or str(bundle.path),
             "bundle_hash": bundle_hash(bundle.path),
             "not_exported": skipped,
         },
     }
+
+
+def _inputs_doc(n: int) -> str:
+    if n == 1:
+        return "one NIfTI per case: NAME.nii.gz -> NAME_seg.nii.gz"
+    return (
+        f"{n} channels per case, in channel_def order, on one grid: a 4D NIfTI NAME.nii.gz (x, y, z, {n}) or "
+        f"nnU-Net-named files NAME_0000.nii.gz .. NAME_{n - 1:04d}.nii.gz -> NAME_seg.nii.gz"
+    )
 
 
 def _packages(cfg: Config) -> dict[str, str]:
@@ -277,9 +351,9 @@ def _packages(cfg: Config) -> dict[str, str]:
     return out
 
 
-def _torchscript(network: torch.nn.Module, patch: list[int]) -> torch.jit.ScriptModule:
+def _torchscript(network: torch.nn.Module, patch: list[int], channels: int) -> torch.jit.ScriptModule:
     network = network.to("cpu").eval()
-    example = torch.zeros((1, 1, *patch), dtype=torch.float32)
+    example = torch.zeros((1, channels, *patch), dtype=torch.float32)
     with torch.no_grad():
         try:
             return torch.jit.script(network)
@@ -307,9 +381,9 @@ def export_monai_bundle(model: str | Path | Bundle, out: str | Path) -> Path:
         (staging / "docs").mkdir()
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
         (staging / "configs" / "metadata.json").write_text(json.dumps(metadata(bundle, skipped), indent=2))
-        scripted = _torchscript(bundle.network, [int(p) for p in cfg.train.patch_size])
+        scripted = _torchscript(bundle.network, [int(p) for p in cfg.train.patch_size], n_channels(cfg))
         torch.jit.save(scripted, str(staging / "models" / "model.ts"))
-        (staging / "docs" / "README.md").write_text(_README)
+        (staging / "docs" / "README.md").write_text(readme(cfg))
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -318,12 +392,27 @@ def export_monai_bundle(model: str | Path | Bundle, out: str | Path) -> Path:
     return out
 
 
-_README = """\
+def readme(cfg: Config) -> str:
+    """``docs/README.md``: how to run the bundle, and the input convention for its channels."""
+    n = n_channels(cfg)
+    if n == 1:
+        inputs = "Each `NAME.nii.gz` in `--dataset_dir` gives `NAME_seg.nii.gz`"
+    else:
+        names = ", ".join(f"{c}: {name}" for c, name in enumerate(channel_names(cfg)))
+        inputs = (
+            f"The model takes {n} channels ({names}), on one grid, given per case as either\n\n"
+            f"- one 4D NIfTI `NAME.nii.gz` of shape (x, y, z, {n}), channels in that order (MONAI's loader\n"
+            "  moves the last axis to channels), or\n"
+            f"- nnU-Net-named files `NAME_0000.nii.gz` .. `NAME_{n - 1:04d}.nii.gz`, one per channel (MONAI's\n"
+            "  loader stacks them; channels on different grids are refused: resample them first).\n\n"
+            "Each case gives `NAME_seg.nii.gz`"
+        )
+    return f"""\
 # medseg model as a MONAI bundle
 
     python -m monai.bundle run --config_file configs/inference.json \\
         --bundle_root . --dataset_dir /path/to/niftis --output_dir /path/to/masks
 
-Each `NAME.nii.gz` gives `NAME_seg.nii.gz` (uint8 labels, see `configs/metadata.json`) on the
-input's own grid. The network is TorchScript (`models/model.ts`): MONAI and PyTorch suffice.
+{inputs} (uint8 labels, see `configs/metadata.json`) on the input's own grid. The network is
+TorchScript (`models/model.ts`): MONAI and PyTorch suffice.
 """

@@ -141,3 +141,85 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
     parser["bundle_root"] = "."
     assert len(parser.get_parsed_content("postprocessing").transforms) == len(names)
     assert len(parser.get_parsed_content("preprocessing").transforms) == 9
+
+
+@pytest.fixture(scope="module")
+def two_channel_bundle(tmp_path_factory):
+    """A one-epoch bundle of a 2-channel (CT + T2) nnU-Net dataset, and its test case as a user has it:
+    nnU-Net files CASE_0000/CASE_0001, and as one 4D NIfTI stored in another orientation (LPI)."""
+    from medseg.config import load_config
+    from medseg.data import load_dataset
+    from medseg.io import write_nifti
+    from medseg.synthetic import make_case, make_dataset
+    from medseg.train import train
+
+    root = tmp_path_factory.mktemp("monai_bundle_2ch")
+    data = root / "Dataset011_CTMR"
+    make_dataset(
+        data, cases=3, size=20, seed=4, test_fraction=0.34, modality="mr", channels=2, layout="nnunet"
+    )
+    spec = json.loads((data / "dataset.json").read_text())
+    spec["channel_names"] = {"0": "CT", "1": "T2"}
+    (data / "dataset.json").write_text(json.dumps(spec))
+    dataset = load_dataset(data)
+    for case in [*dataset.training, *dataset.test]:  # channel 0 becomes CT (HU) of the same anatomy
+        ct, _ = make_case((4, int(case.name.split("_")[1])), size=20)
+        write_nifti(ct, case.images[0], dtype="int16")
+    cfg = load_config(None, [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false"])
+    path = train(cfg, data, out_dir=root / "run").bundle
+    images = root / "images"
+    images.mkdir()
+    case = load_dataset(data).test[0]
+    for c, file in enumerate(case.images):
+        nib.save(nib.load(file), images / f"{case.name}_{c:04d}.nii.gz")
+    lpi = np.array([[0, -1], [1, -1], [2, -1]])
+    flipped = [nib.load(f).as_reoriented(lpi) for f in case.images]
+    stacked = np.stack([np.asarray(f.dataobj, dtype=np.float32) for f in flipped], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, flipped[0].affine), images / "lpi.nii.gz")
+    return path, images, case.name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_monai_bundle_of_a_two_channel_model_gives_medseg_infer_mask(two_channel_bundle, tmp_path):
+    path, images, case = two_channel_bundle
+    out = tmp_path / "monai_bundle"
+    run_cli("export", "-m", str(path), "--format", "monai-bundle", "-o", str(out), cwd=tmp_path, check=True)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    image_format = meta["network_data_format"]["inputs"]["image"]
+    assert image_format["num_channels"] == 2
+    assert image_format["channel_def"] == {"0": "CT", "1": "T2"}
+    assert "NAME_0000.nii.gz .. NAME_0001.nii.gz" in meta["medseg"]["inputs"]
+    assert "4D NIfTI" in (out / "docs" / "README.md").read_text()
+    assert "medseg" not in (out / "configs" / "inference.json").read_text()
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "monai.bundle", "run"),
+            *("--config_file", str(out / "configs" / "inference.json"), "--bundle_root", str(out)),
+            *("--dataset_dir", str(images), "--output_dir", str(tmp_path / "masks")),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(
+        [f"{case}_seg.nii.gz", "lpi_seg.nii.gz"]
+    )
+
+    run_cli("infer", "-m", str(path), "-i", str(images), "-o", "medseg_masks", "--no-report",
+            cwd=tmp_path, check=True)  # fmt: skip
+    for stem in (case, "lpi"):
+        expected = nib.load(tmp_path / "medseg_masks" / f"{stem}_seg.nii.gz")
+        got = nib.load(tmp_path / "masks" / f"{stem}_seg.nii.gz")
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got.affine, expected.affine, atol=1e-4)
+        want = np.asarray(expected.dataobj).astype(np.uint8)
+        assert want.max() > 0, stem  # a real mask, not all background
+        mask = np.asarray(got.dataobj).astype(np.uint8)
+        for label in sorted((set(np.unique(want)) | set(np.unique(mask))) - {0}):
+            assert _dice(mask, want, label) >= 0.99, (stem, label)
