@@ -613,6 +613,10 @@ class Deadline:
             self.step_s = now - self._last_step
         self._last_step = now
 
+    def training_left(self) -> float:
+        """Seconds of training left before the last validation and the final work must start."""
+        return self.remaining() - self.validation_s - self.final_s
+
     def must_stop_training(self) -> bool:
         """True when one more step would leave too little time to validate and finish."""
         return self.remaining() <= self.step_s + self.validation_s + self.final_s

@@ -52,6 +52,11 @@ class TrainingProgress:
         self._task = self._progress.add_task("training", total=total_steps, status="")
         self._progress.start()
 
+    def set_total(self, total_steps: int) -> None:
+        """A new number of steps (the time budget re-planned the epochs)."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=total_steps)
+
     def update(self, *, completed: int, epoch: int, epochs: int, loss: float, dice: float | None) -> None:
         if self._progress is None:
             return

@@ -323,9 +323,15 @@ class Trainer:
         interactive = self.dist.main and sys.stderr.isatty()
         self.bar = TrainingProgress(total_steps=epochs * len(self.loader), enabled=interactive)
         self._last_ckpt = time.monotonic()
+        fresh = self.global_step == 0
         try:
-            for epoch in range(self.epoch, epochs):
+            epoch = self.epoch
+            while epoch < self.cfg.train.epochs:
+                started = time.monotonic()
                 stats = self._train_epoch(epoch)
+                if fresh and epoch == 0:
+                    self._fit_epochs_to_budget(time.monotonic() - started)
+                epochs = self.cfg.train.epochs
                 record = _epoch_record(epoch, stats, self.optimizer.param_groups[0]["lr"], self.dist)
                 self.scheduler.step()
                 out_of_time = self._out_of_time()
@@ -341,6 +347,7 @@ class Trainer:
                     break
                 if validated and self._early_stop():
                     break
+                epoch += 1
             if self.val_loader is None and self.dist.main:
                 self._save_bundle(epochs, {})
         finally:
@@ -381,6 +388,25 @@ class Trainer:
             if self._out_of_time():
                 break
         return stats
+
+    def _fit_epochs_to_budget(self, epoch_s: float) -> None:
+        """With a budget, after the first epoch: as many epochs as its measured duration leaves
+        room for. The plan's step time comes from a short warm-up; a run faster than that would
+        otherwise stop with budget unused, and a slower one be cut before its last validation."""
+        if self.deadline is None:
+            return
+        tr = self.cfg.train
+        per_epoch = epoch_s + self.deadline.validation_s / max(1, tr.val_every)
+        fit = 1 + int(max(0.0, self.deadline.training_left()) // max(per_epoch, 1e-6))
+        epochs = int(self.dist.broadcast(max(2, min(fit, 3 * tr.epochs))))
+        if epochs == tr.epochs:
+            return
+        if self.dist.main:
+            log.info("time budget: %d epochs instead of %d (the first took %.0f s; %.0f s of training left)",
+                     epochs, tr.epochs, epoch_s, self.deadline.training_left())
+            self.tracker.log_params({"train.epochs_fitted": epochs})
+        self.cfg = self.cfg.model_copy(update={"train": tr.model_copy(update={"epochs": epochs})})
+        self.bar.set_total(epochs * len(self.loader))
 
     def _out_of_time(self) -> bool:
         """With a budget: rank 0's clock says training must stop now to validate and finish in time."""
