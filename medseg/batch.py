@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from medseg.data import group_channel_inputs, load_input_channels
-from medseg.errors import InputError, MedsegError, StoppedError
+from medseg.errors import InputError, MedsegError, StoppedError, one_line
 from medseg.io import (
     Volume,
     atomic_path,
@@ -573,7 +573,7 @@ def _run_case(batch: _Batch, files: CaseFiles, index: int, total: int, summary: 
     except Exception as exc:  # a batch goes on past one bad case; the traceback goes to the log
         _roll_back(written)
         log.exception("%s failed unexpectedly", where)
-        summary.failed.append((files.input, f"{type(exc).__name__}: {exc}"))
+        summary.failed.append((files.input, one_line(exc, with_type=True)))
         return
     except BaseException:
         _roll_back(written)

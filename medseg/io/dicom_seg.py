@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from medseg.errors import InputError
-from medseg.io.dicom import one_line, series_files_in_grid_order
+from medseg.errors import InputError, one_line
+from medseg.io.dicom import series_files_in_grid_order
 from medseg.io.volume import atomic_path
 
 log = logging.getLogger(__name__)

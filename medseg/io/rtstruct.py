@@ -22,8 +22,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from medseg.errors import InputError
-from medseg.io.dicom import one_line, series_files_in_grid_order
+from medseg.errors import InputError, one_line
+from medseg.io.dicom import series_files_in_grid_order
 from medseg.io.dicom_seg import complete_for_reference
 from medseg.io.volume import atomic_path
 
