@@ -827,9 +827,37 @@ def read_dicom_series(
     scan = scan or scan_dicom(root)
     info = select_series(scan, root, series_id)
     geo = _series_geometry(info)
-    problems = list(info.problems)
     tilted = geo.shear_mm is not None
-    if tilted and allow_tilt:
+    _refuse_unusable(scan, info, root, allow_tilt=tilted and allow_tilt)
+    array, photometric, notes = _read_pixels(geo)
+    if tilted:
+        array = _resample_tilt(array, geo)
+        log.warning(
+            "%s: series %s resampled onto an orthogonal grid to remove gantry tilt", root, info.uid_hash
+        )
+    if len(scan.series) > 1 and series_id is None:
+        log.info("%s: %d series found; read %s, the main one", root, len(scan.series), info.label())
+    meta = {
+        "modality": info.modality,
+        "series_description": info.description,
+        "series_uid_hash": info.uid_hash,
+        "manufacturer": geo.ordered[0].manufacturer,
+        "transfer_syntax": info.transfer_syntax,
+        "photometric": photometric,
+        "pixel_values": sorted(notes),
+        "n_slices": len(geo.ordered),
+        "orientation": info.orientation,
+        "source_format": "dicom",
+        "kind": "image",
+    }
+    return Volume(array=array, affine=LPS_TO_RAS @ geo.affine, meta=meta, source=str(root))
+
+
+def _refuse_unusable(scan: ScanResult, info: SeriesInfo, root: Path, *, allow_tilt: bool) -> None:
+    """An InputError for an unparsable DICOM file in the folder or a problem of the series
+    (a gantry tilt is none when ``allow_tilt``: the caller resamples it)."""
+    problems = list(info.problems)
+    if allow_tilt:
         problems = [p for p in problems if not p.startswith("gantry tilt")]
     broken = [(p, r) for p, r in scan.skipped if r.startswith(("unreadable", "malformed"))]
     if broken:
@@ -840,6 +868,11 @@ def read_dicom_series(
         )
     if problems:
         raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems))
+
+
+def _read_pixels(geo: _Geometry) -> tuple[np.ndarray, str, set[str]]:
+    """The series' values (modality LUT applied) as an (i, j, k) array in ``geo.ordered`` order,
+    its photometric interpretation and the notes on what was done to the values."""
     slices = []
     decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
@@ -864,28 +897,7 @@ def read_dicom_series(
         slices.append(_rescaled(pixels[frame], ds, hdr, notes).T)
     if outside:
         notes.add(_warn_bits_stored(outside, ds))
-    array = np.stack(slices, axis=-1)
-    if tilted:
-        array = _resample_tilt(array, geo)
-        log.warning(
-            "%s: series %s resampled onto an orthogonal grid to remove gantry tilt", root, info.uid_hash
-        )
-    if len(scan.series) > 1 and series_id is None:
-        log.info("%s: %d series found; read %s, the main one", root, len(scan.series), info.label())
-    meta = {
-        "modality": info.modality,
-        "series_description": info.description,
-        "series_uid_hash": info.uid_hash,
-        "manufacturer": geo.ordered[0].manufacturer,
-        "transfer_syntax": info.transfer_syntax,
-        "photometric": photometric,
-        "pixel_values": sorted(notes),
-        "n_slices": len(geo.ordered),
-        "orientation": info.orientation,
-        "source_format": "dicom",
-        "kind": "image",
-    }
-    return Volume(array=array, affine=LPS_TO_RAS @ geo.affine, meta=meta, source=str(root))
+    return np.stack(slices, axis=-1), photometric, notes
 
 
 def write_dicom_series(
