@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError, MedsegError, one_line
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
@@ -60,11 +60,6 @@ class BackendError(MedsegError):
 
 class BackendUnavailableError(MedsegError):
     """A backend or precision cannot run here (not installed, no native bf16, CUDA device)."""
-
-
-def one_line(exc: BaseException | str) -> str:
-    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------- predictors

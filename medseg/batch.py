@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from medseg.data import group_channel_inputs, load_input_channels
-from medseg.errors import InputError, MedsegError, StoppedError
+from medseg.errors import InputError, MedsegError, StoppedError, one_line
 from medseg.io import (
     Volume,
     atomic_path,
@@ -573,7 +573,7 @@ def _run_case(batch: _Batch, files: CaseFiles, index: int, total: int, summary: 
     except Exception as exc:  # a batch goes on past one bad case; the traceback goes to the log
         _roll_back(written)
         log.exception("%s failed unexpectedly", where)
-        summary.failed.append((files.input, f"{type(exc).__name__}: {exc}"))
+        summary.failed.append((files.input, one_line(exc, with_type=True)))
         return
     except BaseException:
         _roll_back(written)
@@ -735,38 +735,13 @@ def run_inference(
     """
     check_output_folder(list(inputs), output_dir)
     bundles, options = resolve_options(
-        bundles,
-        device=device,
-        precision=precision,
-        backend=backend,
-        tta=tta,
-        crf=crf,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        blend_mode=blend_mode,
-        cpu_bf16=cpu_bf16,
-        dicom_seg=dicom_seg,
-        save_probabilities=save_probabilities,
-        report=report,
-        overwrite=overwrite,
-        max_memory=max_memory,
-        output_format=output_format,
-        rtstruct=rtstruct,
-        series=series,
-        resample_channels=resample_channels,
+        bundles, device=device, precision=precision, backend=backend, tta=tta, crf=crf, overlap=overlap,
+        sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16, dicom_seg=dicom_seg,
+        save_probabilities=save_probabilities, report=report, overwrite=overwrite, max_memory=max_memory,
+        output_format=output_format, rtstruct=rtstruct, series=series, resample_channels=resample_channels,
     )
     output_dir = Path(output_dir)
-    cases = plan_cases(
-        list(inputs),
-        output_dir,
-        options,
-        bundles[0].labels,
-        n_channels=bundles[0].config.model.in_channels or 1,
-    )
-    rank, world = rank_and_world()
-    if world > 1:
-        cases = cases[rank::world]
-        log.info("rank %d of %d: %d case(s)", rank, world, len(cases))
+    cases, rank, world = _cases_of_this_rank(list(inputs), output_dir, options, bundles)
     summary = InferenceSummary(rank=rank, world_size=world)
     with _output_lock(output_dir, rank), _stop_on_signals() as stop:
         sweep_partials(output_dir, recursive=False)  # temp files of writes a killed run left behind
@@ -774,6 +749,21 @@ def run_inference(
         _run_cases(batch, cases, summary, progress=progress)
         _finish(batch, summary)
     return summary
+
+
+def _cases_of_this_rank(
+    inputs: list[str | Path], output_dir: Path, options: InferOptions, bundles: list[Bundle]
+) -> tuple[list[CaseFiles], int, int]:
+    """The cases of the batch (``plan_cases``) this rank segments, with the rank and world size:
+    under torchrun each rank takes every WORLD_SIZE-th case."""
+    cases = plan_cases(
+        inputs, output_dir, options, bundles[0].labels, n_channels=bundles[0].config.model.in_channels or 1
+    )
+    rank, world = rank_and_world()
+    if world > 1:
+        cases = cases[rank::world]
+        log.info("rank %d of %d: %d case(s)", rank, world, len(cases))
+    return cases, rank, world
 
 
 def _output_lock(output_dir: Path, rank: int) -> contextlib.AbstractContextManager:

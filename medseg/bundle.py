@@ -30,6 +30,7 @@ from medseg.errors import InputError
 from medseg.io import Volume
 from medseg.io.volume import atomic_dir
 from medseg.models import build_model
+from medseg.tracking import package_versions
 
 if TYPE_CHECKING:
     import nibabel
@@ -230,20 +231,6 @@ def _from_sitk(image: SimpleITK.Image) -> Volume:
     return _checked_volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, "SimpleITK image")
 
 
-def versions() -> dict[str, str]:
-    import monai
-    import numpy
-
-    from medseg import __version__
-
-    return {
-        "medseg": __version__,
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def save_bundle(path: str | Path, network: nn.Module, cfg: Config, metadata: dict[str, Any]) -> Path:
     """Write the bundle folder as one unit: weights, config and metadata always belong together
     (staged beside ``path``, then swapped in; a reader never sees epoch-19 weights beside epoch-2
@@ -254,7 +241,7 @@ def save_bundle(path: str | Path, network: nn.Module, cfg: Config, metadata: dic
         save_file(state, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(dump_config(cfg))
         (staging / METADATA).write_text(
-            json.dumps({**metadata, "versions": versions()}, indent=2, default=str)
+            json.dumps({**metadata, "versions": package_versions()}, indent=2, default=str)
         )
     return path
 

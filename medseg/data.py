@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from medseg.errors import InputError
+from medseg.errors import InputError, one_line
 from medseg.io import Volume, check_same_grid, is_nifti, load_label, load_volume
 from medseg.io.nifti import read_nifti_channels
 
 log = logging.getLogger(__name__)
 
+FloatTriple = tuple[float, float, float]
 OUTSIDE_HINT = "pass --allow-outside-root to accept entries outside the dataset folder"
 
 
@@ -489,9 +491,82 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
+class IntensityStats(BaseModel):
+    """Foreground intensity statistics of one channel (a sample of the labelled voxels)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mean: float
+    std: float
+    p00_5: float  # 0.5th percentile
+    p99_5: float  # 99.5th percentile
+
+
+class Fingerprint(BaseModel):
+    """What ``plan`` needs to know of a dataset: spacings and extents (RAS order, mm), foreground
+    intensities, label counts and per-label training volumes.
+
+    Saved as ``fingerprint.json`` in the run folder with the keys of its fields (``to_dict``); a
+    fingerprint written by an older medseg (no ``spacing_p10``, no ``label_volumes_ml``) still loads.
+    ``hash`` is the first 16 hex digits of the SHA-256 of the other keys as sorted JSON.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_cases: int
+    modality: str  # the first channel's name
+    labels: dict[str, str]  # label value (as text) -> name
+    spacing_median: FloatTriple
+    spacing_min: FloatTriple
+    spacing_max: FloatTriple
+    spacing_p10: FloatTriple | None = None
+    extent_mm_median: FloatTriple
+    foreground_intensity: IntensityStats  # the first channel's
+    label_voxels: dict[str, int]
+    # per-label volume range (ml) over the training cases: inference flags volumes far outside it
+    label_volumes_ml: dict[str, tuple[float, float]] | None = None
+    # multi-channel datasets only (single-channel fingerprints, and their hashes, stay as they were)
+    channels: dict[str, str] | None = None
+    foreground_intensity_channels: tuple[IntensityStats, ...] | None = None
+    hash: str
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> Fingerprint:
+        stats = self.foreground_intensity_channels
+        if (self.channels is None) != (stats is None) or len(self.channels or ()) != len(stats or ()):
+            raise ValueError("'channels' and 'foreground_intensity_channels' go together, one entry a channel")
+        return self
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Fingerprint:
+        """The fingerprint of ``fields`` (every key but ``hash``), its hash computed."""
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return cls.model_validate({**fields, "hash": digest})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Fingerprint:
+        """Read a ``fingerprint.json``; an unreadable or malformed one is an InputError naming it."""
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and ValidationError are ValueErrors
+            raise InputError(path, f"not a readable dataset fingerprint ({one_line(exc)})") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict, with the keys ``fingerprint.json`` has always had."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """Channel names in channel order (empty for a single-channel dataset)."""
+        return [v for _, v in sorted((self.channels or {}).items(), key=lambda kv: int(kv[0]))]
+
+
 def fingerprint(
     dataset: Dataset, *, max_samples_per_case: int = 20000, seed: int = 0, resample_channels: bool = False
-) -> dict[str, Any]:
+) -> Fingerprint:
     """Spacings, sizes (RAS order), foreground intensity statistics (per channel) and label counts."""
     rng = np.random.default_rng(seed)
     spacings, extents = [], []
@@ -520,7 +595,7 @@ def fingerprint(
             if k:
                 label_ml[k].append(n * voxel_ml)
     stats = [_intensity_stats(np.concatenate(s) if s else np.zeros(1, np.float32)) for s in samples]
-    fp = {
+    fields: dict[str, Any] = {
         "n_cases": len(dataset.training),
         "modality": dataset.modality,
         "labels": {str(k): v for k, v in dataset.labels.items()},
@@ -531,14 +606,12 @@ def fingerprint(
         "extent_mm_median": np.median(extents, axis=0).round(2).tolist(),
         "foreground_intensity": stats[0],
         "label_voxels": {str(k): v for k, v in label_voxels.items()},
-        # per-label volume range over the training cases: inference flags volumes far outside it
         "label_volumes_ml": {str(k): [round(min(v), 3), round(max(v), 3)] for k, v in label_ml.items() if v},
     }
     if dataset.n_channels > 1:  # single-channel fingerprints (and their hashes) stay as they were
-        fp["channels"] = {str(k): v for k, v in dataset.channels.items()}
-        fp["foreground_intensity_channels"] = stats
-    fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return fp
+        fields["channels"] = {str(k): v for k, v in dataset.channels.items()}
+        fields["foreground_intensity_channels"] = stats
+    return Fingerprint.from_fields(fields)
 
 
 def _ras_shape(volume) -> np.ndarray:

@@ -47,3 +47,21 @@ class StoppedError(MedsegError):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(message)
+
+
+def one_line(exc: BaseException | Warning | str, *, with_type: bool = False, limit: int | None = None) -> str:
+    """A library's exception (or warning) text on one line: the CLI prints errors as one stderr line.
+
+    An empty message gives the exception's type name. ``with_type``: ``"ValueError: text"``.
+    ``limit``: the text is cut to that many characters, the cut marked with ``...``.
+    """
+    text = exc if isinstance(exc, str) else str(exc)
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    if isinstance(exc, str):
+        return text
+    name = type(exc).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type else text

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medseg.errors import ConfigError, MedsegError, OutputError
+from medseg.errors import ConfigError, MedsegError, OutputError, one_line
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
@@ -84,7 +84,6 @@ def _parity_record(bundle: Bundle, runs: list[tuple[str, str]], window_shape: tu
     """Parity against torch fp32 for each (backend, precision) in ``runs`` that can run here."""
     from medseg.backends import (
         build_predictor,
-        one_line,
         parity,
         parity_batch,
         parity_settings,

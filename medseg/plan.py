@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from medseg.config import Config, IntensityConfig, ModelConfig, PreprocessConfig
 from medseg.errors import ConfigError
 from medseg.models import divisor_of
+
+if TYPE_CHECKING:
+    from medseg.data import Fingerprint, IntensityStats
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +52,26 @@ def channel_kind(name: str) -> str:
     return "mr" if name.upper().startswith(MR_NAMES) else "zscore"
 
 
-def _plan_ct(it: IntensityConfig, stats: dict[str, float]) -> None:
+def _plan_ct(it: IntensityConfig, stats: IntensityStats) -> None:
     """Fill a CT normalisation's window and z-score from a channel's foreground statistics."""
     if it.window is None:
-        it.window = (round(stats["p00_5"], 2), round(stats["p99_5"], 2))
+        it.window = (round(stats.p00_5, 2), round(stats.p99_5, 2))
     if it.mean is None or it.std is None:
-        it.mean, it.std = round(stats["mean"], 3), round(max(stats["std"], 1e-3), 3)
+        it.mean, it.std = round(stats.mean, 3), round(max(stats.std, 1e-3), 3)
 
 
-def _plan_intensity(pre: PreprocessConfig, fp: dict[str, Any]) -> int:
+def _plan_intensity(pre: PreprocessConfig, fp: Fingerprint) -> int:
     """Plan the normalisation (one per channel for multi-channel data); returns the channel count."""
-    names = [str(v) for _, v in sorted((fp.get("channels") or {}).items(), key=lambda kv: int(kv[0]))]
+    names = fp.channel_names
     if len(names) <= 1:
         if pre.channels is not None and len(pre.channels) != 1:
             raise ConfigError(f"preprocess.channels lists {len(pre.channels)} channels; the dataset has 1")
         it = pre.intensity
-        modality = str(fp.get("modality", "CT")).upper()
+        modality = fp.modality.upper()
         if modality != "CT" and it.kind == "ct":
             it.kind = channel_kind(modality) if channel_kind(modality) != "ct" else "zscore"  # type: ignore[assignment]
         if it.kind == "ct":
-            _plan_ct(it, fp["foreground_intensity"])
+            _plan_ct(it, fp.foreground_intensity)
         return 1
     if pre.channels is None:
         pre.channels = [IntensityConfig(kind=channel_kind(n), name=n) for n in names]
@@ -77,7 +80,7 @@ def _plan_intensity(pre: PreprocessConfig, fp: dict[str, Any]) -> int:
             f"preprocess.channels lists {len(pre.channels)} channels; the dataset has {len(names)} ({names})"
         )
     planned = []
-    for channel, name, stats in zip(pre.channels, names, fp["foreground_intensity_channels"], strict=True):
+    for channel, name, stats in zip(pre.channels, names, fp.foreground_intensity_channels or (), strict=True):
         channel = channel.model_copy(update={"name": channel.name or name})
         if channel.kind == "ct":
             _plan_ct(channel, stats)
@@ -86,17 +89,17 @@ def _plan_intensity(pre: PreprocessConfig, fp: dict[str, Any]) -> int:
     return len(names)
 
 
-def target_spacing(fp: dict[str, Any]) -> tuple[float, float, float]:
+def target_spacing(fp: Fingerprint) -> tuple[float, float, float]:
     """Median spacing, with the coarse axis of strongly anisotropic data at its 10th percentile."""
-    spacing = np.asarray(fp["spacing_median"], dtype=float)
-    extent = np.asarray(fp["extent_mm_median"], dtype=float)
+    spacing = np.asarray(fp.spacing_median, dtype=float)
+    extent = np.asarray(fp.extent_mm_median, dtype=float)
     size = extent / spacing
     worst = int(np.argmax(spacing))
     others = [i for i in range(3) if i != worst]
     aniso_spacing = spacing[worst] > ANISOTROPY * spacing[others].max()
     aniso_voxels = size[worst] * ANISOTROPY < size[others].min()
-    if aniso_spacing and aniso_voxels and "spacing_p10" in fp:
-        coarse = float(fp["spacing_p10"][worst])
+    if aniso_spacing and aniso_voxels and fp.spacing_p10 is not None:  # None in old fingerprints
+        coarse = float(fp.spacing_p10[worst])
         spacing[worst] = max(coarse, float(spacing[others].max()) + 1e-5)
     return tuple(float(s) for s in spacing.round(3))  # type: ignore[return-value]
 
@@ -142,7 +145,7 @@ def _fit_patch(extent_vox: np.ndarray, divisor: int, max_voxels: float) -> tuple
     return tuple(float(p) for p in patch)  # type: ignore[return-value]
 
 
-def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PATCH_VOXELS) -> Config:
+def make_plan(cfg: Config, fp: Fingerprint, *, max_patch_voxels: int = MAX_PATCH_VOXELS) -> Config:
     """Fill the empty planned fields of ``cfg`` from the dataset fingerprint ``fp``."""
     plan = cfg.model_copy(deep=True)
     pre, tr = plan.preprocess, plan.train
@@ -158,7 +161,7 @@ def make_plan(cfg: Config, fp: dict[str, Any], *, max_patch_voxels: int = MAX_PA
     if tr.memory_budget_gb is None:
         tr.memory_budget_gb = detect_memory_gb(tr.device)
     budget_voxels = tr.memory_budget_gb * 2**30 / bytes_per_voxel(plan.model)
-    extent_vox = np.asarray(fp["extent_mm_median"]) / np.asarray(pre.spacing)
+    extent_vox = np.asarray(fp.extent_mm_median) / np.asarray(pre.spacing)
     divisor = divisor_of(plan.model)
     if tr.patch_size is None:
         per_sample = min(max_patch_voxels, budget_voxels / 2)  # room for a batch of 2
@@ -183,13 +186,13 @@ def _norm_text(it: IntensityConfig) -> str:
     }[it.kind]
 
 
-def plan_summary(cfg: Config, fp: dict[str, Any]) -> str:
+def plan_summary(cfg: Config, fp: Fingerprint) -> str:
     """A few lines a person reads: what was planned from which dataset properties."""
     channels = cfg.preprocess.channels or [cfg.preprocess.intensity]
     norm = "; ".join((f"{it.name}: " if len(channels) > 1 else "") + _norm_text(it) for it in channels)
     return (
-        f"plan for {fp.get('n_cases', '?')} cases ({fp.get('modality', '?')}, fingerprint {fp.get('hash', '?')}):\n"
-        f"  spacing    {cfg.preprocess.spacing} mm (dataset median {fp.get('spacing_median')})\n"
+        f"plan for {fp.n_cases} cases ({fp.modality}, fingerprint {fp.hash}):\n"
+        f"  spacing    {cfg.preprocess.spacing} mm (dataset median {list(fp.spacing_median)})\n"
         f"  intensity  {norm}\n"
         f"  patch      {tuple(int(p) for p in cfg.train.patch_size or ())} voxels, batch {cfg.train.batch_size} "
         f"(memory budget {cfg.train.memory_budget_gb} GB)\n"
@@ -410,11 +413,11 @@ def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
     return models
 
 
-def _validation_seconds(cfg: Config, fp: dict[str, Any], step_s: float, patches_per_step: int) -> float:
+def _validation_seconds(cfg: Config, fp: Fingerprint, step_s: float, patches_per_step: int) -> float:
     """Estimated seconds of one validation: sliding windows over the validation cases, each
     window's forward about a third of a training step per patch (no backward)."""
-    n_val = max(1, round(int(fp.get("n_cases", 5)) * cfg.train.val_fraction))
-    extent = np.asarray(fp["extent_mm_median"], dtype=float) / np.asarray(cfg.preprocess.spacing)
+    n_val = max(1, round(fp.n_cases * cfg.train.val_fraction))
+    extent = np.asarray(fp.extent_mm_median, dtype=float) / np.asarray(cfg.preprocess.spacing)
     stride = np.asarray(cfg.train.patch_size, dtype=float) * (1.0 - cfg.infer.overlap)
     windows = float(np.prod(np.maximum(1.0, np.ceil(extent / stride))))
     # x2: HD95 and surface Dice, the loader, the overlay (the first measured validation replaces it)
@@ -423,7 +426,7 @@ def _validation_seconds(cfg: Config, fp: dict[str, Any], step_s: float, patches_
 
 def plan_for_budget(
     cfg: Config,
-    fp: dict[str, Any],
+    fp: Fingerprint,
     *,
     device: str,
     out_channels: int,
@@ -503,7 +506,7 @@ def plan_for_budget(
 
 
 def _fit_to_budget(
-    cfg: Config, fp: dict[str, Any], measured: list[Candidate], left_s: float, patches_per_step: int
+    cfg: Config, fp: Fingerprint, measured: list[Candidate], left_s: float, patches_per_step: int
 ) -> tuple[Candidate, float, float, str, int]:
     """Choose with validation time taken out of the budget (it depends on the patch chosen):
     up to VALIDATIONS validations, fewer (at least the final one) when they would take more

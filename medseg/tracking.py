@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from medseg.config import TrackingConfig
-from medseg.errors import TrackingError
+from medseg.errors import TrackingError, one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -142,7 +142,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         return  # it answered: a proxy or an older server without /health
     except (OSError, ValueError) as exc:
         raise TrackingError(
-            f"MLflow tracking server {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:120]}); "
+            f"MLflow tracking server {uri} cannot be reached ({one_line(exc, with_type=True, limit=120)}); "
             f"start the server, {_HINT}"
         ) from exc
 
@@ -191,13 +191,15 @@ def git_commit() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a run depends on (installed ones only)."""
+    """Versions of Python, medseg and the packages a run depends on (installed ones only): the
+    run's ``version.*`` MLflow parameters and a bundle's ``metadata.json`` ``versions``."""
     import platform
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
+    from medseg import __version__
+
+    out = {"python": platform.python_version(), "medseg": __version__}
     for name in (
-        "medseg",
         "torch",
         "monai",
         "numpy",
@@ -217,11 +219,6 @@ def package_versions() -> dict[str, str]:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}"
 
 
 class Tracker:
@@ -263,7 +260,7 @@ class Tracker:
                 self.run_id = self._open_run(run_name=run_name, tags=tags, run_id=run_id)
         except Exception as exc:
             raise TrackingError(
-                f"MLflow tracking store {self.uri} cannot be used ({_one_line(exc)}); start the server, {_HINT}"
+                f"MLflow tracking store {self.uri} cannot be used ({one_line(exc, with_type=True, limit=200)}); start the server, {_HINT}"
             ) from exc
         log.info("MLflow run %s in %s", self.run_id, self.uri)
 
@@ -295,7 +292,7 @@ class Tracker:
             with bounded_http(self.cfg), quiet_store_logs():
                 return fn(*args, **kwargs)
         except Exception as exc:
-            message = f"{what} not logged to MLflow ({_one_line(exc)})"
+            message = f"{what} not logged to MLflow ({one_line(exc, with_type=True, limit=200)})"
             self.failures.append(message)
             self.not_logged.append(what)
             if self.uri.startswith(("http://", "https://")):
@@ -451,7 +448,7 @@ def resolve_model_uri(model_uri: str, *, tracking_uri: str | None = None) -> Mod
     except TrackingError:
         raise
     except Exception as exc:
-        raise TrackingError(f"{model_uri}: cannot be resolved in {uri} ({_one_line(exc)})") from exc
+        raise TrackingError(f"{model_uri}: cannot be resolved in {uri} ({one_line(exc, with_type=True, limit=200)})") from exc
     if not run_id:
         raise TrackingError(
             f"{model_uri}: version {version} of {name} has no run that logged a medseg bundle"
@@ -498,7 +495,7 @@ def download_bundle(
         with contextlib.suppress(OSError):  # a concurrent download of the same run won: use it
             os.replace(local, final)
     except Exception as exc:
-        raise TrackingError(f"{model_uri}: cannot fetch the bundle from MLflow ({_one_line(exc)})") from exc
+        raise TrackingError(f"{model_uri}: cannot fetch the bundle from MLflow ({one_line(exc, with_type=True, limit=200)})") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not (final / _COMPLETE).is_file():

@@ -61,7 +61,7 @@ from medseg.checkpoint import (
     save_state,
 )
 from medseg.config import Config, dump_config, flatten
-from medseg.data import Dataset, fingerprint, load_dataset, split_cases
+from medseg.data import Dataset, Fingerprint, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
@@ -650,7 +650,7 @@ def _start_tracking(cfg: Config, data_root: Path, state: TrainState | None, dist
 @dataclass
 class _Prepared:
     cfg: Config  # planned
-    fp: dict[str, Any]
+    fp: Fingerprint
     train_cases: list
     val_cases: list
     budget: BudgetPlan | None = None
@@ -661,14 +661,14 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
     """Fingerprint (cached in the run folder), plan (with a time budget: measured on rank 0), splits;
     rank 0 writes them beside the run."""
     fp_path = run_dir / "fingerprint.json"
-    fp = None
+    fp: Fingerprint | None = None
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if fp_path.exists():
-            fp = json.loads(fp_path.read_text())
+            fp = Fingerprint.load(fp_path)
         else:
             fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
-            write_text_atomic(fp_path, json.dumps(fp, indent=2))
+            write_text_atomic(fp_path, fp.to_json())
     fp = dist.broadcast(fp)
     budget: BudgetPlan | None = None
     if resumed:  # the run keeps its own plan (steps, schedule); its deadline counts the time it spent
@@ -697,7 +697,7 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
     tracker.log_params(
         {
             **flatten(prep.cfg.model_dump(mode="json")),
-            "fingerprint_hash": prep.fp["hash"],
+            "fingerprint_hash": prep.fp.hash,
             "n_train": len(prep.train_cases),
             "n_val": len(prep.val_cases),
             "device": device.type,
@@ -745,8 +745,8 @@ def _train_locked(
         deadline = Deadline.for_run(cfg, prep.budget, started=started, history=state.history if state else [])
         if state is None:
             _log_run_params(tracker, prep, run_dir, device, dist)
-        meta = {"fingerprint_hash": prep.fp["hash"], "dataset": dataset.root.resolve().name,
-                "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.get("label_volumes_ml", {})}
+        meta = {"fingerprint_hash": prep.fp.hash, "dataset": dataset.root.resolve().name,
+                "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.to_dict().get("label_volumes_ml", {})}
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,

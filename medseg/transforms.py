@@ -263,10 +263,20 @@ def build_augment(
     probability of 0 leaves it out of the chain. Seed it with ``chain.set_random_state``.
     ``precomputed``: the items went through ``build_sampling_prep`` (as training caches them).
     """
+    chain = [
+        *_crop_steps(cfg, keys, precomputed=precomputed),
+        *_spatial_steps(cfg, keys),
+        *_intensity_steps(cfg),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+    ]
+    return Compose(chain)
+
+
+def _crop_steps(cfg: Config, keys: tuple[str, ...], *, precomputed: bool) -> list[Any]:
+    """The patch crop (by label classes, or foreground/background), with its padding or the
+    removal of the precomputed sampling indices."""
     aug = cfg.augment
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
-    modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
-    rot = math.radians(aug.rotate_range_deg)
     kind = crop_kind(cfg)
     if kind == "label_classes":
         crop: Any = RandCropByLabelClassesd(
@@ -303,6 +313,15 @@ def build_augment(
         ]
     else:
         chain = [SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), crop]
+    return chain
+
+
+def _spatial_steps(cfg: Config, keys: tuple[str, ...]) -> list[Any]:
+    """Elastic deformation, rotation, scaling, zoom and flips (label maps nearest-neighbour)."""
+    aug = cfg.augment
+    modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
+    rot = math.radians(aug.rotate_range_deg)
+    chain: list[Any] = []
     if aug.elastic_prob > 0:
         # displacement in voxels of the patch grid; applied before the other spatial transforms
         chain.append(
@@ -340,6 +359,13 @@ def build_augment(
         )
     if aug.flip_prob > 0:
         chain += [RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
+    return chain
+
+
+def _intensity_steps(cfg: Config) -> list[Any]:
+    """Image-only: low resolution, blur, noise, bias field, brightness, shift and contrast."""
+    aug = cfg.augment
+    chain: list[Any] = []
     if aug.low_res_prob > 0:
         chain.append(
             RandSimulateLowResolutiond(keys="image", prob=aug.low_res_prob, zoom_range=aug.low_res_zoom)
@@ -376,8 +402,7 @@ def build_augment(
             keys="image", prob=aug.contrast_prob, gamma=aug.gamma_range, retain_stats=True
         )
         chain.append(RandPerChanneld(contrast) if per_channel else contrast)
-    chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
-    return Compose(chain)
+    return chain
 
 
 class RandPerChanneld(Randomizable, MapTransform):

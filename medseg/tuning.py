@@ -279,12 +279,11 @@ def validation_probabilities(
     """Softmax probabilities, references, normalised images and spacings of validation cases in
     the model grid (the preprocessing of ``cfg``, sliding windows as validation runs them)."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     from medseg.transforms import build_preprocess
+    from medseg.validation import window_logits
 
     preprocess = build_preprocess(cfg)
-    roi = tuple(int(p) for p in cfg.train.patch_size)
     probs: list[np.ndarray] = []
     refs: list[np.ndarray] = []
     images: list[np.ndarray] = []
@@ -297,15 +296,7 @@ def validation_probabilities(
             )
             item = preprocess(raw)  # image: one path, or one per channel
             image = item["image"][None].to(device)
-            logits = sliding_window_inference(
-                image,
-                roi_size=roi,
-                sw_batch_size=cfg.infer.sw_batch_size,
-                predictor=network,
-                overlap=cfg.infer.overlap,
-                mode=cfg.infer.blend_mode,
-            )
-            probs.append(torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu().numpy())
+            probs.append(torch.softmax(window_logits(network, image, cfg), dim=1)[0].cpu().numpy())
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
             images.append(np.asarray(item["image"][0], dtype=np.float32))  # the CRF reads the first channel
             affine = np.asarray(item["image"].affine, dtype=float)

@@ -48,6 +48,20 @@ def _case_metrics(
         return {f"dice_{k}": v for k, v in dice_per_label(pred, ref, label_ids).items()}
 
 
+def window_logits(network: torch.nn.Module, image: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """float32 logits of a whole model-grid volume: sliding windows of the training patch, blended
+    with the ``cfg.infer`` settings, as validation (and post-processing tuning) scores cases."""
+    logits = sliding_window_inference(
+        image,
+        roi_size=tuple(int(p) for p in cfg.train.patch_size or ()),
+        sw_batch_size=cfg.infer.sw_batch_size,
+        predictor=network,
+        overlap=cfg.infer.overlap,
+        mode=cfg.infer.blend_mode,
+    )
+    return torch.as_tensor(logits).float()
+
+
 def validate(
     network: torch.nn.Module,
     loader: Iterable,
@@ -64,21 +78,12 @@ def validate(
     ``keep_first``, the first case for an overlay.
     """
     network.eval()
-    roi = tuple(int(p) for p in cfg.train.patch_size or ())
     rows: list[dict[str, float]] = []
     first = None
     with torch.no_grad(), autocast(device, precision):
         for batch in loader:
             image = batch["image"].to(device)
-            logits = sliding_window_inference(
-                image,
-                roi_size=roi,
-                sw_batch_size=cfg.infer.sw_batch_size,
-                predictor=network,
-                overlap=cfg.infer.overlap,
-                mode=cfg.infer.blend_mode,
-            )
-            pred = torch.as_tensor(logits).float().argmax(dim=1).cpu().numpy()
+            pred = window_logits(network, image, cfg).argmax(dim=1).cpu().numpy()
             ref = batch["label"][:, 0].cpu().numpy().round().astype(np.int64)
             affine = batch["image"].affine
             affine = np.asarray(affine[0] if affine.ndim == 3 else affine, dtype=float)

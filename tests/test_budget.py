@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medseg.config import Config
+from medseg.data import Fingerprint
 from medseg.errors import ConfigError
 from medseg.plan import (
     CPU_DEFAULT_BUDGET_S,
@@ -19,15 +20,21 @@ from medseg.plan import (
     resolve_budget,
 )
 
-FP = {
-    "n_cases": 10,
-    "modality": "CT",
-    "hash": "0" * 16,
-    "spacing_median": [1.0, 1.0, 2.5],
-    "spacing_p10": [0.9, 0.9, 2.0],
-    "extent_mm_median": [200.0, 160.0, 120.0],
-    "foreground_intensity": {"mean": 80.0, "std": 40.0, "p00_5": -50.0, "p99_5": 250.0},
-}
+FP = Fingerprint.model_validate(
+    {
+        "n_cases": 10,
+        "modality": "CT",
+        "labels": {"0": "background", "1": "organ"},
+        "hash": "0" * 16,
+        "spacing_median": [1.0, 1.0, 2.5],
+        "spacing_min": [0.8, 0.8, 2.0],
+        "spacing_max": [1.2, 1.2, 5.0],
+        "spacing_p10": [0.9, 0.9, 2.0],
+        "extent_mm_median": [200.0, 160.0, 120.0],
+        "foreground_intensity": {"mean": 80.0, "std": 40.0, "p00_5": -50.0, "p99_5": 250.0},
+        "label_voxels": {"0": 90000, "1": 10000},
+    }
+)
 
 
 @pytest.mark.parametrize(

@@ -121,15 +121,16 @@ def test_per_channel_normalisation_from_the_plan(tmp_path):
     root = _two_channel_dataset(tmp_path)
     dataset = load_dataset(root)
     fp = fingerprint(dataset)
-    assert fp["channels"] == {"0": "CT", "1": "T2"}
-    assert len(fp["foreground_intensity_channels"]) == 2
+    assert fp.channels == {"0": "CT", "1": "T2"}
+    assert fp.foreground_intensity_channels is not None
+    assert len(fp.foreground_intensity_channels) == 2
     tiny = {"train": {"patch_size": [16, 16, 16]}, "model": {"features": 4, "depth": 2}}
     cfg = make_plan(Config.model_validate(tiny), fp)
     ct, t2 = cfg.preprocess.channels
     assert (ct.kind, ct.name, t2.kind, t2.name) == ("ct", "CT", "mr", "T2")
-    stats = fp["foreground_intensity_channels"][0]
-    assert ct.window == (round(stats["p00_5"], 2), round(stats["p99_5"], 2))
-    assert ct.mean == round(stats["mean"], 3)
+    stats = fp.foreground_intensity_channels[0]
+    assert ct.window == (round(stats.p00_5, 2), round(stats.p99_5, 2))
+    assert ct.mean == round(stats.mean, 3)
     assert t2.window is None
     assert cfg.model.in_channels == 2
     net = build_model(cfg.model, out_channels=4)

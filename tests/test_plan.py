@@ -8,17 +8,30 @@ import pytest
 import yaml
 
 from medseg.config import Config
+from medseg.data import Fingerprint, fingerprint, load_dataset
+from medseg.errors import InputError
 from medseg.plan import make_plan, target_spacing
 
-BASE_FP = {
+# a fingerprint as medseg 0.1.0 first wrote it (no spacing_p10, no label_volumes_ml): old runs still load
+OLD_FORMAT_FP = {
     "n_cases": 10,
     "modality": "CT",
-    "hash": "0" * 16,
+    "labels": {"0": "background", "1": "liver"},
     "spacing_median": [0.8, 0.8, 1.0],
-    "spacing_p10": [0.7, 0.7, 0.8],
+    "spacing_min": [0.6, 0.6, 0.8],
+    "spacing_max": [1.0, 1.0, 5.0],
     "extent_mm_median": [400.0, 400.0, 300.0],
     "foreground_intensity": {"mean": 80.0, "std": 40.0, "p00_5": -50.0, "p99_5": 250.0},
+    "label_voxels": {"0": 900000, "1": 100000},
+    "hash": "0" * 16,
 }
+
+
+def make_fp(**changes) -> Fingerprint:
+    return Fingerprint.model_validate({**OLD_FORMAT_FP, "spacing_p10": [0.7, 0.7, 0.8], **changes})
+
+
+BASE_FP = make_fp()
 
 
 def test_spacing_is_the_median_for_isotropic_data():
@@ -26,16 +39,11 @@ def test_spacing_is_the_median_for_isotropic_data():
 
 
 def test_anisotropic_coarse_axis_takes_10th_percentile():
-    fp = {
-        **BASE_FP,
-        "spacing_median": [0.7, 0.7, 5.0],
-        "spacing_p10": [0.6, 0.6, 3.0],
-        "extent_mm_median": [350, 350, 100],
-    }
+    fp = make_fp(spacing_median=[0.7, 0.7, 5.0], spacing_p10=[0.6, 0.6, 3.0], extent_mm_median=[350, 350, 100])
     # 5 mm is >3x 0.7 mm and 20 slices are >3x fewer than 500 voxels: nnU-Net's rule applies
     assert target_spacing(fp) == (0.7, 0.7, 3.0)
     # anisotropic spacing but many slices: the median stays
-    fp_many = {**fp, "extent_mm_median": [350, 350, 5000]}
+    fp_many = fp.model_copy(update={"extent_mm_median": (350.0, 350.0, 5000.0)})
     assert target_spacing(fp_many) == (0.7, 0.7, 5.0)
 
 
@@ -45,7 +53,7 @@ def test_ct_and_mr_normalisation():
     assert it.kind == "ct"
     assert it.window == (-50.0, 250.0)
     assert (it.mean, it.std) == (80.0, 40.0)
-    mr = make_plan(Config(), {**BASE_FP, "modality": "MR"})
+    mr = make_plan(Config(), make_fp(modality="MR"))
     assert mr.preprocess.intensity.kind == "mr"
     assert mr.preprocess.intensity.window is None
 
@@ -58,7 +66,7 @@ def test_patch_fits_memory_and_batch_grows_only_when_patch_covers_image():
     for plan in (small, big):
         assert all(p % 16 == 0 for p in plan.train.patch_size)  # classic_unet depth 4
         assert plan.train.batch_size == 2  # the patch does not cover the image
-    tiny_images = {**BASE_FP, "extent_mm_median": [24.0, 24.0, 30.0]}
+    tiny_images = make_fp(extent_mm_median=[24.0, 24.0, 30.0])
     tiny = make_plan(Config.model_validate({"train": {"memory_budget_gb": 4.0}}), tiny_images)
     assert tiny.train.patch_size == (32.0, 32.0, 32.0)
     assert tiny.train.batch_size > 2
@@ -75,6 +83,48 @@ def test_scheduler_by_optimiser_and_overrides_win():
     assert plan.preprocess.spacing == (2.0, 2.0, 2.0)
     assert plan.train.patch_size == (64.0, 64.0, 32.0)
     assert plan.train.batch_size == 3
+
+
+def test_old_format_fingerprint_loads_round_trips_and_plans(tmp_path):
+    path = tmp_path / "fingerprint.json"
+    path.write_text(json.dumps(OLD_FORMAT_FP))
+    fp = Fingerprint.load(path)
+    assert fp.spacing_p10 is None
+    assert fp.label_volumes_ml is None
+    assert fp.to_dict() == OLD_FORMAT_FP  # the same keys and values written back: no key added
+    # anisotropic, but no 10th percentile recorded: the median stays
+    aniso = Fingerprint.model_validate({**OLD_FORMAT_FP, "spacing_median": [0.7, 0.7, 5.0],
+                                        "extent_mm_median": [350, 350, 100]})
+    assert target_spacing(aniso) == (0.7, 0.7, 5.0)
+    assert make_plan(Config(), fp).preprocess.spacing == (0.8, 0.8, 1.0)
+
+
+def test_fingerprint_is_frozen_and_its_hash_is_the_sorted_json_of_its_keys(tiny_dataset, tmp_path):
+    import hashlib
+
+    from pydantic import ValidationError
+
+    fp = fingerprint(load_dataset(tiny_dataset))
+    fields = {k: v for k, v in fp.to_dict().items() if k != "hash"}
+    # the formula every earlier fingerprint.json and bundle's fingerprint_hash was made with
+    assert fp.hash == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    assert set(fp.to_dict()) == {*OLD_FORMAT_FP, "spacing_p10", "label_volumes_ml"}  # single channel
+    assert fp.n_cases == 4
+    assert fp.labels["0"] == "background"
+    (tmp_path / "fingerprint.json").write_text(fp.to_json())
+    assert Fingerprint.load(tmp_path / "fingerprint.json") == fp
+    with pytest.raises(ValidationError):
+        fp.n_cases = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", json.dumps({**OLD_FORMAT_FP, "n_cases": "many"}), json.dumps({"hash": "0" * 16})]
+)
+def test_a_malformed_fingerprint_is_an_input_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "fingerprint.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=r"fingerprint\.json: not a readable dataset fingerprint"):
+        Fingerprint.load(path)
 
 
 @pytest.mark.slow

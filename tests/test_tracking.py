@@ -245,3 +245,18 @@ def test_infer_sidecar_records_the_uri_version_and_bundle_hash(registry, tmp_pat
             "model_version": "1",
         }
     ]
+
+
+def test_a_bundle_and_a_run_record_the_same_versions(tmp_path):
+    """One collector: the bundle's metadata.json ``versions`` are the run's ``version.*`` parameters."""
+    import json
+    from importlib import metadata
+
+    from medseg import __version__
+    from medseg.tracking import package_versions
+
+    versions = json.loads((_bundle(tmp_path / "bundle") / "metadata.json").read_text())["versions"]
+    assert versions == package_versions()
+    assert versions["medseg"] == __version__
+    for name in ("torch", "monai", "numpy"):  # what mlflow_model.requirements pins a served model to
+        assert versions[name] == metadata.version(name)

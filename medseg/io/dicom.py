@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medseg.errors import InputError
+from medseg.errors import InputError, one_line
 from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,6 @@ _PRIMARY_MODALITIES = {"CT", "MR", "PT", "NM", "US"}
 def uid_hash(uid: str) -> str:
     """Short stable hash of a UID: traceable in logs without revealing the UID."""
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
-
-
-def one_line(exc: BaseException | str) -> str:
-    """A library's exception text on one line (messages end up as a single stderr line)."""
-    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    return " ".join(text.split())
 
 
 @contextlib.contextmanager
@@ -199,12 +193,12 @@ def _read_headers(path: Path) -> list[_SliceHeader] | str:
     except InvalidDicomError:
         return "not a DICOM file"
     except Exception as exc:
-        return f"unreadable DICOM header ({type(exc).__name__}: {one_line(exc)})"
+        return f"unreadable DICOM header ({one_line(exc, with_type=True)})"
     try:
         with _quiet(path):
             return _headers_from_dataset(path, ds)
     except Exception as exc:  # a malformed element surfaces only when it is accessed
-        return f"malformed DICOM header ({type(exc).__name__}: {one_line(exc)})"
+        return f"malformed DICOM header ({one_line(exc, with_type=True)})"
 
 
 def _headers_from_dataset(path: Path, ds: pydicom.Dataset) -> list[_SliceHeader] | str:
@@ -613,7 +607,7 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
         with _quiet(path):
             ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {one_line(exc)})") from exc
+        raise InputError(path, f"unreadable DICOM file ({one_line(exc, with_type=True)})") from exc
     if "PixelData" not in ds:
         raise InputError(path, "no pixel data (the file ends before it, or it was stripped)")
     problem = _native_length_problem(ds)
@@ -629,7 +623,7 @@ def _decode(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
         name = getattr(ts, "name", str(ts))
         raise InputError(
             path,
-            f"pixel data cannot be decoded as {name} ({type(exc).__name__}: {one_line(exc)}); the file is "
+            f"pixel data cannot be decoded as {name} ({one_line(exc, with_type=True)}); the file is "
             "corrupt or its declared transfer syntax is wrong",
         ) from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -689,7 +683,7 @@ def _rescaled(
             values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
         except Exception as exc:
             raise InputError(
-                hdr.path, f"invalid Modality LUT Sequence ({type(exc).__name__}: {one_line(exc)})"
+                hdr.path, f"invalid Modality LUT Sequence ({one_line(exc, with_type=True)})"
             ) from exc
         ends = _stored_range(ds)
         ends_out = np.asarray(apply_modality_lut(np.asarray(ends, dtype=pixels.dtype), ds), dtype=np.float64)
@@ -833,9 +827,37 @@ def read_dicom_series(
     scan = scan or scan_dicom(root)
     info = select_series(scan, root, series_id)
     geo = _series_geometry(info)
-    problems = list(info.problems)
     tilted = geo.shear_mm is not None
-    if tilted and allow_tilt:
+    _refuse_unusable(scan, info, root, allow_tilt=tilted and allow_tilt)
+    array, photometric, notes = _read_pixels(geo)
+    if tilted:
+        array = _resample_tilt(array, geo)
+        log.warning(
+            "%s: series %s resampled onto an orthogonal grid to remove gantry tilt", root, info.uid_hash
+        )
+    if len(scan.series) > 1 and series_id is None:
+        log.info("%s: %d series found; read %s, the main one", root, len(scan.series), info.label())
+    meta = {
+        "modality": info.modality,
+        "series_description": info.description,
+        "series_uid_hash": info.uid_hash,
+        "manufacturer": geo.ordered[0].manufacturer,
+        "transfer_syntax": info.transfer_syntax,
+        "photometric": photometric,
+        "pixel_values": sorted(notes),
+        "n_slices": len(geo.ordered),
+        "orientation": info.orientation,
+        "source_format": "dicom",
+        "kind": "image",
+    }
+    return Volume(array=array, affine=LPS_TO_RAS @ geo.affine, meta=meta, source=str(root))
+
+
+def _refuse_unusable(scan: ScanResult, info: SeriesInfo, root: Path, *, allow_tilt: bool) -> None:
+    """An InputError for an unparsable DICOM file in the folder or a problem of the series
+    (a gantry tilt is none when ``allow_tilt``: the caller resamples it)."""
+    problems = list(info.problems)
+    if allow_tilt:
         problems = [p for p in problems if not p.startswith("gantry tilt")]
     broken = [(p, r) for p, r in scan.skipped if r.startswith(("unreadable", "malformed"))]
     if broken:
@@ -846,6 +868,11 @@ def read_dicom_series(
         )
     if problems:
         raise InputError(root, f"series {info.uid_hash}: " + "; ".join(problems))
+
+
+def _read_pixels(geo: _Geometry) -> tuple[np.ndarray, str, set[str]]:
+    """The series' values (modality LUT applied) as an (i, j, k) array in ``geo.ordered`` order,
+    its photometric interpretation and the notes on what was done to the values."""
     slices = []
     decoded: dict[Path, tuple[np.ndarray, pydicom.Dataset]] = {}
     photometric = ""
@@ -870,28 +897,7 @@ def read_dicom_series(
         slices.append(_rescaled(pixels[frame], ds, hdr, notes).T)
     if outside:
         notes.add(_warn_bits_stored(outside, ds))
-    array = np.stack(slices, axis=-1)
-    if tilted:
-        array = _resample_tilt(array, geo)
-        log.warning(
-            "%s: series %s resampled onto an orthogonal grid to remove gantry tilt", root, info.uid_hash
-        )
-    if len(scan.series) > 1 and series_id is None:
-        log.info("%s: %d series found; read %s, the main one", root, len(scan.series), info.label())
-    meta = {
-        "modality": info.modality,
-        "series_description": info.description,
-        "series_uid_hash": info.uid_hash,
-        "manufacturer": geo.ordered[0].manufacturer,
-        "transfer_syntax": info.transfer_syntax,
-        "photometric": photometric,
-        "pixel_values": sorted(notes),
-        "n_slices": len(geo.ordered),
-        "orientation": info.orientation,
-        "source_format": "dicom",
-        "kind": "image",
-    }
-    return Volume(array=array, affine=LPS_TO_RAS @ geo.affine, meta=meta, source=str(root))
+    return np.stack(slices, axis=-1), photometric, notes
 
 
 def write_dicom_series(

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from medseg.errors import InputError
-from medseg.io.dicom import one_line, series_files_in_grid_order
+from medseg.errors import InputError, one_line
+from medseg.io.dicom import SeriesInfo, series_files_in_grid_order
 from medseg.io.volume import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,21 +63,10 @@ def write_dicom_seg(
         ValueError: the mask does not fit the series, holds labels not in ``labels``, or an
             override is not a valid code.
     """
-    from medseg.io.archive import dicom_source
     from medseg.io.privacy import scrubbed_messages
 
     path = Path(path)
-    with dicom_source(source_dir) as folder:
-        info, files = series_files_in_grid_order(folder, series_id=series_id)
-        expected = (*info.size[:2], len(files))
-        if mask.shape != expected:
-            raise ValueError(
-                f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}"
-            )
-        try:
-            sources: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        except Exception as exc:
-            raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
+    info, sources = read_source_headers(source_dir, mask.shape, series_id=series_id)
     with scrubbed_messages(sources, where=path.name):
         complete_for_reference(sources, source_dir, info.uid_hash)
         seg = _segmentation(mask, sources, labels, codes=codes, algorithm=(algorithm_name, algorithm_version))
@@ -89,11 +78,43 @@ def write_dicom_seg(
     return path
 
 
-def _segment_values(mask: np.ndarray, labels: dict[int, str]) -> list[int]:
-    segment_labels = sorted(v for v in labels if v != 0)
-    unknown = sorted(set(np.unique(mask).tolist()) - set(segment_labels) - {0})
+def read_source_headers(
+    source_dir: str | Path, mask_shape: tuple[int, ...], *, series_id: str | None = None
+) -> tuple[SeriesInfo, list[pydicom.Dataset]]:
+    """The headers (no pixels) of the source series a DICOM SEG or RTSTRUCT references, in the
+    order of the mask's k axis; ``source_dir`` is a folder or a zipped study (never modified).
+
+    Raises:
+        InputError: the series cannot be read, is multi-frame or tilted, or a file cannot be re-read.
+        ValueError: ``mask_shape`` is not the series' (columns, rows, slices).
+    """
+    from medseg.io.archive import dicom_source
+
+    with dicom_source(source_dir) as folder:
+        info, files = series_files_in_grid_order(folder, series_id=series_id)
+        expected = (*info.size[:2], len(files))
+        if tuple(mask_shape) != expected:
+            raise ValueError(
+                f"mask shape {tuple(mask_shape)} does not fit series {info.uid_hash} of shape {expected}"
+            )
+        try:
+            sources: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        except Exception as exc:
+            raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
+    return info, sources
+
+
+def named_label_values(mask: np.ndarray, labels: Mapping[int, str]) -> list[int]:
+    """The non-zero label values of ``labels``, sorted; a value in ``mask`` without a name is a ValueError."""
+    values = sorted(int(v) for v in labels if v != 0)
+    unknown = sorted(set(np.unique(mask).tolist()) - set(values) - {0})
     if unknown:
         raise ValueError(f"mask holds labels {unknown} that have no name in labels {sorted(labels)}")
+    return values
+
+
+def _segment_values(mask: np.ndarray, labels: dict[int, str]) -> list[int]:
+    segment_labels = named_label_values(mask, labels)
     if not segment_labels:
         raise ValueError("no non-zero labels to write as segments")
     return segment_labels

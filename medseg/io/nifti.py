@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import SpatialImage
 
-from medseg.errors import InputError
+from medseg.errors import InputError, one_line
 from medseg.io.preflight import default_max_memory, format_bytes
 from medseg.io.volume import Volume, atomic_path
 
@@ -47,7 +47,7 @@ def read_nifti(path: str | Path, *, kind: str = "image", max_bytes: int | None =
         warnings.simplefilter("always")
         volume = _read_nifti(path, kind, max_bytes)
     for w in caught[:3]:
-        log.debug("%s: %s", path, _one_line(w.message))
+        log.debug("%s: %s", path, one_line(w.message))
     return volume
 
 
@@ -57,7 +57,7 @@ def _read_nifti(path: Path, kind: str, max_bytes: int | None) -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from exc
+        raise InputError(path, f"not a readable NIfTI file ({one_line(exc)})") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
@@ -86,7 +86,7 @@ def _read_nifti(path: Path, kind: str, max_bytes: int | None) -> Volume:
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(
             path,
-            f"truncated or corrupt voxel data, the file holds less than its header says ({_one_line(exc)})",
+            f"truncated or corrupt voxel data, the file holds less than its header says ({one_line(exc)})",
         ) from exc
     data = data.reshape(shape)
     if kind == "label":
@@ -165,10 +165,6 @@ def _check_transform(path: Path, img: nib.Nifti1Image) -> None:
         )
 
 
-def _one_line(exc: BaseException | Warning | str) -> str:
-    return " ".join((str(exc) or type(exc).__name__).split())
-
-
 def read_nifti_channels(path: str | Path) -> list[Volume]:
     """Read a multi-channel NIfTI image as one ``Volume`` per channel (all on the file's grid).
 
@@ -202,7 +198,7 @@ def read_nifti_channels(path: str | Path) -> list[Volume]:
         except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
             raise InputError(
                 path,
-                f"truncated or corrupt voxel data, the file holds less than its header says ({_one_line(exc)})",
+                f"truncated or corrupt voxel data, the file holds less than its header says ({one_line(exc)})",
             ) from exc
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if n_bad:

@@ -22,9 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from medseg.errors import InputError
-from medseg.io.dicom import one_line, series_files_in_grid_order
-from medseg.io.dicom_seg import complete_for_reference
+from medseg.io.dicom_seg import complete_for_reference, named_label_values, read_source_headers
 from medseg.io.volume import atomic_path
 
 log = logging.getLogger(__name__)
@@ -229,26 +227,12 @@ def write_rtstruct(
         ValueError: the mask does not fit the series or holds labels not in ``labels``.
     """
     from medseg import __version__
-    from medseg.io.archive import dicom_source
     from medseg.io.coding import segment_code
     from medseg.io.privacy import scrubbed_messages
 
     path = Path(path)
-    with dicom_source(source_dir) as folder:
-        info, files = series_files_in_grid_order(folder, series_id=series_id)
-        expected = (*info.size[:2], len(files))
-        if mask.shape != expected:
-            raise ValueError(
-                f"mask shape {mask.shape} does not fit series {info.uid_hash} of shape {expected}"
-            )
-        try:
-            sources: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        except Exception as exc:
-            raise InputError(source_dir, f"cannot re-read the source series ({one_line(exc)})") from exc
-    values = sorted(int(v) for v in labels if v != 0)
-    unknown = sorted(set(np.unique(mask).tolist()) - set(values) - {0})
-    if unknown:
-        raise ValueError(f"mask holds labels {unknown} that have no name in labels {sorted(labels)}")
+    info, sources = read_source_headers(source_dir, mask.shape, series_id=series_id)
+    values = named_label_values(mask, labels)
     algorithm = (str(algorithm_name), str(algorithm_version or __version__))
     with scrubbed_messages(sources, where=path.name):
         # blank UIDs (anonymisers) get the same stand-ins, and the same warning, as for a DICOM SEG

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import InputError
+from medseg.errors import InputError, one_line
 from medseg.io.volume import Volume, atomic_path
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,11 @@ def sitk_format(path: str | Path) -> str:
     return SITK_SUFFIXES[Path(path).suffix.lower()]
 
 
-def _one_line(exc: BaseException) -> str:
+def _itk_message(exc: BaseException) -> str:
     """ITK's messages span lines and repeat the source file of ITK itself: keep the description."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     described = [ln.split("Description:", 1)[1].strip() for ln in lines if "Description:" in ln]
-    text = described[0] if described else (lines[-1] if lines else type(exc).__name__)
-    return " ".join(text.split())
+    return one_line(described[0] if described else (lines[-1] if lines else exc))
 
 
 def _affine(image) -> np.ndarray:
@@ -58,7 +57,7 @@ def _read_image(path: Path):
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(path, f"not a readable {sitk_format(path)} file ({_one_line(exc)})") from exc
+        raise InputError(path, f"not a readable {sitk_format(path)} file ({_itk_message(exc)})") from exc
 
 
 def read_sitk(path: str | Path, *, kind: str = "image") -> Volume:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import OutputError
+from medseg.errors import OutputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +182,8 @@ def _write_failure(final: Path, exc: BaseException) -> OutputError | None:
             return OutputError(f"{final}: could not be written (no space left on the device)")
         text = str(exc).lower()
         if any(word in text for word in ("write", "iostream", "inline_container")):
-            return OutputError(f"{final}: could not be written ({_one_line(exc)})")
+            return OutputError(f"{final}: could not be written ({one_line(exc, limit=200)})")
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _free_bytes(folder: Path) -> int | None:
