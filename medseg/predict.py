@@ -440,6 +440,108 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+MIXED_CELL = 255
+"""In ``cell_labels``: a cell whose corners do not all have one label, or one across the grid's edge."""
+
+MIXED_FRACTION_LIMIT = 0.25
+"""Above this fraction of a slab in mixed cells, interpolating every voxel costs less than picking."""
+
+
+def cell_labels(probs: torch.Tensor) -> torch.Tensor:
+    """The label each cell of a source grid (its 2x2x2 voxels from ``i`` to ``i + 1`` on every axis)
+    has at all eight corners, else ``MIXED_CELL``; padded on every side with a layer of
+    ``MIXED_CELL`` (cells across the grid's edge) and, outermost, one of background (wholly outside).
+
+    Trilinear interpolation inside a cell is a convex combination of its corners: where they all
+    have argmax ``k``, so does the interpolated value (ties going to the lower class, as argmax). Only
+    target voxels in mixed cells (class borders, the grid's edge) need the interpolation.
+    """
+    shape = probs.shape[1:]
+    labels = argmax_classes(probs.reshape(probs.shape[0], -1)).view(shape)
+    inner = [max(n - 1, 0) for n in shape]
+    cells = labels[: inner[0], : inner[1], : inner[2]].clone()
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        if di or dj or dk:
+            corner = labels[di : di + inner[0], dj : dj + inner[1], dk : dk + inner[2]]
+            cells.masked_fill_(corner != cells, MIXED_CELL)
+    padded = torch.full([n + 4 for n in inner], MIXED_CELL, dtype=torch.uint8)
+    padded[2:-2, 2:-2, 2:-2] = cells
+    for dim in range(3):
+        padded.select(dim, 0).zero_()
+        padded.select(dim, -1).zero_()
+    return padded
+
+
+def _cell_index(coords: np.ndarray, size: int) -> torch.Tensor:
+    """Per source coordinate along an axis of ``size`` voxels: its cell in ``cell_labels``' padded
+    array; within one voxel outside the grid a mixed cell, further out the background layer."""
+    cell = np.clip(np.floor(coords), 0, max(size - 2, 0)).astype(np.int64) + 2
+    cell[coords < 0.0] = 1
+    cell[coords > size - 1] = max(size - 1, 0) + 2
+    cell[(coords <= -1.0) | (coords >= size)] = 0
+    return torch.from_numpy(cell)
+
+
+def _labels_at(
+    probs: torch.Tensor, maps: Sequence[AxisMap], coords: list[np.ndarray], points: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Labels (uint8) at slab voxels ``points`` (three index tensors, target axes) at per-axis source
+    coordinates ``coords``: trilinear, zero padding, background outside, as ``_sample_axis_aligned``."""
+    flat = probs.reshape(probs.shape[0], -1)  # a view: ``probs`` is contiguous
+    strides = [probs.stride(1 + mp.source_axis) for mp in maps]
+    # per target axis, the lower and the upper neighbour: (offset into ``flat``, weight) at each point
+    taps = []
+    for c, mp, stride, p in zip(coords, maps, strides, points, strict=True):
+        i0, i1, w0, w1 = _linear_taps(c, probs.shape[1 + mp.source_axis])
+        taps.append(((i0[p] * stride, w0[p]), (i1[p] * stride, w1[p])))
+    values = torch.zeros((probs.shape[0], points[0].numel()), dtype=torch.float32)
+    for (oa, wa), (ob, wb), (oc, wc) in itertools.product(*taps):
+        values.add_(flat.index_select(1, oa + ob + oc).float().mul_(wa * wb * wc))
+    values[0] += (1.0 - values.sum(dim=0)).clamp_min_(0.0)
+    return argmax_classes(values)
+
+
+def _labels_axis_aligned(
+    probs: torch.Tensor,
+    cells: torch.Tensor,
+    maps: tuple[AxisMap, AxisMap, AxisMap],
+    rows: range,
+    target_shape: Sequence[int],
+) -> torch.Tensor | None:
+    """Labels (uint8, rows x Y x Z) of one source on a slab: a cell's label where it has one, the
+    interpolated probabilities' argmax in mixed cells; None when too much of the slab is mixed."""
+    index = _slab_index(rows, target_shape)
+    coords = [mp.scale * i + mp.offset for mp, i in zip(maps, index, strict=True)]
+    sizes = [probs.shape[1 + mp.source_axis] for mp in maps]
+    picks = [_cell_index(c, n) for c, n in zip(coords, sizes, strict=True)]
+    labels = cells.permute(*(mp.source_axis for mp in maps))[picks[0]][:, picks[1]][:, :, picks[2]]
+    mixed = (labels == MIXED_CELL).nonzero(as_tuple=True)
+    if mixed[0].numel() > MIXED_FRACTION_LIMIT * labels.numel():
+        return None
+    if mixed[0].numel():
+        labels[mixed] = _labels_at(probs, maps, coords, mixed)
+    return labels
+
+
+def _probabilities_on_slab(
+    plans: list[tuple[torch.Tensor, np.ndarray, tuple[AxisMap, AxisMap, AxisMap] | None]],
+    rows: range,
+    target_shape: Sequence[int],
+) -> torch.Tensor:
+    """The sum over sources of their probabilities (C, N) on a slab, background outside each."""
+    acc: torch.Tensor | None = None
+    for probs, to_source, maps in plans:
+        if maps is not None:
+            sampled = _sample_axis_aligned(probs, maps, rows, target_shape)
+        else:
+            sampled = _sample_general(probs, to_source, rows, target_shape)
+        # what a source does not cover (outside its field of view) is background
+        sampled[0] += (1.0 - sampled.sum(dim=0)).clamp_min_(0.0)
+        acc = sampled if acc is None else acc.add_(sampled)
+    assert acc is not None
+    return acc
+
+
 def resample_to_grid(
     sources: list[tuple[torch.Tensor, np.ndarray]],
     target_affine: np.ndarray,
@@ -457,8 +559,10 @@ def resample_to_grid(
     labels go straight into the uint8 result. A source whose grid is the target's permuted,
     flipped, rescaled and shifted (``axis_aligned_map``) is interpolated one axis at a time; any
     other (oblique) one with ``grid_sample``: both trilinear with zero padding, the same values up to
-    rounding. ``axis_aligned=False`` takes the general path for every source. With
-    ``return_probabilities`` the averaged probabilities (C, X, Y, Z) float16 are returned too.
+    rounding. One axis-aligned source, labels only (the usual case): its labels are picked per
+    source cell and interpolated only in cells whose corners disagree (``cell_labels``).
+    ``axis_aligned=False`` takes the general path for every source. With ``return_probabilities``
+    the averaged probabilities (C, X, Y, Z) float16 are returned too.
     """
     n_classes = sources[0][0].shape[0]
     out = np.empty(target_shape, dtype=np.uint8)
@@ -468,21 +572,22 @@ def resample_to_grid(
     for probs, affine in sources:
         to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ target
         plans.append((probs, to_source, axis_aligned_map(to_source, target_shape) if axis_aligned else None))
+    first_maps = plans[0][2]
+    pick = len(plans) == 1 and first_maps is not None and probs_out is None and n_classes < MIXED_CELL
+    if pick:
+        plans[0] = (plans[0][0].contiguous(), *plans[0][1:])
+    cells = cell_labels(plans[0][0]) if pick else None
     chunk = chunk_voxels or max(1, RESAMPLE_CHUNK_VALUES // max(n_classes, 1))
     step = max(1, chunk // max(target_shape[1] * target_shape[2], 1))
     for start in range(0, target_shape[0], step):
         rows = range(start, min(target_shape[0], start + step))
-        acc: torch.Tensor | None = None
-        for probs, to_source, maps in plans:
-            if maps is not None:
-                sampled = _sample_axis_aligned(probs, maps, rows, target_shape)
-            else:
-                sampled = _sample_general(probs, to_source, rows, target_shape)
-            # what a source does not cover (outside its field of view) is background
-            sampled[0] += (1.0 - sampled.sum(dim=0)).clamp_min_(0.0)
-            acc = sampled if acc is None else acc.add_(sampled)
-        assert acc is not None
         slab = (len(rows), *target_shape[1:])
+        if cells is not None and first_maps is not None:
+            labels = _labels_axis_aligned(plans[0][0], cells, first_maps, rows, target_shape)
+            if labels is not None:
+                out[rows.start : rows.stop] = labels.numpy()
+                continue
+        acc = _probabilities_on_slab(plans, rows, target_shape)
         out[rows.start : rows.stop] = argmax_classes(acc).view(slab).numpy()
         if probs_out is not None:
             probs_out[:, rows.start : rows.stop] = acc.div_(len(sources)).view(n_classes, *slab).numpy()

@@ -9,7 +9,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from medseg import predict
-from medseg.predict import argmax_classes, axis_aligned_map, resample_to_grid
+from medseg.predict import MIXED_CELL, argmax_classes, axis_aligned_map, cell_labels, resample_to_grid
 
 
 def _grid(
@@ -111,10 +111,14 @@ def test_both_paths_match_an_independent_trilinear_reference(name):
     # float16 output: within half a unit in the last place of values up to 1
     np.testing.assert_allclose(fast_probs.astype(np.float64), expected, atol=1e-3)
     np.testing.assert_allclose(general_probs.astype(np.float64), expected, atol=1e-3)
+    # labels only: picked per source cell, interpolated where a cell's corners disagree
+    picked_labels = resample_to_grid([(probs, model)], target, shape)
     # the masks: equal but for exact ties broken by rounding; every class shows in this geometry
-    assert (fast_labels != general_labels).mean() < 1e-3
-    assert min(_dice_per_label(fast_labels, general_labels, 3)) >= 0.999
-    assert set(np.unique(fast_labels)) == {0, 1, 2}  # the geometry shows every class
+    for labels in (fast_labels, picked_labels):
+        assert (labels != general_labels).mean() < 1e-3
+        assert min(_dice_per_label(labels, general_labels, 3)) >= 0.999
+        assert min(_dice_per_label(labels, expected.argmax(axis=0), 3)) >= 0.999
+    assert set(np.unique(fast_labels)) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("name", ["flipped", "permuted_anisotropic", "same_spacing_flip", "partly_outside"])
@@ -149,39 +153,79 @@ def test_ensemble_of_an_axis_aligned_and_an_oblique_model_grid():
     assert min(_dice_per_label(labels, expected.argmax(axis=0), 3)) >= 0.999
 
 
+def _spy_on_slabs(monkeypatch) -> set[range]:
+    """Record the rows of every slab a source is sampled on, whichever path samples it."""
+    rows_seen: set[range] = set()
+    for fn in ("_sample_axis_aligned", "_sample_general", "_labels_axis_aligned"):
+        original = getattr(predict, fn)
+
+        def spy(*args, _original=original):
+            rows_seen.update(a for a in args if isinstance(a, range))
+            return _original(*args)
+
+        monkeypatch.setattr(predict, fn, spy)
+    return rows_seen
+
+
 @pytest.mark.parametrize("name", ["flipped", "oblique"])
-def test_tiny_slabs_give_the_same_mask_and_bound_each_slab(name, monkeypatch):
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_tiny_slabs_give_the_same_mask_and_bound_each_slab(name, probabilities, monkeypatch):
     """Slabs of one target row at a time: the same mask as one slab; no slab asks for more."""
     model, target, shape = GEOMETRIES[name]
     probs = _smooth_probs(MODEL_SHAPE, 3, seed=5)
-    whole = resample_to_grid([(probs, model)], target, shape, chunk_voxels=10**9)
-    rows_seen: list[int] = []
-    for fn in ("_sample_axis_aligned", "_sample_general"):
-        original = getattr(predict, fn)
-
-        def spy(probs, geometry, rows, target_shape, _original=original):
-            rows_seen.append(len(rows))
-            return _original(probs, geometry, rows, target_shape)
-
-        monkeypatch.setattr(predict, fn, spy)
-    sliced = resample_to_grid([(probs, model)], target, shape, chunk_voxels=1)
-    np.testing.assert_array_equal(sliced, whole)
-    assert rows_seen == [1] * shape[0]
+    kwargs = {"return_probabilities": probabilities}
+    whole = resample_to_grid([(probs, model)], target, shape, chunk_voxels=10**9, **kwargs)
+    rows_seen = _spy_on_slabs(monkeypatch)
+    sliced = resample_to_grid([(probs, model)], target, shape, chunk_voxels=1, **kwargs)
+    if probabilities:  # float16, summed in another order
+        np.testing.assert_allclose(sliced[1].astype(np.float32), whole[1].astype(np.float32), atol=1e-3)
+        sliced, whole = sliced[0], whole[0]
+    assert (sliced != whole).mean() < 1e-3  # exact ties aside
+    assert sorted(rows_seen, key=lambda r: r.start) == [range(i, i + 1) for i in range(shape[0])]
 
 
 def test_default_slab_size_shrinks_with_the_number_of_classes(monkeypatch):
     model, target, shape = GEOMETRIES["flipped"]
     monkeypatch.setattr(predict, "RESAMPLE_CHUNK_VALUES", 8 * shape[1] * shape[2])
-    rows_seen: list[int] = []
-    original = predict._sample_axis_aligned
-
-    def spy(probs, maps, rows, target_shape):
-        rows_seen.append(len(rows))
-        return original(probs, maps, rows, target_shape)
-
-    monkeypatch.setattr(predict, "_sample_axis_aligned", spy)
+    rows_seen = _spy_on_slabs(monkeypatch)
     resample_to_grid([(_smooth_probs(MODEL_SHAPE, 4, seed=0), model)], target, shape)
-    assert max(rows_seen) == 2  # 8 planes of values / 4 classes
+    assert max(len(r) for r in rows_seen) == 2  # 8 planes of values / 4 classes
+
+
+def test_cell_labels_mark_class_borders_and_the_edge():
+    probs = torch.zeros(3, 4, 3, 3)
+    probs[0] = 1.0
+    probs[:, 3] = torch.tensor([0.2, 0.1, 0.7])[:, None, None]  # the last plane says class 2
+    probs[:, 0, 0, 0] = torch.tensor([0.4, 0.4, 0.2])  # a tie goes to the lower class: 0
+    cells = cell_labels(probs)
+    assert cells.shape == (3 + 4, 2 + 4, 2 + 4)
+    inner = cells[2:-2, 2:-2, 2:-2]
+    assert (inner[:2] == 0).all()  # cells between planes 0..2: all corners background
+    assert (inner[2] == MIXED_CELL).all()  # between planes 2 and 3: background and class 2
+    # one voxel outside the grid: mixed (part inside); beyond it: background
+    for dim in range(3):
+        assert (cells.select(dim, 0) == 0).all()
+        assert (cells.select(dim, -1) == 0).all()
+        assert (cells.select(dim, 1)[1:-1, 1:-1] == MIXED_CELL).all()
+        assert (cells.select(dim, -2)[1:-1, 1:-1] == MIXED_CELL).all()
+
+
+def test_noisy_probabilities_fall_back_to_interpolating_every_voxel(monkeypatch):
+    """Mostly mixed cells (noise): the slab is interpolated whole, with the same mask."""
+    model, target, shape = GEOMETRIES["flipped"]
+    probs = torch.softmax(torch.randn(3, *MODEL_SHAPE, generator=torch.Generator().manual_seed(0)), dim=0)
+    fallbacks = []
+    original = predict._probabilities_on_slab
+
+    def spy(*args):
+        fallbacks.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(predict, "_probabilities_on_slab", spy)
+    labels = resample_to_grid([(probs, model)], target, shape)
+    assert fallbacks
+    general = resample_to_grid([(probs, model)], target, shape, axis_aligned=False)
+    assert (labels != general).mean() < 1e-3
 
 
 def test_argmax_classes_matches_torch_argmax_with_ties():
