@@ -187,10 +187,12 @@ def sliding_window_logits(
             del logits
             probs = torch.flip(probs, dims) if dims else probs
             if flip_labels is not None:
-                flip_labels.append(probs[0].argmax(dim=0).to(torch.uint8).cpu())
+                flip_labels.append(argmax_classes(probs[0].flatten(1)).view(probs.shape[2:]).cpu())
             total = probs if total is None else total.add_(probs)
     assert total is not None
-    return (total / len(flips))[0].cpu()
+    if len(flips) > 1:
+        total.div_(len(flips))  # in place: no second copy of a volume's probabilities
+    return total[0].cpu()
 
 
 def tta_disagreement(probs: torch.Tensor, flip_labels: list[torch.Tensor]) -> float:
@@ -432,7 +434,7 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     """``probs.argmax(dim=0)`` as uint8 for (C, N) scores: a pass per class, several times faster on
     the CPU than torch's reduction across the first dimension; ties go to the lower class, as argmax."""
     best = probs[0].clone()
-    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
     for c in range(1, probs.shape[0]):
         higher = probs[c] > best
         labels.masked_fill_(higher, c)

@@ -233,3 +233,24 @@ def test_argmax_classes_matches_torch_argmax_with_ties():
     assert argmax_classes(scores).tolist() == scores.argmax(dim=0).tolist() == [0, 1, 2, 0]
     rand = torch.rand(5, 1000)
     assert torch.equal(argmax_classes(rand).long(), rand.argmax(dim=0))
+
+
+def test_tta_probabilities_are_the_mean_over_flips():
+    """The blended TTA probabilities (averaged in place) and each flip's labels."""
+    from medseg.predict import flip_sets, sliding_window_logits
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
+    image = torch.randn(1, 12, 10, 9)
+    flip_labels: list[torch.Tensor] = []
+    tta = sliding_window_logits(net, image, roi_size=(8, 8, 8), tta=True, flip_labels=flip_labels)
+    per_flip = []
+    for dims in flip_sets(True):
+        flipped = torch.flip(image[None], dims)[0] if dims else image
+        probs = sliding_window_logits(net, flipped, roi_size=(8, 8, 8))
+        per_flip.append(torch.flip(probs, [d - 1 for d in dims]) if dims else probs)
+    torch.testing.assert_close(tta, torch.stack(per_flip).mean(dim=0), atol=1e-5, rtol=1e-5)
+    assert len(flip_labels) == 8
+    for labels, probs in zip(flip_labels, per_flip, strict=True):
+        assert labels.dtype == torch.uint8
+        assert torch.equal(labels.long(), probs.argmax(dim=0))
