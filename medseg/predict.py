@@ -4,7 +4,9 @@ The bundle's preprocessing (RAS orientation, spacing, crop, normalisation) is
 applied with MONAI; the MetaTensor affine after it says exactly where each
 model-grid voxel lies in the world. Probabilities (optionally flip-TTA averaged,
 CRF-refined in the model grid where the normalised image lives) are then resampled
-onto the source grid (trilinear, in chunks, so memory stays bounded), averaged over
+onto the source grid (trilinear, in slabs, so memory stays bounded; one axis at a time
+where the grids are axis-aligned, and with one model only interpolated near class
+borders, where a model-grid cell's corners disagree), averaged over
 an ensemble of bundles and reduced to labels: the mask has the input's shape and
 affine by construction, for any orientation, NIfTI or DICOM. Voxels outside the
 model's field of view are background.
