@@ -4,7 +4,9 @@ The bundle's preprocessing (RAS orientation, spacing, crop, normalisation) is
 applied with MONAI; the MetaTensor affine after it says exactly where each
 model-grid voxel lies in the world. Probabilities (optionally flip-TTA averaged,
 CRF-refined in the model grid where the normalised image lives) are then resampled
-onto the source grid (trilinear, in chunks, so memory stays bounded), averaged over
+onto the source grid (trilinear, in slabs, so memory stays bounded; one axis at a time
+where the grids are axis-aligned, and with one model only interpolated near class
+borders, where a model-grid cell's corners disagree), averaged over
 an ensemble of bundles and reduced to labels: the mask has the input's shape and
 affine by construction, for any orientation, NIfTI or DICOM. Voxels outside the
 model's field of view are background.
@@ -187,10 +189,12 @@ def sliding_window_logits(
             del logits
             probs = torch.flip(probs, dims) if dims else probs
             if flip_labels is not None:
-                flip_labels.append(probs[0].argmax(dim=0).to(torch.uint8).cpu())
+                flip_labels.append(argmax_classes(probs[0].flatten(1)).view(probs.shape[2:]).cpu())
             total = probs if total is None else total.add_(probs)
     assert total is not None
-    return (total / len(flips))[0].cpu()
+    if len(flips) > 1:
+        total.div_(len(flips))  # in place: no second copy of a volume's probabilities
+    return total[0].cpu()
 
 
 def tta_disagreement(probs: torch.Tensor, flip_labels: list[torch.Tensor]) -> float:
@@ -302,29 +306,244 @@ def model_grid_probabilities(
     return ModelGridResult(probs, affine, grid_image, disagreement, timings)
 
 
-def _sample_source(
-    probs: torch.Tensor, affine: np.ndarray, target_affine: np.ndarray, idx: np.ndarray
+AXIS_ALIGNED_TOLERANCE = 1e-4
+"""How far (in source voxels, anywhere on the target grid) a mapping may stray from axis-aligned
+and still take the separable path: far below what changes an interpolated probability's argmax."""
+
+RESAMPLE_CHUNK_VALUES = 2**24
+"""Float32 values (classes x voxels) per slab of the target when resampling: about 64 MiB a buffer."""
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """Target axis ``j`` (position in the tuple) reads source axis ``source_axis`` at
+    ``scale * index + offset`` (source voxel coordinates); ``scale < 0`` is a flip."""
+
+    source_axis: int
+    scale: float
+    offset: float
+
+
+def axis_aligned_map(
+    to_source: np.ndarray, target_shape: Sequence[int], *, tolerance: float = AXIS_ALIGNED_TOLERANCE
+) -> tuple[AxisMap, AxisMap, AxisMap] | None:
+    """The per-axis maps when target voxel -> source voxel (``to_source``, 4x4) is a permutation,
+    flips, scales and a shift (the usual case: the model grid is the source reoriented and respaced);
+    None when it is oblique (or sheared) by more than ``tolerance`` voxels over the target grid."""
+    m = np.asarray(to_source, dtype=np.float64)[:3, :3]
+    extent = np.maximum(np.asarray(target_shape, dtype=np.float64) - 1.0, 1.0)
+    maps: list[AxisMap] = []
+    for j in range(3):
+        a = int(np.argmax(np.abs(m[:, j])))
+        maps.append(AxisMap(a, float(m[a, j]), float(to_source[a, 3])))
+    if sorted(mp.source_axis for mp in maps) != [0, 1, 2] or any(mp.scale == 0.0 for mp in maps):
+        return None
+    stray = np.abs(m) * extent[None, :]
+    for j, mp in enumerate(maps):
+        stray[mp.source_axis, j] = 0.0
+    if float(stray.sum(axis=1).max()) > tolerance:
+        return None
+    return maps[0], maps[1], maps[2]
+
+
+def _slab_index(rows: range, target_shape: Sequence[int]) -> list[np.ndarray]:
+    """The target voxel indices of a slab, per axis: ``rows`` of axis 0, all of axes 1 and 2."""
+    return [np.arange(rows.start, rows.stop, dtype=np.float64)] + [
+        np.arange(n, dtype=np.float64) for n in target_shape[1:]
+    ]
+
+
+def _linear_taps(
+    coords: np.ndarray, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear interpolation along one axis of ``size`` voxels at ``coords``: the two neighbours'
+    indices (clamped) and weights, a weight zero where its neighbour lies outside (zero padding)."""
+    lower = np.floor(coords)
+    upper_weight = coords - lower
+    lower_weight = 1.0 - upper_weight
+    i0 = lower.astype(np.int64)
+    i1 = i0 + 1
+    lower_weight[(i0 < 0) | (i0 >= size)] = 0.0
+    upper_weight[(i1 < 0) | (i1 >= size)] = 0.0
+    return (
+        torch.from_numpy(np.clip(i0, 0, size - 1)),
+        torch.from_numpy(np.clip(i1, 0, size - 1)),
+        torch.from_numpy(lower_weight.astype(np.float32)),
+        torch.from_numpy(upper_weight.astype(np.float32)),
+    )
+
+
+def _interpolate_axis(x: torch.Tensor, dim: int, coords: np.ndarray) -> torch.Tensor:
+    """``x`` linearly interpolated along ``dim`` at source coordinates ``coords`` (zeros outside), float32."""
+    i0, i1, w0, w1 = _linear_taps(coords, x.shape[dim])
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    # advanced indexing, not index_select: several times faster along the last (contiguous) axis
+    lower: tuple[slice | torch.Tensor, ...] = (*(slice(None),) * dim, i0)
+    out = x[lower].float().mul_(w0.view(shape))
+    if bool((w1 != 0).any()):  # whole-voxel coordinates (same spacing, a flip) need one neighbour only
+        upper: tuple[slice | torch.Tensor, ...] = (*(slice(None),) * dim, i1)
+        out.add_(x[upper].float().mul_(w1.view(shape)))
+    return out
+
+
+def _sample_axis_aligned(
+    probs: torch.Tensor, maps: tuple[AxisMap, AxisMap, AxisMap], rows: range, target_shape: Sequence[int]
 ) -> torch.Tensor:
-    """A source's probabilities (C, N) at target voxel indices ``idx`` (N, 3); outside it, background."""
+    """A source's probabilities (C, N) on target rows ``rows`` (of axis 0) x the whole of axes 1, 2,
+    by three 1D linear interpolations: the same values as trilinear ``grid_sample`` with zero padding."""
+    # source axes in target order: dim 1 + j of ``x`` is the source axis target axis j reads
+    x = probs.permute(0, *(1 + mp.source_axis for mp in maps))
+    index = _slab_index(rows, target_shape)
+    x = _interpolate_axis(x, 1, maps[0].scale * index[0] + maps[0].offset)
+    # then the axis whose interpolation leaves the smaller intermediate
+    order = (2, 3) if target_shape[1] * x.shape[3] <= x.shape[2] * target_shape[2] else (3, 2)
+    for dim in order:
+        x = _interpolate_axis(x, dim, maps[dim - 1].scale * index[dim - 1] + maps[dim - 1].offset)
+    return x.reshape(x.shape[0], -1)
+
+
+def _sample_general(
+    probs: torch.Tensor, to_source: np.ndarray, rows: range, target_shape: Sequence[int]
+) -> torch.Tensor:
+    """A source's probabilities (C, N) on target rows ``rows`` x the whole of axes 1, 2, for any
+    affine map: trilinear ``grid_sample`` on the part of the source the slab reads."""
     n_classes = probs.shape[0]
-    to_src = np.linalg.inv(affine) @ target_affine
-    coords = idx @ to_src[:3, :3].T + to_src[:3, 3]
+    index = _slab_index(rows, target_shape)
+    # source coordinate a of target voxel (i, j, k): a sum of three 1D terms, broadcast on the slab
+    terms = [[to_source[a, j] * index[j] for j in range(3)] for a in range(3)]
     size = np.asarray(probs.shape[1:])
+    low = np.array([sum(t.min() for t in terms[a]) + to_source[a, 3] for a in range(3)])
+    high = np.array([sum(t.max() for t in terms[a]) + to_source[a, 3] for a in range(3)])
     # the part of the source this slab reads (+1 voxel for interpolation), clamped to the source
-    lo = np.clip(np.floor(coords.min(axis=0)).astype(int), 0, size - 1)
-    hi = np.clip(np.ceil(coords.max(axis=0)).astype(int) + 1, lo + 1, size)
+    lo = np.clip(np.floor(low).astype(int), 0, size - 1)
+    hi = np.clip(np.ceil(high).astype(int) + 1, lo + 1, size)
     # one explicit zero voxel around the part read: the same as grid_sample's zero padding, and
     # no degenerate one-voxel axis (align_corners maps every coordinate of such an axis to 0)
     sub = F.pad(probs[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float(), (1, 1, 1, 1, 1, 1))
-    local = coords - lo + 1.0
     sub_size = np.asarray(sub.shape[1:], dtype=np.float64)
-    norm = 2.0 * local / (sub_size - 1) - 1.0
-    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=torch.float32).view(1, 1, 1, -1, 3)
-    sampled = F.grid_sample(sub[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(
-        n_classes, -1
-    )
-    sampled[0] += (1.0 - sampled.sum(dim=0)).clamp_min(0.0)  # outside the field of view -> background
-    return sampled
+    grid = torch.empty((1, len(rows), target_shape[1], target_shape[2], 3), dtype=torch.float32)
+    for a in range(3):
+        local = terms[a][0][:, None, None] + terms[a][1][None, :, None] + terms[a][2][None, None, :]
+        local += to_source[a, 3] - lo[a] + 1.0
+        # grid_sample's last dimension lists (x, y, z) = (dim 4, dim 3, dim 2) of the input
+        grid[0, ..., 2 - a] = torch.from_numpy(2.0 * local / (sub_size[a] - 1) - 1.0)
+    sampled = F.grid_sample(sub[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return sampled.view(n_classes, -1)
+
+
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(dim=0)`` as uint8 for (C, N) scores: a pass per class, several times faster on
+    the CPU than torch's reduction across the first dimension; ties go to the lower class, as argmax."""
+    best = probs[0].clone()
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for c in range(1, probs.shape[0]):
+        higher = probs[c] > best
+        labels.masked_fill_(higher, c)
+        torch.maximum(best, probs[c], out=best)
+    return labels
+
+
+MIXED_CELL = 255
+"""In ``cell_labels``: a cell whose corners do not all have one label, or one across the grid's edge."""
+
+MIXED_FRACTION_LIMIT = 0.25
+"""Above this fraction of a slab in mixed cells, interpolating every voxel costs less than picking."""
+
+
+def cell_labels(probs: torch.Tensor) -> torch.Tensor:
+    """The label each cell of a source grid (its 2x2x2 voxels from ``i`` to ``i + 1`` on every axis)
+    has at all eight corners, else ``MIXED_CELL``; padded on every side with a layer of
+    ``MIXED_CELL`` (cells across the grid's edge) and, outermost, one of background (wholly outside).
+
+    Trilinear interpolation inside a cell is a convex combination of its corners: where they all
+    have argmax ``k``, so does the interpolated value (ties going to the lower class, as argmax). Only
+    target voxels in mixed cells (class borders, the grid's edge) need the interpolation.
+    """
+    shape = probs.shape[1:]
+    labels = argmax_classes(probs.reshape(probs.shape[0], -1)).view(shape)
+    inner = [max(n - 1, 0) for n in shape]
+    cells = labels[: inner[0], : inner[1], : inner[2]].clone()
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        if di or dj or dk:
+            corner = labels[di : di + inner[0], dj : dj + inner[1], dk : dk + inner[2]]
+            cells.masked_fill_(corner != cells, MIXED_CELL)
+    padded = torch.full([n + 4 for n in inner], MIXED_CELL, dtype=torch.uint8)
+    padded[2:-2, 2:-2, 2:-2] = cells
+    for dim in range(3):
+        padded.select(dim, 0).zero_()
+        padded.select(dim, -1).zero_()
+    return padded
+
+
+def _cell_index(coords: np.ndarray, size: int) -> torch.Tensor:
+    """Per source coordinate along an axis of ``size`` voxels: its cell in ``cell_labels``' padded
+    array; within one voxel outside the grid a mixed cell, further out the background layer."""
+    cell = np.clip(np.floor(coords), 0, max(size - 2, 0)).astype(np.int64) + 2
+    cell[coords < 0.0] = 1
+    cell[coords > size - 1] = max(size - 1, 0) + 2
+    cell[(coords <= -1.0) | (coords >= size)] = 0
+    return torch.from_numpy(cell)
+
+
+def _labels_at(
+    probs: torch.Tensor, maps: Sequence[AxisMap], coords: list[np.ndarray], points: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Labels (uint8) at slab voxels ``points`` (three index tensors, target axes) at per-axis source
+    coordinates ``coords``: trilinear, zero padding, background outside, as ``_sample_axis_aligned``."""
+    flat = probs.reshape(probs.shape[0], -1)  # a view: ``probs`` is contiguous
+    strides = [probs.stride(1 + mp.source_axis) for mp in maps]
+    # per target axis, the lower and the upper neighbour: (offset into ``flat``, weight) at each point
+    taps = []
+    for c, mp, stride, p in zip(coords, maps, strides, points, strict=True):
+        i0, i1, w0, w1 = _linear_taps(c, probs.shape[1 + mp.source_axis])
+        taps.append(((i0[p] * stride, w0[p]), (i1[p] * stride, w1[p])))
+    values = torch.zeros((probs.shape[0], points[0].numel()), dtype=torch.float32)
+    for (oa, wa), (ob, wb), (oc, wc) in itertools.product(*taps):
+        values.add_(flat.index_select(1, oa + ob + oc).float().mul_(wa * wb * wc))
+    values[0] += (1.0 - values.sum(dim=0)).clamp_min_(0.0)
+    return argmax_classes(values)
+
+
+def _labels_axis_aligned(
+    probs: torch.Tensor,
+    cells: torch.Tensor,
+    maps: tuple[AxisMap, AxisMap, AxisMap],
+    rows: range,
+    target_shape: Sequence[int],
+) -> torch.Tensor | None:
+    """Labels (uint8, rows x Y x Z) of one source on a slab: a cell's label where it has one, the
+    interpolated probabilities' argmax in mixed cells; None when too much of the slab is mixed."""
+    index = _slab_index(rows, target_shape)
+    coords = [mp.scale * i + mp.offset for mp, i in zip(maps, index, strict=True)]
+    sizes = [probs.shape[1 + mp.source_axis] for mp in maps]
+    picks = [_cell_index(c, n) for c, n in zip(coords, sizes, strict=True)]
+    labels = cells.permute(*(mp.source_axis for mp in maps))[picks[0]][:, picks[1]][:, :, picks[2]]
+    mixed = (labels == MIXED_CELL).nonzero(as_tuple=True)
+    if mixed[0].numel() > MIXED_FRACTION_LIMIT * labels.numel():
+        return None
+    if mixed[0].numel():
+        labels[mixed] = _labels_at(probs, maps, coords, mixed)
+    return labels
+
+
+def _probabilities_on_slab(
+    plans: list[tuple[torch.Tensor, np.ndarray, tuple[AxisMap, AxisMap, AxisMap] | None]],
+    rows: range,
+    target_shape: Sequence[int],
+) -> torch.Tensor:
+    """The sum over sources of their probabilities (C, N) on a slab, background outside each."""
+    acc: torch.Tensor | None = None
+    for probs, to_source, maps in plans:
+        if maps is not None:
+            sampled = _sample_axis_aligned(probs, maps, rows, target_shape)
+        else:
+            sampled = _sample_general(probs, to_source, rows, target_shape)
+        # what a source does not cover (outside its field of view) is background
+        sampled[0] += (1.0 - sampled.sum(dim=0)).clamp_min_(0.0)
+        acc = sampled if acc is None else acc.add_(sampled)
+    assert acc is not None
+    return acc
 
 
 def resample_to_grid(
@@ -332,35 +551,50 @@ def resample_to_grid(
     target_affine: np.ndarray,
     target_shape: tuple[int, int, int],
     *,
-    chunk_voxels: int = 2**22,
+    chunk_voxels: int | None = None,
     return_probabilities: bool = False,
+    axis_aligned: bool = True,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Average class probabilities given on other grids onto a target grid; return the argmax labels.
 
-    Each source is (probabilities (C, X, Y, Z), affine). Target voxels outside a
-    source's grid count as background for it. Work goes in slabs of the target of
-    about ``chunk_voxels``, each reading only the part of each source it needs, so
-    memory stays bounded. With ``return_probabilities`` the averaged probabilities
-    (C, X, Y, Z) float16 are returned too.
+    Each source is (probabilities (C, X, Y, Z), affine). Target voxels outside a source's grid
+    count as background for it. Work goes in slabs of the target's first axis of about
+    ``chunk_voxels`` (default: ``RESAMPLE_CHUNK_VALUES`` / C), so memory stays bounded; each slab's
+    labels go straight into the uint8 result. A source whose grid is the target's permuted,
+    flipped, rescaled and shifted (``axis_aligned_map``) is interpolated one axis at a time; any
+    other (oblique) one with ``grid_sample``: both trilinear with zero padding, the same values up to
+    rounding. One axis-aligned source, labels only (the usual case): its labels are picked per
+    source cell and interpolated only in cells whose corners disagree (``cell_labels``).
+    ``axis_aligned=False`` takes the general path for every source. With ``return_probabilities``
+    the averaged probabilities (C, X, Y, Z) float16 are returned too.
     """
     n_classes = sources[0][0].shape[0]
-    out = np.zeros(target_shape, dtype=np.uint8)
-    probs_out = np.zeros((n_classes, *target_shape), dtype=np.float16) if return_probabilities else None
-    plane = target_shape[1] * target_shape[2]
-    step = max(1, chunk_voxels // max(plane, 1))
-    jj, kk = np.meshgrid(np.arange(target_shape[1]), np.arange(target_shape[2]), indexing="ij")
+    out = np.empty(target_shape, dtype=np.uint8)
+    probs_out = np.empty((n_classes, *target_shape), dtype=np.float16) if return_probabilities else None
+    target = np.asarray(target_affine, dtype=np.float64)
+    plans = []
+    for probs, affine in sources:
+        to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ target
+        plans.append((probs, to_source, axis_aligned_map(to_source, target_shape) if axis_aligned else None))
+    first_maps = plans[0][2]
+    pick = len(plans) == 1 and first_maps is not None and probs_out is None and n_classes < MIXED_CELL
+    if pick:
+        plans[0] = (plans[0][0].contiguous(), *plans[0][1:])
+    cells = cell_labels(plans[0][0]) if pick else None
+    chunk = chunk_voxels or max(1, RESAMPLE_CHUNK_VALUES // max(n_classes, 1))
+    step = max(1, chunk // max(target_shape[1] * target_shape[2], 1))
     for start in range(0, target_shape[0], step):
-        stop = min(target_shape[0], start + step)
-        ii = np.arange(start, stop)[:, None, None]
-        idx = np.stack(np.broadcast_arrays(ii, jj[None], kk[None]), axis=-1).reshape(-1, 3).astype(np.float64)
-        acc = torch.zeros((n_classes, idx.shape[0]), dtype=torch.float32)
-        for probs, affine in sources:
-            acc += _sample_source(probs, affine, target_affine, idx)
-        out[start:stop] = acc.argmax(dim=0).view(stop - start, *target_shape[1:]).numpy().astype(np.uint8)
+        rows = range(start, min(target_shape[0], start + step))
+        slab = (len(rows), *target_shape[1:])
+        if cells is not None and first_maps is not None:
+            labels = _labels_axis_aligned(plans[0][0], cells, first_maps, rows, target_shape)
+            if labels is not None:
+                out[rows.start : rows.stop] = labels.numpy()
+                continue
+        acc = _probabilities_on_slab(plans, rows, target_shape)
+        out[rows.start : rows.stop] = argmax_classes(acc).view(slab).numpy()
         if probs_out is not None:
-            probs_out[:, start:stop] = (
-                (acc / len(sources)).view(n_classes, stop - start, *target_shape[1:]).numpy()
-            )
+            probs_out[:, rows.start : rows.stop] = acc.div_(len(sources)).view(n_classes, *slab).numpy()
     if probs_out is not None:
         return out, probs_out
     return out
