@@ -474,12 +474,12 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     options = batch.options
     # sized from the header before any voxel is read: a case over the budget fails alone
     preflight_inference(
-        files.input,
+        list(files.channels) or files.input,  # every channel counted: one file each, or a 4D file
         batch.bundles,
         max_memory=options.max_memory,
         tta=options.tta,
         save_probabilities=options.save_probabilities,
-        series_id=options.series[0] if options.series else None,
+        series_id=list(options.series) or None,  # one DICOM series per channel
     )
     channels = _load_case(batch, files)
     volume = channels[0]

