@@ -51,7 +51,9 @@ def test_multichannel_case_over_budget_is_refused_in_the_batch(tmp_path):
     from medseg.io.preflight import preflight, preflight_inference
     from medseg.models import build_model
 
-    cfg = load_config(None, [*TINY, "labels={0: bg, 1: a}", "model.in_channels=2", "preprocess.intensity.kind=mr"])
+    cfg = load_config(
+        None, [*TINY, "labels={0: bg, 1: a}", "model.in_channels=2", "preprocess.intensity.kind=mr"]
+    )
     torch.manual_seed(0)
     save_bundle(tmp_path / "bundle", build_model(cfg.model, out_channels=2), cfg, {})
     bundle = load_bundle(tmp_path / "bundle")
@@ -72,3 +74,26 @@ def test_multichannel_case_over_budget_is_refused_in_the_batch(tmp_path):
     # with the budget of both channels, the case is segmented
     summary = run_inference([bundle], [inputs], tmp_path / "out", max_memory=both + 2**20, report=False)
     assert [p.name for p in summary.written] == ["mr_seg.nii.gz"]
+
+
+# ----------------------------------------------------------------------------- load: one batch, mixed and broken
+
+
+@pytest.mark.slow
+def test_one_batch_of_twenty_mixed_studies_two_broken(tmp_path):
+    """benchmarks/load_test.py at 20 studies: every valid one exported on its own grid, every broken one
+    listed with its reason in the report and on stderr, exit code 1 (the 200-study run is the benchmark)."""
+    from benchmarks.load_test import load_test, untrained_bundle
+
+    record = load_test(
+        tmp_path, n_studies=20, n_broken=2, bundle=untrained_bundle(tmp_path), results=tmp_path / "load.json"
+    )
+    assert record["exit_code"] == 1
+    assert sorted(record["broken"].values()) == ["truncated_gzip", "zero_byte"]
+    assert len(record["orientations"]) == 5
+    for name, check in record["checks"].items():
+        assert check["passed"], (name, check["problems"])
+    # the memory was sampled per case (the figure itself is the benchmark's, on a quiet machine)
+    assert {"10", "20"} <= set(record["rss_at_case_mib"])
+    outputs = {p.name for p in (tmp_path / "out").iterdir()}
+    assert len([n for n in outputs if n.endswith("_seg.json")]) == 18
