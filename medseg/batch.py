@@ -776,14 +776,25 @@ def run_inference(
     return summary
 
 
-def _output_lock(output_dir: Path, rank: int) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _output_lock(output_dir: Path, rank: int) -> Iterator[None]:
     """The output folder's exclusive lock: a second run into it is refused, naming this one's PID.
 
-    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all.
+    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all, every
+    rank hears whether it got it (a second distributed run is refused on every rank), and rank 0
+    releases it only once every rank is done. Ranks set by hand (``RANK``/``WORLD_SIZE`` without
+    torchrun's rendezvous) cannot coordinate: rank 0 locks, the others trust it.
     """
-    from medseg.locks import exclusive
+    from medseg.locks import exclusive, exclusive_on_every_rank
+    from medseg.runtime import coordination_group
 
-    return exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
+    with coordination_group() as dist:
+        if dist is not None:
+            lock = exclusive_on_every_rank(output_dir, dist, what="inference", wait_for_all=True)
+        else:
+            lock = exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
+        with lock:
+            yield
 
 
 def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary, *, progress: bool) -> None:

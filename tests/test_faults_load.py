@@ -3,12 +3,19 @@ and one ``medseg infer`` over a folder of mixed and broken studies (the small lo
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from medseg.errors import InputError
 from medseg.io import Volume, write_nifti
 from medseg.io.nifti import write_nifti_channels
+from medseg.locks import LOCK_NAME
+from tests.helpers import REPO, TINY_ARGS
 
 TINY = ["train.patch_size=[16,16,16]", "model.features=4", "model.depth=2", "preprocess.spacing=[2,2,3]"]
 
@@ -97,3 +104,93 @@ def test_one_batch_of_twenty_mixed_studies_two_broken(tmp_path):
     assert {"10", "20"} <= set(record["rss_at_case_mib"])
     outputs = {p.name for p in (tmp_path / "out").iterdir()}
     assert len([n for n in outputs if n.endswith("_seg.json")]) == 18
+
+
+# ----------------------------------------------------------------------------- the output lock on every rank
+
+
+def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m medseg ARGS`` on CPU (Gloo), as tests/test_ddp.py runs it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "medseg",
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _tiny_bundle_and_inputs(tmp_path) -> None:
+    from benchmarks.load_test import untrained_bundle
+    from medseg.synthetic import make_case
+
+    untrained_bundle(tmp_path)
+    for i in range(3):
+        write_nifti(make_case(i, size=16)[0], tmp_path / "in" / f"case{i}.nii.gz")
+
+
+@pytest.mark.slow
+def test_distributed_infer_into_a_held_folder_is_refused_on_every_rank(tmp_path):
+    """Only rank 0 took the lock: a second torchrun job's rank 1 wrote its cases into the held folder."""
+    from medseg.locks import exclusive
+
+    _tiny_bundle_and_inputs(tmp_path)
+    with exclusive(tmp_path / "out", what="inference"):
+        proc = _torchrun("infer", "-m", "bundle", "-i", "in", "-o", "out", "--device", "cpu", cwd=tmp_path)
+    refusals = [line for line in proc.stderr.splitlines() if "another inference is using this folder" in line]
+    assert proc.returncode != 0
+    assert len(refusals) == 2, proc.stderr  # one line from each rank
+    assert f"PID {os.getpid()}" in refusals[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing written, lock released
+
+
+@pytest.mark.slow
+def test_distributed_infer_shares_one_lock_and_releases_it_when_all_ranks_are_done(tmp_path):
+    _tiny_bundle_and_inputs(tmp_path)
+    proc = _torchrun(
+        "infer", "-m", "bundle", "-i", "in", "-o", "out", "--device", "cpu", "--no-report", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*_seg.json")) == [f"case{i}_seg.json" for i in range(3)]
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_distributed_train_into_a_held_run_folder_is_refused_on_every_rank(tiny_dataset, tmp_path):
+    from medseg.locks import exclusive
+
+    with exclusive(tmp_path / "run", what="training run"):
+        proc = _torchrun(
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--out",
+            "run",
+            "--epochs",
+            "1",
+            *TINY_ARGS,
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "tracking.enabled=false",
+            cwd=tmp_path,
+        )
+    refusals = [
+        line for line in proc.stderr.splitlines() if "another training run is using this folder" in line
+    ]
+    assert proc.returncode != 0
+    assert len(refusals) == 2, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
