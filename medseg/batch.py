@@ -789,6 +789,7 @@ def _output_lock(output_dir: Path, rank: int) -> Iterator[None]:
     from medseg.runtime import coordination_group
 
     with coordination_group() as dist:
+        lock: contextlib.AbstractContextManager[Path | None]
         if dist is not None:
             lock = exclusive_on_every_rank(output_dir, dist, what="inference", wait_for_all=True)
         else:

@@ -1,5 +1,6 @@
 """Issue 11, the rest: every channel in the memory preflight, the output lock on every torchrun rank,
-and one ``medseg infer`` over a folder of mixed and broken studies (the small load test)."""
+a SIGTERM before the training loop, and one ``medseg infer`` over a folder of mixed and broken studies
+(the small load test)."""
 
 from __future__ import annotations
 
@@ -194,3 +195,35 @@ def test_distributed_train_into_a_held_run_folder_is_refused_on_every_rank(tiny_
     assert proc.returncode != 0
     assert len(refusals) == 2, proc.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- train: SIGTERM before the loop
+
+
+@pytest.mark.slow
+def test_sigterm_between_the_mlflow_run_start_and_the_loop_ends_the_run_killed(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """A SIGTERM before the loop left the MLflow run RUNNING for ever: it ends KILLED, exit 143's error."""
+    import signal
+
+    import mlflow
+
+    import medseg.train as train_module
+    from medseg.config import load_config
+
+    prepare = train_module._prepare
+
+    def prepare_then_sigterm(*args, **kwargs):  # the signal lands once the MLflow run has started
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_prepare", prepare_then_sigterm)
+    cfg = load_config(None, [*TINY, "train.epochs=1"])
+    with pytest.raises(train_module.TrainingStoppedError, match="before training began") as err:
+        train_module.train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    assert err.value.exit_code == 143
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
