@@ -474,12 +474,12 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     options = batch.options
     # sized from the header before any voxel is read: a case over the budget fails alone
     preflight_inference(
-        files.input,
+        list(files.channels) or files.input,  # every channel counted: one file each, or a 4D file
         batch.bundles,
         max_memory=options.max_memory,
         tta=options.tta,
         save_probabilities=options.save_probabilities,
-        series_id=options.series[0] if options.series else None,
+        series_id=list(options.series) or None,  # one DICOM series per channel
     )
     channels = _load_case(batch, files)
     volume = channels[0]
@@ -766,14 +766,26 @@ def _cases_of_this_rank(
     return cases, rank, world
 
 
-def _output_lock(output_dir: Path, rank: int) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _output_lock(output_dir: Path, rank: int) -> Iterator[None]:
     """The output folder's exclusive lock: a second run into it is refused, naming this one's PID.
 
-    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all.
+    Under torchrun the ranks share the folder by design: rank 0 holds the lock for them all, every
+    rank hears whether it got it (a second distributed run is refused on every rank), and rank 0
+    releases it only once every rank is done. Ranks set by hand (``RANK``/``WORLD_SIZE`` without
+    torchrun's rendezvous) cannot coordinate: rank 0 locks, the others trust it.
     """
-    from medseg.locks import exclusive
+    from medseg.locks import exclusive, exclusive_on_every_rank
+    from medseg.runtime import coordination_group
 
-    return exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
+    with coordination_group() as dist:
+        lock: contextlib.AbstractContextManager[Path | None]
+        if dist is not None:
+            lock = exclusive_on_every_rank(output_dir, dist, what="inference", wait_for_all=True)
+        else:
+            lock = exclusive(output_dir, what="inference") if rank == 0 else contextlib.nullcontext()
+        with lock:
+            yield
 
 
 def _run_cases(batch: _Batch, cases: list[CaseFiles], summary: InferenceSummary, *, progress: bool) -> None:

@@ -9,6 +9,11 @@ holder's PID and start time (an ``OutputError``: exit code 2 from the CLI).
 The lock file holds a small JSON record (PID, start time, what). It is removed
 on release; a process that locked a file that was unlinked meanwhile retries
 on the new one, so removal never lets two holders in.
+
+Under torchrun, ``exclusive_on_every_rank(folder, dist)`` has rank 0 hold the
+lock for the job and sends its verdict to every rank, so that a second
+distributed run into a held folder is refused on every rank (not on rank 0
+alone, leaving the others to write into the folder or wait for it).
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg.errors import OutputError
 
+if TYPE_CHECKING:
+    from medseg.runtime import Dist
+
 LOCK_NAME = ".medseg.lock"
 
-__all__ = ["LOCK_NAME", "exclusive", "lock_holder"]
+__all__ = ["LOCK_NAME", "exclusive", "exclusive_on_every_rank", "lock_holder"]
 
 
 def lock_holder(folder: str | Path) -> dict | None:
@@ -125,3 +134,46 @@ def exclusive(folder: str | Path, what: str = "training run") -> Iterator[Path]:
             if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
                 os.unlink(lock_path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_on_every_rank(
+    folder: str | Path, dist: Dist, what: str = "training run", *, wait_for_all: bool = False
+) -> Iterator[Path | None]:
+    """``exclusive`` for the ranks of a torchrun job (``dist``: joined in a process group).
+
+    Rank 0 takes the lock for the whole job and broadcasts its verdict: when the folder is held
+    by another run, every rank raises the same ``OutputError`` (one line each), instead of rank 0
+    alone while the others go on writing into the folder or wait for rank 0 until torchrun kills
+    them. Without torchrun (``dist.active`` false) this is ``exclusive``.
+
+    Args:
+        folder: the run or output folder.
+        dist: this process's place in the job (``medseg.runtime.Dist``).
+        what: how the holder is named in the refusal.
+        wait_for_all: on leaving the block normally, the ranks meet at a barrier before rank 0
+            releases the lock, so that no rank still writes into a folder another run may now take
+            (a batch whose ranks finish at different times). Not for training, whose rank 0 works
+            on alone (tuning, MLflow) while the others have nothing left to write.
+
+    Yields:
+        The lock file's path on rank 0, None on the other ranks.
+    """
+    if not dist.active:
+        with exclusive(folder, what) as own:
+            yield own
+        return
+    with contextlib.ExitStack() as stack:
+        refusal: str | None = None
+        lock_path: Path | None = None
+        if dist.main:
+            try:
+                lock_path = stack.enter_context(exclusive(folder, what))
+            except OutputError as exc:
+                refusal = str(exc)
+        refusal = dist.broadcast(refusal)  # every rank waits here for rank 0's verdict
+        if refusal is not None:
+            raise OutputError(refusal)
+        yield lock_path
+        if wait_for_all:
+            dist.barrier()

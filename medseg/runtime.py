@@ -6,7 +6,7 @@ and CPU bf16 is used only where it was *measured* faster on the machine that run
 CPUs differ (bf16 autocast was 1.85x faster than fp32 on an AMX Xeon and 8-35x slower
 on an AVX2-only one), so nothing here assumes.
 
-Hands on: ``resolve_device``, ``Dist``/``init_distributed``/``rank_and_world``,
+Hands on: ``resolve_device``, ``Dist``/``init_distributed``/``rank_and_world``/``coordination_group``,
 ``resolve_precision`` and ``autocast`` (a context manager for the forward pass).
 """
 
@@ -118,6 +118,36 @@ def init_distributed(requested_device: str | None) -> tuple[Dist, torch.device]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local_rank), device
+
+
+@contextlib.contextmanager
+def coordination_group(*, timeout_s: float = 7 * 24 * 3600) -> Iterator[Dist | None]:
+    """This torchrun job's ranks joined in a Gloo group for coordination (verdicts, barriers), not tensors.
+
+    Yields None outside torchrun (``WORLD_SIZE`` 1) and where there is no rendezvous to join
+    (``MASTER_ADDR``/``MASTER_PORT`` unset: ranks set by hand cannot coordinate). A process group
+    already joined (``init_distributed``) is used as is; one created here is destroyed on leaving.
+    ``timeout_s``: how long a rank waits for the others at a barrier (ranks of a batch may finish
+    hours apart).
+    """
+    from datetime import timedelta
+
+    rank, world = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        yield None
+        return
+    if torch.distributed.is_initialized():
+        yield Dist(rank=rank, world=world, local_rank=local_rank)
+        return
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        yield None
+        return
+    torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        yield Dist(rank=rank, world=world, local_rank=local_rank)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- precision

@@ -65,7 +65,7 @@ from medseg.data import Dataset, Fingerprint, fingerprint, load_dataset, split_c
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
-from medseg.locks import exclusive
+from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
 from medseg.progress import TrainingProgress
@@ -719,11 +719,10 @@ def _train(
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
-    if not dist.main:
-        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
-    # one run per folder: a second one is refused (naming the holder) before it touches anything
-    with exclusive(run_dir, what="training run"):
-        sweep_partials(run_dir)  # temp files of writes a killed run left behind
+    # one run per folder: a second one is refused (naming the holder) on every rank before it touches anything
+    with exclusive_on_every_rank(run_dir, dist, what="training run"):
+        if dist.main:
+            sweep_partials(run_dir)  # temp files of writes a killed run left behind
         return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
 
 

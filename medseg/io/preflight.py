@@ -210,8 +210,17 @@ def check_read_size(path: str | Path, *, max_bytes: int | None = None) -> None:
         )
 
 
+def _spatial(header: ImageHeader) -> int:
+    return math.prod(header.shape[:3])
+
+
+def _channels(header: ImageHeader) -> int:
+    """Channels a header holds: a 4D NIfTI's fourth (and fifth) axis, else one."""
+    return max(1, math.prod(header.shape[3:]))
+
+
 def estimate_case_bytes(
-    header: ImageHeader,
+    header: ImageHeader | Sequence[ImageHeader],
     *,
     spacing: tuple[float, float, float] | None = None,
     n_classes: int = 2,
@@ -222,29 +231,39 @@ def estimate_case_bytes(
     features: int = 16,
     sw_batch_size: int = 2,
     overlap: float = 0.25,
+    n_channels: int = 1,
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
 ) -> dict[str, int]:
     """Peak bytes by stage for reading and segmenting a case with ``header``.
 
+    ``header``: one header, or one per channel file (or DICOM series) of a multi-channel case,
+    the first giving the grid the others are put on. Every channel is counted: a 4D file's
+    channels, one file per channel, and at least ``n_channels`` (the model's ``in_channels``).
     Reading: the stored voxels (float64 while a slope/intercept applies) and the float32
-    image. Model grid (``spacing``; the native grid when None): the resampled image (two
-    copies while transforms chain), the sliding-window logits, their softmax and count map,
-    one probability map per ensemble member (one more with TTA). Back in the native grid:
-    the mask, and float16 probabilities with ``save_probabilities``. The network
-    (``patch_size``, ``features``): about eight full-resolution float32 feature maps per
-    window in flight (``sw_batch_size``, or fewer when the grid holds fewer windows).
+    image, per channel. Model grid (``spacing``; the native grid when None): the resampled
+    channels (two copies while transforms chain), the sliding-window logits, their softmax
+    and count map, one probability map per ensemble member (one more with TTA): the network's
+    output has ``n_classes`` channels whatever the input's. Back in the native grid: the mask,
+    and float16 probabilities with ``save_probabilities``. The network (``patch_size``,
+    ``features``): about eight full-resolution float32 feature maps per window in flight
+    (``sw_batch_size``, or fewer when the grid holds fewer windows).
     Measured on CPU (benchmarks/preflight_memory.py: classic U-Net, features 16, patch
     96x96x64): peak RSS 0.95x the estimate for a 128x128x64 CT, 1.03x for 256x256x100.
     """
-    native = math.prod(header.shape)
-    grid = [float(n) for n in header.shape[:3]]
-    if spacing is not None and header.spacing is not None:
+    headers = [header] if isinstance(header, ImageHeader) else list(header)
+    if not headers:
+        raise ValueError("estimate_case_bytes needs at least one header")
+    first = headers[0]
+    channels = max(sum(_channels(h) for h in headers), int(n_channels), 1)
+    native = _spatial(first)
+    grid = [float(n) for n in first.shape[:3]]
+    if spacing is not None and first.spacing is not None:
         grid = [
             n * max(float(s), 1e-6) / max(float(t), 1e-6)
-            for n, s, t in zip(grid, header.spacing, spacing, strict=False)
+            for n, s, t in zip(grid, first.spacing, spacing, strict=False)
         ]
-    model = int(math.prod(grid) * math.prod(header.shape[3:]))
-    stored = native * (header.itemsize + (8 if header.scaled else 0))
+    model = int(math.prod(grid))
+    read = sum(math.prod(h.shape) * (h.itemsize + (8 if h.scaled else 0) + 4) for h in headers)
     network = 0
     if patch_size is not None:
         windows = math.prod(
@@ -253,8 +272,8 @@ def estimate_case_bytes(
         )
         network = int(math.prod(patch_size) * features * 4 * 8 * min(sw_batch_size, windows))
     return {
-        "read": stored + native * 4,
-        "model grid": model * 4 * 2,
+        "read": read,
+        "model grid": model * channels * 4 * 2,
         "network output": model * 4 * (n_classes * (2 + max(n_models - 1, 0) + int(tta)) + 1),
         "back to native grid": native * (1 + (2 * n_classes if save_probabilities else 0)),
         "network": network,
@@ -262,8 +281,21 @@ def estimate_case_bytes(
     }
 
 
+def _read_headers(
+    path: str | Path | Sequence[str | Path], series_id: str | Sequence[str] | None
+) -> list[ImageHeader]:
+    """One header per channel source: each channel file, each DICOM series named, or the one input."""
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise ValueError("preflight needs at least one input path")
+    series = [series_id] if series_id is None or isinstance(series_id, str) else list(series_id)
+    if len(paths) == 1 and len(series) > 1:  # one DICOM study, one series per channel
+        return [read_header(paths[0], series_id=uid) for uid in series]
+    return [read_header(p, series_id=series[0] if series else None) for p in paths]
+
+
 def preflight(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     *,
     max_memory: int | None = None,
     spacing: tuple[float, float, float] | None = None,
@@ -271,34 +303,38 @@ def preflight(
     n_models: int = 1,
     tta: bool = False,
     save_probabilities: bool = False,
-    series_id: str | None = None,
+    series_id: str | Sequence[str] | None = None,
     patch_size: tuple[float, float, float] | None = None,
     features: int = 16,
     sw_batch_size: int = 2,
     overlap: float = 0.25,
+    n_channels: int = 1,
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
 ) -> MemoryEstimate:
-    """Estimate the memory segmenting ``path`` needs, from its header; refuse it when over budget.
+    """Estimate the memory segmenting ``path`` needs, from its header(s); refuse it when over budget.
 
     Args:
-        path: a NIfTI file, a DICOM file or series folder, or an NRRD/MHA file.
+        path: a NIfTI file, a DICOM file or series folder, or an NRRD/MHA file; or a case's
+            channel files (``CASE_0000`` .. ``CASE_000N``), each header read and counted.
         max_memory: the budget in bytes (``--max-memory``); None = ``default_max_memory()``.
         spacing: the model grid's spacing in mm (the bundle's ``preprocess.spacing``).
         n_classes, n_models, tta, save_probabilities: as the inference will run.
+        series_id: the DICOM series to read; several (one per channel, ``--series`` given
+            once per channel) read one header each.
         patch_size, features, sw_batch_size, overlap: the sliding window and the network's width.
+        n_channels: the model's input channels (``model.in_channels``): at least this many are counted.
 
     Returns:
-        The estimate, by stage.
+        The estimate, by stage (``header``: the first channel's).
 
     Raises:
-        InputError: the header cannot be read, or the case needs more than ``max_memory``
+        InputError: a header cannot be read, or the case needs more than ``max_memory``
             (the message gives the estimate, the shape and the budget).
     """
-    path = Path(path)
     budget = default_max_memory() if max_memory is None else int(max_memory)
-    header = read_header(path, series_id=series_id)
+    headers = _read_headers(path, series_id)
     parts = estimate_case_bytes(
-        header,
+        headers,
         spacing=spacing,
         n_classes=n_classes,
         n_models=n_models,
@@ -308,32 +344,37 @@ def preflight(
         features=features,
         sw_batch_size=sw_batch_size,
         overlap=overlap,
+        n_channels=n_channels,
         overhead_bytes=overhead_bytes,
     )
-    estimate = MemoryEstimate(header=header, parts=parts, budget=budget)
+    estimate = MemoryEstimate(header=headers[0], parts=parts, budget=budget)
     if estimate.total > budget:
-        shape = "x".join(str(s) for s in header.shape)
+        first = Path(path) if isinstance(path, str | Path) else Path(next(iter(path)))
+        shape = "x".join(str(s) for s in headers[0].shape)
+        channels = max(sum(_channels(h) for h in headers), n_channels)
+        what = f"{channels} channels of {shape}" if len(headers) > 1 or n_channels > 1 else shape
         raise InputError(
-            path,
-            f"needs {estimate.describe()} for {shape} voxels, more than the memory limit of "
+            first,
+            f"needs {estimate.describe()} for {what} voxels, more than the memory limit of "
             f"{format_bytes(budget)}; raise --max-memory if this machine has it, or crop/downsample the image",
         )
     return estimate
 
 
 def preflight_inference(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     bundles: Sequence[Any],
     *,
     max_memory: int | None = None,
     tta: bool = False,
     save_probabilities: bool = False,
-    series_id: str | None = None,
+    series_id: str | Sequence[str] | None = None,
 ) -> MemoryEstimate:
     """``preflight`` with the settings of the bundles that will segment ``path`` (an ensemble).
 
-    Each bundle needs ``.config`` (a ``medseg.config.Config``) and ``.labels``; the largest
-    model grid, window and width among them are used.
+    ``path``: the input, or a case's channel files; ``series_id``: one DICOM series, or one per
+    channel. Each bundle needs ``.config`` (a ``medseg.config.Config``) and ``.labels``; the
+    largest model grid, window, width and input channels among them are used.
     """
     cfgs = [b.config for b in bundles]
     spacings = [c.preprocess.spacing for c in cfgs if c.preprocess.spacing is not None]
@@ -352,4 +393,5 @@ def preflight_inference(
         features=max(c.model.features for c in cfgs),
         sw_batch_size=max(c.infer.sw_batch_size for c in cfgs),
         overlap=max(c.infer.overlap for c in cfgs),
+        n_channels=max(c.model.in_channels or 1 for c in cfgs),
     )
