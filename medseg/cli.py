@@ -173,8 +173,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    if args.fold is not None:
-        overrides.append(f"train.fold={args.fold}")
     if args.time_budget:
         from medseg.plan import parse_duration
 
@@ -186,17 +184,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
         overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
+    if args.fold:
+        from medseg.folds import train_folds
+
+        results = train_folds(cfg, args.data, args.fold, out_dir=args.out, resume=args.resume or False)
+    else:
+        results = [train(cfg, args.data, out_dir=args.out, resume=args.resume or False)]
     from medseg.runtime import rank_and_world
 
     if rank_and_world()[0] != 0:
         return 0  # under torchrun, rank 0 reports
-    print(f"run folder: {result.run_dir}")
-    print(f"bundle: {result.bundle}")
-    print(f"best validation Dice: {result.best_dice:.4f}")
-    if result.run_id:
-        print(f"MLflow run: {result.run_id}")
+    for result in results:
+        print(f"run folder: {result.run_dir}")
+        print(f"bundle: {result.bundle}")
+        print(f"best validation Dice: {result.best_dice:.4f}")
+        if result.run_id:
+            print(f"MLflow run: {result.run_id}")
+    if len(results) > 1:
+        print(f"ensemble of the folds: medseg infer -m {results[0].run_dir.parent} -i SCANS -o MASKS")
     return 0
+
+
+def _fold(text: str) -> int | str:
+    """An argparse type: a fold index (0, 1, ...) or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or all, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fold number of at least 0 or all, got {text}")
+    return value
 
 
 def _dataset_overrides(args: argparse.Namespace) -> list[str]:
@@ -470,7 +489,7 @@ Errors a user can fix are one line on stderr and exit code 2 (--debug shows the 
 _TRAIN_EXAMPLES = """\
 examples:
   medseg train --data data/Task09_Spleen --out runs/spleen
-  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml --fold 0 --out runs/spleen/fold_0
+  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml -f 0 1 2 3 4 --out runs/spleen
   medseg train --data data/tiny --set train.epochs=2 model.features=4 model.depth=2 --out runs/tiny
   medseg train --data data/Task09_Spleen --out runs/spleen --resume
 """
@@ -549,7 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
     p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
-    p.add_argument("--fold", type=_non_negative_int, help="cross-validation fold (shortcut for train.fold)")
+    p.add_argument(
+        "-f",
+        "--fold",
+        nargs="+",
+        type=_fold,
+        metavar="K",
+        help="folds to train, as nnU-Net: each into <out>/fold_<k>, split in <out>/splits.json "
+        "(train.num_folds folds, made once, reused); all = every case (validation on the training "
+        "cases) (default: one run into --out, split by train.val_fraction)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -565,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
     )
     p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
-    p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
+    p.add_argument(
+        "--out",
+        help="run folder (default runs/<dataset>/<model>/fold_<k>); with -f, the folder of the folds "
+        "(default runs/<dataset>/<model>)",
+    )
     p.add_argument(
         "--register",
         metavar="NAME",
