@@ -94,7 +94,7 @@ def continue_run(requested: dict[str, Any], state: TrainState, run_dir: Path) ->
             problems.insert(0, f"{EPOCHS}: {epochs[0]} -> {epochs[1]} (the checkpoint has done {state.epoch} epochs)")
     if problems:
         raise ConfigError(
-            f"{run_dir}: resuming cannot change {'; '.join(problems)}. Only {EPOCHS} may change on --resume "
+            f"{run_dir}: resuming cannot change {'; '.join(problems)}. Only {EPOCHS} may change when a run is resumed "
             "(a longer run); to train with other settings, use a new --out"
         )
     applied = tuple((key, planned.get(key), new) for key, _, new in changes if key in EXECUTION_KEYS)
