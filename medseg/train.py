@@ -713,6 +713,18 @@ def _cases_by_name(dataset: Dataset, split: tuple[list[str], list[str]]) -> tupl
     return [by_name[n] for n in split[0]], [by_name[n] for n in split[1]]
 
 
+def _saved_split(dataset: Dataset, path: Path) -> tuple[list[Case], list[Case]] | None:
+    """The training and validation cases a run recorded in its splits.json (None without one)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        split = (list(saved["train"]), list(saved["val"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"the run's split does not read ({exc}); use a new --out") from exc
+    return _cases_by_name(dataset, split)
+
+
 def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist) -> None:
     commit = git_commit()
     tracker.log_params(
@@ -762,6 +774,8 @@ def _train_locked(
         # the run continues as it was planned (spacing, patch, schedule); only a longer run is accepted
         going_on = continue_run(requested, state, run_dir)
         cfg, requested = going_on.cfg, going_on.requested
+        if chosen is None:  # the cases the run has trained on so far, whatever the dataset order now
+            chosen = _saved_split(dataset, run_dir / "splits.json")
         if dist.main:
             log.info("resuming from %s with the run's own configuration", run_dir / "checkpoints")
     tracker = _start_tracking(cfg, data_root, state, dist)

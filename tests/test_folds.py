@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from medseg.checkpoint import load_state
 from medseg.data import Case, load_dataset
 from medseg.errors import ConfigError, InputError
 from medseg.folds import load_or_make_splits, make_splits, parse_folds
@@ -88,3 +89,8 @@ def test_fold_0_and_all_train_into_their_folders(tiny_dataset, tmp_path, capsys)
 
     # the fold folder is one run: a second run without --resume is refused there, not elsewhere
     assert main(["train", "--data", str(tiny_dataset), "--out", str(out), "-f", "0", "--epochs", "1", *fast]) == 2
+    # resumed on its own (no -f), fold all goes on with the cases it was trained on
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(out / "fold_all"), "--resume", "--epochs", "2",
+                 *fast]) == 0
+    assert json.loads((out / "fold_all" / "splits.json").read_text()) == every
+    assert load_state(out / "fold_all" / "checkpoints" / "last.pt").epoch == 2
