@@ -3,7 +3,7 @@
 A checkpoint is exactly a ``TrainState``: model, optimiser, scheduler and grad-scaler
 state, where the run is (epoch, step in the epoch, global step), the best validation
 Dice and validations since, the epoch history, the MLflow run id, the run's own
-configuration, and for each rank the RNG states (torch, numpy, python, every random
+configuration and the settings the user asked for, and for each rank the RNG states (torch, numpy, python, every random
 transform of the augmentation chain, the loader generator) at the epoch start and now,
 plus the partial epoch statistics. What a checkpoint holds does not depend on when it is
 written: the trainer builds one ``TrainState`` and hands it here.
@@ -60,12 +60,15 @@ class TrainState:
     ranks: list[dict[str, Any]]  # per rank: rng_epoch_start, rng_now, partial epoch statistics
     world_size: int = 1
     saved_at: float = field(default_factory=time.time)
+    # the settings the user gave (dotted keys): what a resume is compared with (medseg.resume)
+    requested: dict[str, Any] = field(default_factory=dict)
 
     def to_checkpoint(self) -> dict[str, Any]:
         out = asdict(self)
         # JSON strings for plain-data trees: weights_only loading accepts them as they are
         out["history"] = json.dumps(self.history)
         out["config"] = json.dumps(self.config)
+        out["requested"] = json.dumps(self.requested)
         return out
 
     @classmethod
@@ -86,6 +89,7 @@ class TrainState:
             ranks=list(raw.get("ranks", [])),
             world_size=int(raw.get("world_size", 1)),
             saved_at=float(raw.get("saved_at", 0.0)),
+            requested=json.loads(raw["requested"]) if "requested" in raw else {},
         )
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from medseg.errors import ConfigError, MedsegError
 
@@ -173,8 +173,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [*(args.set or []), *_dataset_overrides(args)]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    if args.fold is not None:
-        overrides.append(f"train.fold={args.fold}")
     if args.time_budget:
         from medseg.plan import parse_duration
 
@@ -186,17 +184,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--alias needs --register NAME (the registered model the alias belongs to)")
         overrides.append(f"tracking.alias={args.alias}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.data, out_dir=args.out, resume=args.resume or False)
+    if args.fold:
+        from medseg.folds import train_folds
+
+        results = train_folds(cfg, args.data, args.fold, out_dir=args.out, resume=args.resume or False)
+    else:
+        results = [train(cfg, args.data, out_dir=args.out, resume=args.resume or False)]
     from medseg.runtime import rank_and_world
 
     if rank_and_world()[0] != 0:
         return 0  # under torchrun, rank 0 reports
-    print(f"run folder: {result.run_dir}")
-    print(f"bundle: {result.bundle}")
-    print(f"best validation Dice: {result.best_dice:.4f}")
-    if result.run_id:
-        print(f"MLflow run: {result.run_id}")
+    for result in results:
+        print(f"run folder: {result.run_dir}")
+        print(f"bundle: {result.bundle}")
+        print(f"best validation Dice: {result.best_dice:.4f}")
+        if result.run_id:
+            print(f"MLflow run: {result.run_id}")
+    if len(results) > 1:
+        print(f"ensemble of the folds: medseg infer -m {results[0].run_dir.parent} -i SCANS -o MASKS")
     return 0
+
+
+def _fold(text: str) -> int | str:
+    """An argparse type: a fold index (0, 1, ...) or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or all, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fold number of at least 0 or all, got {text}")
+    return value
 
 
 def _dataset_overrides(args: argparse.Namespace) -> list[str]:
@@ -472,7 +491,7 @@ Errors a user can fix are one line on stderr and exit code 2 (--debug shows the 
 _TRAIN_EXAMPLES = """\
 examples:
   medseg train --data data/Task09_Spleen --out runs/spleen
-  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml --fold 0 --out runs/spleen/fold_0
+  medseg train --data data/Task09_Spleen --config workflows/spleen_ct.yaml -f 0 1 2 3 4 --out runs/spleen
   medseg train --data data/tiny --set train.epochs=2 model.features=4 model.depth=2 --out runs/tiny
   medseg train --data data/Task09_Spleen --out runs/spleen --resume
 """
@@ -487,6 +506,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``medseg`` parser: global options, then one small function per subcommand."""
     from medseg import __version__
 
     parser = _Parser(
@@ -499,39 +519,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_synth, _add_series, _add_convert, _add_check, _add_train, _add_augment_preview,
+                _add_infer, _add_evaluate, _add_export):
+        add(sub)
+    _add_dataset_options(sub.choices)
+    return parser
 
-    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter
-        )
 
-    p = command("demo", "synthetic data -> train -> infer -> evaluate -> MLflow")
-    p.add_argument("--out", default="runs/demo", help="folder for the data, the run and the predictions")
-    p.add_argument("--cases", type=_bounded(int, low=4), default=20, help="synthetic cases to make")
-    p.add_argument("--size", type=_bounded(int, low=16, high=512), default=64, help="voxels per side")
+def _command(sub: Any, name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose description is its help line, with medseg's help format."""
+    return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter)
+
+
+# shared option groups
+
+
+def _add_set_option(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument(
         "--set",
         action="extend",
         nargs="+",
         metavar="KEY=VALUE",
-        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+        help=f"config overrides, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_time_budget_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
+
+
+def _add_seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+
+
+# one function per subcommand
+
+
+def _add_demo(sub: Any) -> None:
+    p = _command(sub, "demo", "synthetic data -> train -> infer -> evaluate -> MLflow")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, the run and the predictions")
+    p.add_argument("--cases", type=_bounded(int, low=4), default=20, help="synthetic cases to make")
+    p.add_argument("--size", type=_bounded(int, low=16, high=512), default=64, help="voxels per side")
+    _add_set_option(p, "train.epochs=5 model.depth=3")
+    _add_time_budget_option(p)
     p.set_defaults(func=cmd_demo)
 
-    p = command("synth", "write a Decathlon-layout synthetic CT dataset")
+
+def _add_synth(sub: Any) -> None:
+    p = _command(sub, "synth", "write a Decathlon-layout synthetic CT dataset")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--cases", type=_positive_int, default=20, help="cases to make")
     p.add_argument("--size", type=_bounded(int, low=8, high=512), default=64, help="voxels per side")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    _add_seed_option(p)
     p.add_argument("--dicom", action="store_true", help="also write every image as a DICOM series")
     p.set_defaults(func=cmd_synth)
 
-    p = command("series", "list the DICOM series under a folder")
+
+def _add_series(sub: Any) -> None:
+    p = _command(sub, "series", "list the DICOM series under a folder")
     p.add_argument("dir", help="folder to scan (recursively)")
     p.set_defaults(func=cmd_series)
 
-    p = command("convert", "DICOM series (or NIfTI) -> NIfTI with exact geometry")
+
+def _add_convert(sub: Any) -> None:
+    p = _command(sub, "convert", "DICOM series (or NIfTI) -> NIfTI with exact geometry")
     p.add_argument("input", help="DICOM folder or file, or a NIfTI file")
     p.add_argument("output", help="NIfTI file to write (.nii.gz or .nii)")
     p.add_argument("--series", help="SeriesInstanceUID (or its hash) when the folder holds several")
@@ -543,15 +594,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    p = command("check", "dataset integrity report; exit 1 on problems")
+
+def _add_check(sub: Any) -> None:
+    p = _command(sub, "check", "dataset integrity report; exit 1 on problems")
     p.add_argument("dataset", help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.set_defaults(func=cmd_check)
 
-    p = command("train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
+
+def _add_train(sub: Any) -> None:
+    p = _command(sub, "train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
     p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
     p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
-    p.add_argument("--fold", type=_non_negative_int, help="cross-validation fold (shortcut for train.fold)")
+    p.add_argument(
+        "-f",
+        "--fold",
+        nargs="+",
+        type=_fold,
+        metavar="K",
+        help="folds to train, as nnU-Net: each into <out>/fold_<k>, split in <out>/splits.json "
+        "(train.num_folds folds, made once, reused); all = every case (validation on the training "
+        "cases) (default: one run into --out, split by train.val_fraction)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -559,15 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|CHECKPOINT",
         help="continue the run in --out: 'auto' (default) picks the newest checkpoint that loads",
     )
+    _add_set_option(p, "train.epochs=5 model.depth=3")
+    _add_time_budget_option(p)
     p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. --set train.epochs=5 model.depth=3 (repeatable)",
+        "--out",
+        help="run folder (default runs/<dataset>/<model>/fold_<k>); with -f, the folder of the folds "
+        "(default runs/<dataset>/<model>)",
     )
-    p.add_argument("--time-budget", help="wall-clock budget, e.g. 15m or 8h: a measured warm-up plans patch, batch, width and steps to end within it")
-    p.add_argument("--out", help="run folder (default runs/<dataset>/<model>/fold_<k>)")
     p.add_argument(
         "--register",
         metavar="NAME",
@@ -580,22 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = command("augment-preview", "picture of augmented training patches with their labels")
+
+def _add_augment_preview(sub: Any) -> None:
+    p = _command(sub, "augment-preview", "picture of augmented training patches with their labels")
     p.add_argument("--data", required=True, help="Decathlon dataset folder")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--config", help="YAML config (default: the built-in defaults)")
     p.add_argument("--samples", type=_positive_int, default=8, help="patches to show")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. --set augment.flip_prob=0 (repeatable)",
-    )
+    _add_seed_option(p)
+    _add_set_option(p, "augment.flip_prob=0")
     p.set_defaults(func=cmd_augment_preview)
 
-    p = command("infer", "segment NIfTI files / DICOM series with a bundle", _INFER_EXAMPLES)
+
+def _add_infer(sub: Any) -> None:
+    p = _command(sub, "infer", "segment NIfTI files / DICOM series with a bundle", _INFER_EXAMPLES)
     p.add_argument(
         "-m",
         "--model",
@@ -626,6 +686,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="redo every case (default: skip the done ones; incomplete ones are always redone)",
     )
+    _add_infer_outputs(p)
+    _add_infer_runtime(p)
+    p.add_argument(
+        "--mlflow-run",
+        metavar="RUN_ID",
+        help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
+    )
+    p.set_defaults(func=cmd_infer)
+
+
+def _add_infer_outputs(p: argparse.ArgumentParser) -> None:
+    """What ``infer`` writes besides the mask: DICOM SEG, RTSTRUCT, format, probabilities, report."""
     p.add_argument(
         "--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG) for DICOM inputs"
     )
@@ -652,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="write report.html (QC: overlays, volumes, components, flags) in the output folder",
     )
+
+
+def _add_infer_runtime(p: argparse.ArgumentParser) -> None:
+    """How ``infer`` runs the network: sliding window, memory, backend and precision."""
     p.add_argument(
         "--overlap",
         type=_bounded(float, low=0.0, high=1.0, high_open=True),
@@ -683,15 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="network precision (default: the bundle's; auto: bf16/fp16 on CUDA, on CPU the fastest that "
         "passed parity, measured on this machine)",
     )
-    p.add_argument(
-        "--mlflow-run",
-        metavar="RUN_ID",
-        help="log per-case stage timings and the QC report to this MLflow run ($MLFLOW_TRACKING_URI)",
-    )
-    p.set_defaults(func=cmd_infer)
 
-    p = command(
-        "evaluate", "Dice, HD95, surface Dice and volumes per label and case between two folders of masks"
+
+def _add_evaluate(sub: Any) -> None:
+    p = _command(
+        sub, "evaluate", "Dice, HD95, surface Dice and volumes per label and case between two folders of masks"
     )
     p.add_argument("--pred", required=True, help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
     p.add_argument("--ref", required=True, help="folder of reference <case>.nii.gz")
@@ -714,7 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
-    p = command(
+
+def _add_export(sub: Any) -> None:
+    p = _command(
+        sub,
         "export",
         "export a bundle for other tools: ONNX and OpenVINO (into the bundle, with a parity record), "
         "or a MONAI bundle that runs with MONAI alone",
@@ -733,8 +808,6 @@ def build_parser() -> argparse.ArgumentParser:
         "monai-bundle: the new folder (required)",
     )
     p.set_defaults(func=cmd_export)
-    _add_dataset_options(sub.choices)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -61,7 +60,7 @@ from medseg.checkpoint import (
     save_state,
 )
 from medseg.config import Config, dump_config, flatten
-from medseg.data import Dataset, Fingerprint, fingerprint, load_dataset, split_cases
+from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
@@ -69,6 +68,7 @@ from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
 from medseg.progress import TrainingProgress
+from medseg.resume import Continuation, continue_run, explicit_settings
 from medseg.runtime import (
     Dist,
     autocast,
@@ -185,10 +185,11 @@ def _epoch_record(epoch: int, stats: EpochStats, lr: float, dist: Dist) -> dict[
 
 
 def _schedule(cfg: Config):
-    epochs = max(1, cfg.train.epochs)
-    if cfg.train.scheduler == "cosine":
-        return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
-    return lambda e: max(0.0, 1 - e / epochs) ** 0.9
+    """The per-epoch learning-rate multiplier planned for ``train.epochs``: linear warm-up over
+    ``lr_warmup_fraction`` of them, then cosine or poly decay to 0 (``medseg.plan.lr_factor``)."""
+    epochs, tr = max(1, cfg.train.epochs), cfg.train
+    kind = "cosine" if tr.scheduler == "cosine" else "poly"
+    return lambda e: lr_factor(e, epochs, warmup_fraction=tr.lr_warmup_fraction, kind=kind)
 
 
 def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -223,15 +224,19 @@ class Trainer:
         stop: StopFlag,
         state: TrainState | None = None,
         deadline: Deadline | None = None,
+        requested: dict[str, Any] | None = None,
+        replan_schedule: bool = False,
     ) -> None:
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
         self.deadline = deadline  # with a time budget: when to stop training (medseg.plan.Deadline)
         self.tracker, self.meta, self.stop = tracker, meta, stop
+        self.requested = dict(requested or {})  # the settings asked for, kept in every checkpoint
         self.labels = dict(cfg.labels or {})
         self.label_ids = sorted(self.labels)
         self.ckpt_dir, self.bundle_dir = run_dir / "checkpoints", run_dir / "bundle"
-        requested = "bf16" if cfg.train.cpu_bf16 and device.type == "cpu" else cfg.train.precision
-        self.precision = resolve_precision(device, requested, amp=cfg.train.amp)
+        asked = "bf16" if cfg.train.cpu_bf16 and device.type == "cpu" else cfg.train.precision
+        # one precision for every rank: each measures its own CPU, and DDP needs the same layout
+        self.precision = dist.broadcast(resolve_precision(device, asked, amp=cfg.train.amp))
         self.channels_last = channels_last(device, self.precision)
         self._build_data(train_cases, val_cases)
         self._build_model()
@@ -241,6 +246,8 @@ class Trainer:
         self._resume: dict[str, Any] | None = None  # this rank's RNG states and partial epoch
         if state is not None:
             self._load(state)
+            if replan_schedule:
+                self._replan_schedule()
 
     # --- setup
 
@@ -314,6 +321,21 @@ class Trainer:
         if self.dist.main:
             log.info("resuming %s at epoch %d step %d", self.run_dir, self.epoch + 1, self.step_in_epoch)
             _sync_history(self.tracker, self.history)
+
+    def _replan_schedule(self) -> None:
+        """After ``train.epochs`` changed on resume: the learning rate of the epochs to come follows
+        the schedule planned for the new total (the scheduler's multiplier is built from the config)."""
+        done = self.scheduler.last_epoch
+        before = [group["lr"] for group in self.optimizer.param_groups]
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(done)
+        if self.dist.main:
+            tr = self.cfg.train
+            warm = f"{tr.lr_warmup_fraction:.0%} warm-up, " if tr.lr_warmup_fraction else ""
+            log.info("learning-rate schedule re-planned for %d epochs (%s%s decay): epoch %d lr %.3e (was %.3e)",
+                     tr.epochs, warm, tr.scheduler, done + 1, self.optimizer.param_groups[0]["lr"], before[0])
 
     # --- the loop
 
@@ -544,6 +566,7 @@ class Trainer:
             config=self.cfg.model_dump(mode="json"),
             ranks=ranks,
             world_size=self.dist.world,
+            requested=self.requested,
         )
         save_state(state, self.ckpt_dir / name)
 
@@ -583,16 +606,22 @@ def train(
     *,
     out_dir: str | Path | None = None,
     resume: bool | str = False,
+    split: tuple[list[str], list[str]] | None = None,
 ) -> TrainResult:
     """Train a model on a dataset folder and write its bundle; see the module docstring.
 
+    ``split``: the training and validation case names (``medseg.folds``); default: the
+    split ``train.fold`` / ``train.val_fraction`` give.
+
     ``resume``: False (a run folder with checkpoints is refused), True/``"auto"`` (the valid
     checkpoint furthest along, or a fresh start when there is none), or a checkpoint path.
+    A resumed run keeps its own settings; those given explicitly in ``cfg`` must agree with
+    them, except ``train.epochs``, which extends the run (``medseg.resume``).
     """
     dist, device = init_distributed(cfg.train.device)
     try:
         with stop_signals() as stop:
-            return _train(cfg, Path(data_root), out_dir, resume, dist, device, stop)
+            return _train(cfg, Path(data_root), out_dir, resume, dist, device, stop, split)
     finally:
         if dist.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -630,7 +659,7 @@ def _resume_state(cfg: Config, run_dir: Path, resume: bool | str, dist: Dist) ->
         return None
     state = found[1] if dist.main and found else load_state(Path(path))
     if dist.main:
-        log.info("resuming from %s with the run's own configuration", path)
+        log.debug("checkpoint to resume from: %s", path)
     return state
 
 
@@ -657,9 +686,10 @@ class _Prepared:
 
 
 def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: torch.device,
-             started: float, *, resumed: bool = False) -> _Prepared:
+             started: float, *, resumed: bool = False, note: list[str] | None = None,
+             chosen: tuple[list[Case], list[Case]] | None = None) -> _Prepared:
     """Fingerprint (cached in the run folder), plan (with a time budget: measured on rank 0), splits;
-    rank 0 writes them beside the run."""
+    rank 0 writes them beside the run (``note``: lines said on top of plan.yaml and plan.txt)."""
     fp_path = run_dir / "fingerprint.json"
     fp: Fingerprint | None = None
     if dist.main:
@@ -678,18 +708,51 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
     cfg, budget = dist.broadcast((cfg, budget))
-    train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
-                                         fold=cfg.train.fold, num_folds=cfg.train.num_folds)
+    if chosen is not None:
+        train_cases, val_cases = chosen
+    else:
+        train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
+                                             fold=cfg.train.fold, num_folds=cfg.train.num_folds)
     if dist.main:
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
         log.info("%s", summary)
-        comment = "".join(f"# {line}\n" for line in budget.summary().splitlines()) if budget else ""
+        note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]
+        lines = [*note, *(budget.summary().splitlines() if budget else [])]
+        comment = "".join(f"# {line}\n" for line in lines)
         write_text_atomic(run_dir / "plan.yaml", comment + dump_config(cfg))
-        write_text_atomic(run_dir / "plan.txt", summary + "\n")
+        write_text_atomic(run_dir / "plan.txt", "".join(f"{line}\n" for line in note) + summary + "\n")
         splits = {"fold": cfg.train.fold, "num_folds": cfg.train.num_folds, "seed": cfg.seed,
                   "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
         write_text_atomic(run_dir / "splits.json", json.dumps(splits, indent=2))
     return _Prepared(cfg, fp, train_cases, val_cases, budget)
+
+
+def _resume_notes(plan_yaml: Path) -> list[str]:
+    """The ``# resumed at ...`` lines an earlier resume wrote on top of plan.yaml (kept on rewrite)."""
+    if not plan_yaml.is_file():
+        return []
+    return [line[2:] for line in plan_yaml.read_text().splitlines() if line.startswith("# resumed at ")]
+
+
+def _cases_by_name(dataset: Dataset, split: tuple[list[str], list[str]]) -> tuple[list[Case], list[Case]]:
+    """The dataset's training cases named by ``split`` (training names, validation names)."""
+    by_name = {c.name: c for c in dataset.training}
+    unknown = sorted({n for names in split for n in names} - set(by_name))
+    if unknown:
+        raise InputError(dataset.root, f"the split names {len(unknown)} case(s) not in the dataset, e.g. {unknown[0]!r}")
+    return [by_name[n] for n in split[0]], [by_name[n] for n in split[1]]
+
+
+def _saved_split(dataset: Dataset, path: Path) -> tuple[list[Case], list[Case]] | None:
+    """The training and validation cases a run recorded in its splits.json (None without one)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        split = (list(saved["train"]), list(saved["val"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"the run's split does not read ({exc}); use a new --out") from exc
+    return _cases_by_name(dataset, split)
 
 
 def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: torch.device, dist: Dist) -> None:
@@ -713,43 +776,61 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
 
 
 def _train(
-    cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag
+    cfg: Config, data_root: Path, out_dir, resume: bool | str, dist: Dist, device: torch.device, stop: StopFlag,
+    split: tuple[list[str], list[str]] | None = None,
 ) -> TrainResult:
     started = time.monotonic()
+    requested = explicit_settings(cfg)  # what the user asked for, before anything is filled in
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
     cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
+    chosen = _cases_by_name(dataset, split) if split is not None else None
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
     # one run per folder: a second one is refused (naming the holder) on every rank before it touches anything
     with exclusive_on_every_rank(run_dir, dist, what="training run"):
         if dist.main:
             sweep_partials(run_dir)  # temp files of writes a killed run left behind
-        return _train_locked(cfg, dataset, run_dir, resume, dist, device, stop, started)
+        return _train_locked(cfg, requested, dataset, run_dir, resume, dist, device, stop, started, chosen)
 
 
 def _train_locked(
-    cfg: Config, dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist, device: torch.device,
-    stop: StopFlag, started: float,
+    cfg: Config, requested: dict[str, Any], dataset: Dataset, run_dir: Path, resume: bool | str, dist: Dist,
+    device: torch.device, stop: StopFlag, started: float, chosen: tuple[list[Case], list[Case]] | None = None,
 ) -> TrainResult:
     data_root = dataset.root
     state = _resume_state(cfg, run_dir, resume, dist)
+    going_on: Continuation | None = None
     if state is not None and state.config:
-        # the run continues as it was planned (spacing, patch, epochs, schedule), whatever is passed now
-        cfg = Config.model_validate(state.config)
+        # the run continues as it was planned (spacing, patch, schedule); only a longer run is accepted
+        going_on = continue_run(requested, state, run_dir)
+        cfg, requested = going_on.cfg, going_on.requested
+        if chosen is None:  # the cases the run has trained on so far, whatever the dataset order now
+            chosen = _saved_split(dataset, run_dir / "splits.json")
+        if dist.main:
+            log.info("resuming from %s with the run's own configuration", run_dir / "checkpoints")
     tracker = _start_tracking(cfg, data_root, state, dist)
     status, best = "FAILED", -1.0
     history: list[dict[str, float]] = []
     try:
-        prep = _prepare(cfg, dataset, run_dir, dist, device, started, resumed=state is not None)
+        changes = going_on.describe() if going_on is not None else []
+        note = [f"resumed at epoch {state.epoch} with: {line}" for line in changes] if state else []
+        prep = _prepare(cfg, dataset, run_dir, dist, device, started, resumed=state is not None, note=note,
+                        chosen=chosen)
         cfg = prep.cfg
         deadline = Deadline.for_run(cfg, prep.budget, started=started, history=state.history if state else [])
         if state is None:
             _log_run_params(tracker, prep, run_dir, device, dist)
+        elif changes and dist.main:
+            for line in note:
+                log.info("%s", line)
+            tracker.log_params({f"resumed_at_step_{state.global_step}.{k}": v for k, _, v in
+                                (line.partition(": ") for line in changes)})
         meta = {"fingerprint_hash": prep.fp.hash, "dataset": dataset.root.resolve().name,
                 "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.to_dict().get("label_volumes_ml", {})}
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
-                          tracker=tracker, meta=meta, stop=stop, state=state, deadline=deadline)
+                          tracker=tracker, meta=meta, stop=stop, state=state, deadline=deadline,
+                          requested=requested, replan_schedule=bool(going_on and going_on.epochs))
         history, best = trainer.run()
         if dist.main and cfg.postprocess.tune_on_validation and prep.val_cases:
             _tune_postprocessing(run_dir, prep.val_cases, device, deadline, tracker)
