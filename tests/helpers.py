@@ -40,3 +40,16 @@ def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) ->
             f"medseg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def run_torchrun(*args: str, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m medseg ARGS`` on 127.0.0.1 (Gloo on CPU), output captured."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "medseg", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

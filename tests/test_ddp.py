@@ -2,48 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import REPO, TINY_ARGS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import TINY_ARGS, run_torchrun
 
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(tiny_dataset, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "medseg",
-        "train",
-        "--data",
-        str(tiny_dataset),
-        "--out",
-        "run",
-        "--epochs",
-        "2",
-        *TINY_ARGS,
-        *("--set", "train.device=cpu"),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_torchrun(
+        "train", "--data", str(tiny_dataset), "--out", "run", "--epochs", "2", *TINY_ARGS,
+        *("--set", "train.device=cpu"), cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("bundle:") == 1, "only rank 0 reports"
     run_dir = tmp_path / "run"

@@ -5,9 +5,6 @@ a SIGTERM before the training loop, and one ``medseg infer`` over a folder of mi
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from medseg.errors import InputError
 from medseg.io import Volume, write_nifti
 from medseg.io.nifti import write_nifti_channels
 from medseg.locks import LOCK_NAME
-from tests.helpers import REPO, TINY_ARGS
+from tests.helpers import TINY_ARGS, run_torchrun
 
 TINY = ["train.patch_size=[16,16,16]", "model.features=4", "model.depth=2", "preprocess.spacing=[2,2,3]"]
 
@@ -110,29 +107,6 @@ def test_one_batch_of_twenty_mixed_studies_two_broken(tmp_path):
 # ----------------------------------------------------------------------------- the output lock on every rank
 
 
-def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m medseg ARGS`` on CPU (Gloo), as tests/test_ddp.py runs it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        "-m",
-        "medseg",
-        *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-
-
 def _tiny_bundle_and_inputs(tmp_path) -> None:
     from benchmarks.load_test import untrained_bundle
     from medseg.synthetic import make_case
@@ -149,7 +123,7 @@ def test_distributed_infer_into_a_held_folder_is_refused_on_every_rank(tmp_path)
 
     _tiny_bundle_and_inputs(tmp_path)
     with exclusive(tmp_path / "out", what="inference"):
-        proc = _torchrun("infer", "-m", "bundle", "-i", "in", "-o", "out", "--device", "cpu", cwd=tmp_path)
+        proc = run_torchrun("infer", "-m", "bundle", "-i", "in", "-o", "out", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode != 0
     # one refusal from each rank (two ranks' stderr lines can land on one line of the captured output)
     assert proc.stderr.count("another inference is using this folder") == 2, proc.stderr
@@ -160,7 +134,7 @@ def test_distributed_infer_into_a_held_folder_is_refused_on_every_rank(tmp_path)
 @pytest.mark.slow
 def test_distributed_infer_shares_one_lock_and_releases_it_when_all_ranks_are_done(tmp_path):
     _tiny_bundle_and_inputs(tmp_path)
-    proc = _torchrun(
+    proc = run_torchrun(
         "infer", "-m", "bundle", "-i", "in", "-o", "out", "--device", "cpu", "--no-report", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -174,7 +148,7 @@ def test_distributed_train_into_a_held_run_folder_is_refused_on_every_rank(tiny_
     from medseg.locks import exclusive
 
     with exclusive(tmp_path / "run", what="training run"):
-        proc = _torchrun(
+        proc = run_torchrun(
             "train",
             "--data",
             str(tiny_dataset),
