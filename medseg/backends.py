@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from medseg.errors import ConfigError, MedsegError, one_line
+from medseg.runtime import signal_stack_kept
 
 if TYPE_CHECKING:
     from medseg.bundle import Bundle
@@ -169,7 +170,8 @@ def openvino_predictor(
         if shape not in requests:
             model = source.clone()
             model.reshape({model.inputs[0].get_any_name(): list(shape)})
-            requests[shape] = core.compile_model(model, "CPU", config).create_infer_request()
+            with signal_stack_kept():  # OpenVINO's first compile replaces it (see medseg.runtime)
+                requests[shape] = core.compile_model(model, "CPU", config).create_infer_request()
         return requests[shape]
 
     if window_shape is not None:
@@ -182,7 +184,9 @@ def openvino_predictor(
         if window_shape is not None and tuple(window_shape[1:]) == shape[1:] and n < window_shape[0]:
             arr = np.concatenate([arr, np.zeros((window_shape[0] - n, *shape[1:]), arr.dtype)])
             shape = tuple(arr.shape)
-        out = request_for(shape).infer({0: arr})[0]
+        request = request_for(shape)
+        with signal_stack_kept():
+            out = request.infer({0: arr})[0]
         return torch.from_numpy(np.array(out[:n], dtype=np.float32)).to(batch.device)
 
     return Predictor("openvino", precision, run)

@@ -13,12 +13,14 @@ Hands on: ``resolve_device``, ``Dist``/``init_distributed``/``rank_and_world``/`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,3 +274,62 @@ def channels_last(device: torch.device, precision: Precision) -> bool:
 def set_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
     """``module.to(memory_format=...)`` in place (torch's stubs omit the keyword)."""
     return module.to(memory_format=memory_format)  # type: ignore[call-overload]
+
+
+class _SignalStack(ctypes.Structure):
+    """``stack_t`` of sigaltstack(2)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):  # the flags below are Linux's
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "sigaltstack") else None
+    except OSError:  # no C library to call (Windows): nothing to keep
+        return None
+
+
+def signal_stack() -> tuple[int, int, int] | None:
+    """This thread's alternate signal stack (address, flags, size), or None where it cannot be read."""
+    libc = _libc()
+    if libc is None:
+        return None
+    current = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(current)) != 0:
+        return None
+    return (current.ss_sp or 0, current.ss_flags, current.ss_size)
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack as it was, whatever the block's native code does.
+
+    OpenVINO's CPU plugin, on its first ``compile_model`` in a thread, replaces that thread's
+    alternate signal stack (sigaltstack) with one of its own and does not put the old one back.
+    Python installs its signal handlers with SA_ONSTACK, so every later signal to that thread is
+    delivered on OpenVINO's stack; once that memory is released, the kernel cannot write the signal
+    frame and the process dies of SIGSEGV at the next SIGTERM/SIGINT (seen as a crash of the batch
+    SIGTERM test after the backend tests, about one run in two). Restoring the stack after each call
+    into OpenVINO keeps signal delivery on memory the process owns.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        if saved.ss_flags & _SS_DISABLE:
+            saved.ss_sp, saved.ss_size = None, 0
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
+_SS_DISABLE = 2  # <bits/sigstack.h> (Linux)

@@ -70,9 +70,3 @@ def _logging_as_found():
         lg.propagate = propagate
         lg.handlers[:] = handlers
 
-
-def pytest_collection_modifyitems(config, items):
-    """The backend tests (OpenVINO, ONNX Runtime in this process) run last: with OpenVINO loaded, a
-    later in-process SIGTERM/SIGINT test crashed the process (an open problem, and why
-    ``infer.backend`` defaults to torch)."""
-    items.sort(key=lambda item: item.path.name == "test_backends.py")

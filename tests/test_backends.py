@@ -4,6 +4,7 @@ and its fallbacks, and a backend failure as one line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -278,3 +279,43 @@ def test_parity_scores_labels_with_enough_voxels():
     assert not result["passed"]
     assert MIN_LABEL_VOXELS > 5
     assert parity(ref, ref.clone(), {0: "bg", 1: "big", 2: "tiny"})["passed"]
+
+
+_SIGNAL_AFTER_OPENVINO = """
+import faulthandler, gc, os, signal, sys
+faulthandler.enable()  # as pytest does: the main thread has an alternate signal stack
+from medseg.backends import openvino_predictor
+from medseg.runtime import signal_stack
+import torch
+before = signal_stack()
+predictor = openvino_predictor(sys.argv[1], "fp32", window_shape=(1, 1, 16, 16, 16))
+predictor(torch.zeros(1, 1, 16, 16, 16))
+after = signal_stack()
+del predictor
+gc.collect()
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+for _ in range(50):
+    os.kill(os.getpid(), signal.SIGTERM)
+print(before == after, len(got))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack flags are Linux's")
+def test_signals_after_openvino_land_on_the_process_own_signal_stack(exported_bundle, tmp_path):
+    """OpenVINO's first compile replaces the thread's alternate signal stack; without putting it back,
+    a SIGTERM after its memory was released killed the process with SIGSEGV (the batch SIGTERM test,
+    about one run in two, after the backend tests)."""
+    import subprocess
+
+    pytest.importorskip("openvino")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_OPENVINO, str(exported_bundle / "openvino" / "model.xml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "50"]
