@@ -86,7 +86,7 @@ class InferOptions:
     precision: str = "fp32"
     tta: bool = False
     crf: bool = False
-    overlap: float = 0.25
+    overlap: float = 0.5
     sw_batch_size: int = 2
     blend_mode: str = "gaussian"
     dicom_seg: bool = False

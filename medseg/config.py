@@ -207,7 +207,10 @@ class TrainConfig(_Strict):
 class InferConfig(_Strict):
     """Sliding-window inference settings (saved in the bundle; ``infer`` flags override them)."""
 
-    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    # Windows overlap by half, as nnU-Net's: on unseen phantoms (benchmarks/accuracy.py) 0.5 against
+    # 0.25 raised the mean Dice 0.943 -> 0.950 and the worst low-contrast organ 0.80 -> 0.86, for
+    # about 3x the windows (a window's borders see less context and are blended with less weight).
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(2, ge=1)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False

@@ -141,7 +141,7 @@ def sliding_window_logits(
     image: torch.Tensor,
     *,
     roi_size: tuple[int, ...],
-    overlap: float = 0.25,
+    overlap: float = 0.5,
     sw_batch_size: int = 2,
     mode: str = "gaussian",
     tta: bool = False,
