@@ -53,6 +53,11 @@ INSTALL_HINT = {
     "openvino": "pip install openvino",
 }
 _CACHE_VERSION = 2
+# ``auto`` measures the backends only for a network that takes at least this long per batch of windows
+# in torch fp32: measuring costs seconds once (export, compilation, timing), which a network of a few
+# milliseconds per batch cannot repay on a typical scan (tiny test networks: 3-5 ms; a 16-feature
+# U-Net on 48^3 windows: about 100 ms).
+MEASURE_ABOVE_S = 0.02
 
 
 class BackendError(MedsegError):
@@ -444,6 +449,13 @@ def _time(predictor: Predictor, batch: torch.Tensor, repeats: int) -> tuple[floa
     return best, out
 
 
+def _torch_seconds(network: torch.nn.Module, window_shape: tuple[int, ...]) -> float:
+    """torch fp32 seconds for one batch of windows (best of two, after a warm-up)."""
+    predictor = torch_predictor(network, "fp32", "cpu")
+    seconds, _ = _time(predictor, torch.zeros(window_shape), repeats=2)
+    return seconds
+
+
 def measure(
     bundle: Bundle,
     *,
@@ -618,6 +630,16 @@ def make_predictor(
         predictor = torch_predictor(bundle.network, fixed, device)
         predictor.reason = f"torch {fixed}: multi-channel model, backends not measured"
         return predictor
+    if backend == "auto":
+        torch_s = _torch_seconds(bundle.network, window_shape)
+        if torch_s < MEASURE_ABOVE_S:
+            fixed = "fp32" if precision == "auto" else precision
+            predictor = torch_predictor(bundle.network, fixed, device)
+            predictor.reason = (
+                f"torch {fixed}: the network runs a batch of windows in {1000 * torch_s:.1f} ms, too fast "
+                f"for the other backends to repay measuring them"
+            )
+            return predictor
     record = select(
         bundle, backend=backend, precision=precision, window_shape=window_shape, cache_dir=cache_dir
     )

@@ -221,10 +221,8 @@ class InferConfig(_Strict):
     # CPU only, opt-in: bfloat16 autocast with channels-last 3D for the network forward.
     cpu_bf16: bool = False
     # Network runtime: auto = the fastest backend/precision that passed parity with torch fp32 in a short
-    # micro-benchmark on this machine (cached per machine and bundle); see medseg.backends. The default
-    # stays torch (its precision still chosen by measurement and parity) until a crash seen when a
-    # SIGTERM/SIGINT arrives while OpenVINO/ONNX Runtime run in the process is understood.
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
+    # micro-benchmark on this machine (cached per machine and bundle); see medseg.backends.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # fp16: CUDA only
 
 

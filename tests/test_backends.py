@@ -30,6 +30,14 @@ from .conftest import run_cli
 LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
 
 
+@pytest.fixture(autouse=True)
+def _measure_tiny_networks(monkeypatch):
+    """These tiny networks are measured as a real one would be (auto skips networks this fast)."""
+    import medseg.backends
+
+    monkeypatch.setattr(medseg.backends, "MEASURE_ABOVE_S", 0.0)
+
+
 def _tiny_config():
     return config_from_dict(
         {
@@ -319,3 +327,15 @@ def test_signals_after_openvino_land_on_the_process_own_signal_stack(exported_bu
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "50"]
+
+
+def test_auto_does_not_measure_a_network_too_fast_to_gain(tmp_path, monkeypatch):
+    import medseg.backends
+
+    monkeypatch.setattr(medseg.backends, "MEASURE_ABOVE_S", 10.0)
+    bundle = load_bundle(_save_tiny_bundle(tmp_path / "b"))
+    predictor = make_predictor(bundle, "auto", "auto", "cpu", cache_dir=tmp_path / "cache")
+    assert (predictor.backend, predictor.precision) == ("torch", "fp32")
+    assert "too fast for the other backends to repay measuring them" in predictor.reason
+    assert predictor.selection is None
+    assert not (tmp_path / "cache").exists()  # nothing exported, nothing measured
