@@ -15,8 +15,9 @@ Measures, and prints as tables (JSON to benchmarks/results/run_all.json, a PNG b
 
 The bundle: ``--model BUNDLE``, else one trained here in a few minutes (classic U-Net, 16 features,
 depth 4, 64x64x32 patches at 2x2x3 mm) on synthetic CT phantoms whose anatomy is scaled to an adult
-abdomen (about 320 mm across); it is cached in ``--work`` with the volumes. Training throughput is
-measured by benchmarks/train_throughput.py.
+abdomen (about 320 mm across); it is cached in ``--work`` with the volumes.
+4. Training samples/s and data-wait fraction at that bundle's network, patch and batch: ``medseg train``
+   against the MONAI tutorial loop (benchmarks/reference/train_loop.py), validation off.
 
 Run: python benchmarks/run_all.py [--full] [--model BUNDLE] [--work /tmp/medseg-bench]
 """
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -255,6 +257,59 @@ def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dic
     }
 
 
+# ----------------------------------------------------------------------------- training
+
+
+def bench_training(work: Path, bundle: Path, epochs: int) -> dict:
+    """Training samples/s at the same network, patch and batch: ``medseg train`` (its own loop, the
+    precision it measures here) against the MONAI tutorial loop (reference/train_loop.py), one after
+    the other on the benchmark's data; validation off in both."""
+    import yaml
+
+    from medseg.checkpoint import load_state
+
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    patch, batch = [int(p) for p in cfg["train"]["patch_size"]], int(cfg["train"]["batch_size"])
+    data, run = work / "data", work / "train_bench"
+    sets = [*TRAIN_SETTINGS, f"train.epochs={epochs}", f"train.val_every={epochs}"]
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_medseg("train", "--data", str(data), "--out", str(run), *[x for s in sets for x in ("--set", s)])
+    medseg_wall = time.perf_counter() - t0
+    history = list(load_state(run / "checkpoints" / "last.pt").history)
+    steady = history[1:] or history  # the first epoch includes warm-up
+    medseg = {
+        "samples_per_s": round(statistics.mean(h["samples_per_s"] for h in steady), 3),
+        "data_wait_fraction": round(statistics.mean(h["data_wait_fraction"] for h in steady), 4),
+        "epochs": len(history),
+        "wall_s": round(medseg_wall, 1),
+        "precision": json.loads((run / "bundle" / "metadata.json").read_text()).get("precision"),
+    }
+    cmd = [sys.executable, str(HERE / "reference" / "train_loop.py"), "--data", str(data)]
+    cmd += ["--config", str(bundle / "config.yaml"), "--patch", *map(str, patch), "--batch", str(batch)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True)
+    reference = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "patch": patch,
+        "batch": batch,
+        "medseg": medseg,
+        "reference (MONAI)": reference,
+        "ratio": round(medseg["samples_per_s"] / reference["samples_per_s"], 2),
+    }
+
+
+def print_training(result: dict) -> None:
+    print(f"\n## Training at patch {result['patch']}, batch {result['batch']} (same network)")
+    print("| loop | samples/s | data wait | notes |\n| --- | --- | --- | --- |")
+    m, r = result["medseg"], result["reference (MONAI)"]
+    print(f"| medseg | {m['samples_per_s']:.2f} | {100 * m['data_wait_fraction']:.0f} % | "
+          f"{m['epochs']} epochs, precision {m['precision']} |")  # fmt: skip
+    print(f"| reference (MONAI) | {r['samples_per_s']:.2f} | {100 * r['data_wait_fraction']:.0f} % | "
+          f"{r['steps_timed']} steps, fp32 |")  # fmt: skip
+    print(f"medseg / reference: {result['ratio']}x")
+
+
 # ----------------------------------------------------------------------------- network, post-processing, CRF
 
 
@@ -416,6 +471,8 @@ def main() -> None:
     results["peaks_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
     results["network"] = bench_network(bundle, work, peaks)
     print_network(results["network"], peaks)
+    results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3)
+    print_training(results["training"])
     volumes = [make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200))]
     if args.full:
         volumes.append(make_ct_volume(work / "ct_512x512x600.nii.gz", (512, 512, 600)))
