@@ -111,3 +111,32 @@ def test_cuda_matches_cpu():
     cpu = dense_crf(probs, image, spacing=(1, 1, 1))
     gpu = dense_crf(probs.cuda(), image.cuda(), spacing=(1, 1, 1)).cpu()
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
+
+
+def test_crf_runs_only_where_it_can_change_a_label():
+    """A small uncertain object in a large decided-background grid: the cropped CRF gives the labels
+    the whole-grid CRF gives (but for near-ties), and a grid decided everywhere comes back as it went in."""
+    from medseg.crf import _mean_field, _undecided_box
+
+    torch.manual_seed(0)
+    shape = (96, 80, 40)
+    image = torch.randn(shape) * 0.2
+    probs = torch.full((3, *shape), 1e-5)
+    probs[0] = 1.0
+    zz = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    inside = ((zz - torch.tensor([30.0, 40.0, 20.0])[:, None, None, None]) ** 2).sum(0) < 64
+    noisy = torch.softmax(torch.randn(3, int(inside.sum())) * 2, dim=0)
+    probs[:, inside] = noisy
+    probs = probs / probs.sum(0, keepdim=True)
+    spacing = (1.0, 1.0, 2.0)
+    box = _undecided_box(probs, spacing, CRFConfig())
+    assert box is not None
+    assert all(b.stop - b.start < n for b, n in zip(box, shape, strict=True))  # a real crop
+    whole = _mean_field(probs, image, spacing, CRFConfig())
+    cropped = dense_crf(probs, image, spacing=spacing)
+    differ = int((whole.argmax(0) != cropped.argmax(0)).sum())
+    assert differ <= 0.005 * int(inside.sum()), differ  # near-ties of random probabilities inside the object
+    assert torch.equal(cropped.argmax(0)[~inside], whole.argmax(0)[~inside])
+    decided = torch.zeros((3, *shape))
+    decided[0] = 1.0
+    assert torch.equal(dense_crf(decided, image, spacing=spacing), decided)

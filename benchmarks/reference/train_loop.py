@@ -1,7 +1,7 @@
 """The MONAI spleen-tutorial training loop, written plainly: what a user would run instead of ``medseg train``.
 
 CacheDataset of LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd -> ScaleIntensityRanged
--> CropForegroundd, then per step RandCropByPosNegLabeld (``--batch`` patches of ``--patch`` from one
+-> CropForegroundd -> SpatialPadd (to the patch), then per step RandCropByPosNegLabeld (``--batch`` patches of ``--patch`` from one
 volume, pos 1 : neg 1) -> RandFlipd (3 axes) -> RandRotate90d -> RandShiftIntensityd; DataLoader batch 1
 (so a step holds ``--batch`` patches), DiceCELoss(softmax), Adam 1e-4, torch fp32. The network is the
 bundle configuration's own (``--config``: a medseg ``config.yaml``, built by medseg.models), so the
@@ -37,6 +37,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialPadd,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -69,6 +70,7 @@ def main() -> None:
             Spacingd(keys, pixdim=cfg.preprocess.spacing, mode=("bilinear", "nearest")),
             ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
             CropForegroundd(keys, source_key="image", allow_smaller=True),
+            SpatialPadd(keys, spatial_size=args.patch),
             RandCropByPosNegLabeld(
                 keys,
                 "label",
