@@ -113,10 +113,14 @@ def prepare_bundle(work: Path, budget: str) -> Path:
     return bundle
 
 
-def make_ct_volume(path: Path, shape: tuple[int, int, int], spacing=(0.8, 0.8, 2.5), seed: int = 500) -> Path:
+def make_ct_volume(
+    path: Path, shape: tuple[int, int, int], spacing=(0.8, 0.8, 2.5), seed: int = 500, mosaic: bool = True
+) -> Path:
     """A CT-sized mosaic of abdominal phantoms (benchmarks/phantoms.py, unseen seeds) at ``spacing``:
     in-plane 2 x 2 tiles of 256 voxels, along z one layer per 50 slices, each tile a phantom resampled
-    to ``spacing`` and centred, air around; its reference labels beside it (``*_label.nii.gz``)."""
+    to ``spacing`` and centred, air around; its reference labels beside it (``*_label.nii.gz``).
+    ``mosaic=False``: one phantom in the middle of the field of view (one body, as a real scan: the
+    mosaic's 16 livers are 16 components, which keep-largest post-processing rightly cuts to one)."""
     from phantoms import make_case
     from scipy import ndimage
 
@@ -127,11 +131,11 @@ def make_ct_volume(path: Path, shape: tuple[int, int, int], spacing=(0.8, 0.8, 2
         return path
     image = np.full(shape, -1000, dtype=np.int16)
     label = np.zeros(shape, dtype=np.uint8)
-    tile = (shape[0] // 2, shape[1] // 2, 50)
+    tile = (shape[0] // 2, shape[1] // 2, 50) if mosaic else shape
     n = 0
     for z0 in range(0, shape[2], tile[2]):
-        for x0 in (0, tile[0]):
-            for y0 in (0, tile[1]):
+        for x0 in range(0, shape[0] - tile[0] + 1, tile[0]):
+            for y0 in range(0, shape[1] - tile[1] + 1, tile[1]):
                 img, lbl, affine = make_case(seed + n)
                 n += 1
                 zoom = np.abs(np.diag(affine)[:3]) / np.asarray(spacing)
@@ -498,7 +502,10 @@ def main() -> None:
     print_network(results["network"], peaks)
     results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3)
     print_training(results["training"])
-    volumes = [make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200))]
+    volumes = [
+        make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200)),
+        make_ct_volume(work / "one_body_512x512x200.nii.gz", (512, 512, 200), seed=900, mosaic=False),
+    ]
     if args.full:
         volumes.append(make_ct_volume(work / "ct_512x512x600.nii.gz", (512, 512, 600)))
     results["inference"] = []
