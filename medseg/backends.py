@@ -525,6 +525,22 @@ def choose(candidates: list[Candidate], backend: str, precision: str) -> tuple[C
     return reference, f"torch fp32 (fallback): {why or 'no other candidate'}"
 
 
+def _selection_file(
+    bundle: Bundle,
+    machine: dict[str, Any],
+    backend: str,
+    precision: str,
+    window_shape: tuple[int, ...],
+    cache_dir: Path | None,
+) -> Path:
+    """Where the measured choice for this machine, bundle and request is cached."""
+    key_src = json.dumps(
+        [machine, bundle_hash(bundle), list(window_shape), backend, precision, _CACHE_VERSION]
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    return (cache_dir or user_cache_dir()) / "backends" / f"{key}.json"
+
+
 def select(
     bundle: Bundle,
     *,
@@ -537,11 +553,7 @@ def select(
     from medseg.io import write_text_atomic
 
     machine = machine_fingerprint()
-    key_src = json.dumps(
-        [machine, bundle_hash(bundle), list(window_shape), backend, precision, _CACHE_VERSION]
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
-    path = (cache_dir or user_cache_dir()) / "backends" / f"{key}.json"
+    path = _selection_file(bundle, machine, backend, precision, window_shape, cache_dir)
     if path.is_file():
         try:
             record = json.loads(path.read_text())
@@ -630,7 +642,10 @@ def make_predictor(
         predictor = torch_predictor(bundle.network, fixed, device)
         predictor.reason = f"torch {fixed}: multi-channel model, backends not measured"
         return predictor
-    if backend == "auto":
+    cached = _selection_file(
+        bundle, machine_fingerprint(), backend, precision, window_shape, cache_dir
+    ).is_file()
+    if backend == "auto" and not cached:  # a cached choice was measured: no need to time torch again
         torch_s = _torch_seconds(bundle.network, window_shape)
         if torch_s < MEASURE_ABOVE_S:
             fixed = "fp32" if precision == "auto" else precision

@@ -183,11 +183,12 @@ def dense_crf(
         image = image[0]
     if probs.ndim != 4 or tuple(probs.shape[1:]) != tuple(image.shape):
         raise ValueError(f"probs {tuple(probs.shape)} and image {tuple(image.shape)} do not match")
-    box = _undecided_box(probs.float(), spacing, cfg)
+    probs = probs.float()
+    box = _undecided_box(probs, spacing, cfg)
     if box is None:  # every voxel is background beyond what the pairwise terms could change
-        return probs.float()
+        return probs
     if any(b.stop - b.start < n for b, n in zip(box, probs.shape[1:], strict=True)):
-        out = probs.float().clone()
+        out = probs.clone()
         out[(slice(None), *box)] = _mean_field(probs[(slice(None), *box)], image[box], spacing, cfg)
         return out
     return _mean_field(probs, image, spacing, cfg)

@@ -276,6 +276,9 @@ def set_memory_format(module: torch.nn.Module, memory_format: torch.memory_forma
     return module.to(memory_format=memory_format)  # type: ignore[call-overload]
 
 
+_SS_DISABLE = 2  # <bits/sigstack.h> (Linux)
+
+
 class _SignalStack(ctypes.Structure):
     """``stack_t`` of sigaltstack(2)."""
 
@@ -330,6 +333,3 @@ def signal_stack_kept() -> Iterator[None]:
         if saved.ss_flags & _SS_DISABLE:
             saved.ss_sp, saved.ss_size = None, 0
         libc.sigaltstack(ctypes.byref(saved), None)
-
-
-_SS_DISABLE = 2  # <bits/sigstack.h> (Linux)
