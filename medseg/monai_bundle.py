@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from medseg.bundle import Bundle, bundle_hash, load_bundle
 from medseg.config import Config, IntensityConfig
 from medseg.errors import ConfigError, OutputError
-from medseg.transforms import foreground_threshold
+from medseg.transforms import CROP_MARGIN_MM, foreground_threshold
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,22 @@ def preprocessing(cfg: Config) -> list[dict[str, Any]]:
         # the input's own grid, kept for resampling the prediction back to it
         {"_target_": "CopyItemsd", "keys": "image", "names": "source"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": pre.orientation, "labels": None},
+    ]
+    if pre.crop_foreground:
+        # medseg's BodyCropd keeps CROP_MARGIN_MM in each scan's own voxels; MONAI's crop takes a
+        # margin in voxels: that many mm at the plan's finest spacing (a little more on coarser scans)
+        spacing = [float(s) for s in pre.spacing or (1.0,)]
+        chain.append(
+            {
+                "_target_": "CropForegroundd",
+                "keys": "image",
+                "source_key": "image",
+                "select_fn": f"$lambda x: x > {float(foreground_threshold(cfg))!r}",
+                "margin": max(1, math.ceil(CROP_MARGIN_MM / min(spacing))),
+                "allow_smaller": True,
+            }
+        )
+    chain.append(
         {
             "_target_": "Spacingd",
             "keys": "image",
@@ -55,19 +72,8 @@ def preprocessing(cfg: Config) -> list[dict[str, Any]]:
             "mode": "bilinear",
             "padding_mode": "border",
             "dtype": "$numpy.float32",
-        },
-    ]
-    if pre.crop_foreground:
-        chain.append(
-            {
-                "_target_": "CropForegroundd",
-                "keys": "image",
-                "source_key": "image",
-                "select_fn": f"$lambda x: x > {float(foreground_threshold(cfg))!r}",
-                "margin": 4,
-                "allow_smaller": True,
-            }
-        )
+        }
+    )
     chain += intensity(cfg)
     chain.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
     return chain

@@ -126,6 +126,40 @@ class _AboveThreshold:
         return x > self.threshold
 
 
+CROP_MARGIN_MM = 4.0 * 1.5
+"""Kept around the body by the crop: four model voxels of a typical 1.5 mm plan."""
+
+
+class BodyCropd(MapTransform):
+    """Crop ``keys`` to the voxels of the first key above ``threshold``, plus ``margin_mm`` per axis
+    (in the grid's own voxels, at least one): MONAI's ``CropForegroundd`` with a margin in mm,
+    so a scan of thick slices keeps the same body border as a thin one. A scan with nothing above
+    the threshold is kept whole. medseg maps predictions back by the grid's affine, not by
+    inverting the chain."""
+
+    def __init__(self, keys: Sequence[str], *, threshold: float, margin_mm: float) -> None:
+        super().__init__(keys)
+        self.threshold, self.margin_mm = threshold, margin_mm
+
+    def _crop(self, data: Mapping[Any, Any]) -> CropForegroundd:
+        image = data[self.keys[0]]
+        affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=float)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        margin = [max(1, math.ceil(self.margin_mm / max(float(s), 1e-6))) for s in spacing]
+        return CropForegroundd(
+            keys=self.keys,
+            source_key=str(self.keys[0]),
+            select_fn=_AboveThreshold(self.threshold),
+            margin=margin,
+            allow_smaller=True,
+        )
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        if not bool((data[self.keys[0]] > self.threshold).any()):
+            return dict(data)  # nothing above the threshold: no body to crop to, the whole scan is kept
+        return dict(self._crop(data)(data))
+
+
 def _primary_kind(cfg: Config) -> str:
     """The first channel's normalisation kind (the body crop looks at raw intensities)."""
     channels = cfg.preprocess.channels
@@ -141,26 +175,22 @@ def foreground_threshold(cfg: Config) -> float:
 def build_preprocess(
     cfg: Config, *, keys: tuple[str, ...] = ("image", "label"), load: bool = True
 ) -> Compose:
-    """Deterministic chain: load -> RAS -> planned spacing -> body crop -> intensity normalisation."""
+    """Deterministic chain: load -> RAS -> body crop -> planned spacing -> intensity normalisation.
+
+    The body is cropped before resampling, in the scan's own grid (a reorientation is a view, the
+    crop a slice): a CT is mostly air around the body, and resampling the whole field of view took
+    2.3 of 2.4 s of preprocessing on a 512x512x200 scan with a small body. The crop keeps
+    ``CROP_MARGIN_MM`` around the body (at least one voxel), so the resampled grid still holds the
+    body's whole border."""
     pre = cfg.preprocess
     if pre.spacing is None:
         raise ValueError("preprocess.spacing is not set: run the plan (medseg.plan.make_plan) first")
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
     chain: list[Any] = [LoadVolumed(keys, resample_channels=pre.resample_channels)] if load else []
-    chain += [
-        Orientationd(keys=keys, axcodes=pre.orientation, labels=None),
-        Spacingd(keys=keys, pixdim=pre.spacing, mode=modes, padding_mode="border", dtype=np.float32),
-    ]
+    chain.append(Orientationd(keys=keys, axcodes=pre.orientation, labels=None))
     if pre.crop_foreground:
-        chain.append(
-            CropForegroundd(
-                keys=keys,
-                source_key="image",
-                select_fn=_AboveThreshold(foreground_threshold(cfg)),
-                margin=4,
-                allow_smaller=True,
-            )
-        )
+        chain.append(BodyCropd(keys, threshold=foreground_threshold(cfg), margin_mm=CROP_MARGIN_MM))
+    chain.append(Spacingd(keys=keys, pixdim=pre.spacing, mode=modes, padding_mode="border", dtype=np.float32))
     chain += intensity_transforms(cfg)
     chain.append(EnsureTyped(keys=keys, dtype=torch.float32))
     return Compose(chain)

@@ -28,11 +28,11 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
     return affine
 
 
-def identity_roundtrip(label: Volume) -> np.ndarray:
+def identity_roundtrip(label: Volume, *, crop: bool = False) -> np.ndarray:
     cfg = Config()
     cfg.preprocess.spacing = tuple(_ras_spacing(label.affine))
     cfg.preprocess.intensity.kind = "none"
-    cfg.preprocess.crop_foreground = False
+    cfg.preprocess.crop_foreground = crop  # crop: to the labelled voxels (above 0), before resampling
     pre = build_preprocess(cfg, keys=("image",), load=False)
     model_grid = pre({"image": to_metatensor(label)})["image"]
     n = int(label.array.max()) + 1
@@ -46,6 +46,39 @@ def test_identity_model_is_voxel_exact_for_random_affines(seed):
     labels = rng.integers(0, 4, size=tuple(rng.integers(5, 14, size=3))).astype(np.uint8)
     vol = Volume(labels, random_affine(rng))
     np.testing.assert_array_equal(identity_roundtrip(vol), labels)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_body_crop_before_resampling_keeps_the_geometry(seed):
+    """The body crop runs in the scan's grid before resampling: the model grid is smaller than the
+    scan, and what it holds still lands voxel-exact in the scan, background all around."""
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(int(n) for n in rng.integers(16, 28, size=3))
+    labels = np.zeros(shape, np.uint8)
+    lo = [int(rng.integers(3, n // 2)) for n in shape]
+    hi = [int(rng.integers(n // 2 + 2, n - 3)) for n in shape]
+    labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = rng.integers(1, 4, size=[h - q for q, h in zip(lo, hi, strict=True)])
+    vol = Volume(labels, random_affine(rng))
+    cfg = Config()
+    cfg.preprocess.spacing = tuple(_ras_spacing(vol.affine))
+    cfg.preprocess.intensity.kind = "none"
+    grid = build_preprocess(cfg, keys=("image",), load=False)({"image": to_metatensor(vol)})["image"]
+    assert np.prod(grid.shape[1:]) < labels.size  # cropped
+    np.testing.assert_array_equal(identity_roundtrip(vol, crop=True), labels)
+
+
+def test_body_crop_margin_is_in_mm_and_an_empty_scan_is_kept_whole():
+    from medseg.transforms import BodyCropd
+
+    image = np.zeros((40, 40, 20), np.float32)
+    image[18:22, 18:22, 9:11] = 1.0
+    # a 4x4x2-voxel body and 6 mm each side: 6 voxels of 1 mm; 12 of 0.5 mm, 2 of 3 mm
+    for spacing, expect in (((1.0, 1.0, 1.0), (16, 16, 14)), ((0.5, 0.5, 3.0), (28, 28, 6))):
+        item = {"image": to_metatensor(Volume(image, np.diag([*spacing, 1.0])))}
+        out = BodyCropd(["image"], threshold=0.5, margin_mm=6.0)(item)["image"]
+        assert tuple(out.shape[1:]) == expect
+    empty = {"image": to_metatensor(Volume(np.zeros((8, 8, 4), np.float32), np.eye(4)))}
+    assert BodyCropd(["image"], threshold=0.5, margin_mm=6.0)(empty)["image"].shape[1:] == (8, 8, 4)
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "sagittal", "coronal", "oblique"])
