@@ -482,17 +482,37 @@ def _ras_spacing(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def _intensity_stats(values: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "p00_5": float(np.percentile(values, 0.5)),
-        "p99_5": float(np.percentile(values, 99.5)),
-    }
+def _weighted_percentiles(pools: list[np.ndarray], qs: tuple[float, ...]) -> list[float]:
+    """Percentiles of the union of ``pools`` with every pool weighing the same, however many values
+    it holds (each value weighs 1 / its pool's size)."""
+    pools = [p for p in pools if p.size]
+    values = np.concatenate(pools).astype(np.float64)
+    weights = np.concatenate([np.full(p.size, 1.0 / p.size) for p in pools])
+    order = np.argsort(values, kind="stable")
+    values, cum = values[order], np.cumsum(weights[order])
+    cum /= cum[-1]
+    return [float(values[min(int(np.searchsorted(cum, q / 100.0)), values.size - 1)]) for q in qs]
+
+
+def _intensity_stats(values: np.ndarray, per_label: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Mean and std of the foreground sample; its 0.5-99.5 percentiles with every label weighing the
+    same (``per_label``: one sample per label), so that a small organ's intensities are inside the
+    CT window however many voxels the large ones have. A window from the union alone (nnU-Net's)
+    clips a small low-density organ (fat-containing, cystic) to the value of the fat and air around
+    it: on medseg's phantoms 12-21 % of the fatty organ's voxels were clipped in the cases where it
+    scored worst."""
+    pools = [p for p in per_label or [] if p.size]
+    lo, hi = (
+        _weighted_percentiles(pools, (0.5, 99.5))
+        if pools
+        else [float(np.percentile(values, q)) for q in (0.5, 99.5)]
+    )
+    return {"mean": float(values.mean()), "std": float(values.std()), "p00_5": float(lo), "p99_5": float(hi)}
 
 
 class IntensityStats(BaseModel):
-    """Foreground intensity statistics of one channel (a sample of the labelled voxels)."""
+    """Foreground intensity statistics of one channel (a sample of the labelled voxels); the
+    percentiles weigh every label the same."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -534,7 +554,9 @@ class Fingerprint(BaseModel):
     def _channels_match(self) -> Fingerprint:
         stats = self.foreground_intensity_channels
         if (self.channels is None) != (stats is None) or len(self.channels or ()) != len(stats or ()):
-            raise ValueError("'channels' and 'foreground_intensity_channels' go together, one entry a channel")
+            raise ValueError(
+                "'channels' and 'foreground_intensity_channels' go together, one entry a channel"
+            )
         return self
 
     @classmethod
@@ -571,6 +593,9 @@ def fingerprint(
     rng = np.random.default_rng(seed)
     spacings, extents = [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.n_channels)]
+    # per channel and label: a sample of that label's voxels (the window's percentiles weigh labels equally)
+    by_label: list[dict[int, list[np.ndarray]]] = [{} for _ in range(dataset.n_channels)]
+    per_label = max(500, max_samples_per_case // max(1, len(dataset.labels) - 1))
     label_voxels = {k: 0 for k in dataset.labels}
     label_ml: dict[int, list[float]] = {k: [] for k in dataset.labels if k}
     for case in dataset.training:
@@ -587,6 +612,9 @@ def fingerprint(
             pick = rng.choice(n_fg, size=min(n_fg, max_samples_per_case), replace=False)
             for c, channel in enumerate(channels[: dataset.n_channels]):
                 samples[c].append(channel.array[foreground][pick])
+            for k, where in _label_samples(label.array, rng, per_label).items():
+                for c, channel in enumerate(channels[: dataset.n_channels]):
+                    by_label[c].setdefault(k, []).append(channel.array.ravel()[where])
         counts = np.bincount(label.array.ravel(), minlength=max(dataset.labels) + 1)
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
         for k in label_voxels:
@@ -594,7 +622,12 @@ def fingerprint(
             label_voxels[k] += n
             if k:
                 label_ml[k].append(n * voxel_ml)
-    stats = [_intensity_stats(np.concatenate(s) if s else np.zeros(1, np.float32)) for s in samples]
+    stats = [
+        _intensity_stats(
+            np.concatenate(s) if s else np.zeros(1, np.float32), [np.concatenate(v) for v in labs.values()]
+        )
+        for s, labs in zip(samples, by_label, strict=True)
+    ]
     fields: dict[str, Any] = {
         "n_cases": len(dataset.training),
         "modality": dataset.modality,
@@ -612,6 +645,19 @@ def fingerprint(
         fields["channels"] = {str(k): v for k, v in dataset.channels.items()}
         fields["foreground_intensity_channels"] = stats
     return Fingerprint.from_fields(fields)
+
+
+def _label_samples(label: np.ndarray, rng: np.random.Generator, per_label: int) -> dict[int, np.ndarray]:
+    """Up to ``per_label`` random flat indices of each foreground label's voxels, in one sort of the
+    foreground (not one pass over the volume per label: datasets with a hundred labels exist)."""
+    flat = label.ravel()
+    fg = np.flatnonzero(flat)
+    fg = fg[rng.permutation(fg.size)]
+    values = flat[fg]
+    order = np.argsort(values, kind="stable")
+    fg, values = fg[order], values[order]
+    present, starts, counts = np.unique(values, return_index=True, return_counts=True)
+    return {int(k): fg[a : a + min(n, per_label)] for k, a, n in zip(present, starts, counts, strict=True)}
 
 
 def _ras_shape(volume) -> np.ndarray:

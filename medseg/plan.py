@@ -9,8 +9,9 @@ Rules (nnU-Net's, made visible):
 - spacing: the median spacing; when one axis is more than 3x coarser than the others and
   its median image size in voxels is 3x smaller, that axis takes the 10th percentile of
   its spacings instead (less interpolation across thick slices).
-- normalisation: CT clips to the foreground's 0.5-99.5 percentiles and z-scores with
-  the foreground mean/std; MR and other modalities get a per-image z-score. A multi-channel
+- normalisation: CT clips to the foreground's 0.5-99.5 percentiles, every label weighing
+  the same (nnU-Net pools the voxels, so a small fat-density or cystic organ can fall below
+  the window and merge with the fat and air around it), and z-scores with the foreground mean/std; MR and other modalities get a per-image z-score. A multi-channel
   dataset gets one normalisation per channel, read from its channel names as nnU-Net reads
   ``channel_names`` ("CT" -> CT, "noNorm" -> none, anything else -> per-image z-score).
 - patch: the median image size at the target spacing, rounded up to what the network

@@ -7,7 +7,7 @@ plain argmax of the validation probabilities and tries, in order:
 
 1. the dense CRF (``medseg.crf``, needs the normalised ``images``) with a few weight/sigma
    settings: the best is kept only when it raises the mean foreground Dice, lowers no label's
-   Dice and worsens no label's HD95;
+   Dice and does not worsen the HD95 averaged over the labels (``crf_helps``);
 2. per label, on top of that: keep the largest component, keep the 2 largest, remove
    components smaller than a share of the smallest reference component, fill holes. A step
    is kept only when it raises the label's mean Dice by ``min_gain`` and does not worsen its
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 Spacing = tuple[float, float, float]
 
 # CRF settings tried: medseg's defaults, a gentler appearance kernel, three stronger and sharper
-# ones, and a wide one; each kept only when it helps every label on validation. A low-contrast organ
+# ones, and a wide one; each kept only when it helps on validation (``crf_helps``). A low-contrast organ
 # (15-60 HU from its neighbours) needs an intensity sigma of a quarter of the normalised unit or
 # less: on unseen phantoms (benchmarks/phantoms.py, 11-minute model, model grid) its test Dice went
 # 0.870 (no CRF) -> 0.898 (bilateral 2, intensity sigma 0.5, the setting kept before) -> 0.917-0.927
@@ -163,10 +163,31 @@ def _with_label(cfg: PostprocessConfig, label: int, **update: Any) -> Postproces
     return out
 
 
+def crf_helps(
+    before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], min_gain: float
+) -> bool:
+    """The CRF's verdict from (Dice, HD95) per foreground label before and after it: the mean Dice
+    rises by ``min_gain``, no label's Dice falls, and the HD95 averaged over the labels does not
+    worsen. HD95 is judged on the average, not label by label: on two validation cases one label's
+    HD95 is one stray blob (which keep-largest, tuned next, removes), and a per-label rule rejected a
+    CRF that raised every label's Dice (mean 0.862 -> 0.889) and cut the mean HD95 from 16.3 to
+    10.5 mm because one label's rose from 20.9 to 23.2 mm."""
+    labels = sorted(before)
+
+    def mean(d: dict[int, tuple[float, float]], i: int) -> float:
+        return float(np.mean([d[k][i] for k in labels]))
+
+    return (
+        mean(after, 0) >= mean(before, 0) + min_gain
+        and all(after[k][0] >= before[k][0] - 1e-9 for k in labels)
+        and _not_worse(mean(after, 1), mean(before, 1))
+    )
+
+
 def _tune_crf(
     probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float
 ) -> tuple[list[np.ndarray], CRFConfig]:
-    """The plain argmax, or the CRF setting that helps every label (never one that lowers a Dice)."""
+    """The plain argmax, or the CRF setting that helps most (``crf_helps``; never one that lowers a Dice)."""
     import torch
 
     from medseg.crf import dense_crf
@@ -191,9 +212,7 @@ def _tune_crf(
         after = {k: _scores(refined, refs, spacings, k) for k in fg}
         mean_before = float(np.mean([before[k][0] for k in fg]))
         mean_after = float(np.mean([after[k][0] for k in fg]))
-        helps = mean_after >= mean_before + min_gain and all(
-            after[k][0] >= before[k][0] - 1e-9 and _not_worse(after[k][1], before[k][1]) for k in fg
-        )
+        helps = crf_helps(before, after, min_gain)
         hd_b = float(np.mean([before[k][1] for k in fg]))
         hd_a = float(np.mean([after[k][1] for k in fg]))
         name = "CRF " + (", ".join(f"{k}={v:g}" for k, v in update.items()) or "defaults")

@@ -39,7 +39,9 @@ def test_spacing_is_the_median_for_isotropic_data():
 
 
 def test_anisotropic_coarse_axis_takes_10th_percentile():
-    fp = make_fp(spacing_median=[0.7, 0.7, 5.0], spacing_p10=[0.6, 0.6, 3.0], extent_mm_median=[350, 350, 100])
+    fp = make_fp(
+        spacing_median=[0.7, 0.7, 5.0], spacing_p10=[0.6, 0.6, 3.0], extent_mm_median=[350, 350, 100]
+    )
     # 5 mm is >3x 0.7 mm and 20 slices are >3x fewer than 500 voxels: nnU-Net's rule applies
     assert target_spacing(fp) == (0.7, 0.7, 3.0)
     # anisotropic spacing but many slices: the median stays
@@ -93,8 +95,9 @@ def test_old_format_fingerprint_loads_round_trips_and_plans(tmp_path):
     assert fp.label_volumes_ml is None
     assert fp.to_dict() == OLD_FORMAT_FP  # the same keys and values written back: no key added
     # anisotropic, but no 10th percentile recorded: the median stays
-    aniso = Fingerprint.model_validate({**OLD_FORMAT_FP, "spacing_median": [0.7, 0.7, 5.0],
-                                        "extent_mm_median": [350, 350, 100]})
+    aniso = Fingerprint.model_validate(
+        {**OLD_FORMAT_FP, "spacing_median": [0.7, 0.7, 5.0], "extent_mm_median": [350, 350, 100]}
+    )
     assert target_spacing(aniso) == (0.7, 0.7, 5.0)
     assert make_plan(Config(), fp).preprocess.spacing == (0.8, 0.8, 1.0)
 
@@ -115,6 +118,51 @@ def test_fingerprint_is_frozen_and_its_hash_is_the_sorted_json_of_its_keys(tiny_
     assert Fingerprint.load(tmp_path / "fingerprint.json") == fp
     with pytest.raises(ValidationError):
         fp.n_cases = 3  # type: ignore[misc]
+
+
+def _two_organ_ct(root, *, fat_organ_voxels: int):
+    """CT cases with a large enhancing organ (label 1, ~150 HU) and a small fat-density one
+    (label 2, ~-90 HU) inside body fat (-100 HU): the small organ is far under 0.5 % of the foreground."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i in range(2):
+        label = np.zeros((40, 40, 40), np.uint8)
+        label[4:36, 4:36, 4:36] = 1
+        side = round(fat_organ_voxels ** (1 / 3))
+        label[36 : 36 + side, 0:side, 0:side] = 2
+        image = np.where(label == 1, 150.0, -100.0)
+        image[label == 2] = -90.0
+        image = (image + rng.normal(0, 10, image.shape)).astype(np.int16)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"c{i}.nii.gz")
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    spec = {
+        "name": "t",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "fatty"},
+        "training": training,
+        "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_ct_window_holds_every_labels_intensities_however_small_the_label(tmp_path):
+    """The window's percentiles weigh labels equally: a small fat-density organ is not clipped to the
+    value of the fat around it (a union percentile would put the window's floor near 150 HU here)."""
+    fp = fingerprint(load_dataset(_two_organ_ct(tmp_path / "d", fat_organ_voxels=64)))
+    stats = fp.foreground_intensity
+    assert stats.p00_5 < -100.0  # the fatty organ (-90 +- 10 HU) lies inside the window, tails included
+    assert 165.0 < stats.p99_5 < 200.0  # the large organ's upper tail, not beyond it
+    window = make_plan(Config(), fp).preprocess.intensity.window
+    assert window is not None
+    assert window[0] < -100.0
+    assert 140.0 < stats.mean < 160.0  # mean and std stay those of the foreground voxels themselves
 
 
 @pytest.mark.parametrize(

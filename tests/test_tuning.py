@@ -113,3 +113,18 @@ def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
     assert len(kept) == 1
     assert kept[0].dice_after == max(t.dice_after for t in report.trials if t.step.startswith("CRF"))
     assert report.final_dice[1] > report.baseline_dice[1] + 0.3
+
+
+def test_the_crf_verdict_weighs_hd95_over_the_labels_and_dice_per_label():
+    """The figures of a real 11-minute phantoms run: every label's Dice up, the mean HD95 down, one
+    label's HD95 up by 2 mm (one stray blob on two cases): kept. A label whose Dice falls, or a
+    mean HD95 that rises, rejects it."""
+    from medseg.tuning import crf_helps
+
+    before = {1: (0.9552, 24.27), 2: (0.9043, 3.79), 3: (0.7253, 20.90)}
+    after = {1: (0.9783, 5.88), 2: (0.9394, 2.55), 3: (0.7487, 23.17)}
+    assert crf_helps(before, after, min_gain=0.0)
+    assert not crf_helps(before, after, min_gain=0.05)  # a gain of 0.027 is not 0.05
+    assert not crf_helps(before, {**after, 2: (0.9040, 2.55)}, min_gain=0.0)  # label 2's Dice fell
+    assert not crf_helps(before, {**after, 3: (0.7487, 45.0)}, min_gain=0.0)  # mean HD95 16.3 -> 17.8 mm
+    assert not crf_helps(before, before, min_gain=0.0001)  # nothing gained
