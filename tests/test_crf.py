@@ -140,3 +140,28 @@ def test_crf_runs_only_where_it_can_change_a_label():
     decided = torch.zeros((3, *shape))
     decided[0] = 1.0
     assert torch.equal(dense_crf(decided, image, spacing=spacing), decided)
+
+
+@pytest.mark.parametrize(
+    "update", [{}, {"bilateral_weight": 12.0, "bilateral_sigma_mm": 3.0, "bilateral_intensity_sigma": 0.25}]
+)
+def test_a_grid_too_large_for_one_pass_runs_in_slabs_with_the_same_labels(monkeypatch, update):
+    """Above the voxel budget the CRF runs in z slabs with a halo (bounded memory): the labels are
+    those of the one-pass CRF but for a handful of near-ties at the slab seams."""
+    import medseg.crf as crf
+
+    truth, image, probs = noisy_sphere(shape=(40, 44, 60))
+    cfg = CRFConfig(**update)
+    whole = dense_crf(probs, image, spacing=(1.0, 1.0, 2.0), cfg=cfg)
+    monkeypatch.setattr(crf, "_MAX_CRF_VOXELS", 40 * 44 * 20)  # three slabs or more
+    calls = []
+    one_pass = crf._mean_field
+    monkeypatch.setattr(crf, "_mean_field", lambda *a, **k: calls.append(a[0].shape) or one_pass(*a, **k))
+    slabs = dense_crf(probs, image, spacing=(1.0, 1.0, 2.0), cfg=cfg)
+    assert len(calls) >= 3
+    assert all(c[1:3] == (40, 44) and c[3] < 60 for c in calls)
+    differ = (slabs.argmax(0) != whole.argmax(0)).float().mean().item()
+    assert differ < 2e-3
+    assert dice(slabs.argmax(0).numpy() == 1, truth) == pytest.approx(
+        dice(whole.argmax(0).numpy() == 1, truth), abs=3e-3
+    )
