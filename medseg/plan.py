@@ -11,8 +11,9 @@ Rules (nnU-Net's, made visible):
   its spacings instead (less interpolation across thick slices).
 - normalisation: CT clips to the foreground's 0.5-99.5 percentiles, every label weighing
   the same (nnU-Net pools the voxels, so a small fat-density or cystic organ can fall below
-  the window and merge with the fat and air around it), and z-scores with the foreground mean/std; MR and other modalities get a per-image z-score. A multi-channel
-  dataset gets one normalisation per channel, read from its channel names as nnU-Net reads
+  the window and merge with the fat and air around it), and z-scores with the foreground
+  mean/std; MR and other modalities get a per-image z-score. A multi-channel dataset gets
+  one normalisation per channel, read from its channel names as nnU-Net reads
   ``channel_names`` ("CT" -> CT, "noNorm" -> none, anything else -> per-image z-score).
 - patch: the median image size at the target spacing, rounded up to what the network
   divides, shrunk along its largest axis until the activations fit the memory budget.
