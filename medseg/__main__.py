@@ -1,3 +1,3 @@
-from medseg.cli import main
+from medseg.cli import console_main
 
-raise SystemExit(main())
+console_main()

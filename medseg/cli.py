@@ -7,6 +7,7 @@ the traceback); every other exception is a bug and is shown in full.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Mapping
@@ -280,6 +281,9 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from medseg.startup import import_monai_lean
+
+    import_monai_lean()  # before anything imports MONAI: about 2 s less start-up (see medseg.startup)
     from medseg.batch import check_output_folder, expand_models, run_inference
     from medseg.bundle import load_bundle
     from medseg.errors import StoppedError
@@ -824,3 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def console_main() -> NoReturn:
+    """The ``medseg`` executable: ``main`` on ``sys.argv``, then exit without the interpreter's last
+    full garbage collection over the millions of objects torch and MONAI leave behind (about 1 s of
+    every run on 2 cores). ``atexit`` handlers (log flushing, MLflow, temporary folders) still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)

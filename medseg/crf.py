@@ -31,11 +31,13 @@ from medseg.config import CRFConfig
 
 Spacing = tuple[float, float, float]
 _SLICE_CHUNK = 8_000_000  # floats of the expanded grid sliced at a time (32 MB)
+_Y_BLOCK = 16  # y rows sliced by one banded matrix product
 _MAX_CRF_VOXELS = 8_000_000  # per mean-field pass (larger boxes run in z slabs): bounds the grid's memory
 
 
-def _interp_matrix(n: int, cell: float, device: torch.device) -> torch.Tensor:
-    """(n, g) linear-interpolation weights from a coarse axis of cells ``cell`` voxels wide.
+def _interp_matrix(n: int, cell: float, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """(n, g) linear-interpolation weights from a coarse axis of cells ``cell`` voxels wide, and per
+    voxel its lower cell (row i is zero outside columns ``lower[i]`` and ``lower[i] + 1``).
 
     Voxel i sits at coarse position i / cell + 1 (one empty cell of margin each side,
     so the blur can spread past the border); row i holds the two tent weights.
@@ -48,22 +50,23 @@ def _interp_matrix(n: int, cell: float, device: torch.device) -> torch.Tensor:
     rows = torch.arange(n, device=device)
     m[rows, lo] = 1.0 - frac
     m[rows, lo + 1] = frac
-    return m
+    return m, lo.tolist()
 
 
 def _binomial_blur(grid: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """[1, 4, 6, 4, 1] / 16 blur (variance one cell^2) along ``dims``, zero outside."""
+    """[1, 4, 6, 4, 1] / 16 blur (variance one cell^2) along ``dims``, zero outside; ``grid`` is kept.
+
+    Shifted in-place adds into one new tensor per axis (no zero-padded copy): half the memory traffic.
+    """
     for d in dims:
         n = grid.shape[d]
-        shape = list(grid.shape)
-        shape[d] = n + 4
-        g = grid.new_zeros(shape)
-        g.narrow(d, 2, n).copy_(grid)
-        grid = g.narrow(d, 2, n) * 6.0
-        grid += 4.0 * (g.narrow(d, 1, n) + g.narrow(d, 3, n))
-        grid += g.narrow(d, 0, n) + g.narrow(d, 4, n)
-        grid /= 16.0
-    return grid
+        out = grid * 6.0
+        for shift, weight in ((1, 4.0), (2, 1.0)):
+            if n > shift:
+                out.narrow(d, shift, n - shift).add_(grid.narrow(d, 0, n - shift), alpha=weight)
+                out.narrow(d, 0, n - shift).add_(grid.narrow(d, shift, n - shift), alpha=weight)
+        grid = out
+    return grid.div_(16.0 ** len(dims))
 
 
 # nearest splat (box, variance 1/12 cell^2) + binomial blur (1) + tent slice (1/6) has a variance of
@@ -96,8 +99,8 @@ class GridFilter:
         device = torch.device(device)
         cells = [max(s * _CELL_PER_SIGMA, 1e-3) for s in sigma_vox]
         # x and y are sliced by small dense matrices; z and intensity by grid_sample
-        self.mx = _interp_matrix(X, cells[0], device)
-        self.my = _interp_matrix(Y, cells[1], device)
+        self.mx, self.x_lower = _interp_matrix(X, cells[0], device)
+        self.my, self.y_lower = _interp_matrix(Y, cells[1], device)
         gx, gy = self.mx.shape[1], self.my.shape[1]
         pos_z = torch.arange(Z, device=device, dtype=torch.float32) / cells[2] + 1.0
         gz = math.floor(float(pos_z[-1])) + 3
@@ -146,15 +149,23 @@ class GridFilter:
         # sliced a few x rows at a time: the grid expanded to full (x, y) resolution is C*X*Y*B*gz
         # floats (3.7 GB for a 390x390x213 grid), a chunk of it stays in cache. The grid is laid out
         # (x, y, C, B, z) once, so both contractions are plain matrix products whose result is already
-        # grid_sample's (rows*Y, C, B, gz) input: no permuted copies per chunk.
+        # grid_sample's (rows*Y, C, B, gz) input: no permuted copies per chunk. Each product takes only
+        # the band of cells its rows interpolate from (a row has two non-zero weights): on a
+        # 192x117x58 box, 4 instead of 60 cells along x, 6 instead of 38 along y (2.5x faster).
         k = c * nb * gz
         g = g.permute(1, 2, 0, 3, 4).reshape(gx, gy * k)
         out = torch.empty((c, X * Y * _Z), device=values.device, dtype=torch.float32)
         rows = max(1, _SLICE_CHUNK // max(Y * k, 1))
         for i0 in range(0, X, rows):
             i1 = min(X, i0 + rows)
-            part = (self.mx[i0:i1] @ g).view(i1 - i0, gy, k)  # x sliced: (rows, gy, C*B*gz)
-            part = torch.matmul(self.my, part)  # y sliced: (rows, Y, C*B*gz)
+            a, b = self.x_lower[i0], self.x_lower[i1 - 1] + 2
+            part = (self.mx[i0:i1, a:b] @ g[a:b]).view(i1 - i0, gy, k)  # x sliced: (rows, gy, C*B*gz)
+            full = torch.empty((i1 - i0, Y, k), device=values.device, dtype=torch.float32)
+            for j0 in range(0, Y, _Y_BLOCK):  # y sliced: (rows, Y, C*B*gz)
+                j1 = min(Y, j0 + _Y_BLOCK)
+                a, b = self.y_lower[j0], self.y_lower[j1 - 1] + 2
+                full[:, j0:j1] = torch.matmul(self.my[j0:j1, a:b], part[:, a:b])
+            part = full
             grid = self.slice_grid[i0 * Y : i1 * Y]
             sliced = F.grid_sample(part.view(-1, c, nb, gz), grid, mode="bilinear", align_corners=True)
             out[:, i0 * Y * _Z : i1 * Y * _Z] = sliced[:, :, 0].transpose(0, 1).reshape(c, -1)

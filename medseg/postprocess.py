@@ -108,6 +108,32 @@ def postprocess_labels(
         log.warning(
             "postprocess.per_label names label(s) %s, which the model does not have (%s)", unknown, ids
         )
+    # Every step sees only the box around the foreground: components and enclosed holes lie inside
+    # it, and outside it is background either way (a CT's organs fill a few % of its voxels).
+    box = foreground_box(labels)
+    if box is not None:
+        out[box] = _postprocess_box(labels[box], cfg, spacing=spacing, ids=ids)
+    return out
+
+
+def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every non-zero voxel of ``labels``; None when there is none."""
+    foreground = labels != 0
+    box = []
+    for axis in range(labels.ndim):
+        others = tuple(d for d in range(labels.ndim) if d != axis)
+        hit = np.flatnonzero(foreground.any(axis=others))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _postprocess_box(
+    labels: np.ndarray, cfg: PostprocessConfig, *, spacing: tuple[float, float, float], ids: list[int]
+) -> np.ndarray:
+    """``postprocess_labels``' steps on a box that holds all of the foreground."""
+    out = np.zeros_like(labels)
     steps = {k: steps_for_label(cfg, k) for k in ids}
     for label in ids:
         mask = labels == label

@@ -558,7 +558,7 @@ def resample_to_grid(
     """Average class probabilities given on other grids onto a target grid; return the argmax labels.
 
     Each source is (probabilities (C, X, Y, Z), affine). Target voxels outside a source's grid
-    count as background for it. Work goes in slabs of the target's first axis of about
+    count as background for it. Work goes in slabs of the target's last axis of about
     ``chunk_voxels`` (default: ``RESAMPLE_CHUNK_VALUES`` / C), so memory stays bounded; each slab's
     labels go straight into the uint8 result. A source whose grid is the target's permuted,
     flipped, rescaled and shifted (``axis_aligned_map``) is interpolated one axis at a time; any
@@ -568,6 +568,33 @@ def resample_to_grid(
     ``axis_aligned=False`` takes the general path for every source. With ``return_probabilities``
     the averaged probabilities (C, X, Y, Z) float16 are returned too.
     """
+    # The result is in Fortran order, as NIfTI stores voxels and cc3d labels them (writing a C-order
+    # 512x512x200 mask spent 0.4 s transposing it): it is computed in C order on the grid with its
+    # axes reversed, slab by slab along the target's last axis, and returned transposed (a view).
+    reverse = np.eye(4)[[2, 1, 0, 3]]  # voxel (k, j, i) of the reversed grid is (i, j, k) of the target
+    result = _resample_to_grid_c(
+        sources,
+        np.asarray(target_affine, dtype=np.float64) @ reverse,
+        (target_shape[2], target_shape[1], target_shape[0]),
+        chunk_voxels=chunk_voxels,
+        return_probabilities=return_probabilities,
+        axis_aligned=axis_aligned,
+    )
+    if isinstance(result, tuple):
+        return result[0].T, result[1].transpose(0, 3, 2, 1)
+    return result.T
+
+
+def _resample_to_grid_c(
+    sources: list[tuple[torch.Tensor, np.ndarray]],
+    target_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+    *,
+    chunk_voxels: int | None,
+    return_probabilities: bool,
+    axis_aligned: bool,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``resample_to_grid`` in C order: slabs along the target's first axis."""
     n_classes = sources[0][0].shape[0]
     out = np.empty(target_shape, dtype=np.uint8)
     probs_out = np.empty((n_classes, *target_shape), dtype=np.float16) if return_probabilities else None

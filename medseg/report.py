@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.io import Volume, write_text_atomic
-from medseg.postprocess import Connectivity, count_components
+from medseg.postprocess import Connectivity, count_components, foreground_box
 from medseg.viz import label_colour, overlay_png_bytes
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,10 @@ def range_flag(volume_ml: float, training: tuple[float, float] | None) -> str | 
     return None
 
 
-def touches_border(mask: np.ndarray) -> bool:
-    """Whether a binary mask has voxels on any face of its grid."""
-    m = np.asarray(mask, bool)
-    return bool(
-        m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() or m[:, :, 0].any() or m[:, :, -1].any()
-    )
+def touches_border(mask: np.ndarray, label: int) -> bool:
+    """Whether ``label`` has voxels on any face of the label map's grid."""
+    faces = (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1])
+    return any(bool((face == label).any()) for face in faces)
 
 
 def case_qc(
@@ -106,17 +104,19 @@ def case_qc(
     voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
     structures = []
     warnings = []
+    box = foreground_box(mask)  # volumes and components are counted there, not over the whole scan
+    region = mask[box] if box is not None else np.zeros((0, 0, 0), dtype=mask.dtype)
     for k, label_name in sorted(labels.items()):
         if k == 0:
             continue
-        m = mask == k
-        volume = float(m.sum()) * voxel_ml
+        m = region == k
+        volume = float(np.count_nonzero(m)) * voxel_ml
         s = StructureQC(
             label=int(k),
             name=label_name,
             volume_ml=volume,
             components=count_components(m, connectivity=connectivity),
-            touches_border=touches_border(m),
+            touches_border=touches_border(mask, k),
             range_flag=range_flag(volume, _training_range(volume_ranges, k)),
         )
         if s.range_flag:

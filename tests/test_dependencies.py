@@ -87,3 +87,26 @@ def test_import_and_help_load_no_tracking_or_torch():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_inference_start_up_leaves_out_monais_unused_extras_and_only_while_monai_loads():
+    """`medseg infer` imports MONAI without MLflow, pyplot, pandas, ... (about 2 s of every run); the
+    packages import normally afterwards, for medseg's own MLflow tracking and pictures."""
+    code = (
+        "import sys\n"
+        "from medseg.startup import MONAI_OPTIONAL_UNUSED_BY_INFERENCE, import_monai_lean\n"
+        "import_monai_lean()\n"
+        "import medseg.batch, medseg.predict, medseg.backends\n"
+        "print(sorted(m for m in MONAI_OPTIONAL_UNUSED_BY_INFERENCE if m in sys.modules))\n"
+        "import mlflow, matplotlib.figure\n"
+        "print(mlflow.__name__, 'monai' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "mlflow True"]

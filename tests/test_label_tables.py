@@ -93,3 +93,15 @@ def test_write_mask_with_tables_and_embedded_names(tmp_path):
     np.testing.assert_array_equal(np.asarray(img.dataobj), mask)
     assert parse_ctbl((tmp_path / "x_seg.ctbl").read_text())[12][0] == "pancreas"
     assert parse_itksnap((tmp_path / "x_seg.itksnap.txt").read_text())[12][4] == "pancreas"
+
+
+def test_palette_holds_matplotlibs_tab20b_and_tab20c():
+    """Written out to spare the matplotlib import; it must stay the colours the pictures always had."""
+    from matplotlib import colormaps
+
+    from medseg.viz import PALETTE
+
+    more = [colormaps[name](i)[:3] for name in ("tab20b", "tab20c") for i in range(20)]
+    np.testing.assert_allclose(PALETTE[11:], np.asarray(more), atol=1e-6)
+    assert PALETTE.shape == (51, 3)
+    assert PALETTE[1:].sum(axis=1).min() > 0  # no label is black

@@ -104,3 +104,27 @@ def test_connectivity_matters():
         labels, PostprocessConfig(keep_largest=True, connectivity=6), spacing=(1, 1, 1), label_ids=[0, 1]
     )
     assert out6.sum() == 8
+
+
+def test_steps_do_not_depend_on_the_empty_space_around_the_foreground():
+    """The steps run on the box around the foreground: embedding the same labels in a larger empty
+    grid (at an off-centre place, in Fortran order as masks are written) must give the same result,
+    including a cavity that opens at the box's edge (not a hole) and one that is enclosed (a hole)."""
+    labels = np.zeros((12, 10, 9), np.uint8)
+    labels[1:11, 1:9, 0:9] = 1  # reaches the z faces of its box
+    labels[4:7, 4:6, 0:3] = 0  # a cavity open at z = 0: background, not a hole
+    labels[4:7, 4:6, 5:7] = 0  # an enclosed hole
+    labels[3:5, 6:8, 3:5] = 2
+    labels[9, 0, 8] = 2  # a stray piece of label 2
+    cfg = PostprocessConfig(keep_largest=True, fill_holes=True, min_volume_mm3=0.5)
+    small = postprocess_labels(labels, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert small[5, 4, 5] == 1  # the enclosed hole is filled
+    assert small[5, 4, 0] == 0  # the open cavity is not
+    assert small[9, 0, 8] == 0  # the stray piece is dropped
+    big = np.zeros((40, 33, 30), np.uint8, order="F")
+    big[20:32, 3:13, 17:26] = labels
+    out = postprocess_labels(big, cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    np.testing.assert_array_equal(out[20:32, 3:13, 17:26], small)
+    assert np.count_nonzero(out) == np.count_nonzero(small)
+    empty = postprocess_labels(np.zeros((5, 5, 5), np.uint8), cfg, spacing=(1, 1, 1), label_ids=[0, 1, 2])
+    assert not empty.any()

@@ -181,12 +181,13 @@ def test_tiny_slabs_give_the_same_mask_and_bound_each_slab(name, probabilities, 
         np.testing.assert_allclose(sliced[1].astype(np.float32), whole[1].astype(np.float32), atol=1e-3)
         sliced, whole = sliced[0], whole[0]
     assert (sliced != whole).mean() < 1e-3  # exact ties aside
-    assert sorted(rows_seen, key=lambda r: r.start) == [range(i, i + 1) for i in range(shape[0])]
+    # slabs go along the target's last axis (the result is in Fortran order, as NIfTI stores it)
+    assert sorted(rows_seen, key=lambda r: r.start) == [range(i, i + 1) for i in range(shape[2])]
 
 
 def test_default_slab_size_shrinks_with_the_number_of_classes(monkeypatch):
     model, target, shape = GEOMETRIES["flipped"]
-    monkeypatch.setattr(predict, "RESAMPLE_CHUNK_VALUES", 8 * shape[1] * shape[2])
+    monkeypatch.setattr(predict, "RESAMPLE_CHUNK_VALUES", 8 * shape[0] * shape[1])
     rows_seen = _spy_on_slabs(monkeypatch)
     resample_to_grid([(_smooth_probs(MODEL_SHAPE, 4, seed=0), model)], target, shape)
     assert max(len(r) for r in rows_seen) == 2  # 8 planes of values / 4 classes

@@ -246,7 +246,7 @@ def write_label_map(
         raise ValueError(f"mask shape {mask.shape} differs from source grid {source.shape}")
     if mask.max(initial=0) > 255:
         raise ValueError("mask holds labels above 255")
-    array = np.asarray(mask).astype(np.uint8)
+    array = np.asarray(mask, dtype=np.uint8)  # no copy when it is one already
     if is_nifti(path):
         out = Volume(array=array, affine=source.affine, meta={"kind": "label"}, source=str(path))
         return write_nifti(out, path, overwrite=overwrite, labels=labels)
