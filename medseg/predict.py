@@ -300,7 +300,7 @@ def model_grid_probabilities(
             spacing = cast(Spacing, tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
             crf_device = torch.device(device)
             refined = dense_crf(
-                probs.to(crf_device).float(), grid_image.to(crf_device), spacing=spacing, cfg=crf
+                probs.to(crf_device).float(), grid_image.to(crf_device), spacing=spacing, cfg=crf, inplace=True
             )
             probs = refined.to(probs.dtype).cpu()
     return ModelGridResult(probs, affine, grid_image, disagreement, timings)

@@ -165,3 +165,8 @@ def test_a_grid_too_large_for_one_pass_runs_in_slabs_with_the_same_labels(monkey
     assert dice(slabs.argmax(0).numpy() == 1, truth) == pytest.approx(
         dice(whole.argmax(0).numpy() == 1, truth), abs=3e-3
     )
+    # in place (as inference runs it: no second copy of the scan's probabilities): the same result,
+    # although each slab's output overwrites what the next slab's halo reads only after it has run
+    own = probs.clone()
+    assert dense_crf(own, image, spacing=(1.0, 1.0, 2.0), cfg=cfg, inplace=True) is own
+    torch.testing.assert_close(own, slabs)
