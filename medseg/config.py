@@ -233,6 +233,9 @@ class LabelPostprocess(_Strict):
     components: int | None = Field(None, ge=1)
     min_volume_mm3: float | None = Field(None, ge=0.0)
     fill_holes: bool | None = None
+    # added to the label's log-probability before the argmax (0 = none; chosen on validation by
+    # medseg.tuning): a low-contrast organ that the network under-segments gets its rim back
+    logit_bias: float = Field(0.0, ge=-10.0, le=10.0)
 
 
 class CRFConfig(_Strict):

@@ -16,7 +16,8 @@ Run it with MONAI alone::
 
 Every NIfTI in ``dataset_dir`` gives ``<name>_seg.nii.gz`` in ``output_dir``, on the input's grid. The
 transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.predict`` one for one; what MONAI's
-stock post-processing cannot express (``per_label`` overrides, more than one kept component,
+stock post-processing cannot express (``per_label`` overrides other than the log-probability biases,
+which are exported as a scaling of the probabilities, more than one kept component,
 ``largest_of: foreground``, the dense CRF) is listed in ``metadata.json`` under ``not_exported``.
 """
 
@@ -35,6 +36,7 @@ import torch
 from medseg.bundle import Bundle, bundle_hash, load_bundle
 from medseg.config import Config, IntensityConfig
 from medseg.errors import ConfigError, OutputError
+from medseg.postprocess import label_biases
 from medseg.transforms import CROP_MARGIN_MM, foreground_threshold
 
 log = logging.getLogger(__name__)
@@ -161,8 +163,20 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         },
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
     ]
+    biases = label_biases(post)
+    if biases:  # log p_k + bias_k, renormalised, in the model grid before resampling (as medseg.predict)
+        factors = [math.exp(biases.get(k, 0.0)) for k in range(max(ids, default=0) + 1)]
+        scale = f"torch.tensor({factors}, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)"
+        chain.insert(
+            1,
+            {
+                "_target_": "Lambdad",
+                "keys": "pred",
+                "func": f"$lambda p: (p * {scale}) / (p * {scale}).sum(0, keepdim=True).clamp_min(1e-12)",
+            },
+        )
     skipped = []
-    if post.per_label:
+    if any(v.model_dump(exclude={"logit_bias"}, exclude_none=True) for v in post.per_label.values()):
         skipped.append("postprocess.per_label")
     if post.crf.enabled:
         skipped.append("postprocess.crf")

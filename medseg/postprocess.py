@@ -9,7 +9,8 @@ Every function returns a new array: inputs are never modified in place (MONAI's
 small-component removal (mm^3), keep-the-largest (per label or per foreground, k
 components) and hole filling, with per-label overrides from ``cfg.per_label``.
 The CRF refinement works on probabilities in the model grid and lives in
-:mod:`medseg.crf`.
+:mod:`medseg.crf`; ``label_biases`` reads the per-label log-probability biases that
+``medseg.predict`` adds before the argmax.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def steps_for_label(cfg: PostprocessConfig, label: int) -> LabelSteps:
         min_volume_mm3=float(pick("min_volume_mm3")),
         fill_holes=bool(pick("fill_holes")),
     )
+
+
+def label_biases(cfg: PostprocessConfig) -> dict[int, float]:
+    """The labels whose log-probability gets a bias before the argmax (``per_label[k].logit_bias``)."""
+    return {int(k): float(v.logit_bias) for k, v in cfg.per_label.items() if v.logit_bias}
 
 
 def postprocess_labels(

@@ -38,7 +38,7 @@ from monai.inferers import sliding_window_inference
 
 from medseg.config import CRFConfig, InferConfig
 from medseg.io import Volume
-from medseg.postprocess import postprocess_labels
+from medseg.postprocess import label_biases, postprocess_labels
 from medseg.runtime import Precision, autocast, channels_last, resolve_precision, set_memory_format
 from medseg.transforms import build_preprocess, to_metatensor
 
@@ -653,6 +653,17 @@ def crf_config(bundle: Bundle, crf: bool | None) -> CRFConfig:
     return cfg if crf is None else cfg.model_copy(update={"enabled": crf})
 
 
+def apply_label_biases(probs: torch.Tensor, biases: dict[int, float]) -> torch.Tensor:
+    """Probabilities (C, ...) with ``log p_k + bias_k`` renormalised, in place: the argmax is that of
+    the biased log-probabilities, and the result is still a distribution (for averaging)."""
+    if not biases:
+        return probs
+    for k, bias in biases.items():
+        if k < probs.shape[0]:
+            probs[k].mul_(math.exp(bias))
+    return probs.div_(probs.sum(dim=0, keepdim=True).clamp_min_(1e-12))
+
+
 def ensemble_to_source_grid(
     bundles: list[Bundle],
     volume: Volume | Sequence[Volume],
@@ -670,8 +681,9 @@ def ensemble_to_source_grid(
 
     Each bundle's model-grid probabilities (through ``predictors[i]`` when given) are
     averaged in ``volume``'s grid, reduced to labels and post-processed with the
-    first bundle's settings. This is the one prediction path: ``predict_volume`` and the
-    batch both call it.
+    first bundle's settings (its per-label log-probability biases first, in the model grid; they
+    are in the saved probabilities too). This is the one prediction path: ``predict_volume`` and
+    the batch both call it.
     """
     timings: dict[str, float] = {}
     # several channels (one Volume each, on one grid): the mask goes on the first one's grid
@@ -692,6 +704,8 @@ def ensemble_to_source_grid(
         )
         for k, v in r.timings.items():
             timings[k] = timings.get(k, 0.0) + v
+        if postprocess:
+            apply_label_biases(r.probs, label_biases(bundles[0].config.postprocess))
         results.append(r)
     with _stage("invert", timings, progress):
         resampled = resample_to_grid(

@@ -8,7 +8,12 @@ plain argmax of the validation probabilities and tries, in order:
 1. the dense CRF (``medseg.crf``, needs the normalised ``images``) with a few weight/sigma
    settings: the best is kept only when it raises the mean foreground Dice, lowers no label's
    Dice and does not worsen the HD95 averaged over the labels (``crf_helps``);
-2. per label, on top of that: keep the largest component, keep the 2 largest, remove
+2. per label, a bias on its log-probability before the argmax (+0.5 to +3): kept when it raises
+   the label's Dice by ``min_gain``, lowers no other label's by more than ``BIAS_TOLERANCE`` and
+   does not worsen the label's HD95. A low-contrast organ the network under-segments on data
+   unlike its training set gets its rim back (an unseen phantom's fatty organ at 16 HU below its
+   neighbours: Dice 0.30 -> 0.54 with +2; on in-distribution validation cases 0.844 -> 0.857);
+3. per label, on top of that: keep the largest component, keep the 2 largest, remove
    components smaller than a share of the smallest reference component, fill holes. A step
    is kept only when it raises the label's mean Dice by ``min_gain`` and does not worsen its
    mean HD95 (mm, ``medseg.metrics``).
@@ -53,6 +58,8 @@ CRF_CANDIDATES: tuple[dict[str, float], ...] = (
     {"bilateral_weight": 12.0, "bilateral_sigma_mm": 4.0, "bilateral_intensity_sigma": 0.25, "iterations": 3},
     {"bilateral_sigma_mm": 10.0, "bilateral_intensity_sigma": 0.3},
 )
+BIAS_CANDIDATES = (0.5, 1.0, 2.0, 3.0)  # log-probability biases tried per label
+BIAS_TOLERANCE = 1e-3  # how far another label's Dice may fall when a bias moves their shared border
 MIN_VOLUME_SHARES = (0.05, 0.2, 0.5)  # of the smallest reference component, per label
 HD95_TOLERANCE_MM = 0.05  # an HD95 rise below this is measurement noise, not worse
 
@@ -190,7 +197,8 @@ def _label_mean(scores: dict[int, tuple[float, float]], i: int) -> float:
 def _tune_crf(
     probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float
 ) -> tuple[list[np.ndarray], CRFConfig]:
-    """The plain argmax, or the CRF setting that helps most (``crf_helps``; never one that lowers a Dice)."""
+    """The probabilities as they are, or refined by the CRF setting that helps most (``crf_helps``;
+    never one that lowers a Dice)."""
     import torch
 
     from medseg.crf import dense_crf
@@ -207,12 +215,11 @@ def _tune_crf(
                 torch.as_tensor(np.asarray(im)),
                 spacing=s,
                 cfg=crf,
-            )
-            .numpy()
-            .argmax(0)
+            ).numpy()
             for p, im, s in zip(probabilities, images, spacings, strict=True)
         ]
-        after = {k: _scores(refined, refs, spacings, k) for k in fg}
+        labels = [r.argmax(0) for r in refined]
+        after = {k: _scores(labels, refs, spacings, k) for k in fg}
         mean_after = _label_mean(after, 0)
         name = "CRF " + (", ".join(f"{k}={v:g}" for k, v in update.items()) or "defaults")
         report.trials.append(
@@ -224,8 +231,65 @@ def _tune_crf(
                 t.kept = False
             report.trials[-1].kept = True
     if best is None:
-        return plain, CRFConfig(enabled=False)
+        return list(probabilities), CRFConfig(enabled=False)
     return best[1], best[2]
+
+
+def _tune_biases(
+    probabilities, refs, spacings, label_ids, report: TuningReport, min_gain: float
+) -> tuple[list[np.ndarray], dict[int, float]]:
+    """Per foreground label in turn, the log-probability bias (``BIAS_CANDIDATES``) that raises its
+    Dice most, if any passes (see the module docstring); the argmax with the biases kept."""
+    log_p = [np.log(np.clip(np.asarray(p, dtype=np.float32), 1e-6, None)) for p in probabilities]
+    fg = [k for k in label_ids if k]
+    biases: dict[int, float] = {}
+
+    def argmax_with(extra: dict[int, float]) -> list[np.ndarray]:
+        out = []
+        for lp in log_p:
+            shifted = lp.copy() if extra else lp
+            for k, b in extra.items():
+                shifted[k] += b
+            out.append(shifted.argmax(0))
+        return out
+
+    labels = argmax_with(biases)
+    dices = {j: float(np.mean([dice(p == j, r == j) for p, r in zip(labels, refs, strict=True)])) for j in fg}
+    for k in fg:
+        before = _scores(labels, refs, spacings, k)
+        best: tuple[float, float, list[np.ndarray]] | None = None
+        for b in BIAS_CANDIDATES:
+            trial = argmax_with({**biases, k: b})
+            trial_dice = {
+                j: float(np.mean([dice(p == j, r == j) for p, r in zip(trial, refs, strict=True)])) for j in fg
+            }
+            if trial_dice[k] < before[0] + min_gain:  # no gain: the HD95 is not worth computing
+                after = (trial_dice[k], before[1])
+                report.trials.append(Trial(k, f"log-probability bias +{b:g}", *_pair(before, after), False))
+                continue
+            after = _scores(trial, refs, spacings, k)
+            kept = all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k) and _not_worse(
+                after[1], before[1]
+            )
+            report.trials.append(Trial(k, f"log-probability bias +{b:g}", *_pair(before, after), False))
+            if kept and (best is None or after[0] > best[0]):
+                best = (after[0], b, trial)
+                for t in report.trials:
+                    if t.label == k and t.step.startswith("log-probability bias"):
+                        t.kept = False
+                report.trials[-1].kept = True
+        if best is not None:
+            biases[k], labels = best[1], best[2]
+            dices = {
+                j: float(np.mean([dice(p == j, r == j) for p, r in zip(labels, refs, strict=True)]))
+                for j in fg
+            }
+    return labels, biases
+
+
+def _pair(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float, float, float]:
+    """(Dice before, Dice after, HD95 before, HD95 after), as a ``Trial`` takes them."""
+    return before[0], after[0], before[1], after[1]
 
 
 def tune_postprocessing(
@@ -276,11 +340,14 @@ def tune_postprocessing(
     plain = [np.asarray(p).argmax(0) for p in probabilities]
     report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {})
     if images is not None and crf_candidates:
-        bases, cfg.crf = _tune_crf(
+        refined, cfg.crf = _tune_crf(
             probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain
         )
     else:
-        bases, cfg.crf = plain, cfg.crf.model_copy(update={"enabled": False})
+        refined, cfg.crf = list(probabilities), cfg.crf.model_copy(update={"enabled": False})
+    bases, biases = _tune_biases(refined, refs, spacings, ids, report, min_gain)
+    for label, bias in biases.items():
+        cfg = _with_label(cfg, label, logit_bias=bias)
     for label in fg:
         current = _apply(bases, spacings, cfg, ids)
         score = _scores(current, refs, spacings, label)

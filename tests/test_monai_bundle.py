@@ -113,8 +113,9 @@ def test_export_refuses_a_folder_that_holds_files(bundle, tmp_path):
 def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
     from monai.bundle import ConfigParser
 
-    from medseg.config import load_config
+    from medseg.config import LabelPostprocess, load_config
     from medseg.monai_bundle import inference_config
+    from medseg.predict import apply_label_biases
 
     cfg = load_config(
         None,
@@ -142,6 +143,25 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
     assert len(parser.get_parsed_content("postprocessing").transforms) == len(names)
     assert len(parser.get_parsed_content("preprocessing").transforms) == 9
 
+    # a log-probability bias per label (medseg.tuning) is exported, as medseg applies it: the
+    # probabilities scaled by exp(bias) and renormalised in the model grid, before resampling
+    import torch
+
+    biased = cfg.model_copy(deep=True)
+    biased.postprocess.crf.enabled = False
+    biased.postprocess.per_label = {2: LabelPostprocess(logit_bias=2.0)}
+    config, skipped = inference_config(biased)
+    assert skipped == []
+    parser = ConfigParser(config)
+    parser["bundle_root"] = "."
+    chain = parser.get_parsed_content("postprocessing").transforms
+    assert [type(t).__name__ for t in chain[:3]] == ["Activationsd", "Lambdad", "ToDeviced"]
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))[:, None, None, None].expand(3, 2, 2, 2).clone()
+    out = chain[1](chain[0]({"pred": logits}))["pred"]
+    expected = apply_label_biases(torch.tensor([0.6, 0.3, 0.1])[:, None, None, None].repeat(1, 2, 2, 2), {2: 2.0})
+    torch.testing.assert_close(out, expected)
+    assert int(out.argmax(0).unique()) == 2  # 0.1 * e^2 = 0.74 beats 0.6
+
 
 @pytest.fixture(scope="module")
 def two_channel_bundle(tmp_path_factory):
@@ -165,7 +185,11 @@ def two_channel_bundle(tmp_path_factory):
     for case in [*dataset.training, *dataset.test]:  # channel 0 becomes CT (HU) of the same anatomy
         ct, _ = make_case((4, int(case.name.split("_")[1])), size=20)
         write_nifti(ct, case.images[0], dtype="int16")
-    cfg = load_config(None, [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false"])
+    # no tuning: a one-epoch model's near-ties would let it pick a bias that flips them (the export of
+    # the tuned steps has its own test above)
+    cfg = load_config(
+        None, [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"]
+    )
     path = train(cfg, data, out_dir=root / "run").bundle
     images = root / "images"
     images.mkdir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medseg.config import PostprocessConfig
-from medseg.postprocess import postprocess_labels
+from medseg.postprocess import label_biases, postprocess_labels
 from medseg.tuning import tune_postprocessing
 
 
@@ -128,3 +128,49 @@ def test_the_crf_verdict_weighs_hd95_over_the_labels_and_dice_per_label():
     assert not crf_helps(before, {**after, 2: (0.9040, 2.55)}, min_gain=0.0)  # label 2's Dice fell
     assert not crf_helps(before, {**after, 3: (0.7487, 45.0)}, min_gain=0.0)  # mean HD95 16.3 -> 17.8 mm
     assert not crf_helps(before, before, min_gain=0.0001)  # nothing gained
+
+
+def _under_segmented_case(rng, rim_p: float):
+    """Label 2 a ball whose outer shell the network calls background with ``rim_p`` for label 2
+    (a low-contrast organ it under-segments); label 1 a ball predicted well."""
+    shape = (32, 32, 20)
+    ref = np.zeros(shape, np.int64)
+    ref[_ball(shape, (10, 16, 10), 6)] = 1
+    core = _ball(shape, (23, 16, 10), 4 + int(rng.integers(0, 2)))
+    ref[_ball(shape, (23, 16, 10), 7)] = 2
+    probs = _probs(np.where(core, 2, np.where(ref == 1, 1, 0)), 3)
+    rim = (ref == 2) & ~core
+    probs[:, rim] = np.array([1 - rim_p - 0.02, 0.02, rim_p], np.float32)[:, None]
+    return probs, ref
+
+
+def test_a_log_probability_bias_recovers_an_under_segmented_label_and_is_applied_at_inference(rng):
+    import torch
+
+    from medseg.predict import apply_label_biases
+
+    cases = [_under_segmented_case(rng, rim_p=0.2) for _ in range(2)]
+    probs, refs = [c[0] for c in cases], [c[1] for c in cases]
+    cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1, 2])
+    # log(0.2 / 0.78) = -1.36: +2 (and +3) give the rim back, +0.5 and +1 do not; +2 is kept
+    assert label_biases(cfg) == {2: 2.0}
+    assert report.final_dice[2] == pytest.approx(1.0)
+    assert report.baseline_dice[2] < 0.6
+    assert 1 not in label_biases(cfg)  # label 1 is right already: no bias helps it
+    # as inference applies it: the biased probabilities, renormalised, give the reference
+    biased = apply_label_biases(torch.as_tensor(probs[0].copy()), label_biases(cfg))
+    torch.testing.assert_close(biased.sum(dim=0), torch.ones(biased.shape[1:]))
+    assert np.array_equal(biased.numpy().argmax(0), refs[0])
+    assert PostprocessConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_a_bias_that_takes_from_another_label_is_rejected(rng):
+    """Label 2's rim is really label 1's: a bias on label 2 would raise nothing and take label 1's
+    voxels, so none is kept."""
+    probs, ref = _under_segmented_case(rng, rim_p=0.2)
+    ref = np.where((ref == 2) & (probs[2] < 0.5), 1, ref)  # the rim belongs to label 1
+    cfg, report = tune_postprocessing([probs], [ref], spacing=(1.0, 1.0, 1.0), label_ids=[0, 1, 2])
+    assert 2 not in label_biases(cfg)
+    tried = [t for t in report.trials if t.label == 2 and t.step.startswith("log-probability bias")]
+    assert tried
+    assert not any(t.kept for t in tried)
