@@ -253,16 +253,17 @@ def _tune_biases(
             out.append(shifted.argmax(0))
         return out
 
+    def mean_dices(preds: list[np.ndarray]) -> dict[int, float]:
+        return {j: float(np.mean([dice(p == j, r == j) for p, r in zip(preds, refs, strict=True)])) for j in fg}
+
     labels = argmax_with(biases)
-    dices = {j: float(np.mean([dice(p == j, r == j) for p, r in zip(labels, refs, strict=True)])) for j in fg}
+    dices = mean_dices(labels)
     for k in fg:
         before = _scores(labels, refs, spacings, k)
         best: tuple[float, float, list[np.ndarray]] | None = None
         for b in BIAS_CANDIDATES:
             trial = argmax_with({**biases, k: b})
-            trial_dice = {
-                j: float(np.mean([dice(p == j, r == j) for p, r in zip(trial, refs, strict=True)])) for j in fg
-            }
+            trial_dice = mean_dices(trial)
             if trial_dice[k] < before[0] + min_gain:  # no gain: the HD95 is not worth computing
                 after = (trial_dice[k], before[1])
                 report.trials.append(Trial(k, f"log-probability bias +{b:g}", *_pair(before, after), False))
@@ -280,10 +281,7 @@ def _tune_biases(
                 report.trials[-1].kept = True
         if best is not None:
             biases[k], labels = best[1], best[2]
-            dices = {
-                j: float(np.mean([dice(p == j, r == j) for p, r in zip(labels, refs, strict=True)]))
-                for j in fg
-            }
+            dices = mean_dices(labels)
     return labels, biases
 
 
