@@ -223,16 +223,16 @@ def _mean_field_slabs(
         return
     halo = math.ceil(3.0 * max(cfg.smooth_sigma_mm, cfg.bilateral_sigma_mm) / spacing[2])
     core = max(halo, _MAX_CRF_VOXELS // plane - 2 * halo, 1)
-    pending: tuple[int, int, torch.Tensor] | None = None
+    pending: tuple[slice, torch.Tensor] | None = None  # the last slab's core, not yet written
     for z0 in range(0, Z, core):
         z1 = min(Z, z0 + core)
         a, b = max(0, z0 - halo), min(Z, z1 + halo)
         part = _mean_field(probs[..., a:b], image[..., a:b], spacing, cfg)
         if pending is not None:
-            out[..., pending[0] : pending[1]] = pending[2]
-        pending = (z0, z1, part[..., z0 - a : z1 - a])
+            out[..., pending[0]] = pending[1]
+        pending = (slice(z0, z1), part[..., z0 - a : z1 - a])
     assert pending is not None
-    out[..., pending[0] : pending[1]] = pending[2]
+    out[..., pending[0]] = pending[1]
 
 
 def _undecided_box(probs: torch.Tensor, spacing: Spacing, cfg: CRFConfig) -> tuple[slice, ...] | None:

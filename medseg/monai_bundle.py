@@ -167,14 +167,8 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     if biases:  # log p_k + bias_k, renormalised, in the model grid before resampling (as medseg.predict)
         factors = [math.exp(biases.get(k, 0.0)) for k in range(max(ids, default=0) + 1)]
         scale = f"torch.tensor({factors}, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)"
-        chain.insert(
-            1,
-            {
-                "_target_": "Lambdad",
-                "keys": "pred",
-                "func": f"$lambda p: (p * {scale}) / (p * {scale}).sum(0, keepdim=True).clamp_min(1e-12)",
-            },
-        )
+        renormalised = f"torch.nn.functional.normalize(p * {scale}, p=1.0, dim=0)"
+        chain.insert(1, {"_target_": "Lambdad", "keys": "pred", "func": f"$lambda p: {renormalised}"})
     skipped = []
     if any(v.model_dump(exclude={"logit_bias"}, exclude_none=True) for v in post.per_label.values()):
         skipped.append("postprocess.per_label")

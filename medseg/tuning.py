@@ -210,7 +210,7 @@ def _tune_crf(
     plain = [np.asarray(p).argmax(0) for p in probabilities]
     fg = [k for k in label_ids if k]
     before = {k: _scores(plain, refs, spacings, k) for k in fg}
-    best: tuple[float, list[np.ndarray], CRFConfig] | None = None
+    best: tuple[float, list[np.ndarray], CRFConfig, Trial] | None = None
     for update in candidates:
         crf = CRFConfig(enabled=True, **update)
         refined = [
@@ -230,12 +230,10 @@ def _tune_crf(
             Trial(None, name, _label_mean(before, 0), mean_after, _label_mean(before, 1), _label_mean(after, 1), False)
         )
         if crf_helps(before, after, min_gain) and (best is None or mean_after > best[0]):
-            best = (mean_after, refined, crf)
-            for t in report.trials:
-                t.kept = False
-            report.trials[-1].kept = True
+            best = (mean_after, refined, crf, report.trials[-1])
     if best is None:
         return list(probabilities), CRFConfig(enabled=False)
+    best[3].kept = True
     return best[1], best[2]
 
 
@@ -264,34 +262,27 @@ def _tune_biases(
     dices = mean_dices(labels)
     for k in fg:
         before = _scores(labels, refs, spacings, k)
-        best: tuple[float, float, list[np.ndarray]] | None = None
+        best: tuple[float, float, list[np.ndarray], Trial] | None = None
         for b in BIAS_CANDIDATES:
             trial = argmax_with({**biases, k: b})
             trial_dice = mean_dices(trial)
-            if trial_dice[k] < before[0] + max(min_gain, BIAS_MIN_GAIN):  # the HD95 is not worth computing
-                after = (trial_dice[k], before[1])
-                report.trials.append(Trial(k, f"log-probability bias +{b:g}", *_pair(before, after), False))
-                continue
-            after = _scores(trial, refs, spacings, k)
-            kept = all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k) and _not_worse(
-                after[1], before[1]
+            gained = trial_dice[k] >= before[0] + max(min_gain, BIAS_MIN_GAIN)
+            # without a gain its HD95 is not worth computing: the trial reports the one before
+            after = _scores(trial, refs, spacings, k) if gained else (trial_dice[k], before[1])
+            kept = (
+                gained
+                and all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k)
+                and _not_worse(after[1], before[1])
             )
-            report.trials.append(Trial(k, f"log-probability bias +{b:g}", *_pair(before, after), False))
+            step = Trial(k, f"log-probability bias +{b:g}", before[0], after[0], before[1], after[1], False)
+            report.trials.append(step)
             if kept and (best is None or after[0] > best[0]):
-                best = (after[0], b, trial)
-                for t in report.trials:
-                    if t.label == k and t.step.startswith("log-probability bias"):
-                        t.kept = False
-                report.trials[-1].kept = True
+                best = (after[0], b, trial, step)
         if best is not None:
             biases[k], labels = best[1], best[2]
+            best[3].kept = True
             dices = mean_dices(labels)
     return labels, biases
-
-
-def _pair(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float, float, float]:
-    """(Dice before, Dice after, HD95 before, HD95 after), as a ``Trial`` takes them."""
-    return before[0], after[0], before[1], after[1]
 
 
 def tune_postprocessing(

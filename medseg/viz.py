@@ -29,53 +29,13 @@ _FIRST = [
 # matplotlib's tab20b and tab20c, written out so that colouring a label table needs no matplotlib import
 # (0.1-0.3 s of every inference run); ``tests/test_label_tables.py`` checks them against matplotlib.
 _MORE = [
-    "393b79",
-    "5254a3",
-    "6b6ecf",
-    "9c9ede",
-    "637939",
-    "8ca252",
-    "b5cf6b",
-    "cedb9c",
-    "8c6d31",
-    "bd9e39",
-    "e7ba52",
-    "e7cb94",
-    "843c39",
-    "ad494a",
-    "d6616b",
-    "e7969c",
-    "7b4173",
-    "a55194",
-    "ce6dbd",
-    "de9ed6",
-    "3182bd",
-    "6baed6",
-    "9ecae1",
-    "c6dbef",
-    "e6550d",
-    "fd8d3c",
-    "fdae6b",
-    "fdd0a2",
-    "31a354",
-    "74c476",
-    "a1d99b",
-    "c7e9c0",
-    "756bb1",
-    "9e9ac8",
-    "bcbddc",
-    "dadaeb",
-    "636363",
-    "969696",
-    "bdbdbd",
-    "d9d9d9",
+    "393b79", "5254a3", "6b6ecf", "9c9ede", "637939", "8ca252", "b5cf6b", "cedb9c", "8c6d31", "bd9e39",
+    "e7ba52", "e7cb94", "843c39", "ad494a", "d6616b", "e7969c", "7b4173", "a55194", "ce6dbd", "de9ed6",
+    "3182bd", "6baed6", "9ecae1", "c6dbef", "e6550d", "fd8d3c", "fdae6b", "fdd0a2", "31a354", "74c476",
+    "a1d99b", "c7e9c0", "756bb1", "9e9ac8", "bcbddc", "dadaeb", "636363", "969696", "bdbdbd", "d9d9d9",
 ]
-PALETTE = (
-    np.vstack([[[0, 0, 0]], _FIRST, [[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _MORE]]).astype(
-        np.float32
-    )
-    / 255.0
-)
+_RGB_MORE = [[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _MORE]
+PALETTE = np.vstack([[[0, 0, 0]], _FIRST, _RGB_MORE]).astype(np.float32) / 255.0
 
 
 def label_colour(label: int | np.ndarray) -> np.ndarray:

@@ -71,6 +71,12 @@ def test_dicom_codec_tests_pass_without_libjpeg():
     assert f"{len(SYNTAXES)} passed" in proc.stdout
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter that imports medseg from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_import_and_help_load_no_tracking_or_torch():
     code = (
         "import sys\n"
@@ -78,13 +84,7 @@ def test_import_and_help_load_no_tracking_or_torch():
         "medseg.cli.build_parser().format_help()\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'pandas', 'torch', 'monai', 'sqlalchemy'}))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
@@ -101,12 +101,6 @@ def test_inference_start_up_leaves_out_monais_unused_extras_and_only_while_monai
         "import mlflow, matplotlib.figure\n"
         "print(mlflow.__name__, 'monai' in sys.modules)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["[]", "mlflow True"]
