@@ -113,26 +113,37 @@ class GridFilter:
             sample = guide[:: max(1, guide.numel() // 1_000_000)]
             q = torch.quantile(sample, torch.tensor([0.001, 0.999], device=device))
             lo, hi = float(q[0]), float(q[1])
-            pos_b = (guide.clamp(lo, hi) - lo) / (sigma_intensity * _CELL_PER_SIGMA) + 1.0
+            pos_b = guide.clamp(lo, hi).sub_(lo).div_(sigma_intensity * _CELL_PER_SIGMA).add_(1.0)
             nb = math.floor(float(pos_b.max())) + 3
         self.gshape = (gx, gy, nb, gz)
-        # splat: nearest cell in x, y, z; linear in intensity (two taps)
+        # splat: nearest cell in x, y, z; linear in intensity (two taps). Per voxel only the cell index
+        # (int64: index_add_ with int32 indices was 13x slower here), the upper tap's weight and
+        # intensity coordinate, and the normaliser are kept: 24 bytes with a guide, 12 without; the
+        # second tap's index and the slicing grid are rebuilt per call from them.
         ix = torch.round(torch.arange(X, device=device) / cells[0] + 1.0).long()
         iy = torch.round(torch.arange(Y, device=device) / cells[1] + 1.0).long()
         iz = torch.round(pos_z).long()
-        b0 = torch.floor(pos_b).long().view(X, Y, Z)
-        fb = (pos_b.view(X, Y, Z) - b0).reshape(-1)
         base = (ix[:, None, None] * gy + iy[None, :, None]) * nb
-        self.idx0 = ((base + b0) * gz + iz[None, None, :]).reshape(-1)
-        if nb > 1:  # the next intensity bin and the two intensity weights
-            self.idx1 = self.idx0 + gz
-            self.w0 = (1.0 - fb)[None]
-            self.w1 = fb[None]
-        # slice along (z, intensity): one 2D grid_sample per (x, y) row, coordinates in [-1, 1]
-        zc = (pos_z * (2.0 / (gz - 1)) - 1.0)[None, :].expand(X * Y, Z)
-        bc = (pos_b.view(X * Y, Z) * (2.0 / max(nb - 1, 1)) - 1.0) if nb > 1 else torch.zeros_like(zc)
-        self.slice_grid = torch.stack([zc, bc], dim=-1)[:, None]  # (X*Y, 1, Z, 2)
-        self.norm = self._filter(torch.ones((1, X * Y * Z), device=device))
+        self.idx0 = (base + torch.floor(pos_b).long().view(X, Y, Z)).mul_(gz).add_(iz[None, None, :]).reshape(-1)
+        self.upper: torch.Tensor | None = None  # weight of the next intensity bin
+        self.b_coord: torch.Tensor | None = None  # grid_sample's intensity coordinate, in [-1, 1]
+        if nb > 1:
+            self.upper = pos_b - torch.floor(pos_b)
+            self.b_coord = pos_b.mul_(2.0 / (nb - 1)).sub_(1.0)
+        del pos_b
+        self.z_coord = pos_z * (2.0 / (gz - 1)) - 1.0  # (Z,): the same for every (x, y) row
+        self.norm = self._filter(torch.ones((1, X * Y * Z), device=device)).clamp_min_(1e-6)
+
+    def _slice_grid(self, r0: int, r1: int) -> torch.Tensor:
+        """grid_sample's (z, intensity) coordinates for the (x, y) rows ``r0:r1``: (rows, 1, Z, 2)."""
+        z = self.z_coord[None, :].expand(r1 - r0, -1)
+        Z = self.shape[2]
+        b = (
+            self.b_coord[r0 * Z : r1 * Z].view(r1 - r0, Z)
+            if self.b_coord is not None
+            else torch.zeros_like(z)
+        )
+        return torch.stack([z, b], dim=-1)[:, None]
 
     def _filter(self, values: torch.Tensor) -> torch.Tensor:
         """(C, N) values -> (C, N) unnormalised filter response."""
@@ -140,11 +151,13 @@ class GridFilter:
         X, Y, _Z = self.shape
         gx, gy, nb, gz = self.gshape
         g = torch.zeros((c, gx * gy * nb * gz), device=values.device, dtype=torch.float32)
-        if nb == 1:
+        if self.upper is None:
             g.index_add_(1, self.idx0, values)
         else:
-            g.index_add_(1, self.idx0, values * self.w0)
-            g.index_add_(1, self.idx1, values * self.w1)
+            upper = values * self.upper
+            g.index_add_(1, self.idx0 + gz, upper)
+            g.index_add_(1, self.idx0, upper.neg_().add_(values))  # the lower tap: values * (1 - w)
+            del upper
         g = _binomial_blur(g.view(c, gx, gy, nb, gz), (1, 2, 3, 4) if nb > 1 else (1, 2, 4))
         # sliced a few x rows at a time: the grid expanded to full (x, y) resolution is C*X*Y*B*gz
         # floats (3.7 GB for a 390x390x213 grid), a chunk of it stays in cache. The grid is laid out
@@ -166,7 +179,7 @@ class GridFilter:
                 a, b = self.y_lower[j0], self.y_lower[j1 - 1] + 2
                 full[:, j0:j1] = torch.matmul(self.my[j0:j1, a:b], part[:, a:b])
             part = full
-            grid = self.slice_grid[i0 * Y : i1 * Y]
+            grid = self._slice_grid(i0 * Y, i1 * Y)
             sliced = F.grid_sample(part.view(-1, c, nb, gz), grid, mode="bilinear", align_corners=True)
             out[:, i0 * Y * _Z : i1 * Y * _Z] = sliced[:, :, 0].transpose(0, 1).reshape(c, -1)
         return out
@@ -174,7 +187,7 @@ class GridFilter:
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """Filter (C, X, Y, Z) values: a weighted average over each voxel's neighbourhood."""
         c = values.shape[0]
-        out = self._filter(values.reshape(c, -1).float()) / self.norm.clamp_min(1e-6)
+        out = self._filter(values.reshape(c, -1).float()).div_(self.norm)
         return out.view(c, *self.shape)
 
 
@@ -189,16 +202,17 @@ def dense_crf(
     """Refine class probabilities (C, X, Y, Z) with a dense CRF guided by ``image`` (X, Y, Z) or (1, X, Y, Z).
 
     ``spacing`` is the voxel size in mm of this grid; ``image`` is in normalised units
-    (the network's input). Returns refined probabilities on the same device; with ``inplace`` they
-    are written over float32 ``probs`` (no second copy of a scan's probabilities: 1.4 GB on a
-    512x512x600 CT).
+    (the network's input). Returns refined probabilities on the same device, in ``probs``' dtype
+    (float32, or float16: the CRF reads it slab by slab in float32); with ``inplace`` they are written
+    over ``probs`` (no second copy of a scan's probabilities: 1.4 GB on a 512x512x600 CT).
     """
     cfg = cfg or CRFConfig()
     if image.ndim == 4:
         image = image[0]
     if probs.ndim != 4 or tuple(probs.shape[1:]) != tuple(image.shape):
         raise ValueError(f"probs {tuple(probs.shape)} and image {tuple(image.shape)} do not match")
-    probs = probs.float()
+    if not probs.is_floating_point():
+        probs = probs.float()
     box = _undecided_box(probs, spacing, cfg)
     if box is None:  # every voxel is background beyond what the pairwise terms could change
         return probs
@@ -214,8 +228,9 @@ def _mean_field_slabs(
     ``_MAX_CRF_VOXELS`` voxels, each with a halo of three of the largest sigma on both sides (the
     kernels' reach): memory bounded whatever the scan's size. The bilateral grid of a 390x340x210
     model grid at 3 mm / 0.25 sigmas took 11.7 GB in one piece; slabs change the refined
-    probabilities only at the 1 % level of the kernels' weights beyond the halo. A slab's result is
-    written once the next slab, whose halo reads it, has run."""
+    probabilities only at the 1 % level of the kernels' weights beyond the halo. A slab's core is
+    written at once except its last ``halo`` planes, which the next slab's halo still reads: they
+    are written (from a copy) once that slab has run."""
     X, Y, Z = image.shape
     plane = X * Y
     if plane * Z <= _MAX_CRF_VOXELS:
@@ -223,14 +238,17 @@ def _mean_field_slabs(
         return
     halo = math.ceil(3.0 * max(cfg.smooth_sigma_mm, cfg.bilateral_sigma_mm) / spacing[2])
     core = max(halo, _MAX_CRF_VOXELS // plane - 2 * halo, 1)
-    pending: tuple[slice, torch.Tensor] | None = None  # the last slab's core, not yet written
+    pending: tuple[slice, torch.Tensor] | None = None  # planes the next slab reads, not yet written
     for z0 in range(0, Z, core):
         z1 = min(Z, z0 + core)
         a, b = max(0, z0 - halo), min(Z, z1 + halo)
         part = _mean_field(probs[..., a:b], image[..., a:b], spacing, cfg)
         if pending is not None:
             out[..., pending[0]] = pending[1]
-        pending = (slice(z0, z1), part[..., z0 - a : z1 - a])
+        keep = z1 if z1 == Z else max(z0, z1 - halo)  # from here on, the next slab's halo reads it
+        out[..., z0:keep] = part[..., z0 - a : keep - a]
+        pending = (slice(keep, z1), part[..., keep - a : z1 - a].clone())
+        del part
     assert pending is not None
     out[..., pending[0]] = pending[1]
 
@@ -246,7 +264,7 @@ def _undecided_box(probs: torch.Tensor, spacing: Spacing, cfg: CRFConfig) -> tup
     """
     # background's log-odds against the likeliest other class, as the unary term clamps them; one
     # channel at a time (a copy of all of a scan's log-probabilities was 0.9 GB on a 16-body grid)
-    margin = torch.log(probs[0].clamp_min(1e-6)) - torch.log(probs[1:].amax(dim=0).clamp_min_(1e-6))
+    margin = probs[0].clamp_min(1e-6).float().log_() - probs[1:].amax(dim=0).float().clamp_min_(1e-6).log_()
     undecided = margin <= cfg.smooth_weight + cfg.bilateral_weight
     if not bool(undecided.any()):
         return None
@@ -261,10 +279,11 @@ def _undecided_box(probs: torch.Tensor, spacing: Spacing, cfg: CRFConfig) -> tup
 
 
 def _mean_field(probs: torch.Tensor, image: torch.Tensor, spacing: Spacing, cfg: CRFConfig) -> torch.Tensor:
-    """Mean-field iterations of the dense CRF over the whole of ``probs`` (C, X, Y, Z)."""
-    probs = probs.float()
+    """Mean-field iterations of the dense CRF over the whole of ``probs`` (C, X, Y, Z).
+
+    The filters are built first (their construction needs transient index arithmetic), and every
+    per-iteration step runs in place: on a 8 M-voxel slab the peak is about 140 bytes per voxel."""
     image = image.to(probs.device).float()
-    unary = torch.log(probs.clamp_min(1e-6))
     smooth_vox = cast(Spacing, tuple(cfg.smooth_sigma_mm / s for s in spacing))
     bil_vox = cast(Spacing, tuple(cfg.bilateral_sigma_mm / s for s in spacing))
     shape = cast(tuple[int, int, int], tuple(image.shape))  # 3D: probs is 4D and probs.shape[1:] matched it
@@ -280,7 +299,8 @@ def _mean_field(probs: torch.Tensor, image: torch.Tensor, spacing: Spacing, cfg:
         if cfg.bilateral_weight > 0
         else None
     )
-    q = probs
+    unary = probs.float().clamp_min(1e-6).log_()
+    q = probs.float()
     for _ in range(cfg.iterations):
         energy = unary.clone()
         for weight, kernel in ((cfg.smooth_weight, smooth), (cfg.bilateral_weight, bilateral)):
@@ -289,7 +309,15 @@ def _mean_field(probs: torch.Tensor, image: torch.Tensor, spacing: Spacing, cfg:
             # the filters are linear and normalised (a constant stays constant), so the last
             # class's response is 1 minus the others': one channel fewer to filter
             part = kernel(q[:-1])
-            energy[:-1] += weight * part
-            energy[-1] += weight * (1.0 - part.sum(dim=0))
-        q = torch.softmax(energy, dim=0)
+            energy[:-1].add_(part, alpha=weight)
+            energy[-1].sub_(part.sum(dim=0), alpha=weight).add_(weight)
+            del part
+        del q
+        q = _softmax_(energy)
     return q
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 0, written over ``x`` (no second tensor of the slab's size)."""
+    x.sub_(x.amax(dim=0, keepdim=True)).exp_()
+    return x.div_(x.sum(dim=0, keepdim=True))

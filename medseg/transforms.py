@@ -56,7 +56,9 @@ def to_metatensor(volume: Volume | Sequence[Volume]) -> MetaTensor:
     """A channel-first MetaTensor carrying the volume's affine (RAS); a sequence of volumes on one
     grid (a multi-channel case, see ``medseg.data.load_channels``) gives one channel each."""
     volumes = [volume] if isinstance(volume, Volume) else list(volume)
-    array = np.stack([np.asarray(v.array, dtype=np.float32) for v in volumes])
+    arrays = [np.asarray(v.array, dtype=np.float32) for v in volumes]
+    # one channel: a view with a channel axis, not a stacked copy (0.6 GB on a 512x512x600 CT)
+    array = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
     return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(volumes[0].affine, dtype=torch.float64))
 
 

@@ -170,3 +170,16 @@ def test_a_grid_too_large_for_one_pass_runs_in_slabs_with_the_same_labels(monkey
     own = probs.clone()
     assert dense_crf(own, image, spacing=(1.0, 1.0, 2.0), cfg=cfg, inplace=True) is own
     torch.testing.assert_close(own, slabs)
+
+
+def test_half_precision_probabilities_are_refined_in_float32_slabs():
+    """A large scan's probabilities are kept in float16 (medseg.predict.HALF_PROBS_VOXELS): the CRF
+    refines them (in place, as inference runs it) to the labels the float32 probabilities get."""
+    _truth, image, probs = noisy_sphere()
+    full = dense_crf(probs, image, spacing=(1.0, 1.0, 2.0))
+    half = probs.half()
+    out = dense_crf(half, image, spacing=(1.0, 1.0, 2.0), inplace=True)
+    assert out is half
+    assert out.dtype == torch.float16
+    assert (out.argmax(0) != full.argmax(0)).float().mean().item() < 1e-3
+    torch.testing.assert_close(out.float(), full, atol=2e-3, rtol=0)

@@ -255,3 +255,35 @@ def test_tta_probabilities_are_the_mean_over_flips():
     for labels, probs in zip(flip_labels, per_flip, strict=True):
         assert labels.dtype == torch.uint8
         assert torch.equal(labels.long(), probs.argmax(dim=0))
+
+
+def test_softmax_classes_in_place_or_into_half_precision(monkeypatch):
+    from medseg.predict import softmax_classes
+
+    monkeypatch.setattr(predict, "SOFTMAX_SLAB_VALUES", 3 * 2 * 9 * 7)  # several slabs along dim 2
+    logits = torch.randn(1, 3, 10, 9, 7) * 4
+    expected = torch.softmax(logits, dim=1)
+    half = softmax_classes(logits.clone(), torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), expected, atol=1e-3, rtol=0)
+    same = logits.clone()
+    assert softmax_classes(same, torch.float32) is same
+    torch.testing.assert_close(same, expected)
+
+
+def test_large_volumes_keep_half_precision_probabilities(monkeypatch):
+    """Above HALF_PROBS_VOXELS the CPU keeps the stitched probabilities in float16 (half the memory
+    of a 512x512x600 CT's), within half precision of the float32 ones, TTA included."""
+    from medseg.predict import sliding_window_logits
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
+    image = torch.randn(1, 12, 10, 9)
+    for tta in (False, True):
+        full = sliding_window_logits(net, image, roi_size=(8, 8, 8), tta=tta)
+        monkeypatch.setattr(predict, "HALF_PROBS_VOXELS", 12 * 10 * 9 - 1)
+        half = sliding_window_logits(net, image, roi_size=(8, 8, 8), tta=tta)
+        monkeypatch.undo()
+        assert full.dtype == torch.float32
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float(), full, atol=2e-3, rtol=0)
