@@ -40,6 +40,10 @@ from medseg.config import CRFConfig, InferConfig
 from medseg.io import Volume
 from medseg.postprocess import label_biases, postprocess_labels
 from medseg.runtime import Precision, autocast, channels_last, resolve_precision, set_memory_format
+from medseg.separable import AxisMap, axis_aligned_map
+from medseg.separable import linear_taps as _linear_taps
+from medseg.separable import sample_axis_aligned as _sample_axis_aligned  # a module name: tests spy on it
+from medseg.separable import slab_index as _slab_index
 from medseg.transforms import build_preprocess, to_metatensor
 
 if TYPE_CHECKING:
@@ -328,101 +332,8 @@ def model_grid_probabilities(
     return ModelGridResult(probs, affine, grid_image, disagreement, timings)
 
 
-AXIS_ALIGNED_TOLERANCE = 1e-4
-"""How far (in source voxels, anywhere on the target grid) a mapping may stray from axis-aligned
-and still take the separable path: far below what changes an interpolated probability's argmax."""
-
 RESAMPLE_CHUNK_VALUES = 2**24
 """Float32 values (classes x voxels) per slab of the target when resampling: about 64 MiB a buffer."""
-
-
-@dataclass(frozen=True)
-class AxisMap:
-    """Target axis ``j`` (position in the tuple) reads source axis ``source_axis`` at
-    ``scale * index + offset`` (source voxel coordinates); ``scale < 0`` is a flip."""
-
-    source_axis: int
-    scale: float
-    offset: float
-
-
-def axis_aligned_map(
-    to_source: np.ndarray, target_shape: Sequence[int], *, tolerance: float = AXIS_ALIGNED_TOLERANCE
-) -> tuple[AxisMap, AxisMap, AxisMap] | None:
-    """The per-axis maps when target voxel -> source voxel (``to_source``, 4x4) is a permutation,
-    flips, scales and a shift (the usual case: the model grid is the source reoriented and respaced);
-    None when it is oblique (or sheared) by more than ``tolerance`` voxels over the target grid."""
-    m = np.asarray(to_source, dtype=np.float64)[:3, :3]
-    extent = np.maximum(np.asarray(target_shape, dtype=np.float64) - 1.0, 1.0)
-    maps: list[AxisMap] = []
-    for j in range(3):
-        a = int(np.argmax(np.abs(m[:, j])))
-        maps.append(AxisMap(a, float(m[a, j]), float(to_source[a, 3])))
-    if sorted(mp.source_axis for mp in maps) != [0, 1, 2] or any(mp.scale == 0.0 for mp in maps):
-        return None
-    stray = np.abs(m) * extent[None, :]
-    for j, mp in enumerate(maps):
-        stray[mp.source_axis, j] = 0.0
-    if float(stray.sum(axis=1).max()) > tolerance:
-        return None
-    return maps[0], maps[1], maps[2]
-
-
-def _slab_index(rows: range, target_shape: Sequence[int]) -> list[np.ndarray]:
-    """The target voxel indices of a slab, per axis: ``rows`` of axis 0, all of axes 1 and 2."""
-    return [np.arange(rows.start, rows.stop, dtype=np.float64)] + [
-        np.arange(n, dtype=np.float64) for n in target_shape[1:]
-    ]
-
-
-def _linear_taps(
-    coords: np.ndarray, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Linear interpolation along one axis of ``size`` voxels at ``coords``: the two neighbours'
-    indices (clamped) and weights, a weight zero where its neighbour lies outside (zero padding)."""
-    lower = np.floor(coords)
-    upper_weight = coords - lower
-    lower_weight = 1.0 - upper_weight
-    i0 = lower.astype(np.int64)
-    i1 = i0 + 1
-    lower_weight[(i0 < 0) | (i0 >= size)] = 0.0
-    upper_weight[(i1 < 0) | (i1 >= size)] = 0.0
-    return (
-        torch.from_numpy(np.clip(i0, 0, size - 1)),
-        torch.from_numpy(np.clip(i1, 0, size - 1)),
-        torch.from_numpy(lower_weight.astype(np.float32)),
-        torch.from_numpy(upper_weight.astype(np.float32)),
-    )
-
-
-def _interpolate_axis(x: torch.Tensor, dim: int, coords: np.ndarray) -> torch.Tensor:
-    """``x`` linearly interpolated along ``dim`` at source coordinates ``coords`` (zeros outside), float32."""
-    i0, i1, w0, w1 = _linear_taps(coords, x.shape[dim])
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    # advanced indexing, not index_select: several times faster along the last (contiguous) axis
-    lower: tuple[slice | torch.Tensor, ...] = (*(slice(None),) * dim, i0)
-    out = x[lower].float().mul_(w0.view(shape))
-    if bool((w1 != 0).any()):  # whole-voxel coordinates (same spacing, a flip) need one neighbour only
-        upper: tuple[slice | torch.Tensor, ...] = (*(slice(None),) * dim, i1)
-        out.add_(x[upper].float().mul_(w1.view(shape)))
-    return out
-
-
-def _sample_axis_aligned(
-    probs: torch.Tensor, maps: tuple[AxisMap, AxisMap, AxisMap], rows: range, target_shape: Sequence[int]
-) -> torch.Tensor:
-    """A source's probabilities (C, N) on target rows ``rows`` (of axis 0) x the whole of axes 1, 2,
-    by three 1D linear interpolations: the same values as trilinear ``grid_sample`` with zero padding."""
-    # source axes in target order: dim 1 + j of ``x`` is the source axis target axis j reads
-    x = probs.permute(0, *(1 + mp.source_axis for mp in maps))
-    index = _slab_index(rows, target_shape)
-    x = _interpolate_axis(x, 1, maps[0].scale * index[0] + maps[0].offset)
-    # then the axis whose interpolation leaves the smaller intermediate
-    order = (2, 3) if target_shape[1] * x.shape[3] <= x.shape[2] * target_shape[2] else (3, 2)
-    for dim in order:
-        x = _interpolate_axis(x, dim, maps[dim - 1].scale * index[dim - 1] + maps[dim - 1].offset)
-    return x.reshape(x.shape[0], -1)
 
 
 def _sample_general(

@@ -143,3 +143,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dark = (rgb.mean(axis=-1) < 0.2).mean()
     assert dark > 0.05
     assert rgb.std() > 0.1
+
+
+def test_overlay_finds_labels_and_slices_in_the_foreground_box():
+    """The labels present (``torch.bincount`` in memory order, ``np.unique`` otherwise) and the voxel
+    each row slices through (the largest component's, found in the label's box)."""
+    from medseg.viz import _slice_centre, present_labels
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((30, 24, 20), np.uint8)
+    mask[3:6, 3:6, 3:6] = 2  # a small component of label 2 ...
+    mask[12:22, 10:20, 8:16] = 2  # ... and its largest one
+    mask[rng.random(mask.shape) < 0.01] = 5
+    for arr in (mask, np.asfortranarray(mask), mask[::-1, :, ::-1], mask.transpose(2, 0, 1)[:, 2:, :]):
+        assert present_labels(arr) == [int(k) for k in np.unique(arr) if k]
+    assert present_labels(mask.astype(np.int16)) == [2, 5]
+    assert present_labels(mask == 2) == [1]
+    assert present_labels(np.zeros((3, 3, 3), np.uint8)) == []
+    centre = _slice_centre(mask, 2)
+    assert mask[tuple(centre)] == 2
+    assert all(lo <= c < hi for c, lo, hi in zip(centre, (12, 10, 8), (22, 20, 16), strict=True))

@@ -287,3 +287,44 @@ def test_large_volumes_keep_half_precision_probabilities(monkeypatch):
         assert full.dtype == torch.float32
         assert half.dtype == torch.float16
         torch.testing.assert_close(half.float(), full, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_separable_spacing_gives_monais_grid_and_values(seed, monkeypatch):
+    """Preprocessing's resampling (``SeparableSpacingd``): MONAI's own output grid and affine, and the
+    values of MONAI's ``Spacingd`` up to float32 rounding; one axis at a time for the image, whatever
+    its flips, permutation or obliquity (Spacing keeps the grid's directions), MONAI's path for
+    nearest-neighbour labels."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientationd, Spacingd
+
+    import medseg.separable
+    from medseg.transforms import SeparableSpacingd
+
+    rng = np.random.default_rng(seed)
+    perm = tuple(int(i) for i in rng.permutation(3))
+    affine = _grid(perm, tuple(rng.choice([-1.0, 1.0], 3)), tuple(rng.uniform(0.5, 3.0, 3)), rng.uniform(-90, 90, 3))
+    if seed >= 4:
+        affine = _rotated(affine, 0.3)
+    shape = tuple(int(n) for n in rng.integers(8, 30, 3))
+    image = MetaTensor(torch.randn(2, *shape) * 100, affine=torch.as_tensor(affine))
+    label = MetaTensor(torch.randint(0, 3, (1, *shape)).float(), affine=torch.as_tensor(affine))
+    item = Orientationd(keys=("image", "label"), axcodes="RAS", labels=None)({"image": image, "label": label})
+    pixdim = tuple(float(p) for p in rng.uniform(0.7, 2.5, 3))
+    monai = Spacingd(("image", "label"), pixdim=pixdim, mode=("bilinear", "nearest"), padding_mode="border", dtype=np.float32)(dict(item))
+    calls = []
+    original = medseg.separable.resample_axis_aligned
+    monkeypatch.setattr(medseg.separable, "resample_axis_aligned", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ours = SeparableSpacingd(("image", "label"), pixdim=pixdim, modes=("bilinear", "nearest"))(dict(item))
+    assert len(calls) == 1  # the image only
+    for key in ("image", "label"):
+        assert ours[key].shape == monai[key].shape
+        torch.testing.assert_close(ours[key].affine, monai[key].affine)
+        assert len(ours[key].applied_operations) == len(monai[key].applied_operations)
+    torch.testing.assert_close(ours["image"].as_tensor(), monai["image"].as_tensor(), atol=2e-3, rtol=1e-5)
+    assert torch.equal(ours["label"].as_tensor(), monai["label"].as_tensor())
+    # a grid that is not axis-aligned (none here, as MONAI's Spacing keeps directions) goes to MONAI
+    monkeypatch.setattr(medseg.separable, "axis_aligned_map", lambda *a, **k: None)
+    fallback = SeparableSpacingd(("image",), pixdim=pixdim, modes=("bilinear",))(dict(item))["image"]
+    assert len(calls) == 1
+    assert torch.equal(fallback.as_tensor(), monai["image"].as_tensor())
