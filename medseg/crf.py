@@ -282,7 +282,7 @@ def _mean_field(probs: torch.Tensor, image: torch.Tensor, spacing: Spacing, cfg:
     """Mean-field iterations of the dense CRF over the whole of ``probs`` (C, X, Y, Z).
 
     The filters are built first (their construction needs transient index arithmetic), and every
-    per-iteration step runs in place: on a 8 M-voxel slab the peak is about 140 bytes per voxel."""
+    per-iteration step runs in place: an 8 M-voxel slab peaked at 1.45 GiB here (allocator included)."""
     image = image.to(probs.device).float()
     smooth_vox = cast(Spacing, tuple(cfg.smooth_sigma_mm / s for s in spacing))
     bil_vox = cast(Spacing, tuple(cfg.bilateral_sigma_mm / s for s in spacing))
