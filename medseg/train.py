@@ -267,7 +267,10 @@ class Trainer:
             cache_dir.mkdir(parents=True, exist_ok=True)
             train_ds: Any = PersistentDataset(items, transform=chain, cache_dir=cache_dir)
         else:
-            train_ds = CacheDataset(items, transform=chain, cache_rate=1.0, num_workers=0, progress=False)
+            # no copy of the cached case per step: the chain copies each patch out of it (OwnPatches)
+            train_ds = CacheDataset(
+                items, transform=chain, cache_rate=1.0, num_workers=0, progress=False, copy_cache=False
+            )
         self.generator = torch.Generator().manual_seed(cfg.seed + dist.rank)
         sampler = None
         if cfg.train.iterations_per_epoch:  # a fixed number of steps per epoch, drawing through the shard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -69,11 +70,45 @@ def test_training_caches_the_preprocessing(tmp_path):
         lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
     )
     assert first_random is not None
-    assert type(chain.transforms[first_random]).__name__ == "RandCropByLabelClassesd"
+    augment = chain.transforms[first_random]  # the augmentation, run without MONAI's metadata
+    assert first_random == len(chain.transforms) - 1
+    assert type(augment).__name__ == "WithoutMetadata"
+    assert type(augment.chain.transforms[0]).__name__ == "RandCropByLabelClassesd"
     item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
-    ds = CacheDataset([item], transform=chain, cache_rate=1.0, progress=False)
+    ds = CacheDataset([item], transform=chain, cache_rate=1.0, progress=False, copy_cache=False)
     cached = ds._cache[0]
     assert not isinstance(cached["image"], str)  # loaded and preprocessed once
     assert "label_cls_indices" in cached  # the class indices too
     patches = ds[0]
     assert patches[0]["image"].shape[1:] == (8, 8, 8)
+    # no copy of the cached case per step (copy_cache=False): every patch is copied out of it first,
+    # so augmenting patches in place cannot reach the cache
+    image, label = cached["image"].clone(), cached["label"].clone()
+    for _ in range(10):
+        for patch in ds[0]:
+            patch["image"].add_(100.0)
+            patch["label"].zero_()
+    assert torch.equal(cached["image"], image)
+    assert torch.equal(cached["label"], label)
+
+
+def test_augmentation_runs_without_metadata_and_restores_the_switch():
+    """MONAI's metadata tracking is off inside the augmentation (patches need no affine) and back
+    on after it, also when a transform of the chain fails."""
+    from monai.data import get_track_meta
+    from monai.transforms import Compose, Lambda
+
+    from medseg.transforms import WithoutMetadata
+
+    seen = []
+    ok = WithoutMetadata(Compose([Lambda(lambda d: seen.append(get_track_meta()) or d)]))
+    assert ok({"image": 1}) == {"image": 1}
+    assert seen == [False]
+    assert get_track_meta()
+
+    def boom(d):
+        raise RuntimeError("a transform failed")
+
+    with pytest.raises(RuntimeError):
+        WithoutMetadata(Compose([Lambda(boom)]))({"image": 1})
+    assert get_track_meta()
