@@ -310,7 +310,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=True,
             dicom_seg=args.dicom_seg,
-            crf=True if args.crf else None,
+            crf=args.crf,
             save_probabilities=args.save_probabilities,
             report=args.report,
             overlap=args.overlap,
@@ -680,7 +680,11 @@ def _add_infer(sub: Any) -> None:
     )
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument(
-        "--crf", action="store_true", help="refine with the dense CRF (postprocess.crf in the bundle)"
+        "--crf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refine with the dense CRF (postprocess.crf in the bundle), or never (--no-crf); "
+        "default: what the model's validation tuning chose",
     )
     p.add_argument(
         "--device", type=_device, default=None, help="auto, cpu, cuda or cuda:N (default: cuda when present)"

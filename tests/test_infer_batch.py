@@ -244,3 +244,15 @@ def test_folder_of_fold_bundles_is_an_ensemble(tmp_path):
     assert expand_models([found[0], "runs:/abc/model"]) == [found[0], "runs:/abc/model"]
     with pytest.raises(InputError, match="fold bundles"):
         expand_models([tmp_path / "model" / "notes"])
+
+
+def test_no_crf_overrides_the_bundles_crf(trained, tmp_path):
+    """The bundle's config switches the CRF on; ``--no-crf`` runs without it (and says so in the
+    sidecar), as a user who sees the CRF trim a structure would run it."""
+    root, (b0, _) = trained
+    image = sorted((root / "data" / "imagesTs").glob("*.nii.gz"))[0]
+    proc = run_cli("infer", "--model", str(b0), "--input", str(image), "--output", "pred", "--no-crf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    sidecar = json.loads(next((tmp_path / "pred").glob("*_seg.json")).read_text())
+    assert sidecar["crf"] is False
+    assert "crf_s" not in sidecar["timings_s"]
