@@ -306,10 +306,7 @@ def build_train_chain(cfg: Config) -> Compose:
     (``copy_cache=False``). Seed the augmentation with ``chain.set_random_state``.
     """
     cached = Compose([build_preprocess(cfg), build_sampling_prep(cfg)]).flatten()
-    augment = build_augment(cfg, precomputed=True)
-    crop = _crop_steps(cfg, ("image", "label"), precomputed=True)
-    steps = [*augment.transforms[: len(crop)], OwnPatches(), *augment.transforms[len(crop) :]]
-    return Compose([*cached.transforms, WithoutMetadata(Compose(steps))])
+    return Compose([*cached.transforms, WithoutMetadata(build_augment(cfg, precomputed=True))])
 
 
 class OwnPatches(Transform):
@@ -397,7 +394,7 @@ def build_augment(
 
 def _crop_steps(cfg: Config, keys: tuple[str, ...], *, precomputed: bool) -> list[Any]:
     """The patch crop (by label classes, or foreground/background), with its padding or the
-    removal of the precomputed sampling indices."""
+    removal of the precomputed sampling indices, and the patches copied out of the case."""
     aug = cfg.augment
     patch = [int(p) for p in cfg.train.patch_size]  # type: ignore[union-attr]
     kind = crop_kind(cfg)
@@ -436,7 +433,7 @@ def _crop_steps(cfg: Config, keys: tuple[str, ...], *, precomputed: bool) -> lis
         ]
     else:
         chain = [SpatialPadd(keys=keys, spatial_size=patch, mode="constant"), crop]
-    return chain
+    return [*chain, OwnPatches()]  # a crop is a view of the (cached) case
 
 
 def _spatial_steps(cfg: Config, keys: tuple[str, ...]) -> list[Any]:

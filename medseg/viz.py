@@ -81,7 +81,9 @@ def present_labels(labels: np.ndarray) -> list[int]:
     arr = np.asarray(labels)
     if arr.dtype.kind == "b":
         arr = arr.view(np.uint8)
-    if arr.dtype.kind != "u" or arr.dtype.itemsize > 1 or min(arr.strides, default=0) < 0:
+    # flipped axes (a view reoriented to RAS) read forwards: the same labels, positive strides
+    arr = np.flip(arr, axis=tuple(d for d in range(arr.ndim) if arr.strides[d] < 0))
+    if arr.dtype.kind != "u" or arr.dtype.itemsize > 1:
         values = np.unique(arr)
     else:
         order = np.argsort(arr.strides)[::-1]  # memory order, so that flattening reads it in sequence
@@ -117,14 +119,14 @@ def overlay_png_bytes(
     img, spacing = to_ras(image.array, image.affine)
     lab, _ = to_ras(np.asarray(mask), image.affine)
     # the labels present and the voxels to slice through are found in the box around the foreground
-    # (whole-scan searches took 17 s on a 512x512x600 mask): once, on the scan as stored
-    box = foreground_box(np.asarray(mask))
-    present = present_labels(np.asarray(mask)[box]) if box is not None else []
+    # (whole-scan searches took 17 s on a 512x512x600 mask), computed once
+    box = foreground_box(lab)
     if window is None:
         modality = str(image.meta.get("modality", "CT"))
         lo, hi = (-160.0, 240.0) if modality == "CT" else np.percentile(img, [1, 99])
         window = (float(lo), float(hi))
-    rows = _overlay_rows(lab, labels, present, per_structure=per_structure, max_rows=max_rows)
+    present = present_labels(lab[box]) if box is not None else []
+    rows = _overlay_rows(lab, box, labels, present, per_structure=per_structure, max_rows=max_rows)
     if per_structure and len(present) > max_rows:
         title = f"{title} (slices through the first {max_rows} structures)".strip()
     fig = Figure(figsize=(15, 5 * len(rows) + 0.8), layout="constrained")
@@ -156,16 +158,20 @@ def overlay_png_bytes(
 
 
 def _overlay_rows(
-    lab: np.ndarray, labels: dict[int, str], present: list[int], *, per_structure: bool, max_rows: int
+    lab: np.ndarray,
+    box: tuple[slice, ...] | None,
+    labels: dict[int, str],
+    present: list[int],
+    *,
+    per_structure: bool,
+    max_rows: int,
 ) -> list[tuple[str, np.ndarray]]:
-    """(structure name, voxel to slice through) per row: one row per structure ``present``, or one central row."""
-    from medseg.postprocess import foreground_box
-
-    box = foreground_box(lab) if present else None
+    """(structure name, voxel to slice through) per row: one row per structure ``present``, or one
+    central row; searched in ``box``, the box around ``lab``'s foreground (None: there is none)."""
     if box is None:
         return [("", np.array(lab.shape) // 2)]
     region, offset = lab[box], np.array([b.start for b in box])
-    if per_structure:
+    if per_structure and present:
         return [(labels.get(k, str(k)), _slice_centre(region, k) + offset) for k in present[:max_rows]]
     return [("", np.argwhere(region > 0).mean(axis=0).round().astype(int) + offset)]
 
