@@ -62,6 +62,7 @@ class TrainState:
     saved_at: float = field(default_factory=time.time)
     # the settings the user gave (dotted keys): what a resume is compared with (medseg.resume)
     requested: dict[str, Any] = field(default_factory=dict)
+    precision: str = ""  # the precision the run trains in (fp32/bf16/fp16): a resume keeps it
 
     def to_checkpoint(self) -> dict[str, Any]:
         out = asdict(self)
@@ -90,6 +91,7 @@ class TrainState:
             world_size=int(raw.get("world_size", 1)),
             saved_at=float(raw.get("saved_at", 0.0)),
             requested=json.loads(raw["requested"]) if "requested" in raw else {},
+            precision=str(raw.get("precision", "")),
         )
 
 

@@ -256,6 +256,22 @@ def resolve_precision(device: torch.device, requested: str = "auto", *, amp: boo
     return choice
 
 
+def continued_precision(device: torch.device, began: str, *, amp: bool = True) -> Precision:
+    """The precision a resumed run goes on in: the one it began in (its checkpoint says which), so
+    that a busier machine measuring bf16 differently today cannot change the numerics mid-run; only
+    a device that cannot run it natively (the run moved) falls back to what ``auto`` picks here."""
+    native = began == "fp32" or (began == "fp16" and device.type == "cuda")
+    if began == "bf16":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    if native:
+        log.info("precision: %s, as the run began", began)
+        return began  # type: ignore[return-value]
+    chosen = resolve_precision(device, "auto", amp=amp)
+    log.warning("the run began in %s, which this %s does not run natively: it goes on in %s",
+                began or "an unrecorded precision", device.type.upper(), chosen)
+    return chosen
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
     """The forward pass in ``precision`` (autocast; fp32 = no autocast)."""

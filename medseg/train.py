@@ -73,6 +73,7 @@ from medseg.runtime import (
     Dist,
     autocast,
     channels_last,
+    continued_precision,
     init_distributed,
     resolve_precision,
     set_memory_format,
@@ -235,8 +236,12 @@ class Trainer:
         self.label_ids = sorted(self.labels)
         self.ckpt_dir, self.bundle_dir = run_dir / "checkpoints", run_dir / "bundle"
         asked = "bf16" if cfg.train.cpu_bf16 and device.type == "cpu" else cfg.train.precision
+        if state is not None and state.precision and asked == "auto":  # a resumed run keeps its precision
+            chosen = continued_precision(device, state.precision, amp=cfg.train.amp)
+        else:
+            chosen = resolve_precision(device, asked, amp=cfg.train.amp)
         # one precision for every rank: each measures its own CPU, and DDP needs the same layout
-        self.precision = dist.broadcast(resolve_precision(device, asked, amp=cfg.train.amp))
+        self.precision = dist.broadcast(chosen)
         self.channels_last = channels_last(device, self.precision)
         self._build_data(train_cases, val_cases)
         self._build_model()
@@ -570,6 +575,7 @@ class Trainer:
             ranks=ranks,
             world_size=self.dist.world,
             requested=self.requested,
+            precision=self.precision,
         )
         save_state(state, self.ckpt_dir / name)
 

@@ -65,10 +65,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
     args = ["train", "--data", str(tiny_dataset), *TINY]
     assert main([*args, "--out", str(tmp_path / "killed")]) == 2
     assert "--resume" in capsys.readouterr().err
+    began = find_checkpoint(tmp_path / "killed", "auto")[1].precision
+    assert began in ("fp32", "bf16")
     resumed = run_cli(*args, "--out", "killed", "--resume", cwd=tmp_path, check=True)
     assert "resuming" in resumed.stderr
-    # the reference: the same run, uninterrupted (in this process, to spare a start-up)
-    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    # the reference: the same run, uninterrupted (in this process, to spare a start-up), in the
+    # precision the killed run measured for itself (this process may have measured another earlier)
+    assert main([*args, "--set", f"train.precision={began}", "--out", str(tmp_path / "straight")]) == 0
 
     import mlflow
 
@@ -80,6 +83,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
     killed_id = state["run_id"]
     straight_id = next(r.info.run_id for r in runs if r.info.run_id != killed_id)
     assert state["epoch"] == EPOCHS
+    assert state["precision"] == began, "the resumed run changed precision"
 
     for key in ("lr", "train_loss"):
         killed, straight = _history(client, killed_id, key), _history(client, straight_id, key)
@@ -95,6 +99,37 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dataset, tmp_path, capsy
     assert [s for s, _ in val_k] == [2, 4]
     assert [v for _, v in val_k] == pytest.approx([v for _, v in val_s], abs=1e-3)
     assert (tmp_path / "killed" / "bundle" / "model.safetensors").exists()
+
+
+def test_a_resumed_run_keeps_the_precision_it_began_in(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """bf16 is chosen by measuring this CPU; a busier machine may measure it slower the next day,
+    but a run resumed then must not change its numerics half-way (nor a bf16 run's memory layout)."""
+    from medseg import runtime
+    from medseg.cli import main
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 3.0)
+    args = ["train", "--data", str(tiny_dataset), *TINY_ARGS, "--set", "tracking.log_model=false"]
+    run = tmp_path / "run"
+    assert main([*args, "--epochs", "1", "--out", str(run)]) == 0
+    ckpt = run / "checkpoints" / CHECKPOINT
+    assert torch.load(ckpt, weights_only=True)["precision"] == "bf16"
+    capsys.readouterr()
+
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.5)  # today bf16 measures slower
+    assert main([*args, "--epochs", "2", "--out", str(run), "--resume"]) == 0
+    assert "precision: bf16, as the run began" in capsys.readouterr().err
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["precision"]) == (2, "bf16")
+    # a new run measures afresh and picks fp32
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "new")]) == 0
+    assert torch.load(tmp_path / "new" / "checkpoints" / CHECKPOINT, weights_only=True)["precision"] == "fp32"
+
+    # moved to a CPU without native bf16: the run goes on in fp32 and says so
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert main([*args, "--epochs", "3", "--out", str(run), "--resume"]) == 0
+    assert "began in bf16, which this CPU does not run natively: it goes on in fp32" in capsys.readouterr().err
+    assert torch.load(ckpt, weights_only=True)["precision"] == "fp32"
 
 
 def _fake_checkpoint(path, step: int) -> None:
