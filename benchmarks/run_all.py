@@ -191,10 +191,12 @@ def run_with_rss(cmd: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stdout": stdout}
 
 
-def medseg_infer(bundle: Path, volume: Path, out: Path, backend: str, precision: str) -> dict:
+def medseg_infer(
+    bundle: Path, volume: Path, out: Path, backend: str, precision: str, extra: tuple[str, ...] = ()
+) -> dict:
     cmd = [sys.executable, "-m", "medseg", "infer", "--model", str(bundle), "--input", str(volume)]
     cmd += ["--output", str(out), "--device", "cpu", "--backend", backend, "--precision", precision]
-    cmd += ["--overwrite", "--no-report"]
+    cmd += ["--overwrite", "--no-report", *extra]
     run = run_with_rss(cmd)
     stem = volume.name.removesuffix(".nii.gz")
     sidecar = json.loads((out / f"{stem}_seg.json").read_text())
@@ -228,17 +230,26 @@ def mask_dice(a_path: str, b_path: str, labels: dict[int, str]) -> dict[str, flo
 
 
 def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dict:
-    """Alternating whole-process runs of each pipeline; median wall time, per-stage seconds, peak RSS."""
+    """Alternating whole-process runs of each pipeline; median wall time, per-stage seconds, peak RSS.
+
+    medseg runs with the bundle's defaults; when its validation tuning kept flip TTA (8 passes,
+    which the reference does not run), also with ``--no-tta``: the reference's work."""
     from medseg.bundle import load_bundle
 
-    labels = load_bundle(bundle).labels
+    loaded = load_bundle(bundle)
+    labels, tta = loaded.labels, loaded.config.infer.tta
     out = work / "out"
     first = medseg_infer(bundle, volume, out / "auto", "auto", "auto")  # measures and caches the choice
+    no_tta = "medseg auto --no-tta"
     runs: dict[str, list[dict]] = {"medseg auto": [], "medseg torch fp32": [], "reference (MONAI)": []}
+    if tta:
+        runs[no_tta] = []
     for _ in range(repeats):
         runs["medseg auto"].append(medseg_infer(bundle, volume, out / "auto", "auto", "auto"))
         runs["medseg torch fp32"].append(medseg_infer(bundle, volume, out / "torch", "torch", "fp32"))
         runs["reference (MONAI)"].append(reference_infer(bundle, volume, out / "reference"))
+        if tta:
+            runs[no_tta].append(medseg_infer(bundle, volume, out / "no_tta", "auto", "auto", ("--no-tta",)))
     rows = {}
     for name, items in runs.items():
         best = sorted(items, key=lambda r: r["wall_s"])[len(items) // 2]
@@ -254,6 +265,7 @@ def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dic
         "volume": str(volume),
         "first_auto_run_wall_s": round(first["wall_s"], 2),
         "auto_choice": first.get("backend"),
+        "bundle_tta": tta,
         "rows": rows,
         "dice": {
             "medseg auto vs medseg torch fp32": mask_dice(

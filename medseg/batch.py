@@ -158,6 +158,8 @@ def resolve_options(
             "--crf: this model's validation tuning did not keep the CRF (it did not raise the validation "
             "Dice; see postprocess_tuning.json in the bundle); applying it because asked"
         )
+    if tta is None and cfg.infer.tta:
+        log.info("flip TTA on: the model's validation tuning kept it (--no-tta skips it, about 3-8x faster)")
     dev = torch.device(device)
     predictors = backend_predictors(bundles, dev)
     options = InferOptions(

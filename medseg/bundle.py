@@ -88,7 +88,7 @@ class Bundle:
         *,
         affine: np.ndarray | None = None,
         device: str | torch.device | None = None,
-        tta: bool = False,
+        tta: bool | None = None,
         backend: str | None = None,
         precision: str | None = None,
     ) -> Volume:
@@ -98,7 +98,8 @@ class Bundle:
         a SimpleITK image, or a NumPy array with ``affine=`` (4x4, voxel -> RAS mm; ``(array, affine)``
         works too). A multi-channel model takes a 4D NIfTI path or image, a 4D array (x, y, z, C) with
         ``affine=``, or a list with one of the above per channel, in channel order.
-        Runs on the bundle's device unless ``device`` says otherwise. ``backend`` (auto, torch,
+        Runs on the bundle's device unless ``device`` says otherwise. ``tta``: flip TTA (None: the
+        bundle's ``infer.tta``, which validation tuning sets when it helped). ``backend`` (auto, torch,
         onnxruntime, openvino) and ``precision`` (auto, fp32, bf16) default to the bundle's ``infer``
         config; see medseg.backends.
 

@@ -306,7 +306,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             args.input,
             args.output,
             device=device,
-            tta=True if args.tta else None,
+            tta=args.tta,
             overwrite=args.overwrite,
             progress=True,
             dicom_seg=args.dicom_seg,
@@ -678,7 +678,13 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "-o", "--output", required=True, type=_output_folder, help="folder for <case>_seg.nii.gz and sidecars"
     )
-    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average predictions over the 8 flips (about 3-8x the time), or never (--no-tta); "
+        "default: what the model's validation tuning chose",
+    )
     p.add_argument(
         "--crf",
         action=argparse.BooleanOptionalAction,

@@ -18,7 +18,7 @@ Every NIfTI in ``dataset_dir`` gives ``<name>_seg.nii.gz`` in ``output_dir``, on
 transforms mirror ``medseg.transforms.build_preprocess`` and ``medseg.predict`` one for one; what MONAI's
 stock post-processing cannot express (``per_label`` overrides other than the log-probability biases,
 which are exported as a scaling of the probabilities, more than one kept component,
-``largest_of: foreground``, the dense CRF) is listed in ``metadata.json`` under ``not_exported``.
+``largest_of: foreground``, the dense CRF, flip TTA) is listed in ``metadata.json`` under ``not_exported``.
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         skipped.append("postprocess.per_label")
     if post.crf.enabled:
         skipped.append("postprocess.crf")
+    if cfg.infer.tta:
+        skipped.append("infer.tta")
     if post.min_volume_mm3 > 0:
         chain.append(
             {

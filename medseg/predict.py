@@ -672,7 +672,7 @@ def predict_volume(
     volume: Volume | Sequence[Volume],
     *,
     device: str | torch.device = "cpu",
-    tta: bool = False,
+    tta: bool | None = None,
     postprocess: bool = True,
     crf: bool | None = None,
     probabilities: bool = False,
@@ -686,6 +686,7 @@ def predict_volume(
     """Segment one volume with one bundle or an ensemble (probabilities averaged); the mask is in ``volume``'s grid.
 
     ``crf``: None follows the first bundle's ``postprocess.crf.enabled``; True/False force it.
+    ``tta``: None follows the first bundle's ``infer.tta`` (flip TTA, kept when validation chose it).
     The sliding-window options override the bundles' ``infer`` settings for this call;
     ``backend`` (auto, torch, onnxruntime, openvino) and ``precision`` (auto, fp32, bf16; fp16 on
     CUDA) default to the bundles' ``infer`` config; medseg.backends builds the predictors (``auto``:
@@ -706,7 +707,7 @@ def predict_volume(
         bundles,
         volume,
         device=device,
-        tta=tta,
+        tta=bundles[0].config.infer.tta if tta is None else tta,
         crf=crf_config(bundles[0], crf),
         probabilities=probabilities,
         postprocess=postprocess,

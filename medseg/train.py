@@ -868,7 +868,8 @@ def _tune_postprocessing(run_dir: Path, val_cases: list, device: torch.device, d
         return
     try_crf = deadline is None or deadline.remaining() > deadline.validation_s + 0.5 * deadline.final_s
     try:
-        report = tune_bundle(run_dir / "bundle", val_cases, device=device, try_crf=try_crf)
+        report = tune_bundle(run_dir / "bundle", val_cases, device=device, try_crf=try_crf,
+                             time_left=None if deadline is None else deadline.remaining())
     except Exception as exc:  # tuning must never lose a trained model
         log.warning("post-processing not tuned (%s: %s); the bundle keeps its configured steps",
                     type(exc).__name__, exc)

@@ -5,6 +5,12 @@ the dense CRF with its weights and sigmas).
 ``tune_postprocessing(probabilities, references, spacing=..., label_ids=...)`` starts from the
 plain argmax of the validation probabilities and tries, in order:
 
+0. with ``tta_probabilities`` (the same cases averaged over the 8 flips inference's ``--tta``
+   runs): flip TTA, kept when it raises the mean foreground Dice by ``TTA_MIN_GAIN``, lowers no
+   label's by more than ``BIAS_TOLERANCE`` and does not worsen the mean HD95; the steps below are
+   then tuned on the averaged probabilities, as inference will produce them. On unseen phantoms
+   (11-minute model, 4 test cases) TTA raised the low-contrast fatty organ's Dice 0.924 -> 0.935
+   (worst case 0.854 -> 0.882) for 2.5-5x the inference time of a small scan;
 1. the dense CRF (``medseg.crf``, needs the normalised ``images``) with a few weight/sigma
    settings: the best is kept only when it raises the mean foreground Dice, lowers no label's
    Dice and does not worsen the HD95 averaged over the labels (``crf_helps``);
@@ -64,6 +70,8 @@ BIAS_CANDIDATES = (0.5, 1.0, 2.0, 3.0)  # log-probability biases tried per label
 # test Dice by -0.001 to +0.001 (HD95 3.9 -> 4.3 mm); the fatty organ's +0.017-0.023 gave +0.001-0.003.
 BIAS_MIN_GAIN = 0.01
 BIAS_TOLERANCE = 1e-3  # how far another label's Dice may fall when a bias moves their shared border
+# Flip TTA runs the network 8 times: kept only for a clear validation gain of the mean foreground Dice
+TTA_MIN_GAIN = 0.003
 MIN_VOLUME_SHARES = (0.05, 0.2, 0.5)  # of the smallest reference component, per label
 HD95_TOLERANCE_MM = 0.05  # an HD95 rise below this is measurement noise, not worse
 
@@ -89,6 +97,7 @@ class TuningReport:
     baseline_dice: dict[int, float]
     final_dice: dict[int, float]
     trials: list[Trial] = field(default_factory=list)
+    tta: bool | None = None  # flip TTA kept (True), rejected (False) or not tried (None)
 
     def kept(self) -> list[Trial]:
         return [t for t in self.trials if t.kept]
@@ -99,6 +108,7 @@ class TuningReport:
             "baseline_dice": {str(k): v for k, v in self.baseline_dice.items()},
             "final_dice": {str(k): v for k, v in self.final_dice.items()},
             "trials": [asdict(t) for t in self.trials],
+            "tta": self.tta,
         }
 
     def table(self) -> str:
@@ -198,6 +208,28 @@ def _label_mean(scores: dict[int, tuple[float, float]], i: int) -> float:
     return float(np.mean([v[i] for v in scores.values()]))
 
 
+def _tune_tta(
+    probabilities, tta_probabilities, refs, spacings, label_ids, report: TuningReport
+) -> list[np.ndarray]:
+    """The flip-averaged probabilities when they beat the plain ones on validation (module docstring)."""
+    fg = [k for k in label_ids if k]
+    plain = [np.asarray(p).argmax(0) for p in probabilities]
+    averaged = [np.asarray(p).argmax(0) for p in tta_probabilities]
+    before = {k: _scores(plain, refs, spacings, k) for k in fg}
+    after = {k: _scores(averaged, refs, spacings, k) for k in fg}
+    kept = (
+        _label_mean(after, 0) >= _label_mean(before, 0) + TTA_MIN_GAIN
+        and all(after[k][0] >= before[k][0] - BIAS_TOLERANCE for k in fg)
+        and _not_worse(_label_mean(after, 1), _label_mean(before, 1))
+    )
+    report.trials.append(
+        Trial(None, "flip TTA (8 passes)", _label_mean(before, 0), _label_mean(after, 0),
+              _label_mean(before, 1), _label_mean(after, 1), kept)
+    )
+    report.tta = kept
+    return list(tta_probabilities) if kept else list(probabilities)
+
+
 def _tune_crf(
     probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float
 ) -> tuple[list[np.ndarray], CRFConfig]:
@@ -295,6 +327,7 @@ def tune_postprocessing(
     base: PostprocessConfig | None = None,
     crf_candidates: Sequence[dict[str, float]] = CRF_CANDIDATES,
     min_gain: float = 1e-3,
+    tta_probabilities: Sequence[np.ndarray] | None = None,
 ) -> tuple[PostprocessConfig, TuningReport]:
     """Choose the post-processing on validation cases; see the module docstring.
 
@@ -306,6 +339,8 @@ def tune_postprocessing(
         images: per case, the normalised image (X, Y, Z) the CRF's appearance kernel reads;
             without them the CRF is not tried (and stays off).
         base: the configuration to start from (connectivity, ``largest_of``); its steps are reset.
+        tta_probabilities: per case, the probabilities averaged over the TTA flips; flip TTA is
+            then tried first (``report.tta`` says whether it was kept).
 
     Example:
         >>> cfg, report = tune_postprocessing(probs, refs, spacing=(1, 1, 2.5), label_ids=[0, 1, 2])
@@ -315,6 +350,8 @@ def tune_postprocessing(
         raise ValueError(
             f"need as many probabilities as references (got {len(probabilities)}, {len(references)})"
         )
+    if tta_probabilities is not None and len(tta_probabilities) != len(references):
+        raise ValueError(f"need as many TTA probabilities as references (got {len(tta_probabilities)})")
     per_case = list(spacing) if spacing and isinstance(spacing[0], Sequence) else [spacing] * len(references)
     spacings = [cast(Spacing, tuple(float(v) for v in cast(Sequence[float], s))) for s in per_case]
     refs = [np.asarray(r).astype(np.int64) for r in references]
@@ -332,6 +369,8 @@ def tune_postprocessing(
     )
     plain = [np.asarray(p).argmax(0) for p in probabilities]
     report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {})
+    if tta_probabilities is not None:
+        probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report)
     if images is not None and crf_candidates:
         refined, cfg.crf = _tune_crf(
             probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain
@@ -361,14 +400,26 @@ def tune_postprocessing(
 
 
 def validation_probabilities(
-    network: Any, cfg: Any, cases: Sequence[Any], *, device: Any = "cpu"
+    network: Any, cfg: Any, cases: Sequence[Any], *, device: Any = "cpu", tta: bool = False
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[Spacing]]:
     """Softmax probabilities, references, normalised images and spacings of validation cases in
-    the model grid (the preprocessing of ``cfg``, sliding windows as validation runs them)."""
+    the model grid (the preprocessing of ``cfg``, sliding windows as validation runs them);
+    ``tta``: the probabilities averaged over inference's TTA flips."""
     import torch
 
+    from medseg.predict import flip_sets
     from medseg.transforms import build_preprocess
     from medseg.validation import window_logits
+
+    def window_probabilities(image: torch.Tensor) -> np.ndarray:
+        flips = flip_sets(tta)
+        total: torch.Tensor | None = None
+        for dims in flips:
+            p = torch.softmax(window_logits(network, torch.flip(image, dims) if dims else image, cfg), dim=1)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total.add_(p)
+        assert total is not None
+        return total.div_(len(flips))[0].cpu().numpy()
 
     preprocess = build_preprocess(cfg)
     probs: list[np.ndarray] = []
@@ -383,7 +434,7 @@ def validation_probabilities(
             )
             item = preprocess(raw)  # image: one path, or one per channel
             image = item["image"][None].to(device)
-            probs.append(torch.softmax(window_logits(network, image, cfg), dim=1)[0].cpu().numpy())
+            probs.append(window_probabilities(image))
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
             images.append(np.asarray(item["image"][0], dtype=np.float32))  # the CRF reads the first channel
             affine = np.asarray(item["image"].affine, dtype=float)
@@ -392,12 +443,21 @@ def validation_probabilities(
 
 
 def tune_bundle(
-    bundle_dir: Any, val_cases: Sequence[Any], *, device: Any = "cpu", try_crf: bool = True
+    bundle_dir: Any,
+    val_cases: Sequence[Any],
+    *,
+    device: Any = "cpu",
+    try_crf: bool = True,
+    time_left: float | None = None,
 ) -> TuningReport | None:
     """Tune the post-processing of a trained bundle on its validation cases and store the choice
-    in the bundle's config (applied by default at inference) with the report beside it
-    (``postprocess_tuning.json``). None when there are no validation cases."""
+    in the bundle's config (applied by default at inference; flip TTA as ``infer.tta``) with the
+    report beside it (``postprocess_tuning.json``). None when there are no validation cases.
+
+    Flip TTA is tried unless the bundle already runs it, and, with ``time_left`` (seconds), only
+    when its 8 passes, estimated from the plain pass, take at most half of what is left."""
     import json
+    import time
     from pathlib import Path
 
     from medseg.bundle import CONFIG, load_bundle
@@ -409,7 +469,16 @@ def tune_bundle(
     bundle = load_bundle(bundle_dir, device=device)
     cfg = bundle.config
     label_ids = sorted(cfg.labels or {})
+    started = time.monotonic()
     probs, refs, images, spacings = validation_probabilities(bundle.network, cfg, val_cases, device=device)
+    plain_s = time.monotonic() - started
+    tta_probs = None
+    if not cfg.infer.tta:
+        if time_left is None or 9 * plain_s <= 0.5 * (time_left - plain_s):
+            tta_probs = validation_probabilities(bundle.network, cfg, val_cases, device=device, tta=True)[0]
+        else:
+            log.info("time budget: flip TTA not tried on validation (its 8 passes would take about %.0f s)",
+                     8 * plain_s)
     chosen, report = tune_postprocessing(
         probs,
         refs,
@@ -417,8 +486,11 @@ def tune_bundle(
         label_ids=label_ids,
         images=images if try_crf else None,
         base=cfg.postprocess,
+        tta_probabilities=tta_probs,
     )
     tuned = cfg.model_copy(update={"postprocess": chosen}, deep=True)
+    if report.tta is not None:
+        tuned.infer.tta = report.tta
     write_text_atomic(Path(bundle_dir) / CONFIG, dump_config(tuned))
     write_text_atomic(Path(bundle_dir) / "postprocess_tuning.json", json.dumps(report.to_dict(), indent=2))
     return report

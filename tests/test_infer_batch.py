@@ -256,3 +256,54 @@ def test_no_crf_overrides_the_bundles_crf(trained, tmp_path):
     sidecar = json.loads(next((tmp_path / "pred").glob("*_seg.json")).read_text())
     assert sidecar["crf"] is False
     assert "crf_s" not in sidecar["timings_s"]
+
+
+def test_tuning_decides_flip_tta_and_inference_follows_it(trained, tmp_path, caplog, monkeypatch):
+    """Validation tuning tries flip TTA (when the time left allows) and stores its verdict as
+    ``infer.tta``; inference runs it by default and ``--no-tta`` leaves it out."""
+    import logging
+    from types import SimpleNamespace
+
+    from medseg import load_bundle
+    from medseg.tuning import tune_bundle
+
+    root, (b0, _) = trained
+    data = root / "data"
+    val = [SimpleNamespace(image=p, label=data / "labelsTr" / p.name) for p in sorted((data / "imagesTr").glob("*.nii.gz"))[:2]]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(b0, bundle)
+    with caplog.at_level(logging.INFO, logger="medseg.tuning"):
+        report = tune_bundle(bundle, val, time_left=0.0)  # no time: the 8 passes are not tried
+    assert report is not None
+    assert report.tta is None
+    assert "flip TTA not tried" in caplog.text
+    report = tune_bundle(bundle, val)
+    assert report is not None
+    assert report.tta in (True, False)
+    assert load_bundle(bundle).config.infer.tta is report.tta
+    assert json.loads((bundle / "postprocess_tuning.json").read_text())["tta"] is report.tta
+
+    # a bundle whose tuning kept it: TTA by default, --no-tta without it
+    tree = yaml.safe_load((bundle / "config.yaml").read_text())
+    tree["infer"]["tta"] = True
+    (bundle / "config.yaml").write_text(yaml.safe_dump(tree))
+    image = sorted((data / "imagesTs").glob("*.nii.gz"))[0]
+    for flag, expected in (([], True), (["--no-tta"], False)):
+        out = f"pred{len(flag)}"
+        proc = run_cli("infer", "--model", str(bundle), "--input", str(image), "--output", out, *flag,
+                       "--no-crf", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        sidecar = json.loads(next((tmp_path / out).glob("*_seg.json")).read_text())
+        assert sidecar["tta"] is expected
+        assert ("flip TTA on" in proc.stderr) is expected
+    # the Python API follows the bundle too
+    import medseg.predict
+
+    asked: list[bool] = []
+    real = medseg.predict.flip_sets
+    monkeypatch.setattr(medseg.predict, "flip_sets", lambda tta: asked.append(tta) or real(tta))
+    assert load_bundle(bundle).predict(image).array.shape == load_volume(image).shape
+    load_bundle(bundle).predict(image, tta=False)
+    assert asked
+    assert asked[0] is True
+    assert asked[-1] is False

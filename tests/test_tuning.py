@@ -174,3 +174,39 @@ def test_a_bias_that_takes_from_another_label_is_rejected(rng):
     tried = [t for t in report.trials if t.label == 2 and t.step.startswith("log-probability bias")]
     assert tried
     assert not any(t.kept for t in tried)
+
+
+def _noisy(ref: np.ndarray, rng, flip_fraction: float) -> np.ndarray:
+    """Probabilities whose argmax is ``ref`` but for a random share of voxels near its borders."""
+    from scipy import ndimage
+
+    border = ndimage.binary_dilation(ref > 0, iterations=2) & ~ndimage.binary_erosion(ref > 0, iterations=2)
+    wrong = border & (rng.random(ref.shape) < flip_fraction)
+    return _probs(np.where(wrong, np.where(ref > 0, 0, 1), ref), 3, confidence=0.6)
+
+
+def test_flip_tta_is_kept_when_it_helps_and_the_rest_is_tuned_on_it(rng):
+    """A flip-averaged prediction with fewer border errors is kept (and the CRF/bias/component
+    steps are tuned on it, as inference will run); a worse one is rejected."""
+    refs = [np.pad(_ball((20, 20, 12), (10, 10, 6), 5).astype(np.int64), 4) for _ in range(2)]
+    plain = [_noisy(r, rng, 0.3) for r in refs]
+    averaged = [_noisy(r, rng, 0.05) for r in refs]
+    _, report = tune_postprocessing(plain, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
+                                      tta_probabilities=averaged)
+    assert report.tta is True
+    assert report.trials[0].step == "flip TTA (8 passes)"
+    assert report.trials[0].kept
+    assert report.trials[0].dice_after > report.trials[0].dice_before + 0.003
+    assert report.final_dice[1] >= report.trials[0].dice_after - 1e-9  # tuned from the averaged one
+    assert "flip TTA" in report.table()
+    assert report.to_dict()["tta"] is True
+
+    _cfg, report = tune_postprocessing(averaged, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
+                                      tta_probabilities=plain)
+    assert report.tta is False
+    assert not report.trials[0].kept
+    assert report.final_dice[1] >= report.baseline_dice[1] - 1e-9
+    _, report = tune_postprocessing(plain, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1])
+    assert report.tta is None  # not tried without averaged probabilities
+    with pytest.raises(ValueError, match="TTA probabilities"):
+        tune_postprocessing(plain, refs, spacing=(1, 1, 1), label_ids=[0, 1], tta_probabilities=plain[:1])
