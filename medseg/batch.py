@@ -85,6 +85,7 @@ class InferOptions:
     device: str = "cpu"
     precision: str = "fp32"
     tta: bool = False
+    tta_flips: int = 8  # the TTA passes (2 or 8; medseg.predict.flip_sets)
     crf: bool = False
     overlap: float = 0.5
     sw_batch_size: int = 2
@@ -103,6 +104,7 @@ class InferOptions:
         """The options that shape a mask's content, as its sidecar records them."""
         return {
             "tta": self.tta,
+            **({"tta_flips": self.tta_flips} if self.tta else {}),
             "crf": self.crf,
             "overlap": self.overlap,
             "blend_mode": self.blend_mode,
@@ -159,13 +161,15 @@ def resolve_options(
             "Dice; see postprocess_tuning.json in the bundle); applying it because asked"
         )
     if tta is None and cfg.infer.tta:
-        log.info("flip TTA on: the model's validation tuning kept it (--no-tta skips it, about 3-8x faster)")
+        log.info("flip TTA on (%d passes): the model's validation tuning kept it (--no-tta skips it)",
+                 cfg.infer.tta_flips)
     dev = torch.device(device)
     predictors = backend_predictors(bundles, dev)
     options = InferOptions(
         device=str(dev),
         precision=predictors[0].precision,
         tta=cfg.infer.tta if tta is None else tta,
+        tta_flips=cfg.infer.tta_flips,
         crf=cfg.postprocess.crf.enabled if crf is None else crf,
         overlap=cfg.infer.overlap,
         sw_batch_size=cfg.infer.sw_batch_size,

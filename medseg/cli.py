@@ -682,8 +682,8 @@ def _add_infer(sub: Any) -> None:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="average predictions over the 8 flips (about 3-8x the time), or never (--no-tta); "
-        "default: what the model's validation tuning chose",
+        help="average predictions over axis flips (infer.tta_flips: 2 or 8 passes, about 2x or 3-8x "
+        "the time), or never (--no-tta); default: what the model's validation tuning chose",
     )
     p.add_argument(
         "--crf",

@@ -214,6 +214,10 @@ class InferConfig(_Strict):
     sw_batch_size: int = Field(2, ge=1)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
+    # TTA passes: 2 = the scan and its mirror in all three axes; 8 = every combination of axis flips.
+    # On unseen phantoms the 2 passes gave three quarters of the 8's gain (fatty organ 0.924 -> 0.932
+    # against 0.935) for a quarter of their time; validation tuning chooses (medseg.tuning).
+    tta_flips: Literal[2, 8] = 8
     # Windows run on the inference device; the full-volume accumulation stays on the CPU
     # when the model grid holds more voxels than this (MONAI's sw_device/device split), so a
     # 512x512x1000 CT does not run out of GPU memory.

@@ -110,10 +110,13 @@ def torch_predictor(
     return predict
 
 
-def flip_sets(tta: bool) -> list[tuple[int, ...]]:
-    """The flips run for one image: none, or (with TTA) every non-empty combination of the spatial axes."""
+def flip_sets(tta: bool, passes: int = 8) -> list[tuple[int, ...]]:
+    """The flips run for one image: none, or (with TTA) every non-empty combination of the spatial
+    axes (``passes`` 8), or the mirror in all three axes (``passes`` 2)."""
     flips: list[tuple[int, ...]] = [()]
-    if tta:
+    if tta and passes == 2:
+        flips.append(FLIP_AXES)
+    elif tta:
         flips += [c for r in (1, 2, 3) for c in itertools.combinations(FLIP_AXES, r)]
     return flips
 
@@ -149,6 +152,7 @@ def sliding_window_logits(
     sw_batch_size: int = 2,
     mode: str = "gaussian",
     tta: bool = False,
+    tta_flips: int = 8,
     device: str | torch.device = "cpu",
     accumulate_on_cpu: bool = False,
     cpu_bf16: bool = False,
@@ -162,7 +166,7 @@ def sliding_window_logits(
     ``inference_precision(device, cpu_bf16=cpu_bf16)``) or any ``Predictor``. Windows run on
     ``device``; with ``accumulate_on_cpu`` the full-volume stitching stays on the CPU (MONAI's ``sw_device``/``device`` split), so a large volume
     does not have to fit in GPU memory. On CUDA probabilities are kept in half precision.
-    When ``flip_labels`` is a list, each flip's argmax (uint8) is appended to it;
+    ``tta_flips``: the TTA passes (``flip_sets``). When ``flip_labels`` is a list, each flip's argmax (uint8) is appended to it;
     ``on_windows(n)`` is called after each batch of ``n`` windows.
     """
     device = torch.device(device)
@@ -173,7 +177,7 @@ def sliding_window_logits(
         precision = precision or inference_precision(device, cpu_bf16=cpu_bf16)
         network = torch_predictor(network, device=device, precision=precision)
     predictor = _counting(network, on_windows)
-    flips = flip_sets(tta)
+    flips = flip_sets(tta, tta_flips)
     big = int(np.prod(x.shape[2:])) > HALF_PROBS_VOXELS
     acc_dtype = torch.float16 if on_cuda or big else torch.float32
     total: torch.Tensor | None = None
@@ -259,7 +263,7 @@ def _network_probabilities(
     roi = tuple(int(p) for p in bundle.config.train.patch_size)
     on_windows = None
     if progress is not None:
-        total = count_windows(tuple(image.shape[1:]), roi, infer.overlap) * len(flip_sets(tta))
+        total = count_windows(tuple(image.shape[1:]), roi, infer.overlap) * len(flip_sets(tta, infer.tta_flips))
         done = [0]
 
         def on_windows(n: int) -> None:
@@ -275,6 +279,7 @@ def _network_probabilities(
         sw_batch_size=infer.sw_batch_size,
         mode=infer.blend_mode,
         tta=tta,
+        tta_flips=infer.tta_flips,
         device=device,
         accumulate_on_cpu=int(np.prod(image.shape[1:])) > infer.accumulate_on_cpu_voxels,
         cpu_bf16=infer.cpu_bf16,

@@ -280,12 +280,15 @@ def test_tuning_decides_flip_tta_and_inference_follows_it(trained, tmp_path, cap
     report = tune_bundle(bundle, val)
     assert report is not None
     assert report.tta in (True, False)
-    assert load_bundle(bundle).config.infer.tta is report.tta
+    assert [t.step for t in report.trials[:2]] == ["flip TTA (2 passes)", "flip TTA (8 passes)"]
+    infer = load_bundle(bundle).config.infer
+    assert infer.tta is report.tta
+    assert infer.tta_flips == (report.tta_flips or 8)
     assert json.loads((bundle / "postprocess_tuning.json").read_text())["tta"] is report.tta
 
     # a bundle whose tuning kept it: TTA by default, --no-tta without it
     tree = yaml.safe_load((bundle / "config.yaml").read_text())
-    tree["infer"]["tta"] = True
+    tree["infer"]["tta"], tree["infer"]["tta_flips"] = True, 2
     (bundle / "config.yaml").write_text(yaml.safe_dump(tree))
     image = sorted((data / "imagesTs").glob("*.nii.gz"))[0]
     for flag, expected in (([], True), (["--no-tta"], False)):
@@ -295,15 +298,15 @@ def test_tuning_decides_flip_tta_and_inference_follows_it(trained, tmp_path, cap
         assert proc.returncode == 0, proc.stderr
         sidecar = json.loads(next((tmp_path / out).glob("*_seg.json")).read_text())
         assert sidecar["tta"] is expected
-        assert ("flip TTA on" in proc.stderr) is expected
+        assert ("flip TTA on (2 passes)" in proc.stderr) is expected
+        assert sidecar["options"].get("tta_flips") == (2 if expected else None)
     # the Python API follows the bundle too
     import medseg.predict
 
-    asked: list[bool] = []
+    asked: list[tuple[bool, int]] = []
     real = medseg.predict.flip_sets
-    monkeypatch.setattr(medseg.predict, "flip_sets", lambda tta: asked.append(tta) or real(tta))
+    monkeypatch.setattr(medseg.predict, "flip_sets", lambda tta, n=8: asked.append((tta, n)) or real(tta, n))
     assert load_bundle(bundle).predict(image).array.shape == load_volume(image).shape
     load_bundle(bundle).predict(image, tta=False)
-    assert asked
-    assert asked[0] is True
-    assert asked[-1] is False
+    assert asked[0] == (True, 2)
+    assert asked[-1][0] is False

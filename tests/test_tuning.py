@@ -187,26 +187,58 @@ def _noisy(ref: np.ndarray, rng, flip_fraction: float) -> np.ndarray:
 
 def test_flip_tta_is_kept_when_it_helps_and_the_rest_is_tuned_on_it(rng):
     """A flip-averaged prediction with fewer border errors is kept (and the CRF/bias/component
-    steps are tuned on it, as inference will run); a worse one is rejected."""
+    steps are tuned on it, as inference will run); 8 passes only when they beat the 2 by a clear
+    margin; a worse one is rejected."""
     refs = [np.pad(_ball((20, 20, 12), (10, 10, 6), 5).astype(np.int64), 4) for _ in range(2)]
     plain = [_noisy(r, rng, 0.3) for r in refs]
-    averaged = [_noisy(r, rng, 0.05) for r in refs]
-    _, report = tune_postprocessing(plain, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
-                                      tta_probabilities=averaged)
-    assert report.tta is True
-    assert report.trials[0].step == "flip TTA (8 passes)"
-    assert report.trials[0].kept
-    assert report.trials[0].dice_after > report.trials[0].dice_before + 0.003
-    assert report.final_dice[1] >= report.trials[0].dice_after - 1e-9  # tuned from the averaged one
+    better = [_noisy(r, rng, 0.1) for r in refs]
+    best = [_noisy(r, rng, 0.02) for r in refs]
+    spacing = (1.0, 1.0, 1.0)
+    _, report = tune_postprocessing(plain, refs, spacing=spacing, label_ids=[0, 1],
+                                    tta_probabilities={2: better, 8: best})
+    assert (report.tta, report.tta_flips) == (True, 8)
+    assert [t.step for t in report.trials[:2]] == ["flip TTA (2 passes)", "flip TTA (8 passes)"]
+    assert [t.kept for t in report.trials[:2]] == [False, True]
+    assert report.trials[1].dice_after > report.trials[0].dice_after + 0.003
+    assert report.final_dice[1] >= report.trials[1].dice_after - 1e-9  # tuned from the averaged one
     assert "flip TTA" in report.table()
-    assert report.to_dict()["tta"] is True
+    assert report.to_dict()["tta_flips"] == 8
 
-    _cfg, report = tune_postprocessing(averaged, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
-                                      tta_probabilities=plain)
-    assert report.tta is False
-    assert not report.trials[0].kept
+    # the 8 passes no better than the 2: the 2 are kept (a quarter of the time)
+    _, report = tune_postprocessing(plain, refs, spacing=spacing, label_ids=[0, 1],
+                                    tta_probabilities={2: best, 8: best})
+    assert (report.tta, report.tta_flips) == (True, 2)
+
+    _, report = tune_postprocessing(best, refs, spacing=spacing, label_ids=[0, 1],
+                                    tta_probabilities={2: plain, 8: better})
+    assert (report.tta, report.tta_flips) == (False, None)
+    assert not any(t.kept for t in report.trials[:2])
     assert report.final_dice[1] >= report.baseline_dice[1] - 1e-9
-    _, report = tune_postprocessing(plain, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1])
+    _, report = tune_postprocessing(plain, refs, spacing=spacing, label_ids=[0, 1])
     assert report.tta is None  # not tried without averaged probabilities
-    with pytest.raises(ValueError, match="TTA probabilities"):
-        tune_postprocessing(plain, refs, spacing=(1, 1, 1), label_ids=[0, 1], tta_probabilities=plain[:1])
+    with pytest.raises(ValueError, match="8-pass TTA probabilities"):
+        tune_postprocessing(plain, refs, spacing=spacing, label_ids=[0, 1], tta_probabilities={8: plain[:1]})
+
+
+def test_the_two_pass_average_is_the_mirror_pair_of_the_eight():
+    """The 2-pass average the tuner scores comes from the 8-pass run and equals what inference's
+    2 passes compute (the scan and its mirror in all three axes)."""
+    import torch
+
+    from medseg.config import load_config
+    from medseg.predict import flip_sets
+    from medseg.tuning import _flip_averages
+
+    cfg = load_config(None, ["train.patch_size=[16, 16, 16]"])
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
+    image = torch.randn(1, 1, 20, 18, 17)
+    with torch.no_grad():
+        both = _flip_averages(net, image, cfg, 8)
+        two = _flip_averages(net, image, cfg, 2)
+    assert sorted(both) == [2, 8]
+    assert sorted(two) == [2]
+    np.testing.assert_allclose(both[2], two[2], atol=1e-6)
+    assert flip_sets(True, 2) == [(), (2, 3, 4)]
+    assert len(flip_sets(True, 8)) == 8
+    assert not np.allclose(both[2], both[8])
