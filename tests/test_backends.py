@@ -339,3 +339,26 @@ def test_auto_does_not_measure_a_network_too_fast_to_gain(tmp_path, monkeypatch)
     assert "too fast for the other backends to repay measuring them" in predictor.reason
     assert predictor.selection is None
     assert not (tmp_path / "cache").exists()  # nothing exported, nothing measured
+
+
+def test_auto_keeps_fp32_when_bf16_is_barely_faster():
+    """bf16 wins only when clearly faster than the fastest fp32 that passed parity: within the
+    machine's timing noise fp32 gives torch fp32's own mask at the same speed."""
+    from medseg.backends import LOW_PRECISION_MARGIN, Candidate, choose
+
+    def candidates(bf16_s: float) -> list[Candidate]:
+        return [
+            Candidate("torch", "fp32", 0.045, 1.0, passed=True),
+            Candidate("torch", "bf16", bf16_s, 0.9998, passed=True),
+            Candidate("openvino", "fp32", 0.0325, 1.0, passed=True),
+            Candidate("openvino", "bf16", 0.020, 0.9997, passed=False, note="failed parity"),
+        ]
+
+    best, reason = choose(candidates(0.0307), "auto", "auto")
+    assert best.name == "openvino fp32"
+    assert "torch bf16 (0.031 s) is less than 1.1x faster: fp32 kept" in reason
+    best, reason = choose(candidates(0.0325 / LOW_PRECISION_MARGIN - 0.001), "auto", "auto")
+    assert best.name == "torch bf16"
+    assert "fp32 kept" not in reason
+    best, _ = choose(candidates(0.0307), "auto", "bf16")  # asked for bf16: no fp32 to fall back on
+    assert best.name == "torch bf16"
