@@ -260,9 +260,10 @@ def continued_precision(device: torch.device, began: str, *, amp: bool = True) -
     """The precision a resumed run goes on in: the one it began in (its checkpoint says which), so
     that a busier machine measuring bf16 differently today cannot change the numerics mid-run; only
     a device that cannot run it natively (the run moved) falls back to what ``auto`` picks here."""
-    native = began == "fp32" or (began == "fp16" and device.type == "cuda")
     if began == "bf16":
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    else:
+        native = began == "fp32" or (began == "fp16" and device.type == "cuda")
     if native:
         log.info("precision: %s, as the run began", began)
         return began  # type: ignore[return-value]

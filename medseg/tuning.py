@@ -408,47 +408,53 @@ def tune_postprocessing(
     for label, bias in biases.items():
         cfg = _with_label(cfg, label, logit_bias=bias)
     for label in fg:
-        current = _apply(bases, spacings, cfg, ids)
-        score = _scores(current, refs, spacings, label)
-        for name, update in _label_step_candidates(refs, spacings, label):
-            steps = cfg.per_label.get(label)
-            if name.startswith("remove") and steps is not None and steps.keep_largest:
-                continue  # keeping the largest already removed the small components
-            trial_cfg = _with_label(cfg, label, **update)
-            after = _scores(_apply(bases, spacings, trial_cfg, ids), refs, spacings, label)
-            kept = after[0] >= score[0] + min_gain and _not_worse(after[1], score[1])
-            report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept))
-            if kept:
-                cfg, score = trial_cfg, after
+        cfg = _tune_label_steps(cfg, label, bases, refs, spacings, ids, report, min_gain)
     final = _apply(bases, spacings, cfg, ids)
     report.final_dice = {k: _scores(final, refs, spacings, k)[0] for k in fg}
     log.info("%s", report.table())
     return cfg, report
 
 
-def _flip_averages(network: Any, image: Any, cfg: Any, passes: int) -> dict[int, np.ndarray]:
-    """Softmax probabilities of one preprocessed image (1, C, X, Y, Z), averaged over inference's
-    TTA flips: ``passes`` 1 gives {1: plain}, 2 gives {2: ...}, 8 gives {2: ..., 8: ...} (the
-    2-pass average taken from the same run: its flips are among the 8)."""
+def _tune_label_steps(
+    cfg: PostprocessConfig, label: int, bases, refs, spacings, ids, report: TuningReport, min_gain: float
+) -> PostprocessConfig:
+    """Keep-largest / k largest / small-component removal / hole filling for one label, each kept
+    when it raises the label's mean Dice by ``min_gain`` and does not worsen its mean HD95."""
+    score = _scores(_apply(bases, spacings, cfg, ids), refs, spacings, label)
+    for name, update in _label_step_candidates(refs, spacings, label):
+        steps = cfg.per_label.get(label)
+        if name.startswith("remove") and steps is not None and steps.keep_largest:
+            continue  # keeping the largest already removed the small components
+        trial_cfg = _with_label(cfg, label, **update)
+        after = _scores(_apply(bases, spacings, trial_cfg, ids), refs, spacings, label)
+        kept = after[0] >= score[0] + min_gain and _not_worse(after[1], score[1])
+        report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept))
+        if kept:
+            cfg, score = trial_cfg, after
+    return cfg
+
+
+def _flip_averages(network: Any, image: Any, cfg: Any, plain: np.ndarray, passes: int) -> dict[int, np.ndarray]:
+    """Softmax probabilities of one preprocessed image (1, C, X, Y, Z) averaged over inference's TTA
+    flips, from its ``plain`` (unflipped) probabilities and the other passes: ``passes`` 2 gives
+    {2: ...}, 8 gives {2: ..., 8: ...} (the mirror pair is among the 8 flips: one run serves both)."""
     import torch
 
     from medseg.predict import flip_sets
     from medseg.validation import window_logits
 
     mirror_flips = flip_sets(True, 2)
-    total: torch.Tensor | None = None
-    mirror: torch.Tensor | None = None
-    flips = flip_sets(passes > 1, passes)
-    for dims in flips:
-        p = torch.softmax(window_logits(network, torch.flip(image, dims) if dims else image, cfg), dim=1)
-        p = torch.flip(p, dims) if dims else p
-        if passes == 8 and dims in mirror_flips:
-            mirror = p.clone() if mirror is None else mirror.add_(p)
-        total = p if total is None else total.add_(p)
-    assert total is not None
-    out = {len(flips): total.div_(len(flips))[0].cpu().numpy()}
+    total = torch.from_numpy(plain)[None].clone()
+    mirror = total.clone() if passes == 8 else None
+    flips = flip_sets(True, passes)
+    for dims in flips[1:]:  # flips[0] is the unflipped pass: ``plain``
+        p = torch.flip(torch.softmax(window_logits(network, torch.flip(image, dims), cfg), dim=1), dims)
+        if mirror is not None and dims in mirror_flips:
+            mirror.add_(p)
+        total.add_(p)
+    out = {len(flips): total.div_(len(flips))[0].numpy()}
     if mirror is not None:
-        out[2] = mirror.div_(2)[0].cpu().numpy()
+        out[2] = mirror.div_(2)[0].numpy()
     return out
 
 
@@ -465,6 +471,7 @@ def validation_probabilities(
     import torch
 
     from medseg.transforms import build_preprocess
+    from medseg.validation import window_logits
 
     preprocess = build_preprocess(cfg)
     probs: list[np.ndarray] = []
@@ -476,7 +483,7 @@ def validation_probabilities(
         for case in cases:
             item = preprocess(_raw_item(case))  # image: one path, or one per channel
             image = item["image"][None].to(device)
-            probs.append(_flip_averages(network, image, cfg, 1)[1])
+            probs.append(torch.softmax(window_logits(network, image, cfg), dim=1)[0].cpu().numpy())
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
             images.append(np.asarray(item["image"][0], dtype=np.float32))  # the CRF reads the first channel
             affine = np.asarray(item["image"].affine, dtype=float)
@@ -485,10 +492,12 @@ def validation_probabilities(
 
 
 def tta_validation_probabilities(
-    network: Any, cfg: Any, cases: Sequence[Any], *, device: Any = "cpu", passes: int = 8
+    network: Any, cfg: Any, cases: Sequence[Any], plain: Sequence[np.ndarray], *, device: Any = "cpu",
+    passes: int = 8,
 ) -> dict[int, list[np.ndarray]]:
     """Per number of TTA passes (2, and 8 when ``passes`` is 8), the validation cases' probabilities
-    averaged over those flips, in the model grid as ``validation_probabilities`` gives them."""
+    averaged over those flips, in the model grid as ``validation_probabilities`` gives them (``plain``,
+    its probabilities, serve as the unflipped pass)."""
     import torch
 
     from medseg.transforms import build_preprocess
@@ -497,9 +506,9 @@ def tta_validation_probabilities(
     out: dict[int, list[np.ndarray]] = {}
     network.eval()
     with torch.no_grad():
-        for case in cases:
+        for case, unflipped in zip(cases, plain, strict=True):
             image = preprocess(_raw_item(case))["image"][None].to(device)
-            for n, probs in _flip_averages(network, image, cfg, passes).items():
+            for n, probs in _flip_averages(network, image, cfg, unflipped, passes).items():
                 out.setdefault(n, []).append(probs)
     return out
 
@@ -536,11 +545,12 @@ def tune_bundle(
     plain_s = time.monotonic() - started
     tta_probs = None
     if not cfg.infer.tta:
-        # the passes that fit in half the time left (each about one plain pass)
+        # the passes that fit in half the time left (each about one plain pass, preprocessing included)
         room = None if time_left is None else 0.5 * (time_left - plain_s)
-        passes = next((n for n in (8, 2) if room is None or (n + 1) * plain_s <= room), None)
+        passes = next((n for n in (8, 2) if room is None or n * plain_s <= room), None)
         if passes is not None:
-            tta_probs = tta_validation_probabilities(bundle.network, cfg, val_cases, device=device, passes=passes)
+            tta_probs = tta_validation_probabilities(bundle.network, cfg, val_cases, probs, device=device,
+                                                     passes=passes)
         else:
             log.info("time budget: flip TTA not tried on validation (2 passes would take about %.0f s)",
                      2 * plain_s)

@@ -226,22 +226,32 @@ def test_the_two_pass_average_is_the_mirror_pair_of_the_eight():
     import torch
 
     from medseg.config import load_config
-    from medseg.predict import flip_sets
+    from medseg.predict import flip_sets, sliding_window_logits
     from medseg.tuning import _flip_averages
+    from medseg.validation import window_logits
 
     cfg = load_config(None, ["train.patch_size=[16, 16, 16]"])
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
     image = torch.randn(1, 1, 20, 18, 17)
     with torch.no_grad():
-        both = _flip_averages(net, image, cfg, 8)
-        two = _flip_averages(net, image, cfg, 2)
+        plain = torch.softmax(window_logits(net, image, cfg), dim=1)[0].numpy()
+        both = _flip_averages(net, image, cfg, plain, 8)
+        two = _flip_averages(net, image, cfg, plain, 2)
+        inference = {
+            n: sliding_window_logits(net, image[0], roi_size=(16, 16, 16), overlap=cfg.infer.overlap,
+                                     sw_batch_size=cfg.infer.sw_batch_size, mode=cfg.infer.blend_mode,
+                                     tta=True, tta_flips=n, precision="fp32").numpy()
+            for n in (2, 8)
+        }
     assert sorted(both) == [2, 8]
     assert sorted(two) == [2]
     np.testing.assert_allclose(both[2], two[2], atol=1e-6)
     assert flip_sets(True, 2) == [(), (2, 3, 4)]
     assert len(flip_sets(True, 8)) == 8
     assert not np.allclose(both[2], both[8])
+    for n in (2, 8):  # what inference's --tta computes with that many passes
+        np.testing.assert_allclose(both[n], inference[n], atol=1e-5)
 
 
 def test_eight_passes_must_pay_for_the_passes_they_add():
