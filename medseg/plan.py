@@ -16,13 +16,15 @@ Rules (nnU-Net's, made visible):
   one normalisation per channel, read from its channel names as nnU-Net reads
   ``channel_names`` ("CT" -> CT, "noNorm" -> none, anything else -> per-image z-score).
 - patch: the median image size at the target spacing, rounded up to what the network
-  divides, shrunk along its largest axis until the activations fit the memory budget.
+  divides, shrunk along its longest axis in mm until the activations fit the memory budget.
 - batch: 2; raised (up to 8) while the patch covers the whole median image and memory allows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -136,15 +138,33 @@ def detect_memory_gb(device: str | None) -> float:
     return round(min(16.0, max(1.0, total / 4)), 1)
 
 
-def _fit_patch(extent_vox: np.ndarray, divisor: int, max_voxels: float) -> tuple[float, float, float]:
-    """Largest patch <= the median image size (rounded up), divisible by ``divisor``, within ``max_voxels``."""
-    patch = np.maximum(divisor, np.ceil(extent_vox / divisor) * divisor)
-    while np.prod(patch) > max_voxels:
-        axis = int(np.argmax(patch))
-        if patch[axis] <= divisor:
-            break
-        patch[axis] -= divisor
-    return tuple(float(p) for p in patch)  # type: ignore[return-value]
+def _shrink_path(patch: np.ndarray, divisor: int, spacing: Sequence[float] | None) -> list[np.ndarray]:
+    """``patch`` and every patch after it as it shrinks by ``divisor`` along its longest axis *in mm*
+    (``spacing``; in voxels without it) down to ``divisor`` on every axis."""
+    size = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
+    patch = patch.astype(float).copy()
+    path = [patch.copy()]
+    while (patch > divisor).any():
+        mm = np.where(patch > divisor, patch * size, -np.inf)  # an axis at the divisor cannot shrink
+        patch[int(np.argmax(mm))] -= divisor
+        path.append(patch.copy())
+    return path
+
+
+def _fit_patch(
+    extent_vox: np.ndarray, divisor: int, max_voxels: float, spacing: Sequence[float] | None = None
+) -> tuple[float, float, float]:
+    """Largest patch <= the median image size (rounded up), divisible by ``divisor``, within ``max_voxels``.
+
+    It shrinks along its longest axis *in mm* (``_shrink_path``), so the field of view stays as near
+    a cube as the image allows, as nnU-Net's patches do: shrinking the axis with the most voxels cut a
+    1 x 1 x 2.3 mm CT's patch to 48 x 48 x 48 voxels, 50 x 50 x 112 mm, which sees a third of a liver
+    across and the whole abdomen's height (64 x 64 x 32 now, 67 x 67 x 75 mm); at 5 mm slices it was
+    five times taller than wide."""
+    top = np.maximum(divisor, np.ceil(extent_vox / divisor) * divisor)
+    path = _shrink_path(top, divisor, spacing)
+    fit = next((p for p in path if np.prod(p) <= max_voxels), path[-1])
+    return tuple(float(v) for v in fit)  # type: ignore[return-value]
 
 
 def make_plan(cfg: Config, fp: Fingerprint, *, max_patch_voxels: int = MAX_PATCH_VOXELS) -> Config:
@@ -167,7 +187,7 @@ def make_plan(cfg: Config, fp: Fingerprint, *, max_patch_voxels: int = MAX_PATCH
     divisor = divisor_of(plan.model)
     if tr.patch_size is None:
         per_sample = min(max_patch_voxels, budget_voxels / 2)  # room for a batch of 2
-        tr.patch_size = _fit_patch(extent_vox, divisor, per_sample)
+        tr.patch_size = _fit_patch(extent_vox, divisor, per_sample, pre.spacing)
     if tr.batch_size is None:
         patch_vox = float(np.prod(tr.patch_size))
         covers_image = bool(np.all(np.asarray(tr.patch_size) >= extent_vox))
@@ -255,14 +275,17 @@ def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
 
 
 def candidate_patches(
-    top: tuple[float, ...], divisor: int, *, scales=PATCH_SCALES
+    top: tuple[float, ...], divisor: int, *, scales=PATCH_SCALES, spacing: Sequence[float] | None = None
 ) -> list[tuple[int, int, int]]:
-    """Patches from ``top`` (the fingerprint plan's) down, each shrunk along its largest axes
-    to ``scale**3`` of its voxels, divisible by ``divisor``; distinct, smallest first."""
+    """Patches from ``top`` (the fingerprint plan's) down: on its shrink path (``_shrink_path``, by
+    the longest axis in mm with ``spacing``), the one nearest ``scale**3`` of its voxels for each
+    scale, divisible by ``divisor``; distinct, smallest first."""
     top_arr = np.asarray(top, dtype=float)
+    path = _shrink_path(top_arr, divisor, spacing)
     found: set[tuple[int, int, int]] = set()
     for scale in scales:
-        patch = _fit_patch(top_arr, divisor, float(np.prod(top_arr)) * scale**3)
+        target = float(np.prod(top_arr)) * scale**3
+        patch = min(path, key=lambda p: abs(math.log(float(np.prod(p)) / target)))
         # at least 4 voxels at the bottleneck (instance norm needs more than 1), unless it is the top
         if scale == 1.0 or np.prod(np.asarray(patch) / divisor) >= 4:
             found.add(tuple(int(p) for p in patch))  # type: ignore[arg-type]
@@ -453,7 +476,7 @@ def plan_for_budget(
     patches = (
         [cast(tuple[int, int, int], tuple(int(p) for p in tr.patch_size))]
         if "patch_size" in fixed
-        else candidate_patches(tr.patch_size, divisor_of(planned.model))
+        else candidate_patches(tr.patch_size, divisor_of(planned.model), spacing=planned.preprocess.spacing)
     )
     batch = int(tr.batch_size) if "batch_size" in fixed else 2
     models = _model_candidates(cfg)

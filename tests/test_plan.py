@@ -74,6 +74,31 @@ def test_patch_fits_memory_and_batch_grows_only_when_patch_covers_image():
     assert tiny.train.batch_size > 2
 
 
+def test_patches_keep_a_near_cubic_field_of_view_in_mm_on_anisotropic_scans():
+    """A patch shrinks along its longest axis in mm, not in voxels: on a 1 x 1 x 2.3 mm CT the
+    voxel rule gave 48 x 48 x 48 (50 x 50 x 112 mm, a third of a liver across and the abdomen's whole
+    height); on 5 mm slices a field of view five times taller than wide."""
+    import numpy as np
+
+    from medseg.plan import candidate_patches
+
+    for spacing, extent_mm in (((1.05, 1.05, 2.34), (168, 143, 110)), ((0.8, 0.8, 5.0), (350, 300, 250))):
+        fp = make_fp(spacing_median=list(spacing), extent_mm_median=list(extent_mm))
+        cfg = Config.model_validate({"preprocess": {"spacing": list(spacing)}, "train": {"memory_budget_gb": 4.0}})
+        plan = make_plan(cfg, fp)
+        for patch in [plan.train.patch_size, *candidate_patches(plan.train.patch_size, 16, spacing=spacing)]:
+            mm = np.asarray(patch) * np.asarray(spacing)
+            assert all(p % 16 == 0 for p in patch)
+            # no axis longer in mm than another by more than one shrink step can explain
+            assert mm.max() <= 2.2 * mm.min(), (patch, mm)
+        mids = [p for p in candidate_patches(plan.train.patch_size, 16, spacing=spacing) if 60_000 < np.prod(p) < 200_000]
+        assert mids  # a candidate near 48^3's voxels, not only the top and a quarter of it
+    # isotropic voxels: the rule in mm is the rule in voxels, as before
+    assert candidate_patches((160.0, 128.0, 48.0), 16, spacing=(2.0, 2.0, 2.0)) == candidate_patches(
+        (160.0, 128.0, 48.0), 16
+    )
+
+
 def test_scheduler_by_optimiser_and_overrides_win():
     assert make_plan(Config(), BASE_FP).train.scheduler == "cosine"
     sgd = make_plan(Config.model_validate({"train": {"optimizer": "sgd"}}), BASE_FP)
