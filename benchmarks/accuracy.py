@@ -97,8 +97,13 @@ def make_realct(out: Path, *, train: int = 6, test: int = 2, seed: int = 0) -> P
     return out
 
 
+def tag(name: str, seed: int = 0) -> str:
+    """The set's name in folders and result files: ``phantoms_seed<N>`` for another draw of phantoms."""
+    return f"{name}_seed{seed}" if name == "phantoms" and seed else name
+
+
 def dataset(name: str, work: Path, seed: int = 0) -> Path:
-    root = work / (name if name != "phantoms" or not seed else f"{name}_seed{seed}")
+    root = work / tag(name, seed)
     if not (root / "dataset.json").exists():
         if name == "phantoms":
             from phantoms import make_dataset
@@ -355,10 +360,10 @@ def main() -> None:
     for name in args.sets:
         root = dataset(name, work, args.seed)
         labels = {int(k): v for k, v in _spec(root)["labels"].items()}
-        tag = name if name != "phantoms" or not args.seed else f"{name}_seed{args.seed}"
-        out = work / f"{tag}_{args.minutes:g}min"
+        set_tag = tag(name, args.seed)
+        out = work / f"{set_tag}_{args.minutes:g}min"
         out.mkdir(parents=True, exist_ok=True)
-        saved = HERE / "results" / f"accuracy_{tag}.json"
+        saved = HERE / "results" / f"accuracy_{set_tag}.json"
         results = {}
         if saved.exists() and set(args.methods) != {"medseg", "monai"}:  # one method again: keep the other
             previous = json.loads(saved.read_text())
@@ -390,8 +395,8 @@ def main() -> None:
         saved.write_text(json.dumps(payload, indent=2, default=str))
         plot(
             results,
-            HERE / "results" / f"accuracy_{tag}.png",
-            f"{tag}: {args.minutes:g} min each, {machine}",
+            HERE / "results" / f"accuracy_{set_tag}.png",
+            f"{set_tag}: {args.minutes:g} min each, {machine}",
         )
 
 

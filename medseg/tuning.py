@@ -448,7 +448,8 @@ def _flip_averages(network: Any, image: Any, cfg: Any, plain: np.ndarray, passes
     mirror = total.clone() if passes == 8 else None
     flips = flip_sets(True, passes)
     for dims in flips[1:]:  # flips[0] is the unflipped pass: ``plain``
-        p = torch.flip(torch.softmax(window_logits(network, torch.flip(image, dims), cfg), dim=1), dims)
+        # on the CPU beside ``plain`` (tuning on a GPU runs the windows there)
+        p = torch.flip(torch.softmax(window_logits(network, torch.flip(image, dims), cfg), dim=1), dims).cpu()
         if mirror is not None and dims in mirror_flips:
             mirror.add_(p)
         total.add_(p)
