@@ -130,9 +130,18 @@ def score(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[int, str]) ->
 # ----------------------------------------------------------------------------- medseg
 
 
-def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str], *, reuse: bool = False) -> dict:
+def run_medseg(
+    root: Path,
+    out: Path,
+    minutes: float,
+    labels: dict[int, str],
+    *,
+    reuse: bool = False,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """The medseg CLI as a user runs it: train with a budget (nothing else), then infer the test images.
-    ``reuse``: a finished run in ``out`` is scored again without training."""
+    ``reuse``: a finished run in ``out`` is scored again without training. ``overrides``: ``--set``
+    values for the training (an experiment; the benchmark's figures are measured without)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = out / "medseg_run"
     medseg = [sys.executable, "-m", "medseg"]
@@ -146,6 +155,7 @@ def run_medseg(root: Path, out: Path, minutes: float, labels: dict[int, str], *,
             f"{minutes}m",
             "--set",
             "tracking.enabled=false",
+            *(arg for item in overrides for arg in ("--set", item)),
         ]
         subprocess.run([*medseg, *train, "--out", str(run)], check=True, env=env, cwd=out)
     train_s = time.monotonic() - start
@@ -354,23 +364,34 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="the phantoms' draw (0: the set the tables below were measured on; another "
                              "seed is data no tuning of medseg's has seen)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="medseg train --set for an experiment (repeatable); results are written "
+                             "under --variant's name")
+    parser.add_argument("--variant", default="",
+                        help="a name for this experiment's folder and result files (with --set); its JSON "
+                             "and PNG go to its folder under --work, not to benchmarks/results")
     args = parser.parse_args()
+    if args.overrides and not args.variant:
+        parser.error("--set needs --variant NAME, so an experiment does not overwrite the benchmark's results")
     work = Path(args.work)
     (HERE / "results").mkdir(exist_ok=True)
     for name in args.sets:
         root = dataset(name, work, args.seed)
         labels = {int(k): v for k, v in _spec(root)["labels"].items()}
-        set_tag = tag(name, args.seed)
+        set_tag = tag(name, args.seed) + (f"_{args.variant}" if args.variant else "")
         out = work / f"{set_tag}_{args.minutes:g}min"
         out.mkdir(parents=True, exist_ok=True)
-        saved = HERE / "results" / f"accuracy_{set_tag}.json"
+        results_dir = out if args.variant else HERE / "results"  # an experiment's stay beside its runs
+        saved = results_dir / f"accuracy_{set_tag}.json"
         results = {}
         if saved.exists() and set(args.methods) != {"medseg", "monai"}:  # one method again: keep the other
             previous = json.loads(saved.read_text())
             if previous.get("minutes") == args.minutes:
                 results = {m: r for m, r in previous["results"].items() if m not in args.methods}
         if "medseg" in args.methods:
-            results["medseg"] = run_medseg(root, out, args.minutes, labels, reuse=args.reuse)
+            results["medseg"] = run_medseg(
+                root, out, args.minutes, labels, reuse=args.reuse, overrides=tuple(args.overrides)
+            )
         val_names = []
         splits = out / "medseg_run" / "splits.json"
         if splits.exists():
@@ -395,7 +416,7 @@ def main() -> None:
         saved.write_text(json.dumps(payload, indent=2, default=str))
         plot(
             results,
-            HERE / "results" / f"accuracy_{set_tag}.png",
+            results_dir / f"accuracy_{set_tag}.png",
             f"{set_tag}: {args.minutes:g} min each, {machine}",
         )
 

@@ -17,9 +17,9 @@ plain argmax of the validation probabilities and tries, in order:
    settings: the best is kept only when it raises the mean foreground Dice, lowers no label's
    Dice and does not worsen the HD95 averaged over the labels (``crf_helps``);
 2. per label, a bias on its log-probability before the argmax (+0.5 to +3): kept when it raises
-   the label's Dice by ``BIAS_MIN_GAIN`` (0.01), lowers no other label's by more than
-   ``BIAS_TOLERANCE`` and does not worsen the label's HD95. A low-contrast organ the network under-segments on data
-   unlike its training set gets its rim back (an unseen phantom's fatty organ at 16 HU below its
+   the label's mean Dice by ``BIAS_MIN_GAIN`` (0.01), lowers it on no validation case and no
+   other label's mean by more than ``BIAS_TOLERANCE``, and does not worsen the label's HD95. A
+   low-contrast organ the network under-segments on data unlike its training set gets its rim back (an unseen phantom's fatty organ at 16 HU below its
    neighbours: Dice 0.30 -> 0.54 with +2; on in-distribution validation cases 0.844 -> 0.857);
 3. per label, on top of that: keep the largest component, keep the 2 largest, remove
    components smaller than a share of the smallest reference component, fill holes. A step
@@ -71,6 +71,9 @@ BIAS_CANDIDATES = (0.5, 1.0, 2.0, 3.0)  # log-probability biases tried per label
 # 11-minute phantom models +3 was kept for the kidney at +0.005-0.007 validation Dice and changed its
 # test Dice by -0.001 to +0.001 (HD95 3.9 -> 4.3 mm); the fatty organ's +0.017-0.023 gave +0.001-0.003.
 BIAS_MIN_GAIN = 0.01
+# ... and it must lower the label's Dice on no validation case: on an unseen draw (seed 1, 11-minute
+# model) +3 was kept for the kidney on a mean gain of +0.028 that one case carried (0.881 -> 0.953;
+# the other 0.962 -> 0.950), and the four test cases' kidney fell on each (mean 0.971 -> 0.939).
 BIAS_TOLERANCE = 1e-3  # how far another label's Dice may fall when a bias moves their shared border
 # Flip TTA runs the network 2 or 8 times: kept only for a clear validation gain of the mean
 # foreground Dice, at least TTA_MIN_GAIN and TTA_GAIN_PER_PASS for each pass it adds (8 passes:
@@ -312,13 +315,17 @@ def _tune_biases(
             out.append(shifted.argmax(0))
         return out
 
+    def case_dices(preds: list[np.ndarray], j: int) -> np.ndarray:
+        return np.array([dice(p == j, r == j) for p, r in zip(preds, refs, strict=True)])
+
     def mean_dices(preds: list[np.ndarray]) -> dict[int, float]:
-        return {j: float(np.mean([dice(p == j, r == j) for p, r in zip(preds, refs, strict=True)])) for j in fg}
+        return {j: float(case_dices(preds, j).mean()) for j in fg}
 
     labels = argmax_with(biases)
     dices = mean_dices(labels)
     for k in fg:
         before = _scores(labels, refs, spacings, k)
+        before_cases = case_dices(labels, k)
         best: tuple[float, float, list[np.ndarray], Trial] | None = None
         for b in BIAS_CANDIDATES:
             trial = argmax_with({**biases, k: b})
@@ -328,6 +335,8 @@ def _tune_biases(
             after = _scores(trial, refs, spacings, k) if gained else (trial_dice[k], before[1])
             kept = (
                 gained
+                # the gain of one case does not pay for another's loss (see BIAS_MIN_GAIN)
+                and bool(np.all(case_dices(trial, k) >= before_cases - BIAS_TOLERANCE))
                 and all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k)
                 and _not_worse(after[1], before[1])
             )

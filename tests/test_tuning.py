@@ -176,6 +176,25 @@ def test_a_bias_that_takes_from_another_label_is_rejected(rng):
     assert not any(t.kept for t in tried)
 
 
+def test_a_bias_one_case_gains_by_and_another_loses_by_is_rejected(rng):
+    """Case 1 under-segments label 2 (a bias gives its rim back, a large mean gain); case 2 is right
+    and the same bias grows label 2 over its background: a mean gain carried by one case is not kept."""
+    under, under_ref = _under_segmented_case(rng, rim_p=0.2)
+    right, right_ref = _under_segmented_case(rng, rim_p=0.2)
+    rim = (right_ref == 2) & (right[2] < 0.5)
+    right_ref[rim] = 0  # case 2's rim is background: the network is right there...
+    right[:, rim & (np.indices(rim.shape)[0] < 27)] = np.array([0.96, 0.02, 0.02], np.float32)[:, None]
+    # ...sure of it but for one side, where a bias would grow label 2 over it
+    alone, _ = tune_postprocessing([under], [under_ref], spacing=(1.0, 1.0, 1.0), label_ids=[0, 1, 2])
+    assert label_biases(alone) == {2: 2.0}  # on the first case alone the bias is kept
+    cfg, report = tune_postprocessing(
+        [under, right], [under_ref, right_ref], spacing=(1.0, 1.0, 1.0), label_ids=[0, 1, 2]
+    )
+    tried = [t for t in report.trials if t.label == 2 and t.step.startswith("log-probability bias +2")]
+    assert tried[0].dice_after > tried[0].dice_before + 0.1  # the mean gain alone would pass
+    assert 2 not in label_biases(cfg)
+
+
 def _noisy(ref: np.ndarray, rng, flip_fraction: float) -> np.ndarray:
     """Probabilities whose argmax is ``ref`` but for a random share of voxels near its borders."""
     from scipy import ndimage
