@@ -23,8 +23,8 @@ plain argmax of the validation probabilities and tries, in order:
    neighbours: Dice 0.30 -> 0.54 with +2; on in-distribution validation cases 0.844 -> 0.857);
 3. per label, on top of that: keep the largest component, keep the 2 largest, remove
    components smaller than a share of the smallest reference component, fill holes. A step
-   is kept only when it raises the label's mean Dice by ``min_gain`` and does not worsen its
-   mean HD95 (mm, ``medseg.metrics``).
+   is kept only when it raises the label's mean Dice by ``min_gain``, lowers it on no case by
+   more than ``BIAS_TOLERANCE`` and does not worsen its mean HD95 (mm, ``medseg.metrics``).
 
 Returns a ``PostprocessConfig`` (per-label steps, CRF on or off) to store in the bundle, and a
 ``TuningReport`` that says what was tried, measured and kept. A step that lowers Dice is never
@@ -428,18 +428,30 @@ def _tune_label_steps(
     cfg: PostprocessConfig, label: int, bases, refs, spacings, ids, report: TuningReport, min_gain: float
 ) -> PostprocessConfig:
     """Keep-largest / k largest / small-component removal / hole filling for one label, each kept
-    when it raises the label's mean Dice by ``min_gain`` and does not worsen its mean HD95."""
-    score = _scores(_apply(bases, spacings, cfg, ids), refs, spacings, label)
+    when it raises the label's mean Dice by ``min_gain``, lowers it on no validation case by more
+    than ``BIAS_TOLERANCE`` (a stray blob removed from one case does not pay for a real part of
+    the organ removed from another) and does not worsen its mean HD95."""
+
+    def case_dices(preds: list[np.ndarray]) -> np.ndarray:
+        return np.array([dice(p == label, r == label) for p, r in zip(preds, refs, strict=True)])
+
+    current = _apply(bases, spacings, cfg, ids)
+    score, cases = _scores(current, refs, spacings, label), case_dices(current)
     for name, update in _label_step_candidates(refs, spacings, label):
         steps = cfg.per_label.get(label)
         if name.startswith("remove") and steps is not None and steps.keep_largest:
             continue  # keeping the largest already removed the small components
         trial_cfg = _with_label(cfg, label, **update)
-        after = _scores(_apply(bases, spacings, trial_cfg, ids), refs, spacings, label)
-        kept = after[0] >= score[0] + min_gain and _not_worse(after[1], score[1])
+        trial = _apply(bases, spacings, trial_cfg, ids)
+        after, after_cases = _scores(trial, refs, spacings, label), case_dices(trial)
+        kept = (
+            after[0] >= score[0] + min_gain
+            and bool(np.all(after_cases >= cases - BIAS_TOLERANCE))
+            and _not_worse(after[1], score[1])
+        )
         report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept))
         if kept:
-            cfg, score = trial_cfg, after
+            cfg, score, cases = trial_cfg, after, after_cases
     return cfg
 
 

@@ -58,6 +58,28 @@ def test_keep_largest_kept_where_it_helps_and_rejected_where_it_hurts(rng):
     assert PostprocessConfig.model_validate(cfg.model_dump()) == cfg  # storable in the bundle
 
 
+def test_keep_largest_that_removes_a_real_part_of_one_case_is_rejected(rng):
+    """Case A: a large stray blob of label 1 (keep-largest gains much); case B: a small second part
+    of label 1 that is real (keep-largest loses a little). The mean rises, case B falls: not kept."""
+    shape = (32, 32, 20)
+    stray, _ = _case(rng, false_positive=False)
+    a_ref = stray.argmax(0)
+    a_pred = a_ref.copy()
+    a_pred[_ball(shape, (4, 28, 8), 3)] = 1
+    b_ref = a_ref.copy()
+    b_ref[_ball(shape, (4, 28, 8), 1)] = 1  # a real part, 7 voxels
+    alone, _ = tune_postprocessing([_probs(a_pred, 3)], [a_ref], spacing=(1.0, 1.0, 2.0), label_ids=[0, 1, 2])
+    assert alone.per_label[1].keep_largest  # on case A alone it is kept
+    cfg, report = tune_postprocessing(
+        [_probs(a_pred, 3), _probs(b_ref, 3)], [a_ref, b_ref], spacing=(1.0, 1.0, 2.0), label_ids=[0, 1, 2]
+    )
+    trial = next(t for t in report.trials if t.label == 1 and t.step == "keep largest")
+    assert trial.dice_after > trial.dice_before + 0.01  # the mean gain alone would pass
+    assert not trial.kept
+    steps = cfg.per_label.get(1)
+    assert steps is None or not steps.keep_largest
+
+
 def test_no_step_is_kept_when_the_prediction_is_already_right(rng):
     cases = [_case(rng, false_positive=False) for _ in range(2)]
     cfg, report = tune_postprocessing(
