@@ -99,6 +99,7 @@ class Trial:
     hd95_before: float
     hd95_after: float
     kept: bool
+    note: str = ""  # why a step whose mean rose was not kept (a validation case fell)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class TuningReport:
             where = "all" if t.label is None else str(t.label)
             lines.append(
                 f"| {where} | {t.step} | {t.dice_before:.4f} | {t.dice_after:.4f} | {t.hd95_before:.2f} | "
-                f"{t.hd95_after:.2f} | {'yes' if t.kept else 'no'} |"
+                f"{t.hd95_after:.2f} | {'yes' if t.kept else 'no'}{f' ({t.note})' if t.note else ''} |"
             )
         return "\n".join(lines)
 
@@ -158,6 +159,16 @@ def _scores(
 def _case_dices(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], label: int) -> np.ndarray:
     """One label's Dice per case."""
     return np.array([dice(p == label, r == label) for p, r in zip(preds, refs, strict=True)])
+
+
+def _case_fell(before: np.ndarray, after: np.ndarray) -> str:
+    """'' when no case's Dice fell by more than ``BIAS_TOLERANCE``; else which one, by how much
+    (validation cases by their position: the table names no case)."""
+    fell = np.flatnonzero(after < before - BIAS_TOLERANCE)
+    if not len(fell):
+        return ""
+    i = int(fell[np.argmin((after - before)[fell])])
+    return f"validation case {i + 1} of {len(before)} fell {before[i]:.3f} -> {after[i]:.3f}"
 
 
 def _not_worse(after: float, before: float) -> bool:
@@ -336,14 +347,15 @@ def _tune_biases(
             gained = trial_dice[k] >= before[0] + max(min_gain, BIAS_MIN_GAIN)
             # without a gain its HD95 is not worth computing: the trial reports the one before
             after = _scores(trial, refs, spacings, k) if gained else (trial_dice[k], before[1])
+            # the gain of one case does not pay for another's loss (see BIAS_MIN_GAIN)
+            fell = _case_fell(before_cases, _case_dices(trial, refs, k)) if gained else ""
             kept = (
                 gained
-                # the gain of one case does not pay for another's loss (see BIAS_MIN_GAIN)
-                and bool(np.all(_case_dices(trial, refs, k) >= before_cases - BIAS_TOLERANCE))
+                and not fell
                 and all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k)
                 and _not_worse(after[1], before[1])
             )
-            step = Trial(k, f"log-probability bias +{b:g}", before[0], after[0], before[1], after[1], False)
+            step = Trial(k, f"log-probability bias +{b:g}", before[0], after[0], before[1], after[1], False, fell)
             report.trials.append(step)
             if kept and (best is None or after[0] > best[0]):
                 best = (after[0], b, trial, step)
@@ -443,12 +455,10 @@ def _tune_label_steps(
         trial_cfg = _with_label(cfg, label, **update)
         trial = _apply(bases, spacings, trial_cfg, ids)
         after, after_cases = _scores(trial, refs, spacings, label), _case_dices(trial, refs, label)
-        kept = (
-            after[0] >= score[0] + min_gain
-            and bool(np.all(after_cases >= cases - BIAS_TOLERANCE))
-            and _not_worse(after[1], score[1])
-        )
-        report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept))
+        gained = after[0] >= score[0] + min_gain
+        fell = _case_fell(cases, after_cases) if gained else ""
+        kept = gained and not fell and _not_worse(after[1], score[1])
+        report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept, fell))
         if kept:
             cfg, score, cases = trial_cfg, after, after_cases
     return cfg

@@ -76,6 +76,7 @@ def test_keep_largest_that_removes_a_real_part_of_one_case_is_rejected(rng):
     trial = next(t for t in report.trials if t.label == 1 and t.step == "keep largest")
     assert trial.dice_after > trial.dice_before + 0.01  # the mean gain alone would pass
     assert not trial.kept
+    assert trial.note.startswith("validation case 2 of 2 fell 1.000 -> ")
     steps = cfg.per_label.get(1)
     assert steps is None or not steps.keep_largest
 
@@ -215,6 +216,8 @@ def test_a_bias_one_case_gains_by_and_another_loses_by_is_rejected(rng):
     tried = [t for t in report.trials if t.label == 2 and t.step.startswith("log-probability bias +2")]
     assert tried[0].dice_after > tried[0].dice_before + 0.1  # the mean gain alone would pass
     assert 2 not in label_biases(cfg)
+    assert tried[0].note.startswith("validation case 2 of 2 fell")  # the table says why
+    assert f"no ({tried[0].note})" in report.table()
 
 
 def _noisy(ref: np.ndarray, rng, flip_fraction: float) -> np.ndarray:
