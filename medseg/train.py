@@ -77,6 +77,7 @@ from medseg.runtime import (
     init_distributed,
     resolve_precision,
     set_memory_format,
+    training_channels_last,
 )
 from medseg.tracking import Tracker, git_commit, package_versions
 from medseg.transforms import build_preprocess, build_train_chain
@@ -302,6 +303,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
+        self.channels_last = self._choose_layout()
         if self.channels_last:
             self.network = set_memory_format(self.network, torch.channels_last_3d)
         self.model: torch.nn.Module = self.network
@@ -313,6 +315,22 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.ds_weights = deep_supervision_weights(getattr(self.network, "num_aux", 0))
+
+    def _choose_layout(self) -> bool:
+        """The memory format of training steps: rank 0 measures (medseg.runtime), every rank follows."""
+        cfg = self.cfg
+        patch = tuple(int(p) for p in cfg.train.patch_size or ())
+        batch = int(cfg.train.batch_size or 1) * int(cfg.augment.samples_per_volume)
+        shape = (batch, int(cfg.model.in_channels or 1), *patch)
+        use, why = self.channels_last, ""
+        if self.dist.main:
+            use, why = training_channels_last(self.network, shape, max(self.label_ids) + 1, self.device,
+                                              self.precision, requested=cfg.train.memory_format)
+        use, why = self.dist.broadcast((use, why))
+        if self.dist.main and self.device.type == "cpu":
+            log.info("training memory format: %s", why)
+        self.meta["train_memory_format"] = "channels_last_3d" if use else "contiguous"
+        return bool(use)
 
     def _load(self, state: TrainState) -> None:
         self.network.load_state_dict(state.model)

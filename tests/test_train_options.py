@@ -84,3 +84,45 @@ def test_early_stopping_stops_on_a_plateau(tiny_dataset, tmp_path):
     assert len(set(dices)) == 1, f"not a plateau: {dices}"
     # the first validation sets the best, the next two are no better: stop after epoch 3 of 6
     assert len(result.history) == 3
+
+
+def test_training_layout_is_measured_on_a_copy_and_cached(tmp_path, monkeypatch):
+    """fp32 on CPU: channels-last or not is measured on this machine for this network and shape
+    (on a copy: the network's own weights and layout are untouched), then read from the cache."""
+    import medseg.runtime as rt
+    from medseg.config import ModelConfig
+    from medseg.models import build_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    net = build_model(ModelConfig(name="monai_unet", features=4, depth=2), out_channels=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cpu = torch.device("cpu")
+    use, why = rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "fp32")
+    assert "measured at" in why
+    assert ("channels-last 3D" in why) == use
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None and p.is_contiguous() for p in net.parameters())
+    cached = json.loads(next((tmp_path / "cache" / "medseg").glob("train-layout-*.json")).read_text())
+    (ratio,) = cached["entries"].values()
+    assert 0.1 < ratio < 10.0
+    again, why_again = rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "fp32")
+    assert again == use
+    assert "cached at" in why_again
+    # another shape is another measurement; bf16, a setting, CUDA and 2D are not measured
+    assert "measured" in rt.training_channels_last(net, (1, 1, 16, 16, 16), 3, cpu, "fp32")[1]
+    assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "bf16") == (True, "channels-last 3D (bf16 on CPU)")
+    assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "fp32", requested="contiguous")[0] is False
+    assert rt.training_channels_last(net, (2, 1, 16, 16), 3, cpu, "fp32")[0] is False
+    assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, torch.device("cuda"), "fp32")[0] is False
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_training_follows_the_memory_format_setting(tiny_dataset, tmp_path, layout):
+    """``train.memory_format`` pins the layout: the run trains in it and the bundle says which."""
+    from medseg.bundle import load_bundle
+
+    cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": 2, "memory_format": layout})
+    result = train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    assert result.history[-1]["train_loss"] > 0
+    meta = load_bundle(result.bundle).metadata
+    assert meta["train_memory_format"] == {"channels_last": "channels_last_3d", "contiguous": "contiguous"}[layout]
