@@ -15,7 +15,7 @@ plain argmax of the validation probabilities and tries, in order:
    0.932 with 2 passes and 0.935 with 8 (worst case 0.854 -> 0.869 / 0.882);
 1. the dense CRF (``medseg.crf``, needs the normalised ``images``) with a few weight/sigma
    settings: the best is kept only when it raises the mean foreground Dice, lowers no label's
-   Dice by more than ``CRF_LABEL_TOLERANCE`` (0.01) and does not worsen the HD95 averaged over the
+   Dice by more than ``CRF_LABEL_TOLERANCE`` (0.01) or than the mean rose, and does not worsen the HD95 averaged over the
    labels (``crf_verdict``);
 2. per label, a bias on its log-probability before the argmax (+0.5 to +3): kept when it raises
    the label's mean Dice by ``BIAS_MIN_GAIN`` (0.01), lowers it on no validation case and no
@@ -86,7 +86,8 @@ BIAS_TOLERANCE = 1e-3  # how far another label's Dice may fall when a bias moves
 # The CRF moves every label's border at once: one label may lose a little where another gains much.
 # On an unseen draw (seed 1, 11-minute model, 2026-12-04) every setting raised the mean validation
 # Dice (0.817 -> 0.824-0.845: the fatty organ +0.06-0.17) and lowered the kidney's by 0.005-0.085;
-# rejecting them all left the 20 test cases at 0.855. A label may fall by this much, no more.
+# rejecting them all left the 20 test cases at 0.855. A label may fall by this much, and by no more
+# than the mean rises.
 CRF_LABEL_TOLERANCE = 0.01
 TTA_MIN_GAIN = 0.003
 TTA_GAIN_PER_PASS = 0.001
@@ -234,7 +235,7 @@ def crf_verdict(
     before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], min_gain: float
 ) -> tuple[bool, str]:
     """(kept, why not): the mean Dice rises by ``min_gain``, no label's Dice falls by more than
-    ``CRF_LABEL_TOLERANCE``, and the HD95 averaged over the labels does not worsen. HD95 is judged
+    ``CRF_LABEL_TOLERANCE`` or than the mean rose, and the HD95 averaged over the labels does not worsen. HD95 is judged
     on the average, not label by label: on two validation cases one label's HD95 is one stray blob
     (which keep-largest, tuned next, removes), and a per-label rule rejected a CRF that raised every
     label's Dice (mean 0.862 -> 0.889) and cut the mean HD95 from 16.3 to 10.5 mm because one
@@ -242,7 +243,8 @@ def crf_verdict(
     gain = _label_mean(after, 0) - _label_mean(before, 0)
     if gain < min_gain:
         return False, "" if gain < 0 else f"mean gain {gain:+.4f} below {min_gain:g}"
-    fell = {k: before[k][0] - after[k][0] for k in before if after[k][0] < before[k][0] - CRF_LABEL_TOLERANCE}
+    allowed = min(CRF_LABEL_TOLERANCE, gain)  # a small mean gain buys no label's loss
+    fell = {k: before[k][0] - after[k][0] for k in before if after[k][0] < before[k][0] - allowed - 1e-9}
     if fell:
         k = max(fell, key=fell.__getitem__)
         return False, f"label {k} fell {before[k][0]:.3f} -> {after[k][0]:.3f}"

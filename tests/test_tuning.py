@@ -155,6 +155,9 @@ def test_the_crf_verdict_weighs_hd95_over_the_labels_and_dice_per_label():
     assert crf_verdict(before, {**after, 2: (0.8893, 2.55)}, min_gain=0.0) == (False, "label 2 fell 0.904 -> 0.889")
     assert crf_verdict(before, {**after, 3: (0.7487, 45.0)}, min_gain=0.0) == (False, "mean HD95 rose")  # 16.3 -> 17.8
     assert crf_verdict(before, before, min_gain=0.0001) == (False, "mean gain +0.0000 below 0.0001")  # nothing gained
+    # a label may fall by no more than the mean rose: +0.0007 on average does not pay for -0.004
+    small = {1: (0.9602, 24.0), 2: (0.9003, 3.79), 3: (0.7263, 20.90)}  # mean +0.0007 over before
+    assert crf_verdict(before, small, min_gain=0.0)[0] is False
 
 
 def _under_segmented_case(rng, rim_p: float):
