@@ -333,6 +333,9 @@ def _tune_crf(
     if best is None:
         return list(probabilities), CRFConfig(enabled=False)
     best[3].kept = True
+    for trial in report.trials[-len(candidates):]:
+        if not trial.kept and not trial.note and trial.dice_after < best[0]:
+            trial.note = "another setting scored higher" if trial.dice_after > trial.dice_before else ""
     return best[1], best[2]
 
 
