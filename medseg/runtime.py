@@ -156,7 +156,7 @@ def coordination_group(*, timeout_s: float = 7 * 24 * 3600) -> Iterator[Dist | N
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX present (bf16 is emulated, and much slower, elsewhere)."""
+    """AVX512-BF16 or AMX present (bf16 is emulated, and much slower, on other CPUs)."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private helpers, present in torch 2.x
