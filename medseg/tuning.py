@@ -282,8 +282,10 @@ def _tune_tta(
     for passes in sorted(tta_probabilities):
         after = scores(tta_probabilities[passes])
         ok = beats(after, plain, passes - 1) and (best is None or beats(after, best[0], passes - best[1]))
+        gain, needed = _label_mean(after, 0) - _label_mean(plain, 0), max(TTA_MIN_GAIN, TTA_GAIN_PER_PASS * (passes - 1))
+        note = f"gain {gain:+.4f} below {needed:g} for {passes} passes" if 0 < gain < needed else ""
         trial = Trial(None, f"flip TTA ({passes} passes)", _label_mean(plain, 0), _label_mean(after, 0),
-                      _label_mean(plain, 1), _label_mean(after, 1), False)
+                      _label_mean(plain, 1), _label_mean(after, 1), False, note)
         report.trials.append(trial)
         if ok:
             best = (after, passes, trial)
