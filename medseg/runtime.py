@@ -187,12 +187,17 @@ def cpu_bf16_speedup() -> float:
     with contextlib.suppress(OSError, ValueError, KeyError):
         return float(json.loads(path.read_text())["speedup"])
     speedup = measure_cpu_bf16_speedup()
-    with contextlib.suppress(OSError):  # a read-only home only costs the measurement next time
+    _save_to_cache(path, {"speedup": speedup, "measured_at": time.time()})
+    return speedup
+
+
+def _save_to_cache(path: Path, payload: dict[str, Any]) -> None:
+    """A measurement into the user cache, atomically; a read-only home only costs the measurement next time."""
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps({"speedup": speedup, "measured_at": time.time()}))
+        tmp.write_text(json.dumps(payload))
         os.replace(tmp, path)
-    return speedup
 
 
 def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 3) -> float:
@@ -336,12 +341,7 @@ def training_channels_last(
         except (RuntimeError, MemoryError) as exc:  # out of memory, an op without a channels-last kernel
             return False, f"contiguous (channels-last could not be measured: {type(exc).__name__})"
         source = "measured"
-        entries = {**cached.get("entries", {}), key: speedup}
-        with contextlib.suppress(OSError):  # a read-only home only costs the measurement next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            tmp.write_text(json.dumps({"version": _LAYOUT_CACHE_VERSION, "entries": entries}))
-            os.replace(tmp, path)
+        _save_to_cache(path, {"version": _LAYOUT_CACHE_VERSION, "entries": {**cached.get("entries", {}), key: speedup}})
     use = float(speedup) >= LAYOUT_MIN_SPEEDUP
     layout = "channels-last 3D" if use else "contiguous"
     return use, f"{layout} (channels-last {source} at {float(speedup):.2f}x the contiguous step here)"

@@ -72,7 +72,6 @@ from medseg.resume import Continuation, continue_run, explicit_settings
 from medseg.runtime import (
     Dist,
     autocast,
-    channels_last,
     continued_precision,
     init_distributed,
     resolve_precision,
@@ -243,7 +242,6 @@ class Trainer:
             chosen = resolve_precision(device, asked, amp=cfg.train.amp)
         # one precision for every rank: each measures its own CPU, and DDP needs the same layout
         self.precision = dist.broadcast(chosen)
-        self.channels_last = channels_last(device, self.precision)
         self._build_data(train_cases, val_cases)
         self._build_model()
         self.epoch = self.step_in_epoch = self.global_step = self.stale = 0
@@ -322,7 +320,7 @@ class Trainer:
         patch = tuple(int(p) for p in cfg.train.patch_size or ())
         batch = int(cfg.train.batch_size or 1) * int(cfg.augment.samples_per_volume)
         shape = (batch, int(cfg.model.in_channels or 1), *patch)
-        use, why = self.channels_last, ""
+        use, why = False, ""
         if self.dist.main:
             use, why = training_channels_last(self.network, shape, max(self.label_ids) + 1, self.device,
                                               self.precision, requested=cfg.train.memory_format)
