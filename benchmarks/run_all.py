@@ -378,7 +378,7 @@ def bench_network(bundle_path: Path, work: Path, peaks: dict[str, float]) -> dic
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         bundle.network(torch.zeros(shape))
     flops = counter.get_total_flops()
-    candidates = measure(bundle, window_shape=shape, cache_dir=work / "cache", repeats=3)
+    candidates = measure(bundle, window_shape=shape, cache_dir=work / "cache", rounds=7)
     rows = []
     for c in candidates:
         gflops = flops / c.seconds / 1e9 if c.seconds else None
