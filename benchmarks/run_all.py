@@ -2,9 +2,9 @@
 
 Measures, and prints as tables (JSON to benchmarks/results/run_all.json, a PNG bar chart beside it):
 
-1. Inference end to end on a CT-sized volume (512x512x200 at 0.8x0.8x2.5 mm; ``--full`` adds
-   512x512x600): a mosaic of abdominal phantoms of benchmarks/phantoms.py (unseen seeds) with its
-   reference labels. Each pipeline runs as its own process, as a user runs it: ``medseg infer``
+1. Inference end to end on a CT-sized volume (512x512x200 at 0.8x0.8x2.5 mm: one abdominal phantom
+   of benchmarks/phantoms.py, an unseen seed, with its reference labels; ``--full`` adds a mosaic of
+   16 phantoms at that size and one at 512x512x600, which take most of an hour on 2 cores). Each pipeline runs as its own process, as a user runs it: ``medseg infer``
    with ``--backend auto`` (after one run that measures and caches the choice), ``medseg infer`` with
    torch fp32, and the MONAI spleen-tutorial pipeline (benchmarks/reference/spleen_pipeline.py) with
    the same bundle weights. Seconds per stage, whole-process wall time, peak RSS, Dice per label
@@ -12,7 +12,8 @@ Measures, and prints as tables (JSON to benchmarks/results/run_all.json, a PNG b
 2. The network alone: every backend/precision on a batch of windows (medseg.backends.measure), its
    achieved GFLOP/s beside this machine's measured matmul peak (fp32 and bf16).
 3. Training samples/s and data-wait fraction at the bundle's network, patch and batch: ``medseg train``
-   against the MONAI tutorial loop (benchmarks/reference/train_loop.py), validation off.
+   against the MONAI tutorial loop (benchmarks/reference/train_loop.py), validation off, in turns
+   (2 rounds, ``--full`` 3; the ratio is the median of the rounds').
 4. Post-processing (connected components: medseg's cc3d path against MONAI's
    KeepLargestConnectedComponent, which needs scikit-image) and the dense CRF at a given size.
 
@@ -290,23 +291,47 @@ def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dic
 STEPS_PER_EPOCH = 40  # medseg epochs of a fixed number of steps: a short epoch is a noisy figure
 
 
-def bench_training(work: Path, bundle: Path, epochs: int) -> dict:
+def bench_training(work: Path, bundle: Path, epochs: int, rounds: int = 2) -> dict:
     """Training samples/s at the same network, patch and patches per step: ``medseg train`` (its own
     loop, the precision it measures here; ``STEPS_PER_EPOCH`` steps per epoch, the first epoch left
     out as warm-up) against the MONAI tutorial loop (reference/train_loop.py, as many steps), one
     after the other on the benchmark's data; validation and tuning off in both.
 
     A medseg step holds ``batch_size`` volumes times ``samples_per_volume`` patches; the reference
-    draws that many patches from one volume per step, so both steps hold the same patches."""
-    import yaml
+    draws that many patches from one volume per step, so both steps hold the same patches.
 
-    from medseg.checkpoint import load_state
+    The pair runs ``rounds`` times in turn (medseg, reference, medseg, reference, ...) and the ratio
+    is the median of the rounds' ratios: on this shared 2-core machine the speed of both drifted by
+    a quarter within an hour (the matmul peak 285 then 219 GFLOP/s), so a single pair could compare
+    a fast minute with a slow one."""
+    import yaml
 
     cfg = yaml.safe_load((bundle / "config.yaml").read_text())
     patch = [int(p) for p in cfg["train"]["patch_size"]]
     batch = int(cfg["train"]["batch_size"]) * int(cfg["augment"].get("samples_per_volume", 1))
+    data = prepare_phantoms(work)
+    pairs = [_training_pair(work, bundle, cfg, data, patch, batch, epochs) for _ in range(rounds)]
+    ratios = [m["samples_per_s"] / r["samples_per_s"] for m, r in pairs]
+    medseg = {**pairs[0][0], "samples_per_s": round(statistics.median(m["samples_per_s"] for m, _ in pairs), 3)}
+    reference = {**pairs[0][1], "samples_per_s": round(statistics.median(r["samples_per_s"] for _, r in pairs), 3)}
+    return {
+        "patch": patch,
+        "batch": batch,
+        "medseg": medseg,
+        "reference (MONAI)": reference,
+        "rounds": [{"medseg": m, "reference (MONAI)": r, "ratio": round(q, 3)} for (m, r), q in zip(pairs, ratios, strict=True)],
+        "ratio": round(statistics.median(ratios), 2),
+    }
+
+
+def _training_pair(
+    work: Path, bundle: Path, cfg: dict, data: Path, patch: list[int], batch: int, epochs: int
+) -> tuple[dict, dict]:
+    """One medseg training run and one reference loop run, back to back: (medseg, reference)."""
+    from medseg.checkpoint import load_state
+
     model = cfg["model"]
-    data, run = prepare_phantoms(work), work / "train_bench"
+    run = work / "train_bench"
     sets = [
         *COMMON,
         f"model.name={model['name']}",
@@ -334,6 +359,7 @@ def bench_training(work: Path, bundle: Path, epochs: int) -> dict:
         "steps_timed": int(sum(h["steps"] for h in steady)),
         "wall_s": round(medseg_wall, 1),
         "precision": json.loads((run / "bundle" / "metadata.json").read_text()).get("precision"),
+        "memory_format": json.loads((run / "bundle" / "metadata.json").read_text()).get("train_memory_format"),
     }
     cmd = [sys.executable, str(HERE / "reference" / "train_loop.py"), "--data", str(data)]
     cmd += ["--config", str(bundle / "config.yaml"), "--patch", *map(str, patch), "--batch", str(batch)]
@@ -342,14 +368,7 @@ def bench_training(work: Path, bundle: Path, epochs: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"reference training loop exited {proc.returncode}: {proc.stderr[-3000:]}")
-    reference = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
-        "patch": patch,
-        "batch": batch,
-        "medseg": medseg,
-        "reference (MONAI)": reference,
-        "ratio": round(medseg["samples_per_s"] / reference["samples_per_s"], 2),
-    }
+    return medseg, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def print_training(result: dict) -> None:
@@ -360,7 +379,9 @@ def print_training(result: dict) -> None:
           f"{m['steps_timed']} steps, precision {m['precision']} |")  # fmt: skip
     print(f"| reference (MONAI) | {r['samples_per_s']:.2f} | {100 * r['data_wait_fraction']:.0f} % | "
           f"{r['steps_timed']} steps, fp32 |")  # fmt: skip
-    print(f"medseg / reference: {result['ratio']}x")
+    rounds = result.get("rounds", [])
+    each = ", ".join(f"{r['ratio']:.2f}x" for r in rounds)
+    print(f"medseg / reference: {result['ratio']}x" + (f" (median of {len(rounds)} rounds in turn: {each})" if rounds else ""))
 
 
 # ----------------------------------------------------------------------------- network, post-processing, CRF
@@ -525,13 +546,11 @@ def main() -> None:
     results["peaks_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
     results["network"] = bench_network(bundle, work, peaks)
     print_network(results["network"], peaks)
-    results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3)
+    results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3, rounds=3 if args.full else 2)
     print_training(results["training"])
-    volumes = [
-        make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200)),
-        make_ct_volume(work / "one_body_512x512x200.nii.gz", (512, 512, 200), seed=900, mosaic=False),
-    ]
-    if args.full:
+    volumes = [make_ct_volume(work / "one_body_512x512x200.nii.gz", (512, 512, 200), seed=900, mosaic=False)]
+    if args.full:  # the 16-body mosaic and the long scan take most of an hour on 2 cores
+        volumes.append(make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200)))
         volumes.append(make_ct_volume(work / "ct_512x512x600.nii.gz", (512, 512, 600)))
     results["inference"] = []
     for volume in volumes:

@@ -35,6 +35,7 @@ _MORE = [
     "a1d99b", "c7e9c0", "756bb1", "9e9ac8", "bcbddc", "dadaeb", "636363", "969696", "bdbdbd", "d9d9d9",
 ]
 _RGB_MORE = [[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _MORE]
+OVERLAY_ALPHA = 0.45  # label colour over the grey slice
 PALETTE = np.vstack([[[0, 0, 0]], _FIRST, _RGB_MORE]).astype(np.float32) / 255.0
 
 
@@ -129,8 +130,19 @@ def overlay_png_bytes(
     rows = _overlay_rows(lab, box, labels, present, per_structure=per_structure, max_rows=max_rows)
     if per_structure and len(present) > max_rows:
         title = f"{title} (slices through the first {max_rows} structures)".strip()
-    fig = Figure(figsize=(15, 5 * len(rows) + 0.8), layout="constrained")
-    axes = fig.subplots(len(rows), 3, squeeze=False)
+    # fixed margins (in inches) rather than constrained layout, which drew the figure twice: 0.3 s a case
+    height = 5.0 * len(rows) + 0.8
+    top, bottom = (0.55 if title else 0.15) + 0.3, 0.6 if labels else 0.1
+    fig = Figure(figsize=(15, height))
+    axes = fig.subplots(
+        len(rows),
+        3,
+        squeeze=False,
+        gridspec_kw={
+            "left": 0.005, "right": 0.995, "top": 1 - top / height, "bottom": bottom / height,
+            "wspace": 0.02, "hspace": 0.35 / 5.0,
+        },
+    )
     for r, (name, centre) in enumerate(rows):
         views = [  # (name, image slice, label slice, aspect, letters left/right/top/bottom)
             ("axial", img[::-1, :, centre[2]].T, lab[::-1, :, centre[2]].T, spacing[1] / spacing[0], "RLAP"),
@@ -138,20 +150,21 @@ def overlay_png_bytes(
             ("sagittal", img[centre[0], :, :].T, lab[centre[0], :, :].T, spacing[2] / spacing[1], "PASI"),
         ]
         for ax, (view, sl, ml, aspect, letters) in zip(axes[r], views, strict=True):
-            ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-            rgba = np.zeros((*ml.shape, 4), dtype=np.float32)
+            # the windowed slice and its labels blended into one RGB picture: one image for matplotlib
+            # to resample instead of two (half the drawing time)
+            grey = np.clip((sl.astype(np.float32) - window[0]) / max(window[1] - window[0], 1e-6), 0.0, 1.0)
+            rgb = np.repeat(grey[..., None], 3, axis=-1)
             fg = ml > 0
-            rgba[fg, :3] = label_colour(ml[fg])
-            rgba[fg, 3] = 0.45
-            ax.imshow(rgba, origin="lower", aspect=aspect)
+            rgb[fg] = (1.0 - OVERLAY_ALPHA) * rgb[fg] + OVERLAY_ALPHA * label_colour(ml[fg])
+            ax.imshow(rgb, origin="lower", aspect=aspect)
             ax.set_title(f"{view} through {name}" if name else view, fontsize=11)
             ax.axis("off")
             _orientation_letters(ax, letters)
     handles = [Patch(color=tuple(label_colour(k)), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     if title:
-        fig.suptitle(title, fontsize=13)
+        fig.suptitle(title, fontsize=13, y=1 - 0.12 / height, va="top")
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
     return buf.getvalue()
