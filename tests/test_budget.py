@@ -172,3 +172,38 @@ def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
     assert proc.returncode == 2
     assert "time budget 'soon'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_epochs_are_fitted_again_after_the_first_validation():
+    """After the first validation the measured epoch and validation times refit the epochs: a
+    validation shorter than the plan's estimate leaves room for more epochs, a slow run gets fewer,
+    never fewer than those already done."""
+    import time
+    from types import SimpleNamespace
+
+    from medseg.config import Config
+    from medseg.plan import Deadline
+    from medseg.train import Trainer
+
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
+    logged: list[dict] = []
+
+    def fitted(epoch_s: float, validation_s: float, done: int, elapsed: float) -> int:
+        deadline = Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s)
+        trainer = SimpleNamespace(
+            cfg=cfg, deadline=deadline, _planned_epochs=10,
+            dist=SimpleNamespace(broadcast=lambda x: x, main=True),
+            tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
+            loader=[None] * 4,
+        )
+        Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
+        return trainer.cfg.train.epochs
+
+    # 3 epochs of 50 s and a validation of 10 s done at 160 s: 410 s left before the final 30 s
+    # and the last validation, 53.3 s per epoch with its share of validations -> 3 + 7 epochs
+    assert fitted(50.0, 10.0, done=3, elapsed=160.0) == 10
+    assert fitted(50.0, 10.0, done=3, elapsed=100.0) == 11  # further ahead of the clock: one more
+    assert fitted(50.0, 10.0, done=3, elapsed=560.0) == 3  # out of time: no epoch beyond those done
+    assert fitted(5.0, 1.0, done=3, elapsed=10.0) == 30  # never more than 3x the planned epochs
+    assert logged
+    assert "train.epochs_fitted" in logged[-1]
