@@ -513,7 +513,8 @@ def plot(results: dict, png: Path) -> None:
     axes = fig.subplots(len(infer) + 1, 1)
     for ax, result in zip(axes, infer, strict=False):
         names = list(result["rows"])
-        ax.barh(names, [result["rows"][n]["wall_s"] for n in names], color=["#2a7", "#27a", "#a52"])
+        colours = ["#a52" if n.startswith("reference") else "#27a" if "torch" in n else "#2a7" for n in names]
+        ax.barh(names, [result["rows"][n]["wall_s"] for n in names], color=colours)
         ax.set_xlabel("seconds, whole process")
         ax.set_title(f"inference end to end, {Path(result['volume']).name}")
     net = results["network"]["candidates"]

@@ -232,12 +232,15 @@ def measure_cpu_bf16_speedup(size: int = 32, channels: int = 16, repeats: int = 
     return fp32 / max(bf16, 1e-9)
 
 
-def resolve_precision(device: torch.device, requested: str = "auto", *, amp: bool = True) -> Precision:
+def resolve_precision(
+    device: torch.device, requested: str = "auto", *, amp: bool = True, quiet: bool = False
+) -> Precision:
     """The dtype the forward pass runs in, for training and inference alike.
 
     CUDA: ``auto`` is bf16 where supported, else fp16 (``amp=False`` means fp32).
     CPU: ``auto`` is bf16 only where a micro-benchmark on this machine measured it at least
-    1.2x faster than fp32 (and the CPU has native bf16); fp16 is never used on CPU.
+    1.2x faster than fp32 (and the CPU has native bf16); fp16 is never used on CPU. ``quiet``: the
+    choice is not logged (the time-budget planner asks once per candidate it measures).
     """
     if requested not in PRECISION_CHOICES:
         raise InputError(None, f"precision {requested!r}; expected one of {', '.join(PRECISION_CHOICES)}")
@@ -257,7 +260,8 @@ def resolve_precision(device: torch.device, requested: str = "auto", *, amp: boo
         return "fp32"
     speedup = cpu_bf16_speedup()
     choice: Precision = "bf16" if speedup >= 1.2 else "fp32"
-    log.info("CPU precision: %s (bf16 measured %.2fx the speed of fp32 on this machine)", choice, speedup)
+    if not quiet:
+        log.info("CPU precision: %s (bf16 measured %.2fx the speed of fp32 on this machine)", choice, speedup)
     return choice
 
 
@@ -325,15 +329,7 @@ def training_channels_last(
         return True, "channels-last 3D (bf16 on CPU)"
     if precision != "fp32":
         return False, "contiguous"
-    n_params = sum(p.numel() for p in network.parameters())
-    key = f"{type(network).__name__}|{n_params}|{'x'.join(map(str, input_shape))}|{out_channels}"
-    path = cache_dir() / f"train-layout-{machine_key()}.json"
-    cached: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(path.read_text())
-        if cached.get("version") != _LAYOUT_CACHE_VERSION:
-            cached = {}
-    speedup = cached.get("entries", {}).get(key)
+    speedup = _layout_entries().get(_layout_key(network, input_shape, out_channels))
     source = "cached"
     if speedup is None:
         try:
@@ -341,10 +337,35 @@ def training_channels_last(
         except (RuntimeError, MemoryError) as exc:  # out of memory, an op without a channels-last kernel
             return False, f"contiguous (channels-last could not be measured: {type(exc).__name__})"
         source = "measured"
-        _save_to_cache(path, {"version": _LAYOUT_CACHE_VERSION, "entries": {**cached.get("entries", {}), key: speedup}})
+        remember_channels_last_speedup(network, input_shape, out_channels, speedup)
     use = float(speedup) >= LAYOUT_MIN_SPEEDUP
     layout = "channels-last 3D" if use else "contiguous"
     return use, f"{layout} (channels-last {source} at {float(speedup):.2f}x the contiguous step here)"
+
+
+def _layout_key(network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int) -> str:
+    n_params = sum(p.numel() for p in network.parameters())
+    return f"{type(network).__name__}|{n_params}|{'x'.join(map(str, input_shape))}|{out_channels}"
+
+
+def _layout_file() -> Path:
+    return cache_dir() / f"train-layout-{machine_key()}.json"
+
+
+def _layout_entries() -> dict[str, float]:
+    cached: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(_layout_file().read_text())
+    return dict(cached.get("entries", {})) if cached.get("version") == _LAYOUT_CACHE_VERSION else {}
+
+
+def remember_channels_last_speedup(
+    network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, speedup: float
+) -> None:
+    """Cache a measured contiguous / channels-last training-step ratio for ``training_channels_last``
+    (the time-budget planner measures it for each candidate patch; the trainer then reads it)."""
+    entries = {**_layout_entries(), _layout_key(network, input_shape, out_channels): float(speedup)}
+    _save_to_cache(_layout_file(), {"version": _LAYOUT_CACHE_VERSION, "entries": entries})
 
 
 def measure_channels_last_speedup(

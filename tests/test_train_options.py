@@ -126,3 +126,30 @@ def test_training_follows_the_memory_format_setting(tiny_dataset, tmp_path, layo
     assert result.history[-1]["train_loss"] > 0
     meta = load_bundle(result.bundle).metadata
     assert meta["train_memory_format"] == {"channels_last": "channels_last_3d", "contiguous": "contiguous"}[layout]
+
+
+def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, monkeypatch):
+    """The planner's warm-up times a CPU fp32 step in both layouts and counts the faster one, as the
+    trainer will choose; the ratio it measured is what the trainer then reads from the cache."""
+    import medseg.runtime as rt
+    from medseg.config import Config
+    from medseg.models import build_model
+    from medseg.plan import measure_step_seconds
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2},
+                                 "train": {"precision": "fp32"}})
+    seconds = measure_step_seconds(cfg, (16, 16, 16), 2, 4, out_channels=3, device="cpu")
+    assert 0.0 < seconds < 30.0
+    layout_file = next((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
+    (ratio,) = json.loads(layout_file.read_text())["entries"].values()
+    assert 0.1 < ratio < 10.0
+    net = build_model(cfg.model, out_channels=3)
+    use, why = rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, torch.device("cpu"), "fp32")
+    assert "cached at" in why  # the trainer's network and shape are the planner's: no second measurement
+    assert use == (ratio >= rt.LAYOUT_MIN_SPEEDUP)
+    # a pinned layout is the only one timed, and nothing is cached for it
+    pinned = cfg.model_copy(update={"train": cfg.train.model_copy(update={"memory_format": "contiguous"})})
+    layout_file.unlink()
+    assert measure_step_seconds(pinned, (16, 16, 16), 2, 4, out_channels=3, device="cpu") > 0.0
+    assert not list((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
