@@ -34,6 +34,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -356,7 +357,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)  # a long machine name must not run off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
