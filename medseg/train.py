@@ -473,7 +473,9 @@ class Trainer:
             log.info("time budget: %d epochs instead of %d (an epoch took %.0f s, a validation %.0f s; "
                      "%.0f s of training left)", epochs, tr.epochs, epoch_s, self.deadline.validation_s,
                      self.deadline.training_left())
-            self.tracker.log_params({"train.epochs_fitted": epochs})
+            # MLflow params are write-once: each fitting has its own key
+            key = "train.epochs_fitted" if done == 1 else "train.epochs_fitted_after_validation"
+            self.tracker.log_params({key: epochs})
         self.cfg = self.cfg.model_copy(update={"train": tr.model_copy(update={"epochs": epochs})})
         self.bar.set_total(epochs * len(self.loader))
 

@@ -205,5 +205,7 @@ def test_epochs_are_fitted_again_after_the_first_validation():
     assert fitted(50.0, 10.0, done=3, elapsed=100.0) == 11  # further ahead of the clock: one more
     assert fitted(50.0, 10.0, done=3, elapsed=560.0) == 3  # out of time: no epoch beyond those done
     assert fitted(5.0, 1.0, done=3, elapsed=10.0) == 30  # never more than 3x the planned epochs
-    assert logged
+    # MLflow params are write-once: the fitting after the first validation logs its own key
+    assert {"train.epochs_fitted_after_validation"} == {k for d in logged for k in d}
+    assert fitted(50.0, 10.0, done=1, elapsed=20.0) == 11  # after the first epoch
     assert "train.epochs_fitted" in logged[-1]
