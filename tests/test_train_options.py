@@ -153,3 +153,25 @@ def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, mo
     layout_file.unlink()
     assert measure_step_seconds(pinned, (16, 16, 16), 2, 4, out_channels=3, device="cpu") > 0.0
     assert not list((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
+
+
+def test_the_bundle_holds_the_final_model_unless_the_best_was_clearly_better():
+    """nnU-Net ships its final checkpoint: on two validation cases an early 'best' is often chance.
+    The final model replaces it in the bundle when within FINAL_MODEL_TOLERANCE of the best."""
+    from types import SimpleNamespace
+
+    from medseg.train import FINAL_MODEL_TOLERANCE, Trainer
+
+    def bundle_after(history: list[dict], best: float) -> list[int]:
+        saved: list[int] = []
+        trainer = SimpleNamespace(history=history, best=best, labels={0: "background", 1: "liver"},
+                                  label_ids=[0, 1], _save_bundle=lambda epoch, per_label: saved.append(epoch))
+        Trainer._prefer_final_model(trainer)
+        return saved
+
+    early_best = {"epoch": 4, "val_dice": 0.866, "val_dice_liver": 0.866}
+    assert bundle_after([early_best, {"epoch": 11, "val_dice": 0.858, "val_dice_liver": 0.858}], 0.866) == [11]
+    clearly_worse = 0.866 - FINAL_MODEL_TOLERANCE - 0.001
+    assert bundle_after([early_best, {"epoch": 11, "val_dice": clearly_worse}], 0.866) == []
+    assert bundle_after([{"epoch": 11, "val_dice": 0.9}], 0.9) == []  # the final is the best: written already
+    assert bundle_after([early_best, {"epoch": 5, "train_loss": 0.5}], 0.866) == []  # last epoch not validated
