@@ -22,7 +22,6 @@ Rules (nnU-Net's, made visible):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from medseg.config import Config, IntensityConfig, ModelConfig, PreprocessConfig
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError
 from medseg.models import divisor_of
 
 if TYPE_CHECKING:
@@ -389,27 +388,20 @@ def measure_step_seconds(
     in the precision and memory layout training will use: one untimed step, then the mean of two
     timed ones. Random data; the model is thrown away.
 
-    On CPU in fp32 with ``train.memory_format: auto`` both layouts are timed, in turns, and the
-    faster one counts as training would choose it (the ratio is cached for the trainer,
-    ``medseg.runtime.remember_channels_last_speedup``): timed contiguous only, 64x64x32 measured
-    0.52 s a step against 0.39 s channels-last here, and the plan took a patch half that size.
+    The layout is the trainer's own choice (``medseg.runtime.training_channels_last``: on a CPU in
+    fp32 measured once per machine, network and shape, then cached, so the trainer reads this
+    measurement): timed contiguous only, 64x64x32 measured 0.52 s a step against 0.39 s
+    channels-last here, and the plan took a patch half that size.
     When the first step alone takes more than a third of ``time_limit_s``, its time is the answer
     (an overestimate: the first step also allocates), so a slow machine is not measured for longer
     than the budget can spare."""
-    import copy
     import time
 
     import torch
     from monai.losses import DiceCELoss
 
     from medseg.models import build_model
-    from medseg.runtime import (
-        LAYOUT_MIN_SPEEDUP,
-        autocast,
-        remember_channels_last_speedup,
-        resolve_precision,
-        set_memory_format,
-    )
+    from medseg.runtime import autocast, resolve_precision, set_memory_format, training_channels_last
     from medseg.train import make_optimizer
 
     dev = torch.device(device)
@@ -420,54 +412,29 @@ def measure_step_seconds(
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((batch, 1, *patch), generator=gen).to(dev)
     label = torch.randint(0, out_channels, (batch, 1, *patch), generator=gen).float().to(dev)
-    layouts = [False]
-    if dev.type == "cpu" and image.ndim == 5:
-        asked = cfg.train.memory_format
-        if asked != "auto":
-            layouts = [asked == "channels_last"]
-        else:
-            layouts = [True] if precision == "bf16" else [False, True]
-    # one copy of the network (and its optimiser state) per layout, converted once: switching one
-    # model between layouts left AdamW's state in the first layout, and the mismatched update made
-    # channels-last measure 1.00-1.18x where the trainer measured 1.30-1.35x
-    copies = {}
-    for last in layouts:
-        net = copy.deepcopy(model) if len(copies) else model
-        set_memory_format(net, torch.channels_last_3d if last else torch.contiguous_format)
-        copies[last] = (net, make_optimizer(cfg, net.parameters()),
-                        image.contiguous(memory_format=torch.channels_last_3d) if last else image)
-
-    def step(last: bool) -> float:
-        net, optimizer, x = copies[last]
+    last, _ = training_channels_last(model, tuple(image.shape), out_channels, dev, precision,
+                                     requested=cfg.train.memory_format)
+    if last:
+        set_memory_format(model, torch.channels_last_3d)
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    optimizer = make_optimizer(cfg, model.parameters())
+    times = []
+    for _ in range(3):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast(dev, precision):
-            out = net(x)
+            out = model(image)
         loss = loss_fn(out.float(), label)
         loss.backward()
         optimizer.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
-    times: dict[bool, list[float]] = {last: [] for last in layouts}
-    for i in range(3):
-        for last in layouts:
-            seconds = step(last)
-            if i == 0:
-                if time_limit_s is not None and seconds > time_limit_s / (3 * len(layouts)):
-                    return seconds  # too slow to measure further: an overestimate
-                continue
-            times[last].append(seconds)
-    mean = {last: float(np.mean(t)) for last, t in times.items()}
-    if len(layouts) == 2:
-        speedup = mean[False] / max(mean[True], 1e-9)
-        with contextlib.suppress(OSError, MedsegError):  # an unwritable cache: the trainer measures again
-            remember_channels_last_speedup(model, tuple(image.shape), out_channels, speedup)
-        return mean[True] if speedup >= LAYOUT_MIN_SPEEDUP else mean[False]
-    return mean[layouts[0]]
+        times.append(time.perf_counter() - start)
+        if time_limit_s is not None and len(times) == 1 and times[0] > time_limit_s / 3:
+            return times[0]
+    return float(np.mean(times[1:]))
 
 
 # CPU: augmentation shares the cores (13.5 % data wait measured by train_throughput.py)

@@ -337,7 +337,7 @@ def training_channels_last(
         except (RuntimeError, MemoryError) as exc:  # out of memory, an op without a channels-last kernel
             return False, f"contiguous (channels-last could not be measured: {type(exc).__name__})"
         source = "measured"
-        remember_channels_last_speedup(network, input_shape, out_channels, speedup)
+        _remember_channels_last_speedup(network, input_shape, out_channels, speedup)
     use = float(speedup) >= LAYOUT_MIN_SPEEDUP
     layout = "channels-last 3D" if use else "contiguous"
     return use, f"{layout} (channels-last {source} at {float(speedup):.2f}x the contiguous step here)"
@@ -359,11 +359,10 @@ def _layout_entries() -> dict[str, float]:
     return dict(cached.get("entries", {})) if cached.get("version") == _LAYOUT_CACHE_VERSION else {}
 
 
-def remember_channels_last_speedup(
+def _remember_channels_last_speedup(
     network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, speedup: float
 ) -> None:
-    """Cache a measured contiguous / channels-last training-step ratio for ``training_channels_last``
-    (the time-budget planner measures it for each candidate patch; the trainer then reads it)."""
+    """Cache a measured contiguous / channels-last training-step ratio (per machine, network, shape)."""
     entries = {**_layout_entries(), _layout_key(network, input_shape, out_channels): float(speedup)}
     _save_to_cache(_layout_file(), {"version": _LAYOUT_CACHE_VERSION, "entries": entries})
 

@@ -129,8 +129,8 @@ def test_training_follows_the_memory_format_setting(tiny_dataset, tmp_path, layo
 
 
 def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, monkeypatch):
-    """The planner's warm-up times a CPU fp32 step in both layouts and counts the faster one, as the
-    trainer will choose; the ratio it measured is what the trainer then reads from the cache."""
+    """The planner's warm-up asks the trainer's layout choice (on a CPU in fp32 both layouts measured)
+    and times its step in that layout; the ratio it measured is what the trainer then reads."""
     import medseg.runtime as rt
     from medseg.config import Config
     from medseg.models import build_model
