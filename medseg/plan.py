@@ -239,6 +239,13 @@ PATCH_SCALES = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32)  # of the fingerprint patch's vo
 WARMUP_FRACTION = 0.05  # of the budget, at most, spent measuring step times
 VALIDATIONS = 5  # validations over the run (the last at the end)
 FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuning and MLflow
+# A budget patch that sees less than this share of the median image's voxels gets a coarser grid
+# (context_spacing): on the seed-1 phantoms (0.8 mm) the 11-minute patch, 64x64x32, saw 5.8 %; the
+# seed-2 draw's plan (1.1 mm) saw 15 % and scored 0.929; nnU-Net adds a low-resolution stage below 25 %
+CONTEXT_COVERAGE = 0.2
+MAX_CONTEXT_COARSENING = 1.5  # at most this factor on an axis
+MIN_CONTEXT_COARSENING = 1.1  # below this, the grid is left as it is
+MIN_STRUCTURE_VOXELS = 16  # the smallest label's equivalent diameter keeps at least this many voxels
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -272,6 +279,60 @@ def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
             "(set --time-budget, or --epochs for the fingerprint plan)"
         )
     return None, "none: fingerprint plan"
+
+
+def context_spacing(
+    spacing: Sequence[float],
+    extent_mm: Sequence[float],
+    patch: Sequence[float],
+    label_volumes_ml: dict[str, tuple[float, float]] | None = None,
+) -> tuple[tuple[float, float, float], str]:
+    """A coarser grid when a budget's patch sees too little of the image, and why ('' when unchanged).
+
+    The time budget buys a patch in voxels (its step time was measured); the grid decides how many
+    millimetres it sees. When it covers less than ``CONTEXT_COVERAGE`` of the median image's voxels,
+    the finer axes are coarsened by one factor (towards isotropy: never beyond the coarsest axis of
+    anisotropic data) so that it covers that share, by at most ``MAX_CONTEXT_COARSENING`` and keeping
+    the smallest label's equivalent-sphere diameter at ``MIN_STRUCTURE_VOXELS`` voxels or more: the
+    same steps then learn from more context (nnU-Net's low-resolution stage answers the same question
+    with a second network). Measured on the seed-1 phantoms (0.8 x 0.8 x 1.8 mm, 11 minutes, 20 test
+    cases, one run each): at 0.8 mm the 64x64x32 patch saw 5.8 % and scored 0.901 (fatty organ, a
+    low-contrast blob 30-60 mm across, 0.812, worst case 0.552); at 1.2 mm 0.921 (0.852, worst 0.672),
+    every label better, the kidney's too (0.934 -> 0.944).
+    """
+    sp = np.asarray(spacing, dtype=float)
+    vox = np.asarray(patch, dtype=float)
+    extent = np.asarray(extent_mm, dtype=float)
+
+    def coverage(grid: np.ndarray) -> float:
+        return float(np.prod(vox) / np.prod(np.maximum(extent / grid, vox)))
+
+    before = coverage(sp)
+    if before >= CONTEXT_COVERAGE:
+        return tuple(float(v) for v in sp), ""  # type: ignore[return-value]
+    fine = sp < sp.max() * 0.999
+    if not fine.any():  # isotropic: every axis
+        fine = np.ones(3, dtype=bool)
+    factor = min((CONTEXT_COVERAGE / before) ** (1.0 / int(fine.sum())), MAX_CONTEXT_COARSENING)
+    limit = ""
+    if label_volumes_ml:
+        smallest_mm = min((6.0 * lo * 1000.0 / math.pi) ** (1.0 / 3.0) for lo, _ in label_volumes_ml.values())
+        cap = smallest_mm / MIN_STRUCTURE_VOXELS / float(sp[fine].max())
+        if cap < factor:
+            factor, limit = cap, f", held by the smallest label ({smallest_mm:.0f} mm across)"
+    if factor < MIN_CONTEXT_COARSENING:  # not worth a resampling of its own at inference
+        return tuple(float(v) for v in sp), ""  # type: ignore[return-value]
+    grid = sp.copy()
+    ceiling = sp.max() if not fine.all() else np.inf
+    grid[fine] = np.minimum(sp[fine] * factor, ceiling)
+    grid = grid.round(3)
+    axes = ", ".join("xyz"[i] for i in range(3) if grid[i] != sp[i])
+    why = (
+        f"grid coarsened {factor:.2f}x on {axes} ({sp.round(3).tolist()} -> {grid.tolist()} mm): the "
+        f"{'x'.join(str(int(v)) for v in vox)} patch saw {100 * before:.1f} % of the median image, "
+        f"now {100 * coverage(grid):.1f} % (target {100 * CONTEXT_COVERAGE:.0f} %{limit})"
+    )
+    return tuple(float(v) for v in grid), why  # type: ignore[return-value]
 
 
 def candidate_patches(
@@ -324,6 +385,7 @@ class BudgetPlan:
     measured: tuple[Candidate, ...]
     why: str
     validations: int = VALIDATIONS
+    spacing: tuple[float, float, float] | None = None  # a coarser grid for context (context_spacing)
 
     def params(self) -> dict[str, Any]:
         """Flat MLflow params."""
@@ -503,6 +565,7 @@ def plan_for_budget(
     start = time.perf_counter()
     measured: list[Candidate] = []
     alive = list(models)
+    last_step_s: dict[tuple[str, int], float] = {}
     for patch in patches:  # smallest first, every network at each size; a network whose step
         for name, features in list(alive):  # no longer leaves MIN_STEPS is not measured larger
             if time.perf_counter() - start > warmup_cap and measured:
@@ -518,16 +581,29 @@ def plan_for_budget(
                 model_name=name,
             )
             measured.append(Candidate(patch, batch, features, step_s, name))
+            last_step_s[(name, features)] = step_s
             if (budget - reserve - (time.perf_counter() - start)) / step_s < MIN_STEPS:
                 alive.remove((name, features))
         if not alive or time.perf_counter() - start > warmup_cap:
             break
+        # the next size measures the fastest network first: the warm-up's time cap then cuts the
+        # slow ones (measured on seed 1: the classic U-Net at 64x64x48, 1.17 s a step, used the cap
+        # and MONAI's UNet, twice as fast and the one the rule would have taken, went unmeasured)
+        alive.sort(key=lambda m: last_step_s[m])
     warmup_s = time.perf_counter() - start
     chosen, val_s, train_s, why, validations = _fit_to_budget(
         planned, fp, measured, budget - reserve - warmup_s, patches_per_step
     )
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
+    spacing = None
+    if cfg.preprocess.spacing is None and "patch_size" not in fixed:  # the user's grid or patch is kept
+        assert planned.preprocess.spacing is not None
+        grid, coarser = context_spacing(
+            planned.preprocess.spacing, fp.extent_mm_median, chosen.patch, fp.label_volumes_ml
+        )
+        if coarser:
+            spacing, why = grid, f"{why}; {coarser}"
     plan = BudgetPlan(
         budget_s=budget,
         reason=reason,
@@ -542,6 +618,7 @@ def plan_for_budget(
         measured=tuple(measured),
         why=why,
         validations=validations,
+        spacing=spacing,
     )
     return apply_budget_plan(planned, plan), plan
 
@@ -576,6 +653,8 @@ def apply_budget_plan(cfg: Config, plan: BudgetPlan) -> Config:
     tr.batch_size = plan.chosen.batch
     out.model.features = plan.chosen.features
     out.model.name = plan.chosen.model
+    if plan.spacing is not None:
+        out.preprocess.spacing = plan.spacing
     tr.epochs = plan.epochs
     tr.iterations_per_epoch = plan.iterations_per_epoch
     tr.val_every = plan.val_every

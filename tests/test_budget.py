@@ -11,9 +11,11 @@ from medseg.data import Fingerprint
 from medseg.errors import ConfigError
 from medseg.plan import (
     CPU_DEFAULT_BUDGET_S,
+    MAX_CONTEXT_COARSENING,
     Candidate,
     candidate_patches,
     choose_candidate,
+    context_spacing,
     lr_factor,
     parse_duration,
     plan_for_budget,
@@ -131,6 +133,77 @@ def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     planned, plan = plan_for_budget(fixed, FP, device="cpu", out_channels=4, measure=fake_measure)
     assert {c[0] for c in calls} == {(32, 32, 16)}
     assert planned.train.patch_size == (32.0, 32.0, 16.0)
+
+
+def test_warm_up_measures_the_fastest_network_first_at_each_larger_patch():
+    """The warm-up's time cap cuts what is measured last at a size: that must be the slow networks."""
+    calls = []
+
+    def step_s(patch, features, model_name):
+        speed = 2.0 if model_name == "monai_unet" else 1.0
+        return 1e-7 * patch[0] * patch[1] * patch[2] * features / speed
+
+    def fake_measure(
+        cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None
+    ):
+        calls.append((patch, model_name, features))
+        return step_s(patch, features, model_name)
+
+    cfg = Config.model_validate({"train": {"time_budget_s": 3600, "memory_budget_gb": 4}})
+    plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=fake_measure)
+    sizes = list(dict.fromkeys(c[0] for c in calls))
+    assert len(sizes) >= 2
+    first = [c for c in calls if c[0] == sizes[0]]
+    assert first[0][1] == "classic_unet"  # nothing measured yet: the configured network first
+    for size in sizes[1:]:
+        at_size = [c for c in calls if c[0] == size]
+        steps = [step_s(size, f, m) for _, m, f in at_size]
+        assert steps == sorted(steps), f"{size}: measured {at_size}, not fastest first"
+
+
+def test_a_budget_patch_that_sees_little_of_the_image_gets_a_coarser_grid():
+    # the seed-1 phantoms: 0.8 mm in-plane, 11 minutes bought 64x64x32, 5.8 % of the median image
+    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32))
+    assert grid[2] == 1.786
+    assert grid[0] == grid[1]
+    assert grid[0] == round(0.806 * MAX_CONTEXT_COARSENING, 3)  # sqrt(20 / 5.8) capped at 1.5
+    assert "5.8 %" in why
+    assert "x, y" in why
+    # enough context already (the real CT at 3 mm: the patch sees 35 % of it): unchanged, nothing said
+    assert context_spacing((3.0, 3.0, 3.0), (366.0, 303.0, 90.0), (64, 64, 32)) == ((3.0, 3.0, 3.0), "")
+    # isotropic data: every axis, at most MAX_CONTEXT_COARSENING
+    grid, _ = context_spacing((1.0, 1.0, 1.0), (300.0, 300.0, 300.0), (64, 64, 64))
+    assert grid == (1.5, 1.5, 1.5)
+    # anisotropic data is never made coarser than its coarsest axis
+    grid, _ = context_spacing((0.5, 0.5, 0.6), (300.0, 300.0, 200.0), (32, 32, 32))
+    assert grid == (0.6, 0.6, 0.6)
+    # a small structure holds the grid: 0.5 ml is 9.8 mm across, 16 voxels need 0.61 mm
+    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32), {"1": (0.5, 2.0)})
+    assert grid == (0.806, 0.806, 1.786)
+    assert why == ""
+    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32), {"1": (2.0, 4.0)})
+    assert 0.806 < grid[0] < 1.0
+    assert "smallest label" in why
+
+
+def test_the_budget_plan_applies_the_coarser_grid_unless_the_user_chose_grid_or_patch():
+    def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        return 1e-7 * patch[0] * patch[1] * patch[2] * features  # slow: a small patch is chosen
+
+    big = FP.model_copy(update={"extent_mm_median": (400.0, 400.0, 300.0)})
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
+    planned, plan = plan_for_budget(cfg, big, device="cpu", out_channels=2, measure=fake_measure)
+    assert plan is not None
+    assert plan.spacing is not None
+    assert planned.preprocess.spacing == plan.spacing
+    assert planned.preprocess.spacing[0] > 1.0
+    assert "grid coarsened" in plan.why
+    for given in ({"preprocess": {"spacing": [1.0, 1.0, 2.5]}}, {"train": {"patch_size": [32, 32, 16]}}):
+        user = Config.model_validate({**given, "train": {"time_budget_s": 600, **given.get("train", {})}})
+        planned, plan = plan_for_budget(user, big, device="cpu", out_channels=2, measure=fake_measure)
+        assert plan is not None
+        assert plan.spacing is None
+        assert planned.preprocess.spacing[0] == 1.0
 
 
 @pytest.mark.slow
