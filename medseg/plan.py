@@ -565,7 +565,6 @@ def plan_for_budget(
     start = time.perf_counter()
     measured: list[Candidate] = []
     alive = list(models)
-    last_step_s: dict[tuple[str, int], float] = {}
     for patch in patches:  # smallest first, every network at each size; a network whose step
         for name, features in list(alive):  # no longer leaves MIN_STEPS is not measured larger
             if time.perf_counter() - start > warmup_cap and measured:
@@ -581,7 +580,6 @@ def plan_for_budget(
                 model_name=name,
             )
             measured.append(Candidate(patch, batch, features, step_s, name))
-            last_step_s[(name, features)] = step_s
             if (budget - reserve - (time.perf_counter() - start)) / step_s < MIN_STEPS:
                 alive.remove((name, features))
         if not alive or time.perf_counter() - start > warmup_cap:
@@ -589,21 +587,15 @@ def plan_for_budget(
         # the next size measures the fastest network first: the warm-up's time cap then cuts the
         # slow ones (measured on seed 1: the classic U-Net at 64x64x48, 1.17 s a step, used the cap
         # and MONAI's UNet, twice as fast and the one the rule would have taken, went unmeasured)
-        alive.sort(key=lambda m: last_step_s[m])
+        latest = {(c.model, c.features): c.step_s for c in measured}  # the last size's, per network
+        alive.sort(key=lambda m: latest[m])
     warmup_s = time.perf_counter() - start
     chosen, val_s, train_s, why, validations = _fit_to_budget(
         planned, fp, measured, budget - reserve - warmup_s, patches_per_step
     )
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
-    spacing = None
-    if cfg.preprocess.spacing is None and "patch_size" not in fixed:  # the user's grid or patch is kept
-        assert planned.preprocess.spacing is not None
-        grid, coarser = context_spacing(
-            planned.preprocess.spacing, fp.extent_mm_median, chosen.patch, fp.label_volumes_ml
-        )
-        if coarser:
-            spacing, why = grid, f"{why}; {coarser}"
+    spacing, coarser = _context_grid(cfg, planned, fp, chosen.patch)
     plan = BudgetPlan(
         budget_s=budget,
         reason=reason,
@@ -616,11 +608,23 @@ def plan_for_budget(
         val_s=val_s,
         warmup_s=warmup_s,
         measured=tuple(measured),
-        why=why,
+        why=f"{why}; {coarser}" if coarser else why,
         validations=validations,
         spacing=spacing,
     )
     return apply_budget_plan(planned, plan), plan
+
+
+def _context_grid(
+    cfg: Config, planned: Config, fp: Fingerprint, patch: tuple[int, int, int]
+) -> tuple[tuple[float, float, float] | None, str]:
+    """The budget plan's coarser grid and why (``context_spacing``), or (None, '') when unchanged or
+    when the user gave the grid or the patch (their choice of context is kept)."""
+    if cfg.preprocess.spacing is not None or "patch_size" in cfg.train.model_fields_set:
+        return None, ""
+    assert planned.preprocess.spacing is not None  # make_plan fills it
+    grid, why = context_spacing(planned.preprocess.spacing, fp.extent_mm_median, patch, fp.label_volumes_ml)
+    return (grid, why) if why else (None, "")
 
 
 def _fit_to_budget(
