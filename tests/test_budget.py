@@ -12,6 +12,7 @@ from medseg.errors import ConfigError
 from medseg.plan import (
     CPU_DEFAULT_BUDGET_S,
     MAX_CONTEXT_COARSENING,
+    MIN_STEPS,
     Candidate,
     candidate_patches,
     choose_candidate,
@@ -112,7 +113,7 @@ def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     assert tuple(int(p) for p in tr.patch_size) == plan.chosen.patch
     assert plan.steps * plan.chosen.step_s <= 600
     assert tr.epochs * tr.iterations_per_epoch >= plan.steps
-    assert plan.steps >= 1000 or "no candidate" in plan.why
+    assert plan.steps >= MIN_STEPS or "no candidate" in plan.why
     assert "budget" in plan.summary()
     assert plan.params()["budget.steps"] == plan.steps
     # a step holds batch (2 cases) x samples_per_volume (2 crops) patches: that is what is measured
