@@ -187,6 +187,29 @@ def test_a_budget_patch_that_sees_little_of_the_image_gets_a_coarser_grid():
     assert "smallest label" in why
 
 
+def test_a_coarse_axis_planned_finer_than_the_median_goes_back_to_it_before_the_fine_axes_coarsen():
+    # the seed-3 phantoms: median 0.965 x 0.965 x 2.901 mm, the plan took z at its 10th percentile
+    # (2.056 mm) and 11 minutes bought 64x64x16, 5 % of the median image
+    plan, extent, patch = (0.965, 0.965, 2.056), (190.0, 150.0, 110.0), (64, 64, 16)
+    grid, why = context_spacing(plan, extent, patch, None, (0.965, 0.965, 2.901))
+    assert grid[2] == 2.901
+    assert grid[0] == grid[1] == round(0.965 * MAX_CONTEXT_COARSENING, 3)
+    assert "z back to the median 2.901 mm, then 1.50x on x, y" in why
+    # without the median (an old fingerprint) the coarse axis is kept
+    grid, why = context_spacing(plan, extent, patch)
+    assert grid[2] == 2.056
+    assert "back to the median" not in why
+    # the coarse axis goes back by at most MAX_CONTEXT_COARSENING
+    grid, _ = context_spacing(plan, extent, patch, None, (0.965, 0.965, 5.0))
+    assert grid[2] == round(2.056 * MAX_CONTEXT_COARSENING, 3)
+    # enough context: nothing changes, even below the median
+    assert context_spacing(plan, (60.0, 60.0, 30.0), patch, None, (0.965, 0.965, 2.901)) == (plan, "")
+    # the median alone, when the fine axes would gain too little (a small label holds them)
+    grid, why = context_spacing(plan, extent, patch, {"1": (0.5, 2.0)}, (0.965, 0.965, 2.901))
+    assert grid == (0.965, 0.965, 2.901)
+    assert why.startswith("grid coarsened z back to the median 2.901 mm (")
+
+
 def test_the_budget_plan_applies_the_coarser_grid_unless_the_user_chose_grid_or_patch():
     def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
         return 1e-7 * patch[0] * patch[1] * patch[2] * features  # slow: a small patch is chosen
