@@ -14,10 +14,12 @@ from medseg.plan import (
     MAX_CONTEXT_COARSENING,
     MIN_STEPS,
     Candidate,
+    _fit_to_budget,
     candidate_patches,
     choose_candidate,
     context_spacing,
     lr_factor,
+    make_plan,
     parse_duration,
     plan_for_budget,
     resolve_budget,
@@ -222,6 +224,15 @@ def test_the_budget_plan_applies_the_coarser_grid_unless_the_user_chose_grid_or_
     assert planned.preprocess.spacing == plan.spacing
     assert planned.preprocess.spacing[0] > 1.0
     assert "grid coarsened" in plan.why
+    # the validations' share of the budget is estimated on the grid they will run on: the same
+    # patch on the planned (finer) grid needs more windows and more seconds
+    fine_cfg = make_plan(cfg, big)
+    one = [plan.chosen]
+    on_fine = _fit_to_budget(fine_cfg, big, one, 600.0, 4)
+    on_grid = _fit_to_budget(fine_cfg, big, one, 600.0, 4, grid=lambda patch: plan.spacing)
+    assert on_grid[0] == on_fine[0] == plan.chosen
+    assert on_grid[1] / on_grid[4] < 0.8 * on_fine[1] / on_fine[4]  # seconds per validation
+    assert on_grid[4] >= on_fine[4]  # as many validations or more
     for given in ({"preprocess": {"spacing": [1.0, 1.0, 2.5]}}, {"train": {"patch_size": [32, 32, 16]}}):
         user = Config.model_validate({**given, "train": {"time_budget_s": 600, **given.get("train", {})}})
         planned, plan = plan_for_budget(user, big, device="cpu", out_channels=2, measure=fake_measure)
@@ -297,12 +308,13 @@ def test_epochs_are_fitted_again_after_the_first_validation():
         return trainer.cfg.train.epochs
 
     # 3 epochs of 50 s and a validation of 10 s done at 160 s: 410 s left before the final 30 s
-    # and the last validation, 53.3 s per epoch with its share of validations -> 3 + 7 epochs
-    assert fitted(50.0, 10.0, done=3, elapsed=160.0) == 10
-    assert fitted(50.0, 10.0, done=3, elapsed=100.0) == 11  # further ahead of the clock: one more
+    # and the last validation, 53.3 s per epoch with its share of validations: 7.7 epochs -> 3 + 8
+    # (rounded up: the deadline cuts the last one short and validates it; down left 36 s unused)
+    assert fitted(50.0, 10.0, done=3, elapsed=160.0) == 11
+    assert fitted(50.0, 10.0, done=3, elapsed=100.0) == 12  # further ahead of the clock: one more
     assert fitted(50.0, 10.0, done=3, elapsed=560.0) == 3  # out of time: no epoch beyond those done
     assert fitted(5.0, 1.0, done=3, elapsed=10.0) == 30  # never more than 3x the planned epochs
     # MLflow params are write-once: the fitting after the first validation logs its own key
     assert {"train.epochs_fitted_after_validation"} == {k for d in logged for k in d}
-    assert fitted(50.0, 10.0, done=1, elapsed=20.0) == 11  # after the first epoch
+    assert fitted(50.0, 10.0, done=1, elapsed=20.0) == 12  # after the first epoch: 10.5 -> 1 + 11
     assert "train.epochs_fitted" in logged[-1]
