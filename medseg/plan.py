@@ -657,8 +657,8 @@ def _fit_to_budget(
 ) -> tuple[Candidate, float, float, str, int]:
     """Choose with validation time taken out of the budget (it depends on the patch chosen, and on
     the grid ``grid`` gives that patch: seed 1's coarser grid held a third of the voxels, and the
-    estimate on the planned grid kept 129 s of 11 minutes for 5 validations that took 26 s + 4 x 3 s,
-    so the patch was chosen for 465 s of training):
+    estimate on the planned grid kept 129 s of 11 minutes for 5 validations of about 3 s each, so
+    the patch was chosen for 465 s of training):
     up to VALIDATIONS validations, fewer (at least the final one) when they would take more
     than a quarter of the time left."""
     left_s = max(left_s, 1.0)
