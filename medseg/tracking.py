@@ -270,10 +270,15 @@ class Tracker:
             client.update_run(run_id, status="RUNNING")
             return run_id
         experiment = client.get_experiment_by_name(self.cfg.experiment)
+        # a local store keeps its artifacts beside its database (MLflow's default is ./mlruns of
+        # whatever folder the first run started in: a store given by path scattered its artifacts)
+        db = sqlite_path(self.uri)
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else client.create_experiment(self.cfg.experiment)
+            else client.create_experiment(
+                self.cfg.experiment, artifact_location=(db.parent / "mlruns").resolve().as_uri() if db else None
+            )
         )
         run = client.create_run(
             experiment_id,

@@ -91,6 +91,22 @@ def test_tracker_leaves_no_process_wide_state(tmp_path, monkeypatch):
     assert not hasattr(Tracker, "set_tags")
 
 
+def test_a_local_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
+    from medseg.tracking import Tracker
+
+    elsewhere, store = tmp_path / "cwd", tmp_path / "store"
+    elsewhere.mkdir()
+    store.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{store / 'mlflow.db'}", experiment="beside"))
+    tracker.start(run_name="r")
+    (tmp_path / "note.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.end()
+    assert list(elsewhere.iterdir()) == []  # not ./mlruns of the folder the run started in
+    assert list(store.glob("mlruns/*/artifacts/note.txt"))  # <run id>/artifacts
+
+
 def test_bounded_http_is_scoped_and_keeps_user_values(monkeypatch):
     from medseg.tracking import bounded_http
 
