@@ -477,8 +477,10 @@ class Trainer:
         if epochs == tr.epochs:
             return
         if self.dist.main:
-            log.info("time budget: %d epochs instead of %d (an epoch took %.0f s, a validation %.0f s; "
-                     "%.0f s of training left)", epochs, tr.epochs, epoch_s, self.deadline.validation_s,
+            # after the first epoch no validation has run yet: its time is still the plan's estimate
+            log.info("time budget: %d epochs instead of %d (an epoch took %.0f s, a validation %s %.0f s; "
+                     "%.0f s of training left)", epochs, tr.epochs, epoch_s,
+                     "is estimated at" if done == 1 else "took", self.deadline.validation_s,
                      self.deadline.training_left())
             # MLflow params are write-once: each fitting has its own key
             key = "train.epochs_fitted" if done == 1 else "train.epochs_fitted_after_validation"

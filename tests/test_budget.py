@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -282,7 +283,7 @@ def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_epochs_are_fitted_again_after_the_first_validation():
+def test_epochs_are_fitted_again_after_the_first_validation(caplog):
     """After the first validation the measured epoch and validation times refit the epochs: a
     validation shorter than the plan's estimate leaves room for more epochs, a slow run gets fewer,
     never fewer than those already done."""
@@ -293,6 +294,7 @@ def test_epochs_are_fitted_again_after_the_first_validation():
     from medseg.plan import Deadline
     from medseg.train import Trainer
 
+    caplog.set_level(logging.INFO, logger="medseg.train")
     cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
     logged: list[dict] = []
 
@@ -316,5 +318,8 @@ def test_epochs_are_fitted_again_after_the_first_validation():
     assert fitted(5.0, 1.0, done=3, elapsed=10.0) == 30  # never more than 3x the planned epochs
     # MLflow params are write-once: the fitting after the first validation logs its own key
     assert {"train.epochs_fitted_after_validation"} == {k for d in logged for k in d}
+    assert "a validation took 10 s" in caplog.text  # measured by then
+    caplog.clear()
     assert fitted(50.0, 10.0, done=1, elapsed=20.0) == 12  # after the first epoch: 10.5 -> 1 + 11
     assert "train.epochs_fitted" in logged[-1]
+    assert "a validation is estimated at 10 s" in caplog.text  # none has run yet: the plan's figure
