@@ -170,6 +170,11 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0.0, le=10.0)
     weight_decay: NonNegativeFloat = 1e-5
     grad_clip: PositiveFloat = 12.0
+    # the Dice term of Dice+CE, as nnU-Net computes it: over the whole batch (a class absent from one
+    # patch is not a zero Dice that punishes every faint probability of it) and over the foreground
+    # classes only; "sample" and dice_background=True are MONAI's DiceCELoss defaults
+    dice_over: Literal["batch", "sample"] = "batch"
+    dice_background: bool = False
     val_every: int = Field(5, ge=1)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     val_surface_metrics: bool = True  # HD95 (mm) and surface Dice per label at validation

@@ -477,17 +477,16 @@ def measure_step_seconds(
     import time
 
     import torch
-    from monai.losses import DiceCELoss
 
     from medseg.models import build_model
     from medseg.runtime import autocast, resolve_precision, set_memory_format, training_channels_last
-    from medseg.train import make_optimizer
+    from medseg.train import make_loss, make_optimizer
 
     dev = torch.device(device)
     precision = resolve_precision(dev, cfg.train.precision, amp=cfg.train.amp, quiet=True)
     update = {"features": features, **({"name": model_name} if model_name else {})}
     model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = make_loss(cfg)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((batch, 1, *patch), generator=gen).to(dev)
     label = torch.randint(0, out_channels, (batch, 1, *patch), generator=gen).float().to(dev)

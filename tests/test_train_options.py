@@ -175,3 +175,21 @@ def test_the_bundle_holds_the_final_model_unless_the_best_was_clearly_better():
     assert bundle_after([early_best, {"epoch": 11, "val_dice": clearly_worse}], 0.866) == []
     assert bundle_after([{"epoch": 11, "val_dice": 0.9}], 0.9) == []  # the final is the best: written already
     assert bundle_after([early_best, {"epoch": 5, "train_loss": 0.5}], 0.866) == []  # last epoch not validated
+
+
+def test_the_dice_term_is_over_the_batch_and_the_foreground_unless_configured_otherwise():
+    """A class absent from one patch but present in another: per sample, every faint probability of
+    it in the patch without it is a Dice of ~0 for that patch (MONAI's default); over the batch it
+    costs only what it takes from the Dice of the class where it is."""
+    from medseg.train import make_loss
+
+    label = torch.zeros((2, 1, 8, 8, 8))
+    label[:, :, 2:6, 2:6, 2:6] = 1
+    label[1, :, 4:8, 4:8, 0:2] = 2  # class 2 only in the second patch
+    logits = 8.0 * torch.nn.functional.one_hot(label[:, 0].long(), 3).permute(0, 4, 1, 2, 3).float()
+    logits[0, 2] = 3.0  # the first patch: a faint probability of class 2 everywhere (~0.007)
+    by_batch = make_loss(_cfg())
+    per_sample = make_loss(_cfg(train={"dice_over": "sample", "dice_background": True}))
+    assert by_batch.dice.batch and not by_batch.dice.include_background
+    assert not per_sample.dice.batch and per_sample.dice.include_background
+    assert float(by_batch(logits, label)) < 0.5 * float(per_sample(logits, label))
