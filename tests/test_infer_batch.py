@@ -272,6 +272,11 @@ def test_tuning_decides_flip_tta_and_inference_follows_it(trained, tmp_path, cap
     val = [SimpleNamespace(image=p, label=data / "labelsTr" / p.name) for p in sorted((data / "imagesTr").glob("*.nii.gz"))[:2]]
     bundle = tmp_path / "bundle"
     shutil.copytree(b0, bundle)
+    # TTA is tried only when the bundle does not run it already (its training's own tuning may have kept it)
+    tree = yaml.safe_load((bundle / "config.yaml").read_text())
+    tree["infer"].pop("tta", None)
+    tree["infer"].pop("tta_flips", None)
+    (bundle / "config.yaml").write_text(yaml.safe_dump(tree))
     with caplog.at_level(logging.INFO, logger="medseg.tuning"):
         report = tune_bundle(bundle, val, time_left=0.0)  # no time: the 8 passes are not tried
     assert report is not None

@@ -190,6 +190,8 @@ def test_the_dice_term_is_over_the_batch_and_the_foreground_unless_configured_ot
     logits[0, 2] = 3.0  # the first patch: a faint probability of class 2 everywhere (~0.007)
     by_batch = make_loss(_cfg())
     per_sample = make_loss(_cfg(train={"dice_over": "sample", "dice_background": True}))
-    assert by_batch.dice.batch and not by_batch.dice.include_background
-    assert not per_sample.dice.batch and per_sample.dice.include_background
+    assert by_batch.dice.batch
+    assert not by_batch.dice.include_background
+    assert not per_sample.dice.batch
+    assert per_sample.dice.include_background
     assert float(by_batch(logits, label)) < 0.5 * float(per_sample(logits, label))
