@@ -250,6 +250,7 @@ FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuni
 CONTEXT_COVERAGE = 0.2
 MAX_CONTEXT_COARSENING = 1.5  # at most this factor on an axis
 MIN_CONTEXT_COARSENING = 1.1  # below this, the grid is left as it is
+MAX_SIZES_BETWEEN = 3  # shrink-path sizes measured between the chosen candidate and the next larger
 MIN_STRUCTURE_VOXELS = 16  # the smallest label's equivalent diameter keeps at least this many voxels
 
 
@@ -605,11 +606,31 @@ def plan_for_budget(
         # and MONAI's UNet, twice as fast and the one the rule would have taken, went unmeasured)
         latest = {(c.model, c.features): c.step_s for c in measured}  # the last size's, per network
         alive.sort(key=lambda m: latest[m])
+    def fit() -> tuple[Candidate, float, float, str, int]:
+        return _fit_to_budget(
+            planned, fp, measured, budget - reserve - (time.perf_counter() - start), patches_per_step,
+            grid=lambda patch: _context_grid(cfg, planned, fp, patch)[0],
+        )
+
+    chosen, val_s, train_s, why, validations = fit()
+    between: list[tuple[int, int, int]] = []
+    if "patch_size" not in fixed and train_s / chosen.step_s >= MIN_STEPS:
+        between = _sizes_between(chosen, measured, tr.patch_size, divisor_of(planned.model),
+                                 planned.preprocess.spacing)[:MAX_SIZES_BETWEEN]
+        for patch in between:  # largest first: the first that leaves MIN_STEPS is the one
+            step_s = overhead * measure(
+                planned, patch, patches_per_step, chosen.features, out_channels=out_channels,
+                device=device, time_limit_s=max(1.0, warmup_cap), model_name=chosen.model,
+            )
+            measured.append(Candidate(patch, batch, chosen.features, step_s, chosen.model))
+            if train_s / step_s >= MIN_STEPS:
+                break
+        if between:
+            smaller = chosen.patch
+            chosen, val_s, train_s, why, validations = fit()
+            if chosen.patch in between:
+                why += f" (measured between the candidate sizes, above {'x'.join(map(str, smaller))})"
     warmup_s = time.perf_counter() - start
-    chosen, val_s, train_s, why, validations = _fit_to_budget(
-        planned, fp, measured, budget - reserve - warmup_s, patches_per_step,
-        grid=lambda patch: _context_grid(cfg, planned, fp, patch)[0],
-    )
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
     spacing, coarser = _context_grid(cfg, planned, fp, chosen.patch)
@@ -630,6 +651,34 @@ def plan_for_budget(
         spacing=spacing,
     )
     return apply_budget_plan(planned, plan), plan
+
+
+def _sizes_between(
+    chosen: Candidate,
+    measured: list[Candidate],
+    top: Sequence[float],
+    divisor: int,
+    spacing: Sequence[float] | None,
+) -> list[tuple[int, int, int]]:
+    """The shrink path's patches between ``chosen`` and the next larger size measured for its
+    network, largest first ([] when none was measured larger, or ``chosen`` left too few steps).
+
+    The candidate sizes lie about a factor 2 in voxels apart, and the largest patch that leaves
+    MIN_STEPS can lie between two of them: on the seed-6 phantoms 64x64x16 left 2442 steps and the
+    next size, 64x80x32, 1052; the path's 64x64x32 between them was never measured."""
+    same = [c for c in measured if (c.model, c.features) == (chosen.model, chosen.features)]
+    larger = [c for c in same if int(np.prod(c.patch)) > int(np.prod(chosen.patch))]
+    if not larger:
+        return []
+    ceiling = min(int(np.prod(c.patch)) for c in larger)
+    seen = {c.patch for c in same}
+    path = _shrink_path(np.asarray(top, dtype=float), divisor, spacing)
+    out: list[tuple[int, int, int]] = []
+    for p in path:
+        patch = cast(tuple[int, int, int], tuple(int(v) for v in p))
+        if int(np.prod(chosen.patch)) < int(np.prod(patch)) < ceiling and patch not in seen and patch not in out:
+            out.append(patch)
+    return sorted(out, key=lambda p: -int(np.prod(p)))
 
 
 def _context_grid(

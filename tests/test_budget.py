@@ -165,6 +165,45 @@ def test_warm_up_measures_the_fastest_network_first_at_each_larger_patch():
         assert steps == sorted(steps), f"{size}: measured {at_size}, not fastest first"
 
 
+def test_the_warm_up_measures_the_path_between_two_candidate_sizes_for_the_largest_that_qualifies():
+    """Candidate sizes lie about 2x apart in voxels; the largest patch that leaves MIN_STEPS may lie
+    between two of them (seed 6: 64x64x16 left 2442 steps, the next size 1052; 64x64x32 unmeasured)."""
+    import numpy as np
+
+    from medseg.models import divisor_of
+    from medseg.plan import MAX_SIZES_BETWEEN, _shrink_path
+
+    def step_s(patch):
+        return 1e-6 * float(np.prod(patch))
+
+    calls = []
+
+    def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        calls.append(patch)
+        return step_s(patch)
+
+    cfg = Config.model_validate(
+        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
+    )
+    planned0 = make_plan(cfg, FP)
+    divisor = divisor_of(planned0.model)
+    candidates = candidate_patches(planned0.train.patch_size, divisor, spacing=planned0.preprocess.spacing)
+    _, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert plan is not None
+    path = [tuple(int(v) for v in p) for p in _shrink_path(np.asarray(planned0.train.patch_size), divisor,
+                                                            planned0.preprocess.spacing)]
+    assert plan.chosen.patch in path
+    assert plan.chosen.patch not in candidates  # found between two of them
+    best_candidate = max((p for p in candidates if plan.train_s / step_s(p) >= MIN_STEPS), key=np.prod)
+    assert np.prod(plan.chosen.patch) > np.prod(best_candidate)
+    # the next size up the path leaves too few steps (2 %: the validation estimate moves with the patch)
+    above = path[path.index(plan.chosen.patch) - 1]
+    assert plan.train_s / step_s(above) < 1.02 * MIN_STEPS
+    assert "measured between the candidate sizes" in plan.why
+    assert len([c for c in calls if c not in candidates]) <= MAX_SIZES_BETWEEN
+    assert plan.steps >= MIN_STEPS
+
+
 def test_a_budget_patch_that_sees_little_of_the_image_gets_a_coarser_grid():
     # the seed-1 phantoms: 0.8 mm in-plane, 11 minutes bought 64x64x32, 5.8 % of the median image
     grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32))
