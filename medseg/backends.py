@@ -159,12 +159,15 @@ def openvino_predictor(
     *,
     window_shape: tuple[int, ...] | None = None,
     threads: int | None = None,
+    compile_cache: Path | None = None,
 ) -> Predictor:
     """The exported network (OpenVINO IR or ONNX) compiled for the CPU in f32 or bf16.
 
     A model compiled for one static input shape ran 1.6x faster than the dynamic one here, so each
     input shape met gets its own compiled model; a smaller last batch of windows is padded up to
-    ``window_shape``'s batch.
+    ``window_shape``'s batch. ``compile_cache``: OpenVINO's own cache of compiled models (its
+    ``CACHE_DIR``), which it keys by model, shape and settings: a 64x64x32 window's compile took
+    0.35 s from the ONNX file and 0.13 s from the cache here. Skipped when the folder cannot be made.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} for openvino; expected fp32 or bf16")
@@ -175,6 +178,12 @@ def openvino_predictor(
     if precision == "bf16" and not cpu_has_native_bf16():
         raise BackendUnavailableError("openvino bf16: this CPU has no native bf16 (it would run f32)")
     core = ov.Core()
+    if compile_cache is not None:
+        try:
+            Path(compile_cache).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(compile_cache)})
+        except (OSError, RuntimeError) as exc:
+            log.debug("openvino compile cache %s not used: %s", compile_cache, exc)
     source = core.read_model(str(model_path))
     config = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -326,7 +335,10 @@ def build_predictor(
         return onnxruntime_predictor(onnx_for(bundle, cache_dir), precision)
     if precision == "bf16" and not cpu_has_native_bf16():
         raise BackendUnavailableError("openvino bf16: this CPU has no native bf16 (it would run f32)")
-    return openvino_predictor(openvino_model_for(bundle, cache_dir), precision, window_shape=window_shape)
+    return openvino_predictor(
+        openvino_model_for(bundle, cache_dir), precision, window_shape=window_shape,
+        compile_cache=(cache_dir or user_cache_dir()) / "openvino",
+    )
 
 
 # ----------------------------------------------------------------------------- parity

@@ -289,6 +289,23 @@ def test_parity_scores_labels_with_enough_voxels():
     assert parity(ref, ref.clone(), {0: "bg", 1: "big", 2: "tiny"})["passed"]
 
 
+def test_openvino_keeps_its_compiled_models_in_the_user_cache(exported_bundle):
+    """The second compile of the same network and window shape comes from OpenVINO's cache, with
+    the same output; the cache holds compiled networks, nothing of a scan."""
+    pytest.importorskip("openvino")
+    from medseg.backends import user_cache_dir
+
+    bundle = load_bundle(exported_bundle)
+    cache = user_cache_dir() / "openvino"
+    x = torch.randn(2, 1, 16, 16, 16)
+    first = build_predictor(bundle, "openvino", "fp32", "cpu", window_shape=(2, 1, 16, 16, 16))(x)
+    blobs = sorted(p.name for p in cache.iterdir())
+    assert blobs, "nothing cached"
+    again = build_predictor(bundle, "openvino", "fp32", "cpu", window_shape=(2, 1, 16, 16, 16))(x)
+    assert sorted(p.name for p in cache.iterdir()) == blobs  # read from the cache, not compiled anew
+    torch.testing.assert_close(again, first)
+
+
 _SIGNAL_AFTER_OPENVINO = """
 import faulthandler, gc, os, signal, sys
 faulthandler.enable()  # as pytest does: the main thread has an alternate signal stack
