@@ -581,49 +581,32 @@ def plan_for_budget(
     reserve = elapsed_s + FINAL_FRACTION * budget
     start = time.perf_counter()
     measured: list[Candidate] = []
-    alive = list(models)
-    for patch in patches:  # smallest first, every network at each size; a network whose step
-        for name, features in list(alive):  # no longer leaves MIN_STEPS is not measured larger
-            if time.perf_counter() - start > warmup_cap and measured:
-                break
-            step_s = overhead * measure(
-                planned,
-                patch,
-                patches_per_step,
-                features,
-                out_channels=out_channels,
-                device=device,
-                time_limit_s=max(1.0, warmup_cap - (time.perf_counter() - start)),
-                model_name=name,
-            )
-            measured.append(Candidate(patch, batch, features, step_s, name))
-            if (budget - reserve - (time.perf_counter() - start)) / step_s < MIN_STEPS:
-                alive.remove((name, features))
-        if not alive or time.perf_counter() - start > warmup_cap:
-            break
-        # the next size measures the fastest network first: the warm-up's time cap then cuts the
-        # slow ones (measured on seed 1: the classic U-Net at 64x64x48, 1.17 s a step, used the cap
-        # and MONAI's UNet, twice as fast and the one the rule would have taken, went unmeasured)
-        latest = {(c.model, c.features): c.step_s for c in measured}  # the last size's, per network
-        alive.sort(key=lambda m: latest[m])
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    def measure_one(patch: tuple[int, int, int], name: str, features: int, limit_s: float) -> Candidate:
+        step_s = overhead * measure(
+            planned, patch, patches_per_step, features, out_channels=out_channels, device=device,
+            time_limit_s=max(1.0, limit_s), model_name=name,
+        )
+        measured.append(Candidate(patch, batch, features, step_s, name))
+        return measured[-1]
+
     def fit() -> tuple[Candidate, float, float, str, int]:
         return _fit_to_budget(
-            planned, fp, measured, budget - reserve - (time.perf_counter() - start), patches_per_step,
+            planned, fp, measured, budget - reserve - elapsed(), patches_per_step,
             grid=lambda patch: _context_grid(cfg, planned, fp, patch)[0],
         )
 
+    _warm_up(patches, models, measure_one, left_s=lambda: budget - reserve - elapsed(), cap_s=warmup_cap,
+             elapsed=elapsed)
     chosen, val_s, train_s, why, validations = fit()
-    between: list[tuple[int, int, int]] = []
     if "patch_size" not in fixed and train_s / chosen.step_s >= MIN_STEPS:
         between = _sizes_between(chosen, measured, tr.patch_size, divisor_of(planned.model),
                                  planned.preprocess.spacing)[:MAX_SIZES_BETWEEN]
         for patch in between:  # largest first: the first that leaves MIN_STEPS is the one
-            step_s = overhead * measure(
-                planned, patch, patches_per_step, chosen.features, out_channels=out_channels,
-                device=device, time_limit_s=max(1.0, warmup_cap), model_name=chosen.model,
-            )
-            measured.append(Candidate(patch, batch, chosen.features, step_s, chosen.model))
-            if train_s / step_s >= MIN_STEPS:
+            if train_s / measure_one(patch, chosen.model, chosen.features, warmup_cap).step_s >= MIN_STEPS:
                 break
         if between:
             smaller = chosen.patch
@@ -651,6 +634,37 @@ def plan_for_budget(
         spacing=spacing,
     )
     return apply_budget_plan(planned, plan), plan
+
+
+def _warm_up(
+    patches: list[tuple[int, int, int]],
+    models: list[tuple[str, int]],
+    measure_one: Callable[[tuple[int, int, int], str, int, float], Candidate],
+    *,
+    left_s: Callable[[], float],
+    cap_s: float,
+    elapsed: Callable[[], float],
+) -> None:
+    """Measure every network at each size, smallest first; a network whose step no longer leaves
+    MIN_STEPS in ``left_s()`` is not measured larger, and the warm-up stops after ``cap_s``."""
+    alive = list(models)
+    latest: dict[tuple[str, int], float] = {}  # the last size's step, per network
+    measured_any = False
+    for patch in patches:
+        for name, features in list(alive):
+            if elapsed() > cap_s and measured_any:
+                break
+            step_s = measure_one(patch, name, features, cap_s - elapsed()).step_s
+            measured_any = True
+            if left_s() / step_s < MIN_STEPS:
+                alive.remove((name, features))
+            latest[(name, features)] = step_s
+        if not alive or elapsed() > cap_s:
+            break
+        # the next size measures the fastest network first: the warm-up's time cap then cuts the
+        # slow ones (measured on seed 1: the classic U-Net at 64x64x48, 1.17 s a step, used the cap
+        # and MONAI's UNet, twice as fast and the one the rule would have taken, went unmeasured)
+        alive.sort(key=lambda m: latest[m])
 
 
 def _sizes_between(
