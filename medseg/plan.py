@@ -613,7 +613,7 @@ def plan_for_budget(
             chosen, val_s, train_s, why, validations = fit()
             if chosen.patch in between:
                 why += f" (measured between the candidate sizes, above {'x'.join(map(str, smaller))})"
-    warmup_s = time.perf_counter() - start
+    warmup_s = elapsed()
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
     spacing, coarser = _context_grid(cfg, planned, fp, chosen.patch)
@@ -649,13 +649,11 @@ def _warm_up(
     MIN_STEPS in ``left_s()`` is not measured larger, and the warm-up stops after ``cap_s``."""
     alive = list(models)
     latest: dict[tuple[str, int], float] = {}  # the last size's step, per network
-    measured_any = False
     for patch in patches:
         for name, features in list(alive):
-            if elapsed() > cap_s and measured_any:
+            if elapsed() > cap_s and latest:
                 break
             step_s = measure_one(patch, name, features, cap_s - elapsed()).step_s
-            measured_any = True
             if left_s() / step_s < MIN_STEPS:
                 alive.remove((name, features))
             latest[(name, features)] = step_s
@@ -675,7 +673,7 @@ def _sizes_between(
     spacing: Sequence[float] | None,
 ) -> list[tuple[int, int, int]]:
     """The shrink path's patches between ``chosen`` and the next larger size measured for its
-    network, largest first ([] when none was measured larger, or ``chosen`` left too few steps).
+    network, largest first ([] when none was measured larger).
 
     The candidate sizes lie about a factor 2 in voxels apart, and the largest patch that leaves
     MIN_STEPS can lie between two of them: on the seed-6 phantoms 64x64x16 left 2442 steps and the
@@ -684,15 +682,11 @@ def _sizes_between(
     larger = [c for c in same if int(np.prod(c.patch)) > int(np.prod(chosen.patch))]
     if not larger:
         return []
-    ceiling = min(int(np.prod(c.patch)) for c in larger)
+    floor, ceiling = int(np.prod(chosen.patch)), min(int(np.prod(c.patch)) for c in larger)
     seen = {c.patch for c in same}
-    path = _shrink_path(np.asarray(top, dtype=float), divisor, spacing)
-    out: list[tuple[int, int, int]] = []
-    for p in path:
-        patch = cast(tuple[int, int, int], tuple(int(v) for v in p))
-        if int(np.prod(chosen.patch)) < int(np.prod(patch)) < ceiling and patch not in seen and patch not in out:
-            out.append(patch)
-    return sorted(out, key=lambda p: -int(np.prod(p)))
+    path = _shrink_path(np.asarray(top, dtype=float), divisor, spacing)  # shrinks: largest first
+    patches = [cast(tuple[int, int, int], tuple(int(v) for v in p)) for p in path]
+    return [p for p in patches if floor < int(np.prod(p)) < ceiling and p not in seen]
 
 
 def _context_grid(
