@@ -190,10 +190,21 @@ def _epoch_record(epoch: int, stats: EpochStats, lr: float, dist: Dist) -> dict[
 
 def _schedule(cfg: Config):
     """The per-epoch learning-rate multiplier planned for ``train.epochs``: linear warm-up over
-    ``lr_warmup_fraction`` of them, then cosine or poly decay to 0 (``medseg.plan.lr_factor``)."""
+    ``lr_warmup_fraction`` of them, then cosine or poly decay to 0 (``medseg.plan.lr_factor``).
+
+    An epoch of the warm-up runs at the ramp's value at its end: at its start the first epoch's
+    would be 0.1 % of the lr, and a planned 3 % warm-up over 30 epochs spent the whole first epoch
+    there (a budget-planned config retrained with ``--epochs``; under a budget the lr is set per step)."""
     epochs, tr = max(1, cfg.train.epochs), cfg.train
     kind = "cosine" if tr.scheduler == "cosine" else "poly"
-    return lambda e: lr_factor(e, epochs, warmup_fraction=tr.lr_warmup_fraction, kind=kind)
+    warm_epochs = tr.lr_warmup_fraction * epochs
+
+    def factor(e: int) -> float:
+        if e < warm_epochs:
+            return min(1.0, (e + 1) / warm_epochs)
+        return lr_factor(e, epochs, warmup_fraction=tr.lr_warmup_fraction, kind=kind)
+
+    return factor
 
 
 def make_loss(cfg: Config) -> torch.nn.Module:

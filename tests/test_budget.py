@@ -98,6 +98,19 @@ def test_lr_warms_up_then_decays_to_zero_and_time_progress_wins_when_further():
     assert lr_factor(20, 100, progress=0.9, **kw) < 0.05
 
 
+def test_a_warm_up_shorter_than_an_epoch_does_not_spend_the_first_epoch_at_no_lr():
+    from medseg.train import _schedule
+
+    # a budget-planned config (3 % warm-up) retrained with --epochs 30: the first epoch at the full lr
+    per_epoch = _schedule(Config.model_validate({"train": {"epochs": 30, "lr_warmup_fraction": 0.03, "scheduler": "cosine"}}))
+    assert per_epoch(0) == pytest.approx(1.0)
+    assert per_epoch(15) == pytest.approx(lr_factor(15, 30, warmup_fraction=0.03, kind="cosine"))
+    # a warm-up of several epochs still ramps: 10 % of 40 epochs is 4
+    ramp = _schedule(Config.model_validate({"train": {"epochs": 40, "lr_warmup_fraction": 0.1}}))
+    assert [ramp(e) for e in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert ramp(39) < 0.05
+
+
 def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     calls = []
 
