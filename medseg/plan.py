@@ -465,8 +465,10 @@ def measure_step_seconds(
     model_name: str | None = None,
 ) -> float:
     """Seconds of one training step (forward, Dice+CE, backward, AdamW) at this size on ``device``,
-    in the precision and memory layout training will use: one untimed step, then the mean of two
-    timed ones. Random data; the model is thrown away.
+    in the precision and memory layout training will use: one untimed step, then the fastest of
+    three timed ones. Random data; the model is thrown away. The fastest, not the mean: on a shared
+    machine a burst of other work landed on one size's two steps (64x80x16 at 0.343 s a step, 0.252 s
+    an hour before; the next larger size 0.354 s) and the plan changed patch and grid between two runs.
 
     The layout is the trainer's own choice (``medseg.runtime.training_channels_last``: on a CPU in
     fp32 measured once per machine, network and shape, then cached, so the trainer reads this
@@ -498,7 +500,7 @@ def measure_step_seconds(
         image = image.contiguous(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(cfg, model.parameters())
     times = []
-    for _ in range(3):
+    for _ in range(4):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
@@ -513,7 +515,7 @@ def measure_step_seconds(
         times.append(time.perf_counter() - start)
         if time_limit_s is not None and len(times) == 1 and times[0] > time_limit_s / 3:
             return times[0]
-    return float(np.mean(times[1:]))
+    return float(min(times[1:]))
 
 
 # CPU: augmentation shares the cores (13.5 % data wait measured by train_throughput.py)

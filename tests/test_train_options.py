@@ -155,6 +155,32 @@ def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, mo
     assert not list((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
 
 
+def test_the_warm_up_takes_the_fastest_timed_step_so_a_burst_of_other_work_does_not_move_the_plan(monkeypatch):
+    """One untimed step, then three timed ones: a step slowed by other work on a shared machine
+    (here the second, 5 s) does not count; the mean of two would have said 2.6 s."""
+    import time
+
+    from medseg.config import Config
+    from medseg.plan import measure_step_seconds
+
+    durations = iter([1.0, 0.2, 5.0, 0.25])  # the untimed first step, then the three timed
+    calls, now = [0], [100.0]
+
+    def clock() -> float:  # start and end of each step, in turn
+        calls[0] += 1
+        if calls[0] % 2 == 0:
+            now[0] += next(durations)
+        return now[0]
+
+    cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2},
+                                 "train": {"precision": "fp32", "memory_format": "contiguous"}})
+    monkeypatch.setattr(time, "perf_counter", clock)
+    seconds = measure_step_seconds(cfg, (16, 16, 16), 2, 4, out_channels=3, device="cpu")
+    monkeypatch.undo()
+    assert seconds == pytest.approx(0.2)
+    assert calls[0] == 8, "four steps, each timed from its start to its end"
+
+
 def test_the_bundle_holds_the_final_model_unless_the_best_was_clearly_better():
     """nnU-Net ships its final checkpoint: on two validation cases an early 'best' is often chance.
     The final model replaces it in the bundle when within FINAL_MODEL_TOLERANCE of the best."""
