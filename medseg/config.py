@@ -260,6 +260,10 @@ class CRFConfig(_Strict):
     bilateral_sigma_mm: float = Field(5.0, gt=0.0)  # bilateral appearance kernel, spatial part
     bilateral_intensity_sigma: float = Field(0.5, gt=0.0)  # in the normalised image's units
     bilateral_weight: float = Field(4.0, ge=0.0)
+    # labels the CRF leaves as the network found them: every voxel either calls one of them keeps the
+    # network's label (the tuning sets this for a label the CRF lowered on validation while it raised
+    # the others: on seed 3's phantoms all-or-nothing lost 0.0185 of test Dice, see benchmarks/README)
+    skip_labels: list[int] = Field(default_factory=list)
 
 
 class PostprocessConfig(_Strict):

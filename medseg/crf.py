@@ -217,8 +217,31 @@ def dense_crf(
     if box is None:  # every voxel is background beyond what the pairwise terms could change
         return probs
     out = probs if inplace else probs.clone()
+    network_labels = _argmax_uint8(probs[(slice(None), *box)]) if cfg.skip_labels else None
     _mean_field_slabs(probs[(slice(None), *box)], image[box], spacing, cfg, out=out[(slice(None), *box)])
+    if network_labels is not None:
+        _keep_network_labels(out[(slice(None), *box)], network_labels, cfg.skip_labels)
     return out
+
+
+def _argmax_uint8(probs: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """Argmax over the classes as uint8, slab by slab along the first spatial axis (no int64 volume)."""
+    out = torch.empty(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for i0 in range(0, probs.shape[1], slab):
+        out[i0 : i0 + slab] = probs[:, i0 : i0 + slab].float().argmax(0).to(torch.uint8)
+    return out
+
+
+def _keep_network_labels(refined: torch.Tensor, network: torch.Tensor, skip: list[int], slab: int = 16) -> None:
+    """Where the network or the CRF calls a label in ``skip``, the network's label (one-hot) replaces
+    the CRF's probabilities, so those labels come out as the network found them."""
+    skip_t = torch.tensor(skip, dtype=torch.uint8, device=network.device)
+    for i0 in range(0, refined.shape[1], slab):
+        part, net = refined[:, i0 : i0 + slab], network[i0 : i0 + slab]
+        mask = torch.isin(net, skip_t) | torch.isin(_argmax_uint8(part), skip_t)
+        if mask.any():
+            onehot = torch.nn.functional.one_hot(net[mask].long(), part.shape[0]).T.to(part.dtype)
+            part[:, mask] = onehot
 
 
 def _mean_field_slabs(

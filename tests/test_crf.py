@@ -183,3 +183,19 @@ def test_half_precision_probabilities_are_refined_in_float32_slabs():
     assert out.dtype == torch.float16
     assert (out.argmax(0) != full.argmax(0)).float().mean().item() < 1e-3
     torch.testing.assert_close(out.float(), full, atol=2e-3, rtol=0)
+
+
+def test_skipped_labels_come_out_as_the_network_found_them():
+    """``skip_labels``: the CRF refines the others; every voxel the network or the CRF calls a
+    skipped label keeps the network's label, so that label's mask is the network's."""
+    truth, image, probs = noisy_sphere()
+    three = torch.cat([probs * 0.9, torch.full((1, *probs.shape[1:]), 0.1)])  # label 2: a plate below
+    three[:, :, :, 2:3] = torch.tensor([0.3, 0.3, 0.4]).view(3, 1, 1, 1)  # a thin plate the CRF erodes
+    network = three.argmax(0)
+    strong = {"smooth_weight": 10.0, "bilateral_weight": 10.0}
+    refined = dense_crf(three, image, spacing=(1.0, 1.0, 1.0), cfg=CRFConfig(**strong)).argmax(0)
+    assert ((refined == 2) != (network == 2)).sum() > 0, "the CRF alone changes the plate"
+    kept = dense_crf(three, image, spacing=(1.0, 1.0, 1.0), cfg=CRFConfig(**strong, skip_labels=[2])).argmax(0)
+    assert torch.equal(kept == 2, network == 2)
+    assert ((kept == 1) != (network == 1)).sum() > 100, "label 1 is still refined"
+    assert dice(kept.numpy() == 1, truth) > dice(network.numpy() == 1, truth) + 0.1
