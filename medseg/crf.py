@@ -225,10 +225,13 @@ def dense_crf(
 
 
 def _argmax_uint8(probs: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """Argmax over the classes as uint8, slab by slab along the first spatial axis (no int64 volume)."""
+    """``medseg.predict.argmax_classes`` slab by slab along the first spatial axis (its running
+    maximum is one slab, not a copy of a whole class)."""
+    from medseg.predict import argmax_classes
+
     out = torch.empty(probs.shape[1:], dtype=torch.uint8, device=probs.device)
     for i0 in range(0, probs.shape[1], slab):
-        out[i0 : i0 + slab] = probs[:, i0 : i0 + slab].float().argmax(0).to(torch.uint8)
+        out[i0 : i0 + slab] = argmax_classes(probs[:, i0 : i0 + slab])
     return out
 
 

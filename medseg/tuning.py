@@ -246,10 +246,9 @@ def crf_verdict(
     gain = _label_mean(after, 0) - _label_mean(before, 0)
     if gain < min_gain:
         return False, "" if gain < 0 else f"mean gain {gain:+.4f} below {min_gain:g}"
-    allowed = min(CRF_LABEL_TOLERANCE, gain)  # a small mean gain buys no label's loss
-    fell = {k: before[k][0] - after[k][0] for k in before if after[k][0] < before[k][0] - allowed - 1e-9}
+    fell = _labels_that_fell(before, after, min_gain)
     if fell:
-        k = max(fell, key=fell.__getitem__)
+        k = max(fell, key=lambda k: before[k][0] - after[k][0])
         return False, f"label {k} fell {before[k][0]:.3f} -> {after[k][0]:.3f}"
     if not _not_worse(_label_mean(after, 1), _label_mean(before, 1)):
         return False, "mean HD95 rose"
@@ -358,11 +357,12 @@ def _crf_trial(name, refined, before, refs, spacings, fg, min_gain, report: Tuni
 
 
 def _labels_that_fell(before, after, min_gain: float) -> list[int]:
-    """The labels whose Dice fell by more than ``crf_verdict`` allows, when the mean rose by ``min_gain``."""
+    """The labels whose Dice fell by more than ``crf_verdict`` allows ([] unless the mean rose by
+    ``min_gain``): ``CRF_LABEL_TOLERANCE``, and no more than the mean rose."""
     gain = _label_mean(after, 0) - _label_mean(before, 0)
-    if gain < min_gain or gain <= 0:
+    if gain < min_gain:
         return []
-    allowed = min(CRF_LABEL_TOLERANCE, gain)
+    allowed = min(CRF_LABEL_TOLERANCE, gain)  # a small mean gain buys no label's loss
     return sorted(k for k in before if after[k][0] < before[k][0] - allowed - 1e-9)
 
 
