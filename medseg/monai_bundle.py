@@ -190,6 +190,8 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     if post.keep_largest:
         if post.components != 1 or post.largest_of != "label":
             skipped.append("postprocess.components/largest_of (one largest component per label exported)")
+        if post.largest_ties < 1.0:
+            skipped.append("postprocess.largest_ties (exactly the largest component exported)")
         chain.append(
             {
                 "_target_": "KeepLargestConnectedComponentd",

@@ -31,12 +31,23 @@ Connectivity = Literal[6, 18, 26]
 """Voxel connectivity of a 3D component: faces (6), faces and edges (18), or all neighbours (26)."""
 
 
-def keep_largest_component(mask: np.ndarray, *, connectivity: Connectivity = 26, k: int = 1) -> np.ndarray:
-    """Keep only the ``k`` largest connected components of a binary mask."""
+def keep_largest_component(
+    mask: np.ndarray, *, connectivity: Connectivity = 26, k: int = 1, ties: float = 1.0
+) -> np.ndarray:
+    """Keep the ``k`` largest connected components of a binary mask, and any other at least
+    ``ties`` times the size of the k-th (1.0: only an exact tie)."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
-    return cc3d.largest_k(mask, k=k, connectivity=connectivity) > 0
+    components, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    if n <= k:
+        return mask.copy()
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    kth = np.sort(sizes[1:])[::-1][k - 1]
+    keep = sizes >= ties * kth
+    keep[0] = False
+    return keep[components]
 
 
 def remove_small_components(
@@ -151,13 +162,13 @@ def _postprocess_box(
                 mask, min_volume_mm3=s.min_volume_mm3, spacing=spacing, connectivity=cfg.connectivity
             )
         if s.keep_largest and cfg.largest_of == "label":
-            mask = keep_largest_component(mask, connectivity=cfg.connectivity, k=s.components)
+            mask = keep_largest_component(mask, connectivity=cfg.connectivity, k=s.components, ties=cfg.largest_ties)
         out[mask] = label
     if cfg.largest_of == "foreground":
         chosen = [k for k in ids if steps[k].keep_largest]
         if chosen:
             k = max(steps[c].components for c in chosen)
-            foreground = keep_largest_component(out > 0, connectivity=cfg.connectivity, k=k)
+            foreground = keep_largest_component(out > 0, connectivity=cfg.connectivity, k=k, ties=cfg.largest_ties)
             drop = np.isin(out, chosen) & ~foreground
             out[drop] = 0
     for label in ids:

@@ -137,7 +137,7 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
         < names.index("KeepLargestConnectedComponentd")
         < names.index("FillHolesd")
     )
-    assert skipped == ["postprocess.crf"]
+    assert skipped == ["postprocess.crf", "postprocess.largest_ties (exactly the largest component exported)"]
     parser = ConfigParser(config)  # MONAI instantiates every transform from the JSON
     parser["bundle_root"] = "."
     assert len(parser.get_parsed_content("postprocessing").transforms) == len(names)
@@ -149,6 +149,7 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
 
     biased = cfg.model_copy(deep=True)
     biased.postprocess.crf.enabled = False
+    biased.postprocess.largest_ties = 1.0  # exactly the largest, as MONAI's transform keeps
     biased.postprocess.per_label = {2: LabelPostprocess(logit_bias=2.0)}
     config, skipped = inference_config(biased)
     assert skipped == []

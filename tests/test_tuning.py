@@ -28,7 +28,7 @@ def _case(rng, *, false_positive: bool):
     ref = np.zeros(shape, np.int64)
     ref[_ball(shape, (11, 16, 10), 6)] = 1
     ref[_ball(shape, (24, 8, 10), 3)] = 2  # a second structure: two components of label 2
-    ref[_ball(shape, (24, 24, 10), 3)] = 2
+    ref[_ball(shape, (24, 24, 10), 2)] = 2  # smaller: keep-largest (ties at 0.8 of its size) would remove it
     pred = ref.copy()
     if false_positive:
         pred[_ball(shape, (4, 28, 4 + int(rng.integers(0, 3))), 2)] = 1  # a stray blob of label 1
