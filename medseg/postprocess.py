@@ -43,10 +43,8 @@ def keep_largest_component(
     if n <= k:
         return mask.copy()
     sizes = np.bincount(components.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    kth = np.sort(sizes[1:])[::-1][k - 1]
-    keep = sizes >= ties * kth
-    keep[0] = False
+    sizes[0] = 0  # the background: never kept
+    keep = sizes >= ties * np.sort(sizes[1:])[-k]
     return keep[components]
 
 

@@ -281,7 +281,7 @@ def _label_mean(scores: dict[int, tuple[float, float]], i: int) -> float:
 
 def _tune_tta(
     probabilities, tta_probabilities: Mapping[int, Sequence[np.ndarray]], refs, spacings, label_ids,
-    report: TuningReport,
+    report: TuningReport, hd95_tol: float,
 ) -> list[np.ndarray]:
     """The flip-averaged probabilities when they beat the plain ones on validation, the fewest
     passes that do (module docstring); ``report.tta``/``report.tta_flips`` say what was kept."""
@@ -291,14 +291,12 @@ def _tune_tta(
         labels = [np.asarray(p).argmax(0) for p in probs]
         return {k: _scores(labels, refs, spacings, k) for k in fg}
 
-    tol = hd95_tolerance(spacings)
-
     def beats(after, before, added_passes: int) -> bool:
         needed = max(TTA_MIN_GAIN, TTA_GAIN_PER_PASS * added_passes)
         return (
             _label_mean(after, 0) >= _label_mean(before, 0) + needed
             and not _labels_that_fell(before, after, needed)
-            and _not_worse(_label_mean(after, 1), _label_mean(before, 1), tol)
+            and _not_worse(_label_mean(after, 1), _label_mean(before, 1), hd95_tol)
         )
 
     plain = scores(probabilities)
@@ -322,7 +320,8 @@ def _tune_tta(
 
 
 def _tune_crf(
-    probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float
+    probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float,
+    hd95_tol: float,
 ) -> tuple[list[np.ndarray], CRFConfig]:
     """The probabilities as they are, or refined by the CRF setting that helps most (``crf_verdict``:
     the mean validation Dice up, no label's down by more than ``CRF_LABEL_TOLERANCE``)."""
@@ -347,14 +346,14 @@ def _tune_crf(
             for p, im, s in zip(probabilities, images, spacings, strict=True)
         ]
         name = "CRF " + (", ".join(f"{k}={v:g}" for k, v in update.items()) or "defaults")
-        mean, after = _crf_trial(name, refined, before, refs, spacings, fg, min_gain, report)
+        mean, after = _crf_trial(name, refined, before, refs, spacings, fg, min_gain, hd95_tol, report)
         fell = _labels_that_fell(before, after, min_gain)
         if mean is None and fell and len(fell) < len(fg):
             # the CRF on every label but those it lowered: they keep the network's masks
             crf = crf.model_copy(update={"skip_labels": fell})
             refined = [_keep_skipped(r, p, fell) for r, p in zip(refined, probabilities, strict=True)]
             mean, _ = _crf_trial(f"{name}, not on label {', '.join(map(str, fell))}", refined, before, refs,
-                                 spacings, fg, min_gain, report)
+                                 spacings, fg, min_gain, hd95_tol, report)
         if mean is not None and (best is None or mean > best[0]):
             best = (mean, refined, crf, report.trials[-1])
     if best is None:
@@ -366,13 +365,13 @@ def _tune_crf(
     return best[1], best[2]
 
 
-def _crf_trial(name, refined, before, refs, spacings, fg, min_gain, report: TuningReport):
+def _crf_trial(name, refined, before, refs, spacings, fg, min_gain, hd95_tol, report: TuningReport):
     """Score one CRF setting's refined validation probabilities and record the trial: (the mean Dice
     when ``crf_verdict`` keeps it, else None; the scores per label)."""
     labels = [r.argmax(0) for r in refined]
     after = {k: _scores(labels, refs, spacings, k) for k in fg}
     mean_after = _label_mean(after, 0)
-    helps, why_not = crf_verdict(before, after, min_gain, hd95_tolerance(spacings))
+    helps, why_not = crf_verdict(before, after, min_gain, hd95_tol)
     report.trials.append(Trial(None, name, _label_mean(before, 0), mean_after, _label_mean(before, 1),
                                _label_mean(after, 1), False, why_not))
     return (mean_after if helps else None), after
@@ -401,7 +400,7 @@ def _keep_skipped(refined: np.ndarray, probabilities: np.ndarray, skip: list[int
 
 
 def _tune_biases(
-    probabilities, refs, spacings, label_ids, report: TuningReport, min_gain: float
+    probabilities, refs, spacings, label_ids, report: TuningReport, min_gain: float, hd95_tol: float
 ) -> tuple[list[np.ndarray], dict[int, float]]:
     """Per foreground label in turn, the log-probability bias (``BIAS_CANDIDATES``) that raises its
     Dice most, if any passes (see the module docstring); the argmax with the biases kept."""
@@ -423,7 +422,6 @@ def _tune_biases(
 
     labels = argmax_with(biases)
     dices = mean_dices(labels)
-    tol = hd95_tolerance(spacings)
     for k in fg:
         before = _scores(labels, refs, spacings, k)
         before_cases = _case_dices(labels, refs, k)
@@ -440,7 +438,7 @@ def _tune_biases(
                 gained
                 and not fell
                 and all(trial_dice[j] >= dices[j] - BIAS_TOLERANCE for j in fg if j != k)
-                and _not_worse(after[1], before[1], tol)
+                and _not_worse(after[1], before[1], hd95_tol)
             )
             step = Trial(k, f"log-probability bias +{b:g}", before[0], after[0], before[1], after[1], False, fell)
             report.trials.append(step)
@@ -507,19 +505,20 @@ def tune_postprocessing(
     )
     plain = [np.asarray(p).argmax(0) for p in probabilities]
     report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {})
+    tol = hd95_tolerance(spacings)  # what "does not worsen HD95" allows, for every step
     if tta_probabilities:
-        probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report)
+        probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report, tol)
     if images is not None and crf_candidates:
         refined, cfg.crf = _tune_crf(
-            probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain
+            probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain, tol
         )
     else:
         refined, cfg.crf = list(probabilities), cfg.crf.model_copy(update={"enabled": False})
-    bases, biases = _tune_biases(refined, refs, spacings, ids, report, min_gain)
+    bases, biases = _tune_biases(refined, refs, spacings, ids, report, min_gain, tol)
     for label, bias in biases.items():
         cfg = _with_label(cfg, label, logit_bias=bias)
     for label in fg:
-        cfg = _tune_label_steps(cfg, label, bases, refs, spacings, ids, report, min_gain)
+        cfg = _tune_label_steps(cfg, label, bases, refs, spacings, ids, report, min_gain, tol)
     final = _apply(bases, spacings, cfg, ids)
     report.final_dice = {k: _scores(final, refs, spacings, k)[0] for k in fg}
     log.info("%s", report.table())
@@ -527,7 +526,8 @@ def tune_postprocessing(
 
 
 def _tune_label_steps(
-    cfg: PostprocessConfig, label: int, bases, refs, spacings, ids, report: TuningReport, min_gain: float
+    cfg: PostprocessConfig, label: int, bases, refs, spacings, ids, report: TuningReport, min_gain: float,
+    hd95_tol: float,
 ) -> PostprocessConfig:
     """Keep-largest / k largest / small-component removal / hole filling for one label, each kept
     when it raises the label's mean Dice by ``min_gain``, lowers it on no validation case by more
@@ -544,7 +544,7 @@ def _tune_label_steps(
         after, after_cases = _scores(trial, refs, spacings, label), _case_dices(trial, refs, label)
         gained = after[0] >= score[0] + min_gain
         fell = _case_fell(cases, after_cases) if gained else ""
-        kept = gained and not fell and _not_worse(after[1], score[1], hd95_tolerance(spacings))
+        kept = gained and not fell and _not_worse(after[1], score[1], hd95_tol)
         report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept, fell))
         if kept:
             cfg, score, cases = trial_cfg, after, after_cases
