@@ -125,6 +125,11 @@ class AugmentConfig(_Strict):
     intensity_shift_prob: Probability = 0.3
     intensity_shift: NonNegativeFloat = 0.1
     contrast_prob: Probability = 0.15
+    # per organ: shift the intensity inside one foreground label by its own random offset
+    # (normalised units), as contrast timing and fat content move one organ's HU and not its
+    # neighbours'; each label present in the patch is drawn with this probability
+    label_intensity_prob: Probability = 0.0
+    label_intensity_shift: NonNegativeFloat = 0.3
     gamma_range: PositivePair = (0.7, 1.5)
     bias_field_prob: Probability | None = None
     bias_field_coeff: NonNegativePair = (0.0, 0.1)

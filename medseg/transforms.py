@@ -499,6 +499,9 @@ def _intensity_steps(cfg: Config) -> list[Any]:
         )
     if aug.noise_prob > 0:
         chain.append(RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std))
+    if aug.label_intensity_prob > 0:
+        # before noise and bias field, so the shifted organ keeps the noise of the whole patch
+        chain.append(RandLabelIntensityd(prob=aug.label_intensity_prob, offsets=aug.label_intensity_shift))
     if bias_field_prob(cfg) > 0:
         chain.append(
             RandBiasFieldd(keys="image", prob=bias_field_prob(cfg), coeff_range=aug.bias_field_coeff)
@@ -523,6 +526,46 @@ def _intensity_steps(cfg: Config) -> list[Any]:
         )
         chain.append(RandPerChanneld(contrast) if per_channel else contrast)
     return chain
+
+
+class RandLabelIntensityd(Randomizable, MapTransform):
+    """Shift the image inside each foreground label by its own random offset.
+
+    For each label value present in the patch, with probability ``prob``, every channel of
+    ``image`` gets an offset drawn uniformly from [-offsets, offsets] on the voxels of that label.
+    A global shift moves an organ and its surroundings together; this moves one organ against
+    its neighbours, so the network also sees organs brighter or darker (less or more contrast)
+    than the training set's. MONAI has no per-label intensity transform.
+    """
+
+    def __init__(self, *, prob: float, offsets: float, image_key: str = "image", label_key: str = "label") -> None:
+        MapTransform.__init__(self, [image_key])
+        self.prob = prob
+        self.offsets = offsets
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def randomize(self, data: Any = None) -> None:
+        pass  # drawn per label present, in __call__
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image, label = d[self.image_key], d[self.label_key]
+        lab = torch.as_tensor(label)[0]
+        values = [int(v) for v in torch.unique(lab).tolist() if v > 0]
+        shifts = []
+        for v in values:
+            if self.R.rand() < self.prob:
+                shifts.append((v, self.R.uniform(-self.offsets, self.offsets, size=image.shape[0])))
+        if not shifts:
+            return d
+        image = image.clone()
+        for v, offset in shifts:
+            inside = lab == v
+            for c, o in enumerate(offset):
+                image[c][inside] += float(o)
+        d[self.image_key] = image
+        return d
 
 
 class RandPerChanneld(Randomizable, MapTransform):

@@ -18,6 +18,7 @@ PROBS = {
     "intensity_scale_prob": "RandScaleIntensityd",
     "intensity_shift_prob": "RandShiftIntensityd",
     "contrast_prob": "RandAdjustContrastd",
+    "label_intensity_prob": "RandLabelIntensityd",
     "bias_field_prob": "RandBiasFieldd",
     "low_res_prob": "RandSimulateLowResolutiond",
 }
@@ -111,3 +112,32 @@ def test_rotation_and_scaling_have_their_own_probability():
     assert not ranged(scale.rand_affine.rand_affine_grid.rotate_range)
     (only_rot,) = affines(_cfg(rotate_prob=0.3, scale_prob=0.0))
     assert not ranged(only_rot.rand_affine.rand_affine_grid.scale_range)
+
+
+def test_label_intensity_moves_one_organ_against_its_neighbours():
+    from medseg.transforms import RandLabelIntensityd
+
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.normal(size=(2, 12, 12, 8)).astype(np.float32))
+    label = torch.zeros((1, 12, 12, 8))
+    label[0, 2:6, 2:6, 2:6] = 1
+    label[0, 7:11, 7:11, 2:6] = 2
+    t = RandLabelIntensityd(prob=1.0, offsets=0.5)
+    t.set_random_state(3)
+    out = t({"image": image, "label": label})
+    delta = out["image"] - image
+    assert torch.equal(out["label"], label)
+    assert torch.all(delta[:, label[0] == 0] == 0)  # background untouched
+    for v in (1, 2):
+        d = delta[:, label[0] == v]
+        assert torch.allclose(d, d[:, :1].expand_as(d))  # one offset per label and channel
+        assert torch.all(d.abs() <= 0.5)
+    s1, s2 = delta[0, label[0] == 1][0], delta[0, label[0] == 2][0]
+    assert s1 != s2  # each label its own draw
+    assert s1 != 0
+    assert delta[0, label[0] == 1][0] != delta[1, label[0] == 1][0]  # and each channel
+    image_before = image.clone()
+    t({"image": image, "label": label})
+    assert torch.equal(image, image_before)  # the cached case is not modified
+    off = RandLabelIntensityd(prob=0.0, offsets=0.5)({"image": image, "label": label})
+    assert torch.equal(off["image"], image_before)
