@@ -675,24 +675,10 @@ def make_predictor(
     here is a one-line error; ``auto`` falls back to torch fp32 and says why (``predictor.reason``).
     """
     device = torch.device(device)
-    if backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
-    if precision not in ("auto", *PRECISIONS, "fp16"):
-        raise ConfigError(f"precision {precision!r}; expected one of auto, {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision fp16 is for CUDA; on the CPU use fp32 or bf16")
+    _check_request(backend, precision, device)
     window_shape = tuple(window_shape or default_window_shape(bundle))
     if device.type != "cpu":
-        if backend not in ("auto", "torch"):
-            raise ConfigError(f"backend {backend} runs on the CPU; use --device cpu or --backend torch")
-        from medseg.runtime import resolve_precision
-
-        chosen = resolve_precision(device, precision)
-        predictor = torch_predictor(bundle.network, chosen, device)
-        predictor.reason = (
-            f"torch {chosen} on {device.type} ({'requested' if precision != 'auto' else 'auto'})"
-        )
-        return predictor
+        return _accelerator_predictor(bundle, precision, device)
     if backend != "auto" and precision != "auto":
         try:
             predictor = build_predictor(
@@ -702,25 +688,9 @@ def make_predictor(
             raise ConfigError(f"--backend {backend} --precision {precision}: {exc}") from exc
         predictor.reason = f"{predictor.name}: requested"
         return predictor
-    if (bundle.config.model.in_channels or 1) > 1 and backend in ("auto", "torch"):
-        # the parity check runs a synthetic single-channel CT: not measured for multi-channel models
-        fixed = "fp32" if precision == "auto" else precision
-        predictor = torch_predictor(bundle.network, fixed, device)
-        predictor.reason = f"torch {fixed}: multi-channel model, backends not measured"
-        return predictor
-    cached = _selection_file(
-        bundle, machine_fingerprint(), backend, precision, window_shape, cache_dir
-    ).is_file()
-    if backend == "auto" and not cached:  # a cached choice was measured: no need to time torch again
-        torch_s = _torch_seconds(bundle.network, window_shape)
-        if torch_s < MEASURE_ABOVE_S:
-            fixed = "fp32" if precision == "auto" else precision
-            predictor = torch_predictor(bundle.network, fixed, device)
-            predictor.reason = (
-                f"torch {fixed}: the network runs a batch of windows in {1000 * torch_s:.1f} ms, too fast "
-                f"for the other backends to repay measuring them"
-            )
-            return predictor
+    unmeasured = _torch_without_measuring(bundle, backend, precision, device, window_shape, cache_dir)
+    if unmeasured is not None:
+        return unmeasured
     record = select(
         bundle, backend=backend, precision=precision, window_shape=window_shape, cache_dir=cache_dir
     )
@@ -741,6 +711,60 @@ def make_predictor(
         record = {**record, "reason": f"torch fp32 (fallback): {one_line(exc)}"}
     predictor.reason = record["reason"]
     predictor.selection = record
+    return predictor
+
+
+def _check_request(backend: str, precision: str, device: torch.device) -> None:
+    """A backend and precision medseg knows, and one that can run on ``device`` (else ConfigError)."""
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
+    if precision not in ("auto", *PRECISIONS, "fp16"):
+        raise ConfigError(f"precision {precision!r}; expected one of auto, {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 is for CUDA; on the CPU use fp32 or bf16")
+    if device.type != "cpu" and backend not in ("auto", "torch"):
+        raise ConfigError(f"backend {backend} runs on the CPU; use --device cpu or --backend torch")
+
+
+def _accelerator_predictor(bundle: Bundle, precision: str, device: torch.device) -> Predictor:
+    """On CUDA: torch with the runtime's precision policy (the other backends run on the CPU)."""
+    from medseg.runtime import resolve_precision
+
+    chosen = resolve_precision(device, precision)
+    predictor = torch_predictor(bundle.network, chosen, device)
+    predictor.reason = f"torch {chosen} on {device.type} ({'requested' if precision != 'auto' else 'auto'})"
+    return predictor
+
+
+def _torch_without_measuring(
+    bundle: Bundle,
+    backend: str,
+    precision: str,
+    device: torch.device,
+    window_shape: tuple[int, ...],
+    cache_dir: Path | None,
+) -> Predictor | None:
+    """Torch, when measuring the other backends is not worth it or not possible (a multi-channel model,
+    or a network too fast for them to repay the measurement); None when the choice is to be measured."""
+    fixed = "fp32" if precision == "auto" else precision
+    if (bundle.config.model.in_channels or 1) > 1 and backend in ("auto", "torch"):
+        # the parity check runs a synthetic single-channel CT: not measured for multi-channel models
+        predictor = torch_predictor(bundle.network, fixed, device)
+        predictor.reason = f"torch {fixed}: multi-channel model, backends not measured"
+        return predictor
+    if backend != "auto":
+        return None
+    cached = _selection_file(bundle, machine_fingerprint(), backend, precision, window_shape, cache_dir).is_file()
+    if cached:  # a cached choice was measured: no need to time torch again
+        return None
+    torch_s = _torch_seconds(bundle.network, window_shape)
+    if torch_s >= MEASURE_ABOVE_S:
+        return None
+    predictor = torch_predictor(bundle.network, fixed, device)
+    predictor.reason = (
+        f"torch {fixed}: the network runs a batch of windows in {1000 * torch_s:.1f} ms, too fast "
+        f"for the other backends to repay measuring them"
+    )
     return predictor
 
 

@@ -224,6 +224,15 @@ def dense_crf(
     return out
 
 
+def keep_skipped_labels(refined: torch.Tensor, probs: torch.Tensor, skip: list[int]) -> torch.Tensor:
+    """``refined`` (written over) with the network's labels, from ``probs``, wherever the network or
+    the CRF calls a label in ``skip``: what ``dense_crf`` does with ``cfg.skip_labels`` (the tuner
+    uses it to score a CRF that leaves some labels alone without running the CRF again)."""
+    if skip:
+        _keep_network_labels(refined, _argmax_uint8(probs), skip)
+    return refined
+
+
 def _argmax_uint8(probs: torch.Tensor, slab: int = 16) -> torch.Tensor:
     """``medseg.predict.argmax_classes`` slab by slab along the first spatial axis (its running
     maximum is one slab, not a copy of a whole class)."""

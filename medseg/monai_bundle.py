@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from medseg.bundle import Bundle, bundle_hash, load_bundle
-from medseg.config import Config, IntensityConfig
+from medseg.config import Config, IntensityConfig, PostprocessConfig
 from medseg.errors import ConfigError, OutputError
 from medseg.postprocess import label_biases
 from medseg.transforms import CROP_MARGIN_MM, foreground_threshold
@@ -141,7 +141,34 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     """MONAI's stock post-processing for the bundle's settings, and what it cannot express."""
     post = cfg.postprocess
     ids = sorted(int(k) for k in cfg.labels or {} if int(k) != 0)
-    connectivity = {6: 1, 18: 2, 26: 3}[post.connectivity]
+    skipped = []
+    if any(v.model_dump(exclude={"logit_bias"}, exclude_none=True) for v in post.per_label.values()):
+        skipped.append("postprocess.per_label")
+    if post.crf.enabled:
+        skipped.append("postprocess.crf")
+    if cfg.infer.tta:
+        skipped.append("infer.tta")
+    if post.keep_largest:
+        if post.components != 1 or post.largest_of != "label":
+            skipped.append("postprocess.components/largest_of (one largest component per label exported)")
+        if post.largest_ties < 1.0:
+            skipped.append("postprocess.largest_ties (exactly the largest component exported)")
+    save = {
+        "_target_": "SaveImaged",
+        "keys": "pred",
+        "output_dir": "@output_dir",
+        "output_postfix": "seg",
+        "output_ext": ".nii.gz",
+        "output_dtype": "$numpy.uint8",
+        "resample": False,
+        "separate_folder": False,
+        "print_log": False,
+    }
+    return [*_to_labels(post, ids), *_cleanup(post, ids), save], skipped
+
+
+def _to_labels(post: PostprocessConfig, ids: list[int]) -> list[dict[str, Any]]:
+    """Softmax, the label biases, probabilities back onto the input's grid, argmax."""
     chain: list[dict[str, Any]] = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
         # probabilities resampled from the model grid onto the input's grid (as medseg.predict does:
@@ -169,13 +196,13 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         scale = f"torch.tensor({factors}, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)"
         renormalised = f"torch.nn.functional.normalize(p * {scale}, p=1.0, dim=0)"
         chain.insert(1, {"_target_": "Lambdad", "keys": "pred", "func": f"$lambda p: {renormalised}"})
-    skipped = []
-    if any(v.model_dump(exclude={"logit_bias"}, exclude_none=True) for v in post.per_label.values()):
-        skipped.append("postprocess.per_label")
-    if post.crf.enabled:
-        skipped.append("postprocess.crf")
-    if cfg.infer.tta:
-        skipped.append("infer.tta")
+    return chain
+
+
+def _cleanup(post: PostprocessConfig, ids: list[int]) -> list[dict[str, Any]]:
+    """Small objects removed, the largest component kept, holes filled: as the bundle's settings ask."""
+    connectivity = {6: 1, 18: 2, 26: 3}[post.connectivity]
+    chain: list[dict[str, Any]] = []
     if post.min_volume_mm3 > 0:
         chain.append(
             {
@@ -188,10 +215,6 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
             }
         )
     if post.keep_largest:
-        if post.components != 1 or post.largest_of != "label":
-            skipped.append("postprocess.components/largest_of (one largest component per label exported)")
-        if post.largest_ties < 1.0:
-            skipped.append("postprocess.largest_ties (exactly the largest component exported)")
         chain.append(
             {
                 "_target_": "KeepLargestConnectedComponentd",
@@ -204,20 +227,7 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         )
     if post.fill_holes:
         chain.append({"_target_": "FillHolesd", "keys": "pred", "applied_labels": ids})
-    chain.append(
-        {
-            "_target_": "SaveImaged",
-            "keys": "pred",
-            "output_dir": "@output_dir",
-            "output_postfix": "seg",
-            "output_ext": ".nii.gz",
-            "output_dtype": "$numpy.uint8",
-            "resample": False,
-            "separate_folder": False,
-            "print_log": False,
-        }
-    )
-    return chain, skipped
+    return chain
 
 
 def inference_config(cfg: Config) -> tuple[dict[str, Any], list[str]]:

@@ -392,11 +392,11 @@ def _keep_skipped(refined: np.ndarray, probabilities: np.ndarray, skip: list[int
     (what ``dense_crf`` does at inference with ``skip_labels``)."""
     import torch
 
-    from medseg.crf import _argmax_uint8, _keep_network_labels
+    from medseg.crf import keep_skipped_labels
 
     out = torch.as_tensor(np.array(refined, dtype=np.float32))
-    _keep_network_labels(out, _argmax_uint8(torch.as_tensor(np.asarray(probabilities, dtype=np.float32))), skip)
-    return out.numpy()
+    network = torch.as_tensor(np.asarray(probabilities, dtype=np.float32))
+    return keep_skipped_labels(out, network, skip).numpy()
 
 
 def _tune_biases(

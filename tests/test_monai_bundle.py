@@ -17,12 +17,15 @@ from tests.helpers import TINY_OVERRIDES, run_cli
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_dataset):
-    """A one-epoch bundle (default post-processing: none)."""
+    """A one-epoch bundle with no post-processing (the tuning off: what it keeps depends on the training)."""
     from medseg.config import load_config
     from medseg.train import train
 
     root = tmp_path_factory.mktemp("monai_bundle")
-    cfg = load_config(None, [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false"])
+    cfg = load_config(
+        None,
+        [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"],
+    )
     path = train(cfg, tiny_dataset, out_dir=root / "run").bundle
     # inputs: a test image as it is, and one stored in another orientation (LPI)
     images = root / "images"
