@@ -172,6 +172,7 @@ def test_augmentation_keeps_channels_aligned():
                 "intensity_scale_prob": 0.0,
                 "intensity_shift_prob": 0.0,
                 "contrast_prob": 0.0,
+                "label_intensity_prob": 0.0,
                 "bias_field_prob": 0.0,
             },
         }
