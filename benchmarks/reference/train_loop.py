@@ -2,7 +2,8 @@
 
 CacheDataset of LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd -> ScaleIntensityRanged
 -> CropForegroundd -> SpatialPadd (to the patch), then per step RandCropByPosNegLabeld (``--batch`` patches of ``--patch`` from one
-volume, pos 1 : neg 1) -> RandFlipd (3 axes) -> RandRotate90d -> RandShiftIntensityd; DataLoader batch 1
+volume, pos 1 : neg 1) -> RandFlipd (3 axes) -> RandRotate90d (a patch square in
+x, y) -> RandShiftIntensityd; DataLoader batch 1
 (so a step holds ``--batch`` patches), DiceCELoss(softmax), Adam 1e-4, torch fp32. The network is the
 bundle configuration's own (``--config``: a medseg ``config.yaml``, built by medseg.models), so the
 comparison with ``medseg train`` is at the same network, patch and batch.
@@ -83,7 +84,9 @@ def main() -> None:
             RandFlipd(keys, prob=0.1, spatial_axis=0),
             RandFlipd(keys, prob=0.1, spatial_axis=1),
             RandFlipd(keys, prob=0.1, spatial_axis=2),
-            RandRotate90d(keys, prob=0.1, max_k=3),
+            # the tutorial's quarter turns in the first two axes: only for a patch square in them (a
+            # 48 x 64 patch turned is 64 x 48, and the batch cannot be stacked)
+            *([RandRotate90d(keys, prob=0.1, max_k=3)] if args.patch[0] == args.patch[1] else []),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]
     )
