@@ -2,8 +2,8 @@
 
 CacheDataset of LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd -> ScaleIntensityRanged
 -> CropForegroundd -> SpatialPadd (to the patch), then per step RandCropByPosNegLabeld (``--batch`` patches of ``--patch`` from one
-volume, pos 1 : neg 1) -> RandFlipd (3 axes) -> RandRotate90d (a patch square in
-x, y) -> RandShiftIntensityd; DataLoader batch 1
+volume, pos 1 : neg 1) -> RandFlipd (3 axes) -> RandRotate90d (patches square in x, y) -> RandShiftIntensityd;
+DataLoader batch 1
 (so a step holds ``--batch`` patches), DiceCELoss(softmax), Adam 1e-4, torch fp32. The network is the
 bundle configuration's own (``--config``: a medseg ``config.yaml``, built by medseg.models), so the
 comparison with ``medseg train`` is at the same network, patch and batch.
