@@ -526,7 +526,8 @@ class Fingerprint(BaseModel):
     intensities, label counts and per-label training volumes.
 
     Saved as ``fingerprint.json`` in the run folder with the keys of its fields (``to_dict``); a
-    fingerprint written by an older medseg (no ``spacing_p10``, no ``label_volumes_ml``) still loads.
+    fingerprint written by an older medseg (no ``spacing_p10``, ``label_volumes_ml`` or
+    ``label_components_max``) still loads.
     ``hash`` is the first 16 hex digits of the SHA-256 of the other keys as sorted JSON.
     """
 
@@ -544,6 +545,9 @@ class Fingerprint(BaseModel):
     label_voxels: dict[str, int]
     # per-label volume range (ml) over the training cases: inference flags volumes far outside it
     label_volumes_ml: dict[str, tuple[float, float]] | None = None
+    # per label, the most connected components (26-connected) any training reference has: the
+    # post-processing tuner keeps "keep the k largest" for a label whose references never have more
+    label_components_max: dict[str, int] | None = None
     # multi-channel datasets only (single-channel fingerprints, and their hashes, stay as they were)
     channels: dict[str, str] | None = None
     foreground_intensity_channels: tuple[IntensityStats, ...] | None = None
@@ -595,6 +599,7 @@ def fingerprint(
     per_label = max(500, max_samples_per_case // max(1, len(dataset.labels) - 1))
     label_voxels = {k: 0 for k in dataset.labels}
     label_ml: dict[int, list[float]] = {k: [] for k in dataset.labels if k}
+    components = {k: 0 for k in dataset.labels if k}
     for case in dataset.training:
         assert case.label is not None  # every training case has a label (load_dataset refuses one without)
         channels = load_channels(case.images, resample=resample_channels)
@@ -621,6 +626,9 @@ def fingerprint(
             label_voxels[k] += n
             if k:
                 label_ml[k].append(n * voxel_ml)
+        for k, n in label_components(label.array).items():
+            if k in components:
+                components[k] = max(components[k], n)
     stats = [
         _intensity_stats(
             np.concatenate(s) if s else np.zeros(1, np.float32), [np.concatenate(v) for v in labs.values()]
@@ -639,11 +647,26 @@ def fingerprint(
         "foreground_intensity": stats[0],
         "label_voxels": {str(k): v for k, v in label_voxels.items()},
         "label_volumes_ml": {str(k): [round(min(v), 3), round(max(v), 3)] for k, v in label_ml.items() if v},
+        "label_components_max": {str(k): n for k, n in components.items() if n},
     }
     if dataset.n_channels > 1:  # single-channel fingerprints (and their hashes) stay as they were
         fields["channels"] = {str(k): v for k, v in dataset.channels.items()}
         fields["foreground_intensity_channels"] = stats
     return Fingerprint.from_fields(fields)
+
+
+def label_components(label: np.ndarray) -> dict[int, int]:
+    """Per foreground label present, its number of 26-connected components, in one cc3d pass over
+    all labels (cc3d's multi-label mode keeps touching labels apart)."""
+    import cc3d
+
+    cc, n = cc3d.connected_components(np.ascontiguousarray(label), connectivity=26, return_N=True)
+    if not n:
+        return {}
+    owner = np.zeros(n + 1, dtype=np.int64)
+    owner[cc.ravel()] = label.ravel()  # every voxel of a component has its label
+    values, counts = np.unique(owner[1:], return_counts=True)
+    return {int(k): int(c) for k, c in zip(values, counts, strict=True) if k}
 
 
 def _label_samples(label: np.ndarray, rng: np.random.Generator, per_label: int) -> dict[int, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -136,7 +137,19 @@ def test_fingerprint_is_frozen_and_its_hash_is_the_sorted_json_of_its_keys(tiny_
     fields = {k: v for k, v in fp.to_dict().items() if k != "hash"}
     # the formula every earlier fingerprint.json and bundle's fingerprint_hash was made with
     assert fp.hash == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    assert set(fp.to_dict()) == {*OLD_FORMAT_FP, "spacing_p10", "label_volumes_ml"}  # single channel
+    assert set(fp.to_dict()) == {*OLD_FORMAT_FP, "spacing_p10", "label_volumes_ml", "label_components_max"}
+    # the most 26-connected pieces of each label in any case, counted here with scipy instead of cc3d
+    from scipy import ndimage
+
+    from medseg.io import load_label, load_volume
+
+    most: dict[str, int] = {}
+    for case in load_dataset(tiny_dataset).training:
+        label = load_label(case.label, image=load_volume(case.images[0])).array
+        for k in np.unique(label[label > 0]):
+            n = ndimage.label(label == k, structure=np.ones((3, 3, 3)))[1]
+            most[str(k)] = max(most.get(str(k), 0), n)
+    assert fp.label_components_max == most
     assert fp.n_cases == 4
     assert fp.labels["0"] == "background"
     (tmp_path / "fingerprint.json").write_text(fp.to_json())

@@ -396,3 +396,54 @@ def test_a_crf_that_lowers_one_label_is_kept_for_the_others(rng):
     assert kept.step.endswith("not on label 2")
     assert report.final_dice[2] == pytest.approx(report.baseline_dice[2])  # the plate as the network had it
     assert report.final_dice[1] > report.baseline_dice[1] + 0.3
+
+
+def _kidneys(shape=(32, 32, 20), stray: bool = False, split: bool = False):
+    """A reference with two components of label 1 (kidneys); the prediction equals it, or has a
+    stray third blob, or cuts one kidney in two."""
+    ref = np.zeros(shape, np.int64)
+    ref[_ball(shape, (9, 16, 10), 5)] = 1
+    ref[_ball(shape, (23, 16, 10), 5)] = 1
+    pred = ref.copy()
+    if stray:
+        pred[_ball(shape, (16, 4, 4), 1)] = 1
+    if split:  # the prediction cuts the left kidney in two (a plane of background through it)
+        pred[7, :, :] = 0
+    return pred, ref
+
+
+def test_keep_k_largest_needs_no_gain_where_training_references_never_have_more_components():
+    # validation holds no stray blob: keeping the 2 largest changes nothing there, so it gains nothing
+    cases = [_kidneys() for _ in range(2)]
+    probs, refs = [_probs(p, 2) for p, _ in cases], [r for _, r in cases]
+    plain, _ = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1])
+    assert 1 not in plain.per_label or not plain.per_label[1].keep_largest  # the old rule: no gain, not kept
+    cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
+                                      components_max={1: 2})
+    assert cfg.per_label[1].keep_largest
+    assert cfg.per_label[1].components == 2
+    kept = [t for t in report.trials if t.kept and t.label == 1]
+    assert [t.step for t in kept] == ["keep 2 largest"]
+    assert "training references have at most 2" in kept[0].note
+    # keeping only the largest would lose a kidney: rejected whatever the training references say
+    one = [t for t in report.trials if t.label == 1 and t.step == "keep largest"]
+    assert one
+    assert not one[0].kept
+    # a stray blob on a test case goes with the chosen steps
+    stray, ref = _kidneys(stray=True)
+    out = postprocess_labels(stray, cfg, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1])
+    assert np.array_equal(out, ref)
+    # training references with 3 components: the step needs its usual gain again
+    loose, _ = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
+                                   components_max={1: 3})
+    assert 1 not in loose.per_label or not loose.per_label[1].keep_largest
+
+
+def test_keep_k_largest_that_loses_validation_dice_is_rejected_even_where_topology_allows_it():
+    pred, ref = _kidneys(split=True)  # 3 predicted pieces: keeping 2 drops a real part of a kidney
+    cfg, report = tune_postprocessing([_probs(pred, 2)], [ref], spacing=(1.0, 1.0, 1.0), label_ids=[0, 1],
+                                      components_max={1: 2})
+    trial = next(t for t in report.trials if t.label == 1 and t.step == "keep 2 largest")
+    assert trial.dice_after < trial.dice_before
+    assert not trial.kept
+    assert 1 not in cfg.per_label or not cfg.per_label[1].keep_largest
