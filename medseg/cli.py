@@ -381,6 +381,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from medseg.tuning import tune_on_dataset
+
+    report = tune_on_dataset(args.model, args.data, args.output, max_cases=args.max_cases)
+    print(report.table())
+    kept = ", ".join(f"{'all' if t.label is None else t.label}: {t.step}" for t in report.kept()) or "nothing"
+    print(f"\nkept: {kept}\ntuned bundle: {args.output} (infer -m {args.output} applies it)")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.metrics import check_outputs_are_not_inputs, evaluate_folders, markdown_table, write_csv
 
@@ -524,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_synth, _add_series, _add_convert, _add_check, _add_train, _add_augment_preview,
-                _add_infer, _add_evaluate, _add_export):
+                _add_infer, _add_evaluate, _add_export, _add_tune):
         add(sub)
     _add_dataset_options(sub.choices)
     return parser
@@ -822,6 +832,23 @@ def _add_export(sub: Any) -> None:
         "monai-bundle: the new folder (required)",
     )
     p.set_defaults(func=cmd_export)
+
+
+def _add_tune(sub: Any) -> None:
+    p = _command(
+        sub,
+        "tune",
+        "choose a bundle's post-processing again (flip TTA, CRF, per-label steps) on labelled cases it has "
+        "not seen, e.g. a site's own annotated scans; writes a tuned copy",
+        epilog="example:\n  medseg tune -m runs/spleen/bundle --data data/site_cases -o runs/spleen/bundle_site\n",
+    )
+    p.add_argument("-m", "--model", required=True, help="bundle folder or MLflow model URI (not modified)")
+    p.add_argument("--data", required=True, type=_input_path,
+                   help="dataset folder (Decathlon or nnU-Net layout) whose labelled cases to tune on")
+    p.add_argument("-o", "--output", required=True, type=_output_folder, help="the tuned bundle's folder")
+    p.add_argument("--max-cases", type=_bounded(int, low=1), default=20,
+                   help="tune on the first N labelled cases by name (their probabilities are held in memory)")
+    p.set_defaults(func=cmd_tune)
 
 
 def main(argv: list[str] | None = None) -> int:

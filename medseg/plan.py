@@ -561,8 +561,6 @@ def plan_for_budget(
     candidate along that axis. ``elapsed_s``: already spent by this run (counted in the
     budget). Returns the planned config and the budget plan (None without a budget).
     """
-    import time
-
     budget, reason = resolve_budget(cfg, device)
     planned = make_plan(cfg, fp)
     if budget is None:
@@ -575,47 +573,16 @@ def plan_for_budget(
         if "patch_size" in fixed
         else candidate_patches(tr.patch_size, divisor_of(planned.model), spacing=planned.preprocess.spacing)
     )
-    batch = int(tr.batch_size) if "batch_size" in fixed else 2
-    models = _model_candidates(cfg)
-    overhead = CPU_DATA_OVERHEAD if str(device).startswith("cpu") else 1.0
-    patches_per_step = batch * planned.augment.samples_per_volume  # each case gives that many crops
-    warmup_cap = WARMUP_FRACTION * budget
-    reserve = elapsed_s + FINAL_FRACTION * budget
-    start = time.perf_counter()
-    measured: list[Candidate] = []
-
-    def elapsed() -> float:
-        return time.perf_counter() - start
-
-    def measure_one(patch: tuple[int, int, int], name: str, features: int, limit_s: float) -> Candidate:
-        step_s = overhead * measure(
-            planned, patch, patches_per_step, features, out_channels=out_channels, device=device,
-            time_limit_s=max(1.0, limit_s), model_name=name,
-        )
-        measured.append(Candidate(patch, batch, features, step_s, name))
-        return measured[-1]
-
-    def fit() -> tuple[Candidate, float, float, str, int]:
-        return _fit_to_budget(
-            planned, fp, measured, budget - reserve - elapsed(), patches_per_step,
-            grid=lambda patch: _context_grid(cfg, planned, fp, patch)[0],
-        )
-
-    _warm_up(patches, models, measure_one, left_s=lambda: budget - reserve - elapsed(), cap_s=warmup_cap,
-             elapsed=elapsed)
-    chosen, val_s, train_s, why, validations = fit()
-    if "patch_size" not in fixed and train_s / chosen.step_s >= MIN_STEPS:
-        between = _sizes_between(chosen, measured, tr.patch_size, divisor_of(planned.model),
-                                 planned.preprocess.spacing)[:MAX_SIZES_BETWEEN]
-        for patch in between:  # largest first: the first that leaves MIN_STEPS is the one
-            if train_s / measure_one(patch, chosen.model, chosen.features, warmup_cap).step_s >= MIN_STEPS:
-                break
-        if between:
-            smaller = chosen.patch
-            chosen, val_s, train_s, why, validations = fit()
-            if chosen.patch in between:
-                why += f" (measured between the candidate sizes, above {'x'.join(map(str, smaller))})"
-    warmup_s = elapsed()
+    warm = _Warmup(cfg, planned, fp, budget=budget, elapsed_s=elapsed_s, device=device,
+                   out_channels=out_channels, measure=measure,
+                   batch=int(tr.batch_size) if "batch_size" in fixed else 2)
+    _warm_up(patches, _model_candidates(cfg), warm.measure_one, left_s=warm.left_s, cap_s=warm.cap_s,
+             elapsed=warm.elapsed)
+    fit = warm.fit()
+    if "patch_size" not in fixed:
+        fit = warm.between_sizes(fit, tr.patch_size)
+    chosen, val_s, train_s, why, validations = fit
+    warmup_s = warm.elapsed()
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
     spacing, coarser = _context_grid(cfg, planned, fp, chosen.patch)
@@ -630,12 +597,75 @@ def plan_for_budget(
         train_s=train_s,
         val_s=val_s,
         warmup_s=warmup_s,
-        measured=tuple(measured),
+        measured=tuple(warm.measured),
         why=f"{why}; {coarser}" if coarser else why,
         validations=validations,
         spacing=spacing,
     )
     return apply_budget_plan(planned, plan), plan
+
+
+_Fit = tuple[Candidate, float, float, str, int]  # chosen, validation s, training s, why, validations
+
+
+class _Warmup:
+    """The warm-up's state: the step times measured so far (``measured``) and the time it has
+    taken, against the budget that the final validation, tuning and export leave."""
+
+    def __init__(self, cfg: Config, planned: Config, fp: Fingerprint, *, budget: float, elapsed_s: float,
+                 device: str, out_channels: int, measure, batch: int) -> None:
+        import time
+
+        self.cfg, self.planned, self.fp = cfg, planned, fp
+        self.budget, self.device, self.out_channels, self.measure = budget, device, out_channels, measure
+        self.batch = batch
+        self.overhead = CPU_DATA_OVERHEAD if str(device).startswith("cpu") else 1.0
+        self.patches_per_step = batch * planned.augment.samples_per_volume  # each case gives that many crops
+        self.cap_s = WARMUP_FRACTION * budget
+        self.reserve = elapsed_s + FINAL_FRACTION * budget
+        self.measured: list[Candidate] = []
+        self._clock = time.perf_counter
+        self._start = self._clock()
+
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def left_s(self) -> float:
+        """Training time left once the warm-up stops now."""
+        return self.budget - self.reserve - self.elapsed()
+
+    def measure_one(self, patch: tuple[int, int, int], name: str, features: int, limit_s: float) -> Candidate:
+        step_s = self.overhead * self.measure(
+            self.planned, patch, self.patches_per_step, features, out_channels=self.out_channels,
+            device=self.device, time_limit_s=max(1.0, limit_s), model_name=name,
+        )
+        self.measured.append(Candidate(patch, self.batch, features, step_s, name))
+        return self.measured[-1]
+
+    def fit(self) -> _Fit:
+        return _fit_to_budget(
+            self.planned, self.fp, self.measured, self.left_s(), self.patches_per_step,
+            grid=lambda patch: _context_grid(self.cfg, self.planned, self.fp, patch)[0],
+        )
+
+    def between_sizes(self, fit: _Fit, top: Sequence[float]) -> _Fit:
+        """With room to spare at the chosen size, measure the sizes between it and the next one
+        measured larger (largest first, the first that leaves MIN_STEPS ends it) and fit again."""
+        chosen, train_s = fit[0], fit[2]
+        if train_s / chosen.step_s < MIN_STEPS:
+            return fit
+        between = _sizes_between(chosen, self.measured, top, divisor_of(self.planned.model),
+                                 self.planned.preprocess.spacing)[:MAX_SIZES_BETWEEN]
+        for patch in between:  # largest first: the first that leaves MIN_STEPS is the one
+            if train_s / self.measure_one(patch, chosen.model, chosen.features, self.cap_s).step_s >= MIN_STEPS:
+                break
+        if not between:
+            return fit
+        refit = self.fit()
+        if refit[0].patch in between:
+            below = "x".join(map(str, chosen.patch))
+            refit = (*refit[:3], f"{refit[3]} (measured between the candidate sizes, above {below})", refit[4])
+        return refit
 
 
 def _warm_up(

@@ -565,7 +565,8 @@ def _tune_label_steps(
         gained = after[0] >= score[0] + (0.0 if topology else min_gain)
         fell = _case_fell(cases, after_cases) if gained else ""
         kept = gained and not fell and _not_worse(after[1], score[1], hd95_tol)
-        note = fell or (f"no loss; training references have at most {most_components}" if topology else "")
+        by_topology = topology and kept and after[0] < score[0] + min_gain  # kept by that rule alone
+        note = fell or (f"no loss; training references have at most {most_components}" if by_topology else "")
         report.trials.append(Trial(label, name, score[0], after[0], score[1], after[1], kept, note))
         if kept:
             cfg, score, cases = trial_cfg, after, after_cases
@@ -659,13 +660,16 @@ def tune_bundle(
     device: Any = "cpu",
     try_crf: bool = True,
     time_left: float | None = None,
+    components_max: Mapping[int, int] | None = None,
 ) -> TuningReport | None:
     """Tune the post-processing of a trained bundle on its validation cases and store the choice
     in the bundle's config (applied by default at inference; flip TTA as ``infer.tta``) with the
     report beside it (``postprocess_tuning.json``). None when there are no validation cases.
 
     Flip TTA is tried unless the bundle already runs it, and, with ``time_left`` (seconds), only
-    with the passes (8, else 2) that, estimated from the plain pass, take at most half of what is left."""
+    with the passes (8, else 2) that, estimated from the plain pass, take at most half of what is left.
+    ``components_max`` (per label, the most components a reference has) defaults to the bundle
+    metadata's ``label_components_max``."""
     import json
     import time
     from pathlib import Path
@@ -695,7 +699,7 @@ def tune_bundle(
                      2 * plain_s)
         if passes == 2:
             log.info("time budget: flip TTA tried with 2 passes only (8 would take about %.0f s)", 8 * plain_s)
-    most = bundle.metadata.get("label_components_max") or None  # bundles before 2026-12-06 lack it
+    most = components_max or bundle.metadata.get("label_components_max") or None  # older bundles lack it
     chosen, report = tune_postprocessing(
         probs,
         refs,
@@ -713,4 +717,51 @@ def tune_bundle(
         tuned.infer.tta_flips = cast(Literal[2, 8], report.tta_flips)
     write_text_atomic(Path(bundle_dir) / CONFIG, dump_config(tuned))
     write_text_atomic(Path(bundle_dir) / "postprocess_tuning.json", json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> TuningReport:
+    """Choose a bundle's post-processing (flip TTA, CRF, biases, component steps) again on the
+    labelled cases of another dataset (a site's own annotated scans, never seen in training) and
+    write the bundle so tuned to ``out``, as one unit; ``model`` (folder or MLflow URI) is not
+    modified. The references' component counts join the bundle's own (``label_components_max``).
+    The first ``max_cases`` labelled cases (by name) are used: every case's probabilities are held
+    in memory at once (classes x voxels x 4 bytes, twice with TTA: about 0.6 GB for an abdominal CT)."""
+    import shutil
+    from pathlib import Path
+
+    from medseg.bundle import CONFIG, METADATA, WEIGHTS, load_bundle, resolve_model
+    from medseg.config import dump_config
+    from medseg.data import label_components, load_dataset
+    from medseg.errors import ConfigError, InputError
+    from medseg.io import load_label, load_volume
+    from medseg.io.volume import atomic_dir
+
+    source = resolve_model(model)
+    bundle = load_bundle(source)
+    if Path(out).resolve() == Path(source).resolve():
+        raise ConfigError(f"{out}: the tuned bundle goes to a new folder, not over the model it starts from")
+    dataset = load_dataset(data)
+    cases = sorted((c for c in dataset.training if c.label is not None), key=lambda c: c.name)[:max_cases]
+    if not cases:
+        raise InputError(dataset.root, "no labelled cases to tune on (the dataset's 'training' list is empty)")
+    theirs = {int(k): v for k, v in (bundle.config.labels or {}).items()}
+    if theirs != dataset.labels:
+        raise InputError(dataset.root, f"labels {dataset.labels} differ from the model's {theirs}")
+    if dataset.root.resolve().name == bundle.metadata.get("dataset"):
+        log.warning("tuning on the dataset the model was trained on: its predictions there are better than "
+                    "on new scans, so steps that help new scans may look useless; tune on cases it has not seen")
+    most = {int(k): int(v) for k, v in (bundle.metadata.get("label_components_max") or {}).items()}
+    for case in cases:
+        for k, n in label_components(load_label(case.label, image=load_volume(case.image)).array).items():
+            most[k] = max(most.get(k, 0), n)
+    log.info("tuning on %d labelled case(s) of %s", len(cases), dataset.root.name)
+    cfg = bundle.config.model_copy(deep=True)
+    cfg.infer.tta = False  # chosen again, on these cases
+    with atomic_dir(out) as staging:
+        for name in (WEIGHTS, METADATA):
+            shutil.copy2(Path(source) / name, staging / name)
+        (staging / CONFIG).write_text(dump_config(cfg))
+        report = tune_bundle(staging, cases, components_max=most)
+        assert report is not None  # there are cases
     return report
