@@ -534,7 +534,7 @@ def tune_postprocessing(
         cfg = _tune_label_steps(cfg, label, bases, refs, spacings, ids, report, min_gain, tol, most)
     final = _apply(bases, spacings, cfg, ids)
     report.final_dice = {k: _scores(final, refs, spacings, k)[0] for k in fg}
-    log.info("%s", report.table())
+    log.debug("%s", report.table())  # the table goes to postprocess_tuning.md (and tune's stdout)
     return cfg, report
 
 
