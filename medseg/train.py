@@ -89,6 +89,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT, TIMED_CHECKPOINT, BEST_CHECKPOINT = LAST, TIMED, BEST
 # the final model goes into the bundle unless the best validated one beat it by more than this
 FINAL_MODEL_TOLERANCE = 0.01
+# a label whose validation Dice ends below this was not learned (warned about, never silent)
+UNLEARNED_DICE = 0.05
 
 
 @dataclass
@@ -441,6 +443,7 @@ class Trainer:
                 self._save_bundle(epochs, {})
             elif self.dist.main:
                 self._prefer_final_model()
+                self._warn_unlearned()
         finally:
             self.bar.close()
         self.dist.barrier()
@@ -668,6 +671,19 @@ class Trainer:
         self._save_bundle(int(last["epoch"]), per_label)
         log.info("bundle: the final model (validation Dice %.4f, within %.2f of the best, %.4f)",
                  last["val_dice"], FINAL_MODEL_TOLERANCE, self.best)
+
+    def _warn_unlearned(self) -> None:
+        """Say so when the bundle's model scores next to nothing on a label at validation: the
+        network has not learned it (a small, low-contrast organ in a short training), and a user
+        reading only the mean Dice would not see it. One line per label, the remedies named."""
+        from medseg.bundle import METADATA
+
+        path = self.bundle_dir / METADATA
+        scores = json.loads(path.read_text()).get("val_dice", {}) if path.is_file() else {}
+        for name, dice in scores.items():
+            if dice is not None and dice < UNLEARNED_DICE:
+                log.warning("label %r scores Dice %.3f on the validation cases: the model has not learned it; "
+                            "train longer (--time-budget, train.epochs) or check its labels", name, dice)
 
     def _save_bundle(self, epoch: int, val_dice: dict[str, Any]) -> None:
         meta = {**self.meta, "best_epoch": epoch, "val_dice": val_dice, "precision": self.precision}

@@ -203,6 +203,27 @@ def test_the_bundle_holds_the_final_model_unless_the_best_was_clearly_better():
     assert bundle_after([early_best, {"epoch": 5, "train_loss": 0.5}], 0.866) == []  # last epoch not validated
 
 
+def test_a_label_the_model_has_not_learned_is_warned_about(tmp_path, caplog):
+    """A tiny organ can stay unlearned in a short training (the demo's spleen on one seed) while the
+    mean Dice looks like a result: the label is named in a warning, the learned ones are not."""
+    import logging
+    from types import SimpleNamespace
+
+    from medseg.train import UNLEARNED_DICE, Trainer
+
+    (tmp_path / "metadata.json").write_text(json.dumps(
+        {"val_dice": {"liver": 0.94, "kidney": UNLEARNED_DICE, "spleen": 0.0, "pancreas": None}}))
+    with caplog.at_level(logging.WARNING, logger="medseg.train"):
+        Trainer._warn_unlearned(SimpleNamespace(bundle_dir=tmp_path))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1
+    assert "'spleen' scores Dice 0.000" in warned[0]
+    assert "has not learned it" in warned[0]
+    caplog.clear()
+    Trainer._warn_unlearned(SimpleNamespace(bundle_dir=tmp_path / "none"))  # no bundle written: nothing to say
+    assert not caplog.records
+
+
 def test_the_dice_term_is_over_the_batch_and_the_foreground_unless_configured_otherwise():
     """A class absent from one patch but present in another: per sample, every faint probability of
     it in the patch without it is a Dice of ~0 for that patch (MONAI's default); over the batch it
