@@ -727,6 +727,7 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
     modified. The references' component counts join the bundle's own (``label_components_max``).
     The first ``max_cases`` labelled cases (by name) are used: every case's probabilities are held
     in memory at once (classes x voxels x 4 bytes, twice with TTA: about 0.6 GB for an abdominal CT)."""
+    import json
     import shutil
     from pathlib import Path
 
@@ -764,4 +765,8 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
         (staging / CONFIG).write_text(dump_config(cfg))
         report = tune_bundle(staging, cases, components_max=most)
         assert report is not None  # there are cases
+        meta = json.loads((staging / METADATA).read_text())  # where the post-processing was chosen
+        meta["postprocess_tuned_on"] = {"dataset": dataset.root.resolve().name, "cases": len(cases),
+                                        "label_components_max": {str(k): v for k, v in sorted(most.items())}}
+        (staging / METADATA).write_text(json.dumps(meta, indent=2, default=str))
     return report

@@ -55,6 +55,10 @@ def test_tune_writes_a_tuned_copy_and_leaves_the_model_alone(trained, tmp_path):
 
     tuned = load_bundle(out)
     assert tuned.config.infer.tta == bool(report["tta"])
+    tuned_on = tuned.metadata["postprocess_tuned_on"]  # the bundle says where its choice was made
+    assert tuned_on["dataset"] == "site"
+    assert tuned_on["cases"] == cases
+    assert set(tuned_on["label_components_max"]) == {str(k) for k in tuned.config.labels if k}
     kept_labels = {t["label"] for t in report["trials"] if t["kept"] and t["label"] is not None}
     assert kept_labels <= set(tuned.config.postprocess.per_label)
     # and the tuned bundle infers
