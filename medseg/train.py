@@ -939,9 +939,10 @@ def _train_locked(
                 log.info("%s", line)
             tracker.log_params({f"resumed_at_step_{state.global_step}.{k}": v for k, _, v in
                                 (line.partition(": ") for line in changes)})
+        fp = prep.fp.to_dict()
         meta = {"fingerprint_hash": prep.fp.hash, "dataset": dataset.root.resolve().name,
-                "train_cases": len(prep.train_cases), "label_volumes_ml": prep.fp.to_dict().get("label_volumes_ml", {}),
-                "label_components_max": prep.fp.to_dict().get("label_components_max", {})}
+                "train_cases": len(prep.train_cases), "label_volumes_ml": fp.get("label_volumes_ml", {}),
+                "label_components_max": fp.get("label_components_max", {})}
         if stop.is_set():
             raise TrainingStoppedError("stopped by a signal before training began", signum=stop.signum)
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,

@@ -140,6 +140,7 @@ class TuningReport:
     trials: list[Trial] = field(default_factory=list)
     tta: bool | None = None  # flip TTA kept (True), rejected (False) or not tried (None)
     tta_flips: int | None = None  # the passes kept (2 or 8)
+    components_max: dict[int, int] = field(default_factory=dict)  # the topology rule's counts, per label
 
     def kept(self) -> list[Trial]:
         return [t for t in self.trials if t.kept]
@@ -152,6 +153,7 @@ class TuningReport:
             "trials": [asdict(t) for t in self.trials],
             "tta": self.tta,
             "tta_flips": self.tta_flips,
+            "components_max": {str(k): v for k, v in sorted(self.components_max.items())},
         }
 
     def table(self) -> str:
@@ -516,7 +518,8 @@ def tune_postprocessing(
         deep=True,
     )
     plain = [np.asarray(p).argmax(0) for p in probabilities]
-    report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {})
+    report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {},
+                          components_max=dict(components_max or {}))
     tol = hd95_tolerance(spacings)  # what "does not worsen HD95" allows, for every step
     if tta_probabilities:
         probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report, tol)
@@ -660,7 +663,7 @@ def tune_bundle(
     device: Any = "cpu",
     try_crf: bool = True,
     time_left: float | None = None,
-    components_max: Mapping[int, int] | None = None,
+    count_references: bool = False,
 ) -> TuningReport | None:
     """Tune the post-processing of a trained bundle on its validation cases and store the choice
     in the bundle's config (applied by default at inference; flip TTA as ``infer.tta``) with the
@@ -668,8 +671,9 @@ def tune_bundle(
 
     Flip TTA is tried unless the bundle already runs it, and, with ``time_left`` (seconds), only
     with the passes (8, else 2) that, estimated from the plain pass, take at most half of what is left.
-    ``components_max`` (per label, the most components a reference has) defaults to the bundle
-    metadata's ``label_components_max``."""
+    The topology rule's component counts are the bundle metadata's ``label_components_max``; with
+    ``count_references`` the validation references' own counts join them (cases the model never saw,
+    as ``tune_on_dataset`` gives it)."""
     import json
     import time
     from pathlib import Path
@@ -699,7 +703,7 @@ def tune_bundle(
                      2 * plain_s)
         if passes == 2:
             log.info("time budget: flip TTA tried with 2 passes only (8 would take about %.0f s)", 8 * plain_s)
-    most = components_max or bundle.metadata.get("label_components_max") or None  # older bundles lack it
+    most = components_max(bundle.metadata, refs if count_references else ())
     chosen, report = tune_postprocessing(
         probs,
         refs,
@@ -708,7 +712,7 @@ def tune_bundle(
         images=images if try_crf else None,
         base=cfg.postprocess,
         tta_probabilities=tta_probs,
-        components_max=None if most is None else {int(k): int(v) for k, v in most.items()},
+        components_max=most,
     )
     tuned = cfg.model_copy(update={"postprocess": chosen}, deep=True)
     if report.tta is not None:
@@ -718,6 +722,18 @@ def tune_bundle(
     write_text_atomic(Path(bundle_dir) / CONFIG, dump_config(tuned))
     write_text_atomic(Path(bundle_dir) / "postprocess_tuning.json", json.dumps(report.to_dict(), indent=2))
     return report
+
+
+def components_max(metadata: Mapping[str, Any], references: Sequence[np.ndarray] = ()) -> dict[int, int] | None:
+    """Per label, the most components a reference has: the bundle's training references (metadata
+    ``label_components_max``) and ``references``; None when neither says (bundles before 2026-12-06)."""
+    from medseg.data import label_components
+
+    most = {int(k): int(v) for k, v in (metadata.get("label_components_max") or {}).items()}
+    for ref in references:
+        for k, n in label_components(ref).items():
+            most[k] = max(most.get(k, 0), n)
+    return most or None
 
 
 def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> TuningReport:
@@ -733,9 +749,8 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
 
     from medseg.bundle import CONFIG, METADATA, WEIGHTS, load_bundle, resolve_model
     from medseg.config import dump_config
-    from medseg.data import label_components, load_dataset
+    from medseg.data import load_dataset
     from medseg.errors import ConfigError, InputError
-    from medseg.io import load_label, load_volume
     from medseg.io.volume import atomic_dir
 
     source = resolve_model(model)
@@ -752,10 +767,6 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
     if dataset.root.resolve().name == bundle.metadata.get("dataset"):
         log.warning("tuning on the dataset the model was trained on: its predictions there are better than "
                     "on new scans, so steps that help new scans may look useless; tune on cases it has not seen")
-    most = {int(k): int(v) for k, v in (bundle.metadata.get("label_components_max") or {}).items()}
-    for case in cases:
-        for k, n in label_components(load_label(case.label, image=load_volume(case.image)).array).items():
-            most[k] = max(most.get(k, 0), n)
     log.info("tuning on %d labelled case(s) of %s", len(cases), dataset.root.name)
     cfg = bundle.config.model_copy(deep=True)
     cfg.infer.tta = False  # chosen again, on these cases
@@ -763,10 +774,10 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
         for name in (WEIGHTS, METADATA):
             shutil.copy2(Path(source) / name, staging / name)
         (staging / CONFIG).write_text(dump_config(cfg))
-        report = tune_bundle(staging, cases, components_max=most)
+        report = tune_bundle(staging, cases, count_references=True)
         assert report is not None  # there are cases
         meta = json.loads((staging / METADATA).read_text())  # where the post-processing was chosen
         meta["postprocess_tuned_on"] = {"dataset": dataset.root.resolve().name, "cases": len(cases),
-                                        "label_components_max": {str(k): v for k, v in sorted(most.items())}}
+                                        "label_components_max": report.to_dict()["components_max"]}
         (staging / METADATA).write_text(json.dumps(meta, indent=2, default=str))
     return report

@@ -24,6 +24,19 @@ TINY_OVERRIDES: list[str] = [
 TINY_ARGS: list[str] = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
 
 
+def train_untuned_bundle(dataset: Path, out: Path) -> Path:
+    """A one-epoch bundle at the tiny settings with the post-processing tuning off (what a tuning
+    keeps depends on the training), tracking off; returns the bundle folder."""
+    from medseg.config import load_config
+    from medseg.train import train
+
+    cfg = load_config(
+        None,
+        [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"],
+    )
+    return train(cfg, dataset, out_dir=out).bundle
+
+
 def run_cli(*args: str, cwd: Path, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m medseg ARGS`` as a user would, from ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

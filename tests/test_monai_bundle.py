@@ -12,21 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_OVERRIDES, run_cli
+from tests.helpers import TINY_OVERRIDES, run_cli, train_untuned_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_dataset):
     """A one-epoch bundle with no post-processing (the tuning off: what it keeps depends on the training)."""
-    from medseg.config import load_config
-    from medseg.train import train
-
     root = tmp_path_factory.mktemp("monai_bundle")
-    cfg = load_config(
-        None,
-        [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"],
-    )
-    path = train(cfg, tiny_dataset, out_dir=root / "run").bundle
+    path = train_untuned_bundle(tiny_dataset, root / "run")
     # inputs: a test image as it is, and one stored in another orientation (LPI)
     images = root / "images"
     images.mkdir()
@@ -171,11 +164,9 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
 def two_channel_bundle(tmp_path_factory):
     """A one-epoch bundle of a 2-channel (CT + T2) nnU-Net dataset, and its test case as a user has it:
     nnU-Net files CASE_0000/CASE_0001, and as one 4D NIfTI stored in another orientation (LPI)."""
-    from medseg.config import load_config
     from medseg.data import load_dataset
     from medseg.io import write_nifti
     from medseg.synthetic import make_case, make_dataset
-    from medseg.train import train
 
     root = tmp_path_factory.mktemp("monai_bundle_2ch")
     data = root / "Dataset011_CTMR"
@@ -191,10 +182,7 @@ def two_channel_bundle(tmp_path_factory):
         write_nifti(ct, case.images[0], dtype="int16")
     # no tuning: a one-epoch model's near-ties would let it pick a bias that flips them (the export of
     # the tuned steps has its own test above)
-    cfg = load_config(
-        None, [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"]
-    )
-    path = train(cfg, data, out_dir=root / "run").bundle
+    path = train_untuned_bundle(data, root / "run")
     images = root / "images"
     images.mkdir()
     case = load_dataset(data).test[0]

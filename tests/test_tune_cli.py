@@ -10,22 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_OVERRIDES, run_cli
+from tests.helpers import run_cli, train_untuned_bundle
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_dataset):
     """A one-epoch bundle without tuning, and unseen labelled cases from another seed."""
-    from medseg.config import load_config
     from medseg.synthetic import make_dataset
-    from medseg.train import train
 
     root = tmp_path_factory.mktemp("tune_cli")
-    cfg = load_config(
-        None,
-        [*TINY_OVERRIDES, "train.epochs=1", "tracking.enabled=false", "postprocess.tune_on_validation=false"],
-    )
-    bundle = train(cfg, tiny_dataset, out_dir=root / "run").bundle
+    bundle = train_untuned_bundle(tiny_dataset, root / "run")
     make_dataset(root / "site", cases=3, size=32, seed=11, test_fraction=0.0)
     return bundle, root / "site"
 
