@@ -250,6 +250,12 @@ FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuni
 CONTEXT_COVERAGE = 0.2
 MAX_CONTEXT_COARSENING = 1.5  # at most this factor on an axis
 MIN_CONTEXT_COARSENING = 1.1  # below this, the grid is left as it is
+# A size that left MIN_STEPS before the sizes above it were measured is kept while the time they took
+# leaves it this share of MIN_STEPS: on the seed-13 phantoms 80x80x32 left 1500 steps, the three sizes
+# above it took the warm-up to 20 s and the plan fell to 80x80x16 on a 1.5x coarser grid (1486 for
+# 80x80x32): 0.872; 80x80x32 pinned scored 0.905, and 0.904 with 1321 steps (seed 5's 1043 steps at
+# that size had scored 0.833 against 0.921 at 1578 for the smaller size)
+KEEP_FRACTION = 0.85
 MAX_SIZES_BETWEEN = 3  # shrink-path sizes measured between the chosen candidate and the next larger
 MIN_STRUCTURE_VOXELS = 16  # the smallest label's equivalent diameter keeps at least this many voxels
 
@@ -642,10 +648,10 @@ class _Warmup:
         self.measured.append(Candidate(patch, self.batch, features, step_s, name))
         return self.measured[-1]
 
-    def fit(self) -> _Fit:
+    def fit(self, among: Sequence[Candidate] | None = None) -> _Fit:
         return _fit_to_budget(
-            self.planned, self.fp, self.measured, self.left_s(), self.patches_per_step,
-            grid=lambda patch: _context_grid(self.cfg, self.planned, self.fp, patch)[0],
+            self.planned, self.fp, list(self.measured if among is None else among), self.left_s(),
+            self.patches_per_step, grid=lambda patch: _context_grid(self.cfg, self.planned, self.fp, patch)[0],
         )
 
     def between_sizes(self, fit: _Fit, top: Sequence[float]) -> _Fit:
@@ -662,6 +668,12 @@ class _Warmup:
         if not between:
             return fit
         refit = self.fit()
+        kept = self.fit(among=[chosen])
+        if refit[0].voxels < chosen.voxels and kept[2] / chosen.step_s >= KEEP_FRACTION * MIN_STEPS:
+            # measuring the sizes above took the seconds that let the chosen one qualify: keep it
+            size = "x".join(map(str, chosen.patch))
+            return (*kept[:3], f"{fit[3]}; {size} kept: it left {MIN_STEPS} steps before the sizes "
+                    f"above it were measured, {int(kept[2] / chosen.step_s)} after", kept[4])
         if refit[0].patch in between:
             below = "x".join(map(str, chosen.patch))
             refit = (*refit[:3], f"{refit[3]} (measured between the candidate sizes, above {below})", refit[4])

@@ -217,6 +217,53 @@ def test_the_warm_up_measures_the_path_between_two_candidate_sizes_for_the_large
     assert plan.steps >= MIN_STEPS
 
 
+@pytest.mark.parametrize(("seconds_each", "kept"), [(30.0, True), (60.0, False)])
+def test_a_size_that_qualified_is_kept_when_measuring_the_sizes_above_it_took_its_margin(
+    monkeypatch, seconds_each, kept
+):
+    """Seed 13: 80x80x32 left 1500 steps, the three sizes measured above it cost the seconds that made it
+    qualify, and the plan fell to a patch half its size on a coarser grid (0.872 against 0.905 pinned)."""
+    import time
+
+    import numpy as np
+
+    from medseg.models import divisor_of
+    from medseg.plan import KEEP_FRACTION
+
+    cfg = Config.model_validate(
+        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
+    )
+    planned0 = make_plan(cfg, FP)
+    candidates = candidate_patches(planned0.train.patch_size, divisor_of(planned0.model),
+                                   spacing=planned0.preprocess.spacing)
+    clock = [0.0]
+    between = []
+
+    def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        if tuple(patch) in candidates:
+            return 1.35e-6 * float(np.prod(patch))  # 80x80x32 leaves 1500 steps with a few % to spare
+        between.append(tuple(patch))
+        clock[0] += seconds_each  # a size between two candidates: slow, and its measurement takes time
+        return 10.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    _, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert plan is not None
+    assert between  # the sizes above 80x80x32 were measured ...
+    assert all(np.prod(p) > 80 * 80 * 32 for p in between)
+    by_patch = {c.patch: c for c in plan.measured}
+    steps_80 = plan.train_s / by_patch[(80, 80, 32)].step_s
+    if kept:  # ... and their time leaves it under MIN_STEPS, but within KEEP_FRACTION of it: kept
+        assert plan.chosen.patch == (80, 80, 32)
+        assert KEEP_FRACTION * MIN_STEPS <= plan.steps < MIN_STEPS
+        assert "80x80x32 kept" in plan.why
+    else:  # ... and they took more than that: the plan takes the smaller size that still qualifies
+        assert steps_80 < KEEP_FRACTION * MIN_STEPS
+        assert plan.chosen.patch == (64, 64, 32)
+        assert plan.steps >= MIN_STEPS
+        assert "kept" not in plan.why
+
+
 def test_a_budget_patch_that_sees_little_of_the_image_gets_a_coarser_grid():
     # the seed-1 phantoms: 0.8 mm in-plane, 11 minutes bought 64x64x32, 5.8 % of the median image
     grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32))
