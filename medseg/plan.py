@@ -256,6 +256,11 @@ MIN_CONTEXT_COARSENING = 1.1  # below this, the grid is left as it is
 # 80x80x32): 0.872; 80x80x32 pinned scored 0.905, and 0.904 with 1321 steps (seed 5's 1043 steps at
 # that size had scored 0.833 against 0.921 at 1578 for the smaller size)
 KEEP_FRACTION = 0.85
+# The next size above the chosen one, when it missed MIN_STEPS by less than this share, is measured
+# once more and the faster timing kept: on seed 14's phantoms 80x80x32 measured 0.475 s a step (1197
+# steps; 2.05x the step of 80x80x16, where the same sizes measured 1.54-1.56x in three runs that day,
+# 0.315-0.376 s) and the plan fell to 80x80x16 on a 1.49x coarser grid
+RECHECK_FRACTION = 0.75
 MAX_SIZES_BETWEEN = 3  # shrink-path sizes measured between the chosen candidate and the next larger
 MIN_STRUCTURE_VOXELS = 16  # the smallest label's equivalent diameter keeps at least this many voxels
 
@@ -586,8 +591,9 @@ def plan_for_budget(
              elapsed=warm.elapsed)
     fit = warm.fit()
     if "patch_size" not in fixed:
-        fit = warm.between_sizes(fit, tr.patch_size)
+        fit = warm.between_sizes(warm.recheck(fit), tr.patch_size)
     chosen, val_s, train_s, why, validations = fit
+    why = "; ".join([why, *warm.notes])
     warmup_s = warm.elapsed()
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
@@ -630,6 +636,7 @@ class _Warmup:
         self.cap_s = WARMUP_FRACTION * budget
         self.reserve = elapsed_s + FINAL_FRACTION * budget
         self.measured: list[Candidate] = []
+        self.notes: list[str] = []  # what the warm-up did beyond measuring each size once
         self._clock = time.perf_counter
         self._start = self._clock()
 
@@ -654,6 +661,39 @@ class _Warmup:
             self.patches_per_step, grid=lambda patch: _context_grid(self.cfg, self.planned, self.fp, patch)[0],
         )
 
+    def refit(self, fit: _Fit, what: str) -> _Fit:
+        """Fit again after more measuring; when that took the seconds that let the size chosen
+        before qualify, keep it while it still leaves ``KEEP_FRACTION`` of MIN_STEPS."""
+        chosen, refit = fit[0], self.fit()
+        if refit[0].voxels >= chosen.voxels:
+            return refit
+        kept = self.fit(among=[chosen])
+        if kept[2] / chosen.step_s < KEEP_FRACTION * MIN_STEPS:
+            return refit
+        size = "x".join(map(str, chosen.patch))
+        return (*kept[:3], f"{fit[3]}; {size} kept: it left {MIN_STEPS} steps before {what}, "
+                f"{int(kept[2] / chosen.step_s)} after", kept[4])
+
+    def recheck(self, fit: _Fit) -> _Fit:
+        """Measure the next size above the chosen one (same network) once more when it missed
+        MIN_STEPS by less than ``RECHECK_FRACTION``, keep the faster of its two timings (a burst of
+        other work only ever adds time) and fit again."""
+        chosen, train_s = fit[0], fit[2]
+        larger = [c for c in self.measured
+                  if (c.model, c.features) == (chosen.model, chosen.features) and c.voxels > chosen.voxels]
+        if not larger:
+            return fit
+        above = min(larger, key=lambda c: c.voxels)
+        if train_s / above.step_s < RECHECK_FRACTION * MIN_STEPS:
+            return fit
+        again = self.measure_one(above.patch, above.model, above.features, self.cap_s)
+        self.measured.pop()  # ``again``: one entry per size, the faster timing
+        if again.step_s < above.step_s:
+            self.measured[self.measured.index(above)] = again
+        self.notes.append(f"{'x'.join(map(str, above.patch))} measured twice ({above.step_s:.3f} and "
+                          f"{again.step_s:.3f} s a step, the faster kept)")
+        return self.refit(fit, "it was measured again")
+
     def between_sizes(self, fit: _Fit, top: Sequence[float]) -> _Fit:
         """With room to spare at the chosen size, measure the sizes between it and the next one
         measured larger (largest first, the first that leaves MIN_STEPS ends it) and fit again."""
@@ -667,13 +707,7 @@ class _Warmup:
                 break
         if not between:
             return fit
-        refit = self.fit()
-        kept = self.fit(among=[chosen])
-        if refit[0].voxels < chosen.voxels and kept[2] / chosen.step_s >= KEEP_FRACTION * MIN_STEPS:
-            # measuring the sizes above took the seconds that let the chosen one qualify: keep it
-            size = "x".join(map(str, chosen.patch))
-            return (*kept[:3], f"{fit[3]}; {size} kept: it left {MIN_STEPS} steps before the sizes "
-                    f"above it were measured, {int(kept[2] / chosen.step_s)} after", kept[4])
+        refit = self.refit(fit, "the sizes above it were measured")
         if refit[0].patch in between:
             below = "x".join(map(str, chosen.patch))
             refit = (*refit[:3], f"{refit[3]} (measured between the candidate sizes, above {below})", refit[4])
