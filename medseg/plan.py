@@ -139,14 +139,27 @@ def detect_memory_gb(device: str | None) -> float:
 
 
 def _shrink_path(patch: np.ndarray, divisor: int, spacing: Sequence[float] | None) -> list[np.ndarray]:
-    """``patch`` and every patch after it as it shrinks by ``divisor`` along its longest axis *in mm*
-    (``spacing``; in voxels without it) down to ``divisor`` on every axis."""
+    """``patch`` and every patch after it as it shrinks by ``divisor`` down to ``divisor`` on every
+    axis, each step along the axis that leaves the field of view nearest a cube *in mm* (``spacing``;
+    in voxels without it): the longest axis, unless taking ``divisor`` off it would make it much
+    the shortest. With few voxels on the coarse axis one step halves it: 80 x 80 x 32 at 0.98 x 0.98 x
+    2.57 mm (78 x 78 x 82 mm) went to 80 x 80 x 16 (78 x 78 x 41 mm; 16 slices are 1 voxel at a
+    depth-4 U-Net's bottleneck), now to 64 x 80 x 32. Measured on two phantom draws (seeds 13, 14, 11
+    minutes, 20 test cases): 80x80x16 on a 1.5x coarser grid 0.872 / 0.913 against 80x80x32 at 1.0 mm
+    0.912 / 0.928; on seed 1 at one grid, 64x64x16 0.918 against 64x64x32 0.933-0.937."""
     size = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
     patch = patch.astype(float).copy()
     path = [patch.copy()]
     while (patch > divisor).any():
-        mm = np.where(patch > divisor, patch * size, -np.inf)  # an axis at the divisor cannot shrink
-        patch[int(np.argmax(mm))] -= divisor
+        best: tuple[float, float, int] | None = None
+        for axis in np.flatnonzero(patch > divisor):  # an axis at the divisor cannot shrink
+            trial = patch.copy()
+            trial[axis] -= divisor
+            mm = trial * size
+            key = (float(mm.max() / mm.min()), -float(patch[axis] * size[axis]), int(axis))
+            best = key if best is None or key < best else best
+        assert best is not None
+        patch[best[2]] -= divisor
         path.append(patch.copy())
     return path
 

@@ -217,7 +217,7 @@ def test_the_warm_up_measures_the_path_between_two_candidate_sizes_for_the_large
     assert plan.steps >= MIN_STEPS
 
 
-@pytest.mark.parametrize(("seconds_each", "kept"), [(30.0, True), (60.0, False)])
+@pytest.mark.parametrize(("seconds_each", "kept"), [(30.0, True), (75.0, False)])
 def test_a_size_that_qualified_is_kept_when_measuring_the_sizes_above_it_took_its_margin(
     monkeypatch, seconds_each, kept
 ):
