@@ -150,16 +150,14 @@ def _shrink_path(patch: np.ndarray, divisor: int, spacing: Sequence[float] | Non
     size = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
     patch = patch.astype(float).copy()
     path = [patch.copy()]
+
+    def aspect_after(axis: int) -> tuple[float, float]:  # ties: the longer axis in mm, then the first
+        mm = patch * size
+        mm[axis] -= divisor * size[axis]
+        return float(mm.max() / mm.min()), -float(patch[axis] * size[axis])
+
     while (patch > divisor).any():
-        best: tuple[float, float, int] | None = None
-        for axis in np.flatnonzero(patch > divisor):  # an axis at the divisor cannot shrink
-            trial = patch.copy()
-            trial[axis] -= divisor
-            mm = trial * size
-            key = (float(mm.max() / mm.min()), -float(patch[axis] * size[axis]), int(axis))
-            best = key if best is None or key < best else best
-        assert best is not None
-        patch[best[2]] -= divisor
+        patch[min(np.flatnonzero(patch > divisor), key=aspect_after)] -= divisor  # none below the divisor
         path.append(patch.copy())
     return path
 

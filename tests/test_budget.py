@@ -43,6 +43,13 @@ FP = Fingerprint.model_validate(
 )
 
 
+def _monai_unet_in_600_s() -> Config:
+    """A 10-minute budget for MONAI's UNet at width 16: one network, so the warm-up measures sizes only."""
+    return Config.model_validate(
+        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5h", 5400), ("1h30m", 5400), (60, 60)]
 )
@@ -195,9 +202,7 @@ def test_the_warm_up_measures_the_path_between_two_candidate_sizes_for_the_large
         calls.append(patch)
         return step_s(patch)
 
-    cfg = Config.model_validate(
-        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
-    )
+    cfg = _monai_unet_in_600_s()
     planned0 = make_plan(cfg, FP)
     divisor = divisor_of(planned0.model)
     candidates = candidate_patches(planned0.train.patch_size, divisor, spacing=planned0.preprocess.spacing)
@@ -230,9 +235,7 @@ def test_a_size_that_qualified_is_kept_when_measuring_the_sizes_above_it_took_it
     from medseg.models import divisor_of
     from medseg.plan import KEEP_FRACTION
 
-    cfg = Config.model_validate(
-        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
-    )
+    cfg = _monai_unet_in_600_s()
     planned0 = make_plan(cfg, FP)
     candidates = candidate_patches(planned0.train.patch_size, divisor_of(planned0.model),
                                    spacing=planned0.preprocess.spacing)
@@ -273,9 +276,7 @@ def test_the_size_above_the_choice_is_measured_again_when_it_missed_by_little(se
 
     from medseg.plan import RECHECK_FRACTION
 
-    cfg = Config.model_validate(
-        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "monai_unet", "features": 16}}
-    )
+    cfg = _monai_unet_in_600_s()
     calls = []
 
     def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
