@@ -513,7 +513,7 @@ def measure_step_seconds(
     model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
     loss_fn = make_loss(cfg)
     gen = torch.Generator().manual_seed(0)
-    image = torch.randn((batch, 1, *patch), generator=gen).to(dev)
+    image = torch.randn((batch, int(cfg.model.in_channels or 1), *patch), generator=gen).to(dev)
     label = torch.randint(0, out_channels, (batch, 1, *patch), generator=gen).float().to(dev)
     last, _ = training_channels_last(model, tuple(image.shape), out_channels, dev, precision,
                                      requested=cfg.train.memory_format)

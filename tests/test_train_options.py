@@ -155,6 +155,17 @@ def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, mo
     assert not list((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
 
 
+def test_the_warm_up_times_a_multi_channel_network_on_input_of_that_many_channels():
+    """A two-channel dataset (T1 + T2) with --time-budget: the warm-up fed the 2-channel network
+    one channel and training ended in a RuntimeError from the first convolution."""
+    from medseg.config import Config
+    from medseg.plan import measure_step_seconds
+
+    cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2, "in_channels": 2},
+                                 "train": {"precision": "fp32", "memory_format": "contiguous"}})
+    assert measure_step_seconds(cfg, (16, 16, 16), 2, 4, out_channels=3, device="cpu") > 0.0
+
+
 def test_the_warm_up_takes_the_fastest_timed_step_so_a_burst_of_other_work_does_not_move_the_plan(monkeypatch):
     """One untimed step, then three timed ones: a step slowed by other work on a shared machine
     (here the second, 5 s) does not count; the mean of two would have said 2.6 s."""
