@@ -91,6 +91,18 @@ CHECKPOINT, TIMED_CHECKPOINT, BEST_CHECKPOINT = LAST, TIMED, BEST
 FINAL_MODEL_TOLERANCE = 0.01
 # a label whose validation Dice ends below this was not learned (warned about, never silent)
 UNLEARNED_DICE = 0.05
+# Steps whose gradients are not finite are skipped, never applied (one such step makes every
+# weight NaN, and the run ships a bundle that predicts nothing). In bf16 on a CPU, oneDNN's conv3d
+# weight gradient returns NaN from finite inputs at feature maps of 2 x 2 x 1 and 2 x 2 x 2 (torch
+# 2.13: 3 to 5 of 20 random trials at 16 channels; tests/test_train_options.py): a 32 x 32 x 16 patch
+# reaches them at a depth-4 U-Net's bottleneck. After this many skipped steps a bf16 run goes on in fp32.
+NONFINITE_BF16_LIMIT = 3
+# skipped steps in a row in full precision: the run has diverged; stop with a line that says so
+NONFINITE_RUN_LIMIT = 25
+
+
+class DivergedError(MedsegError):
+    """Training produced non-finite gradients step after step (learning rate too high, or bad labels)."""
 
 
 @dataclass
@@ -282,6 +294,7 @@ class Trainer:
         self._build_data(train_cases, val_cases)
         self._build_model()
         self.epoch = self.step_in_epoch = self.global_step = self.stale = 0
+        self.nonfinite_steps = self.nonfinite_run = 0  # steps skipped for non-finite gradients
         self.best = -1.0
         self.history: list[dict[str, float]] = []
         self._resume: dict[str, Any] | None = None  # this rank's RNG states and partial epoch
@@ -468,7 +481,8 @@ class Trainer:
             t_start = time.perf_counter()
             stats.wait += t_start - t_wait
             loss, n = self._step(batch)
-            stats.losses.append(loss)
+            if loss is not None:  # None: a skipped step (non-finite gradients)
+                stats.losses.append(loss)
             stats.samples += n
             self.global_step += 1
             self.step_in_epoch = step + 1
@@ -531,7 +545,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
 
-    def _step(self, batch: dict[str, Any]) -> tuple[float, int]:
+    def _step(self, batch: dict[str, Any]) -> tuple[float | None, int]:
         image, label = batch["image"].to(self.device), batch["label"].to(self.device)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
@@ -545,15 +559,47 @@ class Trainer:
             loss = loss + w * self.loss_fn(aux.float(), label)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
+        # DDP averaged the gradients before this: every rank sees the same norm and takes the same turn
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+            self._skip_nonfinite_step(float(loss.detach()))
+            return None, int(image.shape[0])
+        self.scaler.step(self.optimizer)  # the fp16 grad scaler skips a non-finite step itself
         self.scaler.update()
+        self.nonfinite_run = 0
         return float(loss.detach()), int(image.shape[0])
+
+    def _skip_nonfinite_step(self, loss: float) -> None:
+        """Leave the weights as they were; after a few such steps in bf16 go on in fp32; stop when
+        full precision keeps producing them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self.nonfinite_run += 1
+        self.meta["skipped_nonfinite_steps"] = self.nonfinite_steps
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+        if self.precision == "bf16" and self.nonfinite_steps >= NONFINITE_BF16_LIMIT:
+            if self.dist.main:
+                log.warning(
+                    "training: %d steps in bf16 gave non-finite gradients (skipped, the last at %s); "
+                    "the rest of this run trains in fp32 (slower; --set train.precision=fp32 from the start)",
+                    self.nonfinite_steps, where,
+                )
+            self.precision = "fp32"
+            self.meta["precision_note"] = f"bf16 -> fp32 at {where}: non-finite bf16 gradients"
+            self.nonfinite_run = 0
+        elif self.nonfinite_run >= NONFINITE_RUN_LIMIT:
+            raise DivergedError(
+                f"training diverged: {self.nonfinite_run} steps in a row gave non-finite gradients "
+                f"({self.precision}, {where}, loss {loss:.4g}); lower train.lr (now {self.cfg.train.lr:g}) "
+                "or check the labels"
+            )
+        elif self.dist.main:
+            log.debug("skipped a step with non-finite gradients at %s (%s)", where, self.precision)
 
     def _show_progress(self, epoch: int, stats: EpochStats) -> None:
         n = len(self.loader)
         dice = next((h["val_dice"] for h in reversed(self.history) if "val_dice" in h), None)
-        loss = float(np.mean(stats.losses[-n:]))
+        loss = float(np.mean(stats.losses[-n:])) if stats.losses else float("nan")  # none yet: every step skipped
         self.bar.update(completed=epoch * n + self.step_in_epoch, epoch=epoch + 1,
                         epochs=self.cfg.train.epochs, loss=loss, dice=dice)
 

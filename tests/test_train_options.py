@@ -253,3 +253,68 @@ def test_the_dice_term_is_over_the_batch_and_the_foreground_unless_configured_ot
     assert not per_sample.dice.batch
     assert per_sample.dice.include_background
     assert float(by_batch(logits, label)) < 0.5 * float(per_sample(logits, label))
+
+
+def _nan_loss_at(monkeypatch, steps) -> None:
+    """The training loss is NaN at these (1-based) calls: its gradients are then NaN everywhere,
+    as a bf16 convolution's weight gradient came out at a 2 x 2 x 1 bottleneck."""
+    import medseg.train as mt
+
+    real = mt.make_loss
+
+    def make(cfg):
+        loss_fn, calls = real(cfg), [0]
+
+        def loss(logits, label):
+            calls[0] += 1
+            value = loss_fn(logits, label)
+            return value * float("nan") if calls[0] in steps else value
+
+        return loss
+
+    monkeypatch.setattr(mt, "make_loss", make)
+
+
+def _weights_finite(bundle) -> bool:
+    from medseg.bundle import load_bundle
+
+    return all(bool(torch.isfinite(p).all()) for p in load_bundle(bundle).network.state_dict().values())
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_the_weights_stay_finite(tiny_dataset, tmp_path, monkeypatch):
+    """Applied, one such step made every weight NaN: the run went on with loss nan, validated Dice 0
+    and shipped a bundle that predicts nothing, exit 0."""
+    _nan_loss_at(monkeypatch, {2, 3})
+    cfg = _cfg(train={"epochs": 2, "iterations_per_epoch": 4, "precision": "fp32",
+                      "val_every": 2}, postprocess={"tune_on_validation": False})
+    result = train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in result.history)
+    assert _weights_finite(result.bundle)
+    meta = json.loads((result.bundle / "metadata.json").read_text())
+    assert meta["skipped_nonfinite_steps"] == 2
+    assert meta["precision"] == "fp32"
+
+
+def test_bf16_training_goes_on_in_fp32_after_a_few_non_finite_steps(tiny_dataset, tmp_path, monkeypatch, caplog):
+    from medseg.train import NONFINITE_BF16_LIMIT
+
+    _nan_loss_at(monkeypatch, set(range(1, NONFINITE_BF16_LIMIT + 1)))
+    cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": NONFINITE_BF16_LIMIT + 2, "precision": "bf16"},
+               postprocess={"tune_on_validation": False})
+    with caplog.at_level("WARNING", logger="medseg"):
+        result = train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    meta = json.loads((result.bundle / "metadata.json").read_text())
+    assert meta["precision"] == "fp32"
+    assert "non-finite bf16 gradients" in meta["precision_note"]
+    assert any("trains in fp32" in r.getMessage() for r in caplog.records)
+    assert _weights_finite(result.bundle)
+    assert result.history[-1]["train_loss"] > 0  # the two steps after the switch trained
+
+
+def test_a_run_whose_gradients_stay_non_finite_stops_with_one_line(tiny_dataset, tmp_path, monkeypatch):
+    from medseg.train import NONFINITE_RUN_LIMIT, DivergedError
+
+    _nan_loss_at(monkeypatch, set(range(1, 1000)))
+    cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": NONFINITE_RUN_LIMIT + 5, "precision": "fp32"})
+    with pytest.raises(DivergedError, match=rf"diverged: {NONFINITE_RUN_LIMIT} steps in a row .* lower train\.lr"):
+        train(cfg, tiny_dataset, out_dir=tmp_path / "run")
