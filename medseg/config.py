@@ -194,9 +194,9 @@ class TrainConfig(_Strict):
     )
     # auto: CUDA bf16/fp16; CPU bf16 only where measured >= 1.2x faster than fp32 here (medseg.runtime)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    cpu_bf16: bool = False  # force bf16 autocast + channels-last 3D on CPU (same as precision=bf16 on CPU)
+    cpu_bf16: bool = False  # force bf16 autocast on CPU (same as precision=bf16 on CPU)
     # memory layout of training steps on CPU: auto = channels-last 3D where a short measurement of this
-    # network and patch on this machine finds it faster (always with bf16); CUDA trains contiguous
+    # network, patch and precision on this machine finds it faster; CUDA trains contiguous
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     device: str | None = Field(None, pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # None = cuda when present
     num_workers: int = Field(0, ge=0, le=256)

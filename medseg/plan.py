@@ -492,8 +492,8 @@ def measure_step_seconds(
     machine a burst of other work landed on one size's two steps (64x80x16 at 0.343 s a step, 0.252 s
     an hour before; the next larger size 0.354 s) and the plan changed patch and grid between two runs.
 
-    The layout is the trainer's own choice (``medseg.runtime.training_channels_last``: on a CPU in
-    fp32 measured once per machine, network and shape, then cached, so the trainer reads this
+    The layout is the trainer's own choice (``medseg.runtime.training_channels_last``: on a CPU
+    measured once per machine, network, shape and precision, then cached, so the trainer reads this
     measurement): timed contiguous only, 64x64x32 measured 0.52 s a step against 0.39 s
     channels-last here, and the plan took a patch half that size.
     When the first step alone takes more than a third of ``time_limit_s``, its time is the answer

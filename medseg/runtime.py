@@ -299,10 +299,11 @@ def channels_last(device: torch.device, precision: Precision) -> bool:
     return device.type == "cpu" and precision == "bf16"
 
 
-LAYOUT_MIN_SPEEDUP = 1.08  # channels-last must beat contiguous by this much to be used for fp32 training
+LAYOUT_MIN_SPEEDUP = 1.08  # channels-last must beat contiguous by this much to be used for training
 # 2: entries written by the budget planner's own layout A/B (77e46fc-df4b340, one model switched
 # between layouts, AdamW's state left in the first) read channels-last 1.00x where it was 1.24x
-_LAYOUT_CACHE_VERSION = 2
+# 3: entries per precision (bf16 measured too; it had been channels-last always)
+_LAYOUT_CACHE_VERSION = 3
 
 
 def training_channels_last(
@@ -316,38 +317,40 @@ def training_channels_last(
 ) -> tuple[bool, str]:
     """Whether to train ``network`` in channels-last 3D, and why (one line for the log).
 
-    bf16 on CPU: always (oneDNN's bf16 kernels want it). fp32 on CPU: by measurement, because
-    it depends on the machine, the network and the patch: on a 2-core AVX-512 Xeon a training
-    step of MONAI's UNet(16) was 1.27x faster channels-last at 64x64x32 and 1.45x at 96x96x48,
-    0.93x at 32^3, and BasicUNet 1.01x. A copy of the network takes forward + Dice/CE + backward
-    steps in both layouts, interleaved (about 8 steps); the answer is cached per machine,
-    network and input shape in the user cache. CUDA and 2D networks: contiguous. ``requested``
-    (``train.memory_format``) other than auto is followed on CPU."""
+    On a CPU, fp32 and bf16 alike, by measurement, because it depends on the machine, the network,
+    the patch and the precision: on a 2-core AVX-512 Xeon a fp32 training step of MONAI's UNet(16)
+    was 1.27x faster channels-last at 64x64x32 and 1.45x at 96x96x48, 0.93x at 32^3, and BasicUNet
+    1.01x; in bf16 on an AMD EPYC with avx512_bf16 MONAI's UNet(16) 1.1-1.2x at 80x80x32, but the
+    classic U-Net 0.87-0.92x at 48x64x16 to 80x80x32 (its instance norm hands the next convolution
+    a contiguous tensor, which the convolution copies back: 22 % of the step went in copies). A copy
+    of the network takes forward + Dice/CE + backward steps in both layouts, interleaved (about 8
+    steps); the answer is cached per machine, network, input shape and precision in the user cache.
+    CUDA and 2D networks: contiguous. ``requested`` (``train.memory_format``) other than auto is
+    followed on CPU."""
     if device.type != "cpu" or len(input_shape) != 5:
         return False, "contiguous (not a 3D network on CPU)"
     if requested != "auto":
         return requested == "channels_last", f"{requested.replace('_', '-')} (train.memory_format)"
-    if precision == "bf16":
-        return True, "channels-last 3D (bf16 on CPU)"
-    if precision != "fp32":
+    if precision not in ("fp32", "bf16"):
         return False, "contiguous"
-    speedup = _layout_entries().get(_layout_key(network, input_shape, out_channels))
+    key = _layout_key(network, input_shape, out_channels, precision)
+    speedup = _layout_entries().get(key)
     source = "cached"
     if speedup is None:
         try:
-            speedup = measure_channels_last_speedup(network, input_shape, out_channels)
+            speedup = measure_channels_last_speedup(network, input_shape, out_channels, precision=precision)
         except (RuntimeError, MemoryError) as exc:  # out of memory, an op without a channels-last kernel
             return False, f"contiguous (channels-last could not be measured: {type(exc).__name__})"
         source = "measured"
-        _remember_channels_last_speedup(network, input_shape, out_channels, speedup)
+        _remember_channels_last_speedup(key, speedup)
     use = float(speedup) >= LAYOUT_MIN_SPEEDUP
     layout = "channels-last 3D" if use else "contiguous"
-    return use, f"{layout} (channels-last {source} at {float(speedup):.2f}x the contiguous step here)"
+    return use, f"{layout} (channels-last {source} at {float(speedup):.2f}x the contiguous step here, {precision})"
 
 
-def _layout_key(network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int) -> str:
+def _layout_key(network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, precision: str) -> str:
     n_params = sum(p.numel() for p in network.parameters())
-    return f"{type(network).__name__}|{n_params}|{'x'.join(map(str, input_shape))}|{out_channels}"
+    return f"{type(network).__name__}|{n_params}|{'x'.join(map(str, input_shape))}|{out_channels}|{precision}"
 
 
 def _layout_file() -> Path:
@@ -361,20 +364,19 @@ def _layout_entries() -> dict[str, float]:
     return dict(cached.get("entries", {})) if cached.get("version") == _LAYOUT_CACHE_VERSION else {}
 
 
-def _remember_channels_last_speedup(
-    network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, speedup: float
-) -> None:
-    """Cache a measured contiguous / channels-last training-step ratio (per machine, network, shape)."""
-    entries = {**_layout_entries(), _layout_key(network, input_shape, out_channels): float(speedup)}
+def _remember_channels_last_speedup(key: str, speedup: float) -> None:
+    """Cache a measured contiguous / channels-last training-step ratio (per machine, network, shape, precision)."""
+    entries = {**_layout_entries(), key: float(speedup)}
     _save_to_cache(_layout_file(), {"version": _LAYOUT_CACHE_VERSION, "entries": entries})
 
 
 def measure_channels_last_speedup(
-    network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, rounds: int = 3
+    network: torch.nn.Module, input_shape: tuple[int, ...], out_channels: int, rounds: int = 3,
+    *, precision: Precision = "fp32",
 ) -> float:
-    """Contiguous / channels-last seconds of an fp32 training step (forward, Dice + CE, backward)
-    of a copy of ``network`` on random data of ``input_shape``: one untimed step each, then
-    ``rounds`` alternating; the medians compared. The network itself is not touched."""
+    """Contiguous / channels-last seconds of a training step (forward in ``precision``, Dice + CE,
+    backward) of a copy of ``network`` on random data of ``input_shape``: one untimed step each,
+    then ``rounds`` alternating; the medians compared. The network itself is not touched."""
     import copy
 
     from monai.losses import DiceCELoss
@@ -390,8 +392,10 @@ def measure_channels_last_speedup(
         set_memory_format(model, fmt)
         x = image.contiguous(memory_format=fmt)
         start = time.perf_counter()
-        out = model(x)
-        loss_fn(out[0] if isinstance(out, (tuple, list)) else out, label).backward()
+        with autocast(torch.device("cpu"), precision):
+            out = model(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        loss_fn(out.float(), label).backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

@@ -108,9 +108,13 @@ def test_training_layout_is_measured_on_a_copy_and_cached(tmp_path, monkeypatch)
     again, why_again = rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "fp32")
     assert again == use
     assert "cached at" in why_again
-    # another shape is another measurement; bf16, a setting, CUDA and 2D are not measured
+    # another shape or precision is another measurement; a setting, CUDA and 2D are not measured
     assert "measured" in rt.training_channels_last(net, (1, 1, 16, 16, 16), 3, cpu, "fp32")[1]
-    assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "bf16") == (True, "channels-last 3D (bf16 on CPU)")
+    use_bf16, why_bf16 = rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "bf16")
+    assert "measured at" in why_bf16
+    assert why_bf16.endswith(", bf16)")
+    assert ("channels-last 3D" in why_bf16) == use_bf16
+    assert len(json.loads(next((tmp_path / "cache" / "medseg").glob("train-layout-*.json")).read_text())["entries"]) == 3
     assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, cpu, "fp32", requested="contiguous")[0] is False
     assert rt.training_channels_last(net, (2, 1, 16, 16), 3, cpu, "fp32")[0] is False
     assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, torch.device("cuda"), "fp32")[0] is False
