@@ -159,6 +159,25 @@ def test_budget_planner_times_steps_in_the_layout_training_will_use(tmp_path, mo
     assert not list((tmp_path / "cache" / "medseg").glob("train-layout-*.json"))
 
 
+def test_the_budget_warm_up_times_bf16_channels_last_without_measuring_both_layouts(tmp_path, monkeypatch):
+    """The A/B layout measurement per candidate size doubled an 11-minute run's warm-up in bf16
+    (19 -> 48 s); the planner times bf16 channels-last and leaves the A/B to the trainer."""
+    import medseg.runtime as rt
+    from medseg.config import Config
+    from medseg.plan import measure_step_seconds
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(rt, "measure_channels_last_speedup", lambda *a, **k: measured.append(k) or 1.0)
+    bf16 = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2},
+                                  "train": {"precision": "bf16"}})
+    assert measure_step_seconds(bf16, (16, 16, 16), 2, 4, out_channels=3, device="cpu") > 0.0
+    assert measured == []
+    fp32 = bf16.model_copy(update={"train": bf16.train.model_copy(update={"precision": "fp32"})})
+    measure_step_seconds(fp32, (16, 16, 16), 2, 4, out_channels=3, device="cpu")
+    assert measured == [{"precision": "fp32"}]
+
+
 def test_the_warm_up_times_a_multi_channel_network_on_input_of_that_many_channels():
     """A two-channel dataset (T1 + T2) with --time-budget: the warm-up fed the 2-channel network
     one channel and training ended in a RuntimeError from the first convolution."""
