@@ -554,7 +554,7 @@ def measure(
         if not cand.passed:
             cand.note = (
                 f"failed parity (agreement {100 * cand.agreement:.3f} % vs >= {100 * MIN_AGREEMENT:.1f} %, "
-                f"max Dice change {cand.max_dice_change:.4f} vs <= {MAX_DICE_CHANGE})"
+                f"max Dice change {cand.max_dice_change:.5f} vs <= {MAX_DICE_CHANGE})"
             )
             continue
         timed[cand.name] = predictor
