@@ -97,26 +97,24 @@ def write_variant(root: Path, name: str, spec: dict) -> Path:
             image = nib.Nifti1Image(np.round((img - inter) / slope).astype(np.int16), affine)
             image.header.set_slope_inter(slope, inter)
         else:
-            image = nib.Nifti1Image(np.clip(img, 0, None).astype(spec["dtype"]) if spec.get("dtype") == np.uint16
-                                    else img.astype(spec.get("dtype", np.int16)), affine)
+            dtype = spec.get("dtype", np.int16)
+            image = nib.Nifti1Image((np.clip(img, 0, None) if dtype == np.uint16 else img).astype(dtype), affine)
         nib.save(image, path)
 
-    def affine_for() -> np.ndarray:
-        affine = np.diag([*spacing, 1.0])
-        return spec["affine"](affine) if "affine" in spec else affine
-
+    affine = np.diag([*spacing, 1.0])
+    affine = spec["affine"](affine) if "affine" in spec else affine
     training = []
     for i in range(n):
         shape = spec["shapes"][i % len(spec["shapes"])] if "shapes" in spec else spec.get("shape", (48, 48, 20))
         absent = (labels[-1],) if spec.get("absent_every") and i % spec["absent_every"] == 0 else ()
         img, lab = _case(rng, shape, labels, mr=spec.get("mr", False), absent=absent)
-        save_image(img, affine_for(), folder / "imagesTr" / f"case_{i:03d}.nii.gz")
-        nib.save(nib.Nifti1Image(lab.astype(spec.get("label_dtype", np.uint8)), affine_for()),
+        save_image(img, affine, folder / "imagesTr" / f"case_{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(lab.astype(spec.get("label_dtype", np.uint8)), affine),
                  folder / "labelsTr" / f"case_{i:03d}.nii.gz")
         training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
     img, lab = _case(rng, spec.get("shape", (48, 48, 20)), labels, mr=spec.get("mr", False))
-    save_image(img, affine_for(), folder / "imagesTs" / "held_out.nii.gz")
-    nib.save(nib.Nifti1Image(lab, affine_for()), folder / "reference.nii.gz")
+    save_image(img, affine, folder / "imagesTs" / "held_out.nii.gz")
+    nib.save(nib.Nifti1Image(lab, affine), folder / "reference.nii.gz")
     modality = {"0": "T1", "1": "T2"} if spec.get("channels", 1) > 1 else {"0": spec.get("modality", "CT")}
     dataset = {
         "name": name, "modality": modality, "labels": {"0": "background", **{str(v): f"organ_{v}" for v in labels}},

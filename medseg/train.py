@@ -94,7 +94,7 @@ UNLEARNED_DICE = 0.05
 # Steps whose gradients are not finite are skipped, never applied (one such step makes every
 # weight NaN, and the run ships a bundle that predicts nothing). In bf16 on a CPU, oneDNN's conv3d
 # weight gradient returns NaN from finite inputs at feature maps of 2 x 2 x 1 and 2 x 2 x 2 (torch
-# 2.13: 3 to 5 of 20 random trials at 16 channels; tests/test_train_options.py): a 32 x 32 x 16 patch
+# 2.13: 3 to 5 of 20 random trials at 16 channels; benchmarks/results/bf16_conv3d_nan_*.json): a 32 x 32 x 16 patch
 # reaches them at a depth-4 U-Net's bottleneck. After this many skipped steps a bf16 run goes on in fp32.
 NONFINITE_BF16_LIMIT = 3
 # skipped steps in a row in full precision: the run has diverged; stop with a line that says so
