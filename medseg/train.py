@@ -65,6 +65,7 @@ from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, s
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
+from medseg.kernels import for_training
 from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
@@ -93,9 +94,10 @@ FINAL_MODEL_TOLERANCE = 0.01
 UNLEARNED_DICE = 0.05
 # Steps whose gradients are not finite are skipped, never applied (one such step makes every
 # weight NaN, and the run ships a bundle that predicts nothing). In bf16 on a CPU, oneDNN's conv3d
-# weight gradient returns NaN from finite inputs at feature maps of 2 x 2 x 1 and 2 x 2 x 2 (torch
-# 2.13: 3 to 5 of 20 random trials at 16 channels; benchmarks/results/bf16_conv3d_nan_*.json): a 32 x 32 x 16 patch
-# reaches them at a depth-4 U-Net's bottleneck. After this many skipped steps a bf16 run goes on in fp32.
+# weight gradient returns NaN from finite inputs on maps 2 voxels along the first axis (torch 2.13;
+# benchmarks/results/bf16_conv3d_nan_*.json, bf16_thin_maps_*.json): those convolutions run in fp32
+# (``medseg.kernels.fp32_on_thin_maps``), and this is the net for what no probe found. After this
+# many skipped steps a bf16 run goes on in fp32.
 NONFINITE_BF16_LIMIT = 3
 # skipped steps in a row in full precision: the run has diverged; stop with a line that says so
 NONFINITE_RUN_LIMIT = 25
@@ -351,6 +353,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
+        swapped = for_training(self.network)  # convolutions whose bf16 gradients go NaN run in fp32
+        log.debug("training stand-ins: %s", swapped)
         self.channels_last = self._choose_layout()
         if self.channels_last:
             self.network = set_memory_format(self.network, torch.channels_last_3d)

@@ -341,3 +341,29 @@ def test_a_run_whose_gradients_stay_non_finite_stops_with_one_line(tiny_dataset,
     cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": NONFINITE_RUN_LIMIT + 5, "precision": "fp32"})
     with pytest.raises(DivergedError, match=rf"diverged: {NONFINITE_RUN_LIMIT} steps in a row .* lower train\.lr"):
         train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+
+
+def test_training_and_the_budget_warm_up_guard_the_network(tiny_dataset, tmp_path, monkeypatch):
+    import medseg.kernels
+    import medseg.train as mt
+    from medseg.plan import measure_step_seconds
+
+    guarded: list[int] = []
+    real = medseg.kernels.for_training
+
+    def spy(network):
+        swapped = real(network)
+        guarded.append(swapped["fp32_on_thin_maps"])
+        return swapped
+
+    monkeypatch.setattr(mt, "for_training", spy)
+    monkeypatch.setattr(medseg.kernels, "for_training", spy)
+    cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": 1, "precision": "fp32"},
+               postprocess={"tune_on_validation": False})
+    train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    assert len(guarded) == 1
+    assert guarded[0] > 0
+    planned = cfg.model_copy(update={"model": cfg.model.model_copy(update={"in_channels": 1})})
+    measure_step_seconds(planned, (16, 16, 16), 1, 4, out_channels=2, device="cpu")
+    assert len(guarded) == 2
+    assert guarded[1] > 0

@@ -1,0 +1,57 @@
+"""Training-time stand-ins for torch modules (medseg.kernels): same parameters, same results, where
+torch's own CPU kernels are wrong (bf16 NaN weight gradients)."""
+
+from __future__ import annotations
+
+import torch
+
+from medseg.config import Config
+from medseg.kernels import Fp32ThinConv3d, for_training, fp32_on_thin_maps
+from medseg.models import build_model
+
+
+def test_convolutions_on_maps_two_voxels_thin_run_in_fp32_under_cpu_bf16():
+    """oneDNN's bf16 conv3d weight gradient came out NaN on maps 2 voxels along the first axis
+    (a 32-wide patch's bottleneck at depth 4): those convolutions run in fp32, the rest as they were."""
+    cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 4, "in_channels": 1}})
+    plain, guarded = build_model(cfg.model, out_channels=3), build_model(cfg.model, out_channels=3)
+    n_convs = sum(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in guarded.modules())
+    assert fp32_on_thin_maps(guarded) == n_convs > 0
+    assert not any(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in guarded.modules())
+    assert list(guarded.state_dict()) == list(plain.state_dict())
+    guarded.load_state_dict(plain.state_dict())  # strict: the same parameters under the same names
+    x = torch.randn(2, 1, 32, 32, 16)
+    torch.testing.assert_close(guarded(x), plain(x))  # outside autocast nothing changes
+
+    conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+    fp32_on_thin_maps(conv)
+    assert isinstance(conv, Fp32ThinConv3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        thin = conv(torch.randn(1, 4, 2, 8, 8))
+        thick = conv(torch.randn(1, 4, 3, 8, 8))
+        other_axis = conv(torch.randn(1, 4, 8, 8, 2))
+    assert thin.dtype == torch.float32
+    assert thick.dtype == other_axis.dtype == torch.bfloat16
+    thin.sum().backward()
+    assert conv.weight.grad is not None
+    assert bool(torch.isfinite(conv.weight.grad).all())
+
+
+
+def test_a_monai_unet_trains_to_the_same_weights_with_every_stand_in():
+    cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2, "in_channels": 1}})
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, out_channels=2)
+    swapped = build_model(cfg.model, out_channels=2)
+    swapped.load_state_dict(plain.state_dict())
+    counts = for_training(swapped)
+    assert counts["fp32_on_thin_maps"] > 0
+    x = torch.randn(2, 1, 16, 16, 8)
+    for net in (plain, swapped):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(plain.state_dict().items(), swapped.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
