@@ -13,7 +13,8 @@ Measures, and prints as tables (JSON to benchmarks/results/run_all.json, a PNG b
    achieved GFLOP/s beside this machine's measured matmul peak (fp32 and bf16).
 3. Training samples/s and data-wait fraction at the bundle's network, patch and batch: ``medseg train``
    against the MONAI tutorial loop (benchmarks/reference/train_loop.py), validation off, in turns
-   (2 rounds, ``--full`` 3; the ratio is the median of the rounds').
+   (2 rounds, ``--full`` 3; the ratio is the median of the rounds'); then the same at ``--train-patch``
+   (80x80x32 by default: the 4-minute bundle's patch is smaller than an 11-minute plan's).
 4. Post-processing (connected components: medseg's cc3d path against MONAI's
    KeepLargestConnectedComponent, which needs scikit-image) and the dense CRF at a given size.
 
@@ -291,7 +292,7 @@ def bench_inference(bundle: Path, volume: Path, work: Path, repeats: int) -> dic
 STEPS_PER_EPOCH = 40  # medseg epochs of a fixed number of steps: a short epoch is a noisy figure
 
 
-def bench_training(work: Path, bundle: Path, epochs: int, rounds: int = 2) -> dict:
+def bench_training(work: Path, bundle: Path, epochs: int, rounds: int = 2, patch: list[int] | None = None) -> dict:
     """Training samples/s at the same network, patch and patches per step: ``medseg train`` (its own
     loop, the precision it measures here; ``STEPS_PER_EPOCH`` steps per epoch, the first epoch left
     out as warm-up) against the MONAI tutorial loop (reference/train_loop.py, as many steps), one
@@ -303,11 +304,11 @@ def bench_training(work: Path, bundle: Path, epochs: int, rounds: int = 2) -> di
     The pair runs ``rounds`` times in turn (medseg, reference, medseg, reference, ...) and the ratio
     is the median of the rounds' ratios: on this shared 2-core machine the speed of both drifted by
     a quarter within an hour (the matmul peak 285 then 219 GFLOP/s), so a single pair could compare
-    a fast minute with a slow one."""
+    a fast minute with a slow one. ``patch``: another patch than the bundle's (same network)."""
     import yaml
 
     cfg = yaml.safe_load((bundle / "config.yaml").read_text())
-    patch = [int(p) for p in cfg["train"]["patch_size"]]
+    patch = patch or [int(p) for p in cfg["train"]["patch_size"]]
     batch = int(cfg["train"]["batch_size"]) * int(cfg["augment"].get("samples_per_volume", 1))
     data = prepare_phantoms(work)
     pairs = [_training_pair(work, bundle, cfg, data, patch, batch, epochs) for _ in range(rounds)]
@@ -536,6 +537,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/medseg-bench")
     parser.add_argument("--budget", default="4m", help="medseg train --time-budget of the benchmark bundle")
     parser.add_argument("--out", default=str(HERE / "results" / "run_all.json"))
+    parser.add_argument(
+        "--train-patch", type=int, nargs=3, default=[80, 80, 32], metavar=("X", "Y", "Z"),
+        help="training is also compared at this patch (default: what the budget planner picks for the "
+        "phantoms in 11 minutes here); the bundle's own patch (a 4-minute plan's) is smaller",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -549,6 +555,11 @@ def main() -> None:
     print_network(results["network"], peaks)
     results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3, rounds=3 if args.full else 2)
     print_training(results["training"])
+    if list(args.train_patch) != list(results["training"]["patch"]):
+        results["training_at_train_patch"] = bench_training(
+            work, bundle, epochs=4 if args.full else 3, rounds=3 if args.full else 2, patch=list(args.train_patch)
+        )
+        print_training(results["training_at_train_patch"])
     volumes = [make_ct_volume(work / "one_body_512x512x200.nii.gz", (512, 512, 200), seed=900, mosaic=False)]
     if args.full:  # the 16-body mosaic and the long scan take most of an hour on 2 cores
         volumes.append(make_ct_volume(work / "ct_512x512x200.nii.gz", (512, 512, 200)))
