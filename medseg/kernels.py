@@ -15,7 +15,7 @@ import torch
 
 # torch 2.13's CPU bf16 3D convolution (oneDNN) returns NaN weight gradients from finite inputs when
 # the feature map's first spatial axis is 2 voxels: 2x2x1, 2x2x2, 2x4x1, 2x8x8, 2x16x16, 2x32x16 gave
-# NaN in 1-9 of 20-30 random trials each; first axis 1, 3, 4 or 8 (4x2x2, 3x3x1, 8x2x2, 4x4x2, ...)
+# NaN in 1-10 of 20-30 random trials each; first axis 1, 3, 4 or 8 (4x2x2, 3x3x1, 8x2x2, 4x4x2, ...)
 # never, nor fp32 (benchmarks/results/bf16_conv3d_nan_amd_2026-12-06.json, bf16_thin_maps_*.json).
 # A depth-4 U-Net's bottleneck is 2 voxels along x for a 32-voxel-wide patch. Convolutions on such
 # maps run in fp32 under bf16 autocast: they are the network's smallest.
@@ -63,7 +63,6 @@ def fp32_on_thin_maps(network: torch.nn.Module) -> int:
             module.__class__ = guarded
             count += 1
     return count
-
 
 
 def for_training(network: torch.nn.Module) -> dict[str, int]:
