@@ -553,12 +553,11 @@ def main() -> None:
     results["peaks_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
     results["network"] = bench_network(bundle, work, peaks)
     print_network(results["network"], peaks)
-    results["training"] = bench_training(work, bundle, epochs=4 if args.full else 3, rounds=3 if args.full else 2)
+    runs = {"epochs": 4 if args.full else 3, "rounds": 3 if args.full else 2}
+    results["training"] = bench_training(work, bundle, **runs)
     print_training(results["training"])
     if list(args.train_patch) != list(results["training"]["patch"]):
-        results["training_at_train_patch"] = bench_training(
-            work, bundle, epochs=4 if args.full else 3, rounds=3 if args.full else 2, patch=list(args.train_patch)
-        )
+        results["training_at_train_patch"] = bench_training(work, bundle, **runs, patch=list(args.train_patch))
         print_training(results["training_at_train_patch"])
     volumes = [make_ct_volume(work / "one_body_512x512x200.nii.gz", (512, 512, 200), seed=900, mosaic=False)]
     if args.full:  # the 16-body mosaic and the long scan take most of an hour on 2 cores

@@ -2,7 +2,7 @@
 
 Each is a subclass of the module it replaces, with the same parameters and state dict keys, swapped
 in place (``module.__class__``) on the training network only: bundles, exports and inference build
-the plain network and load the same weights. ``for_training(network)`` applies all of them.
+the plain network and load the same weights.
 
 - ``fp32_on_thin_maps``: CPU bf16 3D convolutions whose weight gradient comes out NaN.
 """
@@ -64,7 +64,3 @@ def fp32_on_thin_maps(network: torch.nn.Module) -> int:
             count += 1
     return count
 
-
-def for_training(network: torch.nn.Module) -> dict[str, int]:
-    """Every stand-in of this module applied to ``network`` (in place): how many modules each swapped."""
-    return {"fp32_on_thin_maps": fp32_on_thin_maps(network)}

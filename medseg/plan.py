@@ -504,7 +504,7 @@ def measure_step_seconds(
 
     import torch
 
-    from medseg.kernels import for_training
+    from medseg.kernels import fp32_on_thin_maps
     from medseg.models import build_model
     from medseg.runtime import autocast, resolve_precision, set_memory_format, training_channels_last
     from medseg.train import make_loss, make_optimizer
@@ -513,7 +513,7 @@ def measure_step_seconds(
     precision = resolve_precision(dev, cfg.train.precision, amp=cfg.train.amp, quiet=True)
     update = {"features": features, **({"name": model_name} if model_name else {})}
     model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
-    for_training(model)  # as the trainer runs it
+    fp32_on_thin_maps(model)  # as the trainer runs it
     loss_fn = make_loss(cfg)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((batch, int(cfg.model.in_channels or 1), *patch), generator=gen).to(dev)

@@ -65,7 +65,7 @@ from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, s
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
-from medseg.kernels import for_training
+from medseg.kernels import fp32_on_thin_maps
 from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
@@ -353,8 +353,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
-        swapped = for_training(self.network)  # convolutions whose bf16 gradients go NaN run in fp32
-        log.debug("training stand-ins: %s", swapped)
+        guarded = fp32_on_thin_maps(self.network)  # convolutions whose bf16 gradients go NaN run in fp32
+        log.debug("%d convolutions run in fp32 on maps 2 voxels thin", guarded)
         self.channels_last = self._choose_layout()
         if self.channels_last:
             self.network = set_memory_format(self.network, torch.channels_last_3d)

@@ -349,15 +349,14 @@ def test_training_and_the_budget_warm_up_guard_the_network(tiny_dataset, tmp_pat
     from medseg.plan import measure_step_seconds
 
     guarded: list[int] = []
-    real = medseg.kernels.for_training
+    real = medseg.kernels.fp32_on_thin_maps
 
     def spy(network):
-        swapped = real(network)
-        guarded.append(swapped["fp32_on_thin_maps"])
-        return swapped
+        guarded.append(real(network))
+        return guarded[-1]
 
-    monkeypatch.setattr(mt, "for_training", spy)
-    monkeypatch.setattr(medseg.kernels, "for_training", spy)
+    monkeypatch.setattr(mt, "fp32_on_thin_maps", spy)
+    monkeypatch.setattr(medseg.kernels, "fp32_on_thin_maps", spy)
     cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": 1, "precision": "fp32"},
                postprocess={"tune_on_validation": False})
     train(cfg, tiny_dataset, out_dir=tmp_path / "run")
