@@ -36,6 +36,9 @@ _MORE = [
 ]
 _RGB_MORE = [[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _MORE]
 OVERLAY_ALPHA = 0.45  # label colour over the grey slice
+# zlib level of the overlay PNG: 3 encodes a 1500x1580 picture in 0.11 s against 0.25 s at the default 6,
+# for a file 15 % larger (829 against 724 KB)
+PNG_COMPRESS_LEVEL = 3
 PALETTE = np.vstack([[[0, 0, 0]], _FIRST, _RGB_MORE]).astype(np.float32) / 255.0
 
 
@@ -157,7 +160,9 @@ def overlay_png_bytes(
             fg = ml > 0
             rgb[fg] = (1.0 - OVERLAY_ALPHA) * rgb[fg] + OVERLAY_ALPHA * label_colour(ml[fg])
             ax.imshow(rgb, origin="lower", aspect=aspect)
-            ax.set_title(f"{view} through {name}" if name else view, fontsize=11)
+            # a title placed (y=1) rather than positioned by matplotlib, which measured each axes'
+            # (hidden) ticks for it: 0.18 of 0.6 s a picture
+            ax.set_title(f"{view} through {name}" if name else view, fontsize=11, y=1.0, pad=4)
             ax.axis("off")
             _orientation_letters(ax, letters)
     handles = [Patch(color=tuple(label_colour(k)), label=f"{k}: {v}") for k, v in sorted(labels.items()) if k]
@@ -166,7 +171,7 @@ def overlay_png_bytes(
     if title:
         fig.suptitle(title, fontsize=13, y=1 - 0.12 / height, va="top")
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    fig.savefig(buf, dpi=dpi, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buf.getvalue()
 
 
