@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,27 +66,45 @@ def volume_from_bytes(data: bytes) -> Volume:
         return read_nifti(path, kind="image")
 
 
-class BundleModel(PythonModel):
-    """medseg's inference pipeline behind MLflow's pyfunc interface (one row per image)."""
+def _pass_on(caught: list[warnings.WarningMessage], *, but: str) -> None:
+    """Emit recorded warnings again, as they were, except those whose message contains ``but``."""
+    for w in caught:
+        if but not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    def load_context(self, context: Any) -> None:
-        import torch
 
-        from medseg.bundle import load_bundle
+# MLflow advises type hints on ``predict`` when the class is defined (a warning in colour, at every training
+# run that logs a model); medseg leaves them out on purpose (MLflow would infer its own schema from them).
+# MLflow shows its warnings "once" inside its own filter, so a filter here cannot hide that one: the
+# class is defined with warnings recorded, and every other warning is passed on as it was.
+with warnings.catch_warnings(record=True) as _definition_warnings:
+    warnings.simplefilter("always")
 
-        config = getattr(context, "model_config", None) or {}
-        device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.bundle = load_bundle(context.artifacts[ARTIFACT], device=device)
-        self.labels = json.dumps({str(k): v for k, v in sorted(self.bundle.labels.items())})
+    class BundleModel(PythonModel):
+        """medseg's inference pipeline behind MLflow's pyfunc interface (one row per image)."""
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow would infer a schema from hints
-        rows = _records(model_input)
-        out = []
-        for row in rows:
-            volume = _volume_of(row)
-            mask = self.bundle.predict(volume)
-            out.append({"mask": base64.b64encode(nifti_bytes(mask)).decode("ascii"), "labels": self.labels})
-        return pd.DataFrame(out, columns=["mask", "labels"])
+        def load_context(self, context: Any) -> None:
+            import torch
+
+            from medseg.bundle import load_bundle
+
+            config = getattr(context, "model_config", None) or {}
+            device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.bundle = load_bundle(context.artifacts[ARTIFACT], device=device)
+            self.labels = json.dumps({str(k): v for k, v in sorted(self.bundle.labels.items())})
+
+        def predict(self, context, model_input, params=None):  # untyped: MLflow would infer a schema from hints
+            rows = _records(model_input)
+            out = []
+            for row in rows:
+                volume = _volume_of(row)
+                mask = self.bundle.predict(volume)
+                out.append({"mask": base64.b64encode(nifti_bytes(mask)).decode("ascii"), "labels": self.labels})
+            return pd.DataFrame(out, columns=["mask", "labels"])
+
+
+_pass_on(_definition_warnings, but="Add type hints to the `predict` method")
+del _definition_warnings
 
 
 def _records(model_input: Any) -> list[dict[str, Any]]:

@@ -186,3 +186,26 @@ def test_predict_accepts_every_common_image_type(registered):
     with pytest.raises(TypeError, match=r"\(array, affine\)"):
         bundle.predict(np.asarray(img.dataobj))
     assert bundle.device.type == "cpu"
+
+
+def test_defining_the_pyfunc_class_prints_no_type_hint_advice_but_passes_other_warnings_on():
+    """MLflow warns (in colour, at every training run that logs a model) that ``predict`` has no type
+    hints, which medseg leaves out on purpose; that advice is not printed, any other warning raised
+    while the class is defined still is."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import medseg.mlflow_model"], capture_output=True, text=True, check=True
+    )
+    assert "type hints" not in proc.stderr, proc.stderr
+
+    import warnings
+
+    from medseg.mlflow_model import _pass_on
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("Add type hints to the `predict` method", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        _pass_on(caught, but="Add type hints to the `predict` method")
+    assert [str(w.message) for w in again] == ["something else"]
