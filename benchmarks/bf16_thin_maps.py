@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run_all import machine_info
 from medseg.config import Config
 from medseg.kernels import fp32_on_thin_maps
 from medseg.models import build_model
@@ -105,8 +105,7 @@ def main() -> None:
                 run = "fp32" if not bf16 else "bf16 guarded" if guard else "bf16 plain"
                 print(f"{name:>12} {layout:>14} {run:>12} {r['nonfinite_steps']:>17} "
                       f"{r['first_nonfinite_step']!s:>6} {r['median_step_s']:>7}", flush=True)
-    out = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads(),
+    out = {"what": __doc__.splitlines()[0], "machine": machine_info(), "native_bf16": cpu_has_native_bf16(),
            "conv_trials": rows, "training_32x32x16_batch4": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
