@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,11 @@ def _setup_logging(verbose: bool) -> None:
     root.propagate = False
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow sets its own loggers' level, handler and format when it is imported (later than this):
+    # its INFO lines ("Creating initial MLflow database tables...") broke into medseg's log in
+    # another format. Its warnings and errors still show; --verbose leaves its level alone.
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Decoders log their own errors before raising; medseg reports the failure itself, on one line.
     for decoder in ("pydicom", "openjpeg", "pylibjpeg", "libjpeg", "jpeg_ls", "rle", "highdicom", "nibabel"):
         logging.getLogger(decoder).setLevel(logging.WARNING if verbose else logging.CRITICAL)
