@@ -397,8 +397,27 @@ def _write_probability_maps(pred: Prediction, volume: Volume, files: CaseFiles, 
     write_nifti(volume.with_array(entropy_map(pred.probabilities), kind="image"), entropy, dtype="float32")
 
 
+def _input_warnings(batch: _Batch, files: CaseFiles, channels: list[Volume]) -> list[str]:
+    """``medseg.report.input_flags`` for this case against the (first) bundle's normalisation, each
+    logged as a warning: the case is still segmented, and the report lists it among those to look at."""
+    from medseg.report import input_flags
+
+    pre = batch.bundles[0].config.preprocess
+    kinds = [c.kind for c in pre.channels] if pre.channels else [pre.intensity.kind]
+    flags = input_flags(channels, kinds)
+    for flag in flags:
+        log.warning("%s: %s", files.input.name, flag)
+    return flags
+
+
 def _write_qc(
-    batch: _Batch, files: CaseFiles, volume: Volume, mask: Volume, tta: float | None, written: list[Path]
+    batch: _Batch,
+    files: CaseFiles,
+    volume: Volume,
+    mask: Volume,
+    tta: float | None,
+    written: list[Path],
+    input_warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     """The case's QC figures (for the sidecar); with the report, its overlay PNG too."""
     from medseg.report import case_qc, qc_to_dict
@@ -412,6 +431,7 @@ def _write_qc(
         volume_ranges=batch.bundles[0].metadata.get("label_volumes_ml"),
         connectivity=batch.bundles[0].config.postprocess.connectivity,
         overlay=batch.options.report,
+        input_warnings=input_warnings,
     )
     if batch.options.report and files.qc_overlay is not None:
         written.append(files.qc_overlay)
@@ -489,6 +509,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     )
     channels = _load_case(batch, files)
     volume = channels[0]
+    input_warnings = _input_warnings(batch, files, channels)
     timings = {"load_s": time.perf_counter() - t0}
     from medseg.backends import backend_predictors, describe
 
@@ -511,7 +532,7 @@ def _segment_case(batch: _Batch, files: CaseFiles, written: list[Path]) -> dict[
     timings["write_s"] = time.perf_counter() - t0
     batch.hook("qc", 0, 0)
     t0 = time.perf_counter()
-    qc = _write_qc(batch, files, volume, pred.mask, pred.tta_disagreement, written)
+    qc = _write_qc(batch, files, volume, pred.mask, pred.tta_disagreement, written, input_warnings)
     timings["qc_s"] = time.perf_counter() - t0
     sidecar = {
         **sidecar_fields(volume, batch.labels),

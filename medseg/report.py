@@ -89,6 +89,37 @@ def touches_border(mask: np.ndarray, label: int) -> bool:
     return any(bool((face == label).any()) for face in faces)
 
 
+# A CT's field of view holds air (about -1000 HU) around the body and in lungs and bowel; an image
+# with no voxel this dark is not in Hounsfield units (another modality, values stored without their
+# rescale, or already normalised), and a model trained on CT reads it as something else.
+AIR_HU = -200.0
+AIR_PERCENTILE = 0.5  # of the voxels: a few dark ones (noise, a padding value) are not air
+
+
+def input_flags(channels: list[Volume], kinds: list[str]) -> list[str]:
+    """Why a case looks unlike what the model was trained on, one line each: per channel normalised
+    as CT (``kinds[i] == "ct"``), a DICOM series of another modality, or values with no air in them.
+    Channels normalised per image (MR, z-score) are not judged by their values."""
+    flags = []
+    for i, (volume, kind) in enumerate(zip(channels, kinds, strict=False)):
+        if kind != "ct":
+            continue
+        which = f"channel {i}: " if len(channels) > 1 else ""
+        modality = str(volume.meta.get("modality") or "").upper()
+        if volume.meta.get("source_format") == "dicom" and modality and modality != "CT":
+            flags.append(f"{which}the series is {modality}, but the model was trained on CT: "
+                         "its masks are unlikely to mean anything")
+            continue
+        values = np.asarray(volume.array).ravel()
+        sample = values[:: max(1, values.size // 1_000_000)]  # a percentile needs no more
+        dark = float(np.percentile(sample, AIR_PERCENTILE))
+        if dark > AIR_HU:
+            flags.append(f"{which}no air in the image (the darkest voxels at {dark:.0f}, CT air is about "
+                         "-1000 HU): not CT in Hounsfield units (another modality, or values stored "
+                         "without their rescale?), but the model was trained on CT")
+    return flags
+
+
 def case_qc(
     name: str,
     image: Volume,
@@ -99,11 +130,13 @@ def case_qc(
     volume_ranges: Any = None,
     connectivity: Connectivity = 26,
     overlay: bool = True,
+    input_warnings: list[str] | None = None,
 ) -> CaseQC:
-    """QC figures of one segmented case (the mask in the image's grid); without ``overlay`` no PNG."""
+    """QC figures of one segmented case (the mask in the image's grid); without ``overlay`` no PNG.
+    ``input_warnings`` (``input_flags``) come first among the case's warnings."""
     voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
     structures = []
-    warnings = []
+    warnings = list(input_warnings or [])
     box = foreground_box(mask)  # volumes and components are counted there, not over the whole scan
     region = mask[box] if box is not None else np.zeros((0, 0, 0), dtype=mask.dtype)
     for k, label_name in sorted(labels.items()):

@@ -347,3 +347,32 @@ def test_sigkill_at_any_moment_then_a_rerun_completes_every_case(bundle_dir, inp
         assert owed <= set(sidecar["outputs"])
         assert all((out / name).is_file() for name in owed)
     assert not [p for p in out.iterdir() if "partial" in p.name]
+
+
+def test_a_case_unlike_the_training_ct_is_segmented_logged_and_listed_to_look_at(bundle_dir, tmp_path, caplog):
+    """A CT model given an image without air (here the phantom shifted by +1024, as values stored without
+    their rescale): the case is segmented, one warning names the file, and the report lists it."""
+    import logging
+
+    import numpy as np
+
+    from medseg.io import Volume
+    from medseg.synthetic import make_case
+
+    folder = tmp_path / "inputs"
+    image, _ = make_case(0, size=24)
+    write_nifti(image, folder / "ct.nii.gz")
+    write_nifti(Volume(np.asarray(image.array) + 1024.0, image.affine, image.meta), folder / "raw.nii.gz")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        summary = _run(bundle_dir, folder, out, report=True)
+    assert len(summary.written) == 2
+    assert not any("no air" in w for w in json.loads((out / "ct_seg.json").read_text())["qc"]["warnings"])
+    warnings = json.loads((out / "raw_seg.json").read_text())["qc"]["warnings"]
+    assert "no air in the image" in warnings[0]
+    logged = [r.getMessage() for r in caplog.records if "no air" in r.getMessage()]
+    assert logged == [f"raw.nii.gz: {warnings[0]}"]
+    report = (out / "report.html").read_text()
+    look_at = next(line for line in report.splitlines() if "Cases to look at" in line)
+    assert "raw" in look_at
+    assert report.count("no air in the image") == 1

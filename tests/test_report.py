@@ -163,3 +163,35 @@ def test_overlay_finds_labels_and_slices_in_the_foreground_box():
     centre = _slice_centre(mask, 2)
     assert mask[tuple(centre)] == 2
     assert all(lo <= c < hi for c, lo, hi in zip(centre, (12, 10, 8), (22, 20, 16), strict=True))
+
+
+def _image(array: np.ndarray, **meta):
+    from medseg.io import Volume
+
+    return Volume(array.astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), meta)
+
+
+def test_input_flags_name_what_a_ct_model_does_not_expect():
+    from medseg.report import input_flags
+
+    ct, _ = make_case(0, size=24)
+    assert input_flags([ct], ["ct"]) == []
+    # the same scan without air: an MR's range, or stored values without their -1024 rescale
+    shifted = _image(np.asarray(ct.array) + 1024.0)
+    (flag,) = input_flags([shifted], ["ct"])
+    assert "no air" in flag
+    assert "trained on CT" in flag
+    # a DICOM series of another modality is named as such, whatever its values
+    mr = _image(np.asarray(ct.array), source_format="dicom", modality="MR")
+    (flag,) = input_flags([mr], ["ct"])
+    assert flag.startswith("the series is MR, but the model was trained on CT")
+    # channels normalised per image are not judged by their values; several channels are numbered
+    assert input_flags([shifted], ["mr"]) == []
+    (flag,) = input_flags([ct, shifted], ["ct", "ct"])
+    assert flag.startswith("channel 1: no air")
+
+
+def test_input_flags_reach_the_case_warnings_first():
+    ct, label = make_case(1, size=24)
+    qc = case_qc("c", ct, np.asarray(label.array), labels=LABELS, overlay=False, input_warnings=["odd input"])
+    assert qc.warnings[0] == "odd input"
