@@ -404,7 +404,7 @@ def _input_warnings(batch: _Batch, files: CaseFiles, channels: list[Volume]) -> 
 
     pre = batch.bundles[0].config.preprocess
     kinds = [c.kind for c in pre.channels] if pre.channels else [pre.intensity.kind]
-    flags = input_flags(channels, kinds)
+    flags = input_flags(channels, kinds, pre.spacing)
     for flag in flags:
         log.warning("%s: %s", files.input.name, flag)
     return flags

@@ -94,13 +94,24 @@ def touches_border(mask: np.ndarray, label: int) -> bool:
 # rescale, or already normalised), and a model trained on CT reads it as something else.
 AIR_HU = -200.0
 AIR_PERCENTILE = 0.5  # of the voxels: a few dark ones (noise, a padding value) are not air
+# voxels this many times coarser than the model's (its coarsest axis against the case's): a model
+# trained at 2.5 mm slices given 8 mm ones is interpolating structures it never saw whole
+COARSE_FACTOR = 2.5
 
 
-def input_flags(channels: list[Volume], kinds: list[str]) -> list[str]:
+def input_flags(
+    channels: list[Volume], kinds: list[str], model_spacing: tuple[float, ...] | None = None
+) -> list[str]:
     """Why a case looks unlike what the model was trained on, one line each: per channel normalised
-    as CT (``kinds[i] == "ct"``), a DICOM series of another modality, or values with no air in them.
-    Channels normalised per image (MR, z-score) are not judged by their values."""
+    as CT (``kinds[i] == "ct"``), a DICOM series of another modality, or values with no air in them;
+    for any model, voxels far coarser than ``model_spacing`` (mm, the bundle's). Channels normalised
+    per image (MR, z-score) are not judged by their values."""
     flags = []
+    if model_spacing and channels:
+        coarsest, model = max(channels[0].spacing), max(model_spacing)
+        if coarsest > COARSE_FACTOR * model:
+            flags.append(f"voxels {coarsest:.3g} mm apart along one axis, {coarsest / model:.1f}x the "
+                         f"model's {model:.3g} mm: thin structures may be missed or blocky")
     for i, (volume, kind) in enumerate(zip(channels, kinds, strict=False)):
         if kind != "ct":
             continue

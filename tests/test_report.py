@@ -191,6 +191,18 @@ def test_input_flags_name_what_a_ct_model_does_not_expect():
     assert flag.startswith("channel 1: no air")
 
 
+def test_input_flags_name_voxels_far_coarser_than_the_models():
+    from medseg.io import Volume
+    from medseg.report import input_flags
+
+    ct, _ = make_case(0, size=24)
+    thick = Volume(np.asarray(ct.array), np.diag([0.8, 0.8, 8.0, 1.0]), {})
+    (flag,) = input_flags([thick], ["ct"], (1.5, 1.5, 2.5))
+    assert flag.startswith("voxels 8 mm apart along one axis, 3.2x the model's 2.5 mm")
+    assert input_flags([thick], ["ct"], (1.5, 1.5, 4.0)) == []  # 2x: within what resampling bridges
+    assert input_flags([thick], ["ct"]) == []
+
+
 def test_input_flags_reach_the_case_warnings_first():
     ct, label = make_case(1, size=24)
     qc = case_qc("c", ct, np.asarray(label.array), labels=LABELS, overlay=False, input_warnings=["odd input"])
