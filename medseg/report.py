@@ -97,6 +97,7 @@ AIR_PERCENTILE = 0.5  # of the voxels: a few dark ones (noise, a padding value) 
 # voxels this many times coarser than the model's (its coarsest axis against the case's): a model
 # trained at 2.5 mm slices given 8 mm ones is interpolating structures it never saw whole
 COARSE_FACTOR = 2.5
+LABEL_MAP_LEVELS = 32  # an image of this few whole values is a label map (a scan has hundreds)
 
 
 def input_flags(
@@ -104,8 +105,9 @@ def input_flags(
 ) -> list[str]:
     """Why a case looks unlike what the model was trained on, one line each: per channel normalised
     as CT (``kinds[i] == "ct"``), a DICOM series of another modality, or values with no air in them;
-    for any model, voxels far coarser than ``model_spacing`` (mm, the bundle's). Channels normalised
-    per image (MR, z-score) are not judged by their values."""
+    for any model, voxels far coarser than ``model_spacing`` (mm, the bundle's), or a channel of a
+    few whole values (a label map given as the image). Channels normalised per image (MR, z-score)
+    are not judged by their intensity range."""
     flags = []
     if model_spacing and channels:
         coarsest, model = max(channels[0].spacing), max(model_spacing)
@@ -113,16 +115,21 @@ def input_flags(
             flags.append(f"voxels {coarsest:.3g} mm apart along one axis, {coarsest / model:.1f}x the "
                          f"model's {model:.3g} mm: thin structures may be missed or blocky")
     for i, (volume, kind) in enumerate(zip(channels, kinds, strict=False)):
+        which = f"channel {i}: " if len(channels) > 1 else ""
+        values = np.asarray(volume.array).ravel()
+        sample = values[:: max(1, values.size // 1_000_000)]  # a percentile needs no more
+        levels = np.unique(sample[:: max(1, sample.size // 200_000)])
+        if len(levels) <= LABEL_MAP_LEVELS and np.array_equal(levels, np.round(levels)):
+            flags.append(f"{which}only {len(levels)} distinct whole values ({levels.min():g} to "
+                         f"{levels.max():g}): a label map given as the image?")
+            continue
         if kind != "ct":
             continue
-        which = f"channel {i}: " if len(channels) > 1 else ""
         modality = str(volume.meta.get("modality") or "").upper()
         if volume.meta.get("source_format") == "dicom" and modality and modality != "CT":
             flags.append(f"{which}the series is {modality}, but the model was trained on CT: "
                          "its masks are unlikely to mean anything")
             continue
-        values = np.asarray(volume.array).ravel()
-        sample = values[:: max(1, values.size // 1_000_000)]  # a percentile needs no more
         dark = float(np.percentile(sample, AIR_PERCENTILE))
         if dark > AIR_HU:
             flags.append(f"{which}no air in the image (the darkest voxels at {dark:.0f}, CT air is about "

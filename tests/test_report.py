@@ -203,6 +203,19 @@ def test_input_flags_name_voxels_far_coarser_than_the_models():
     assert input_flags([thick], ["ct"]) == []
 
 
+def test_input_flags_name_a_label_map_given_as_the_image():
+    from medseg.report import input_flags
+
+    ct, label = make_case(0, size=24)
+    as_image = _image(np.asarray(label.array))
+    for kind in ("ct", "mr"):
+        (flag,) = input_flags([as_image], [kind])
+        assert flag == "only 4 distinct whole values (0 to 3): a label map given as the image?"
+    # an MR of few grey levels is still a scan: a real one has hundreds
+    mr = _image(np.round(np.asarray(ct.array) / 10.0) + 200.0)
+    assert input_flags([mr], ["mr"]) == []
+
+
 def test_input_flags_reach_the_case_warnings_first():
     ct, label = make_case(1, size=24)
     qc = case_qc("c", ct, np.asarray(label.array), labels=LABELS, overlay=False, input_warnings=["odd input"])
