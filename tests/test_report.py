@@ -211,6 +211,9 @@ def test_input_flags_name_a_label_map_given_as_the_image():
     for kind in ("ct", "mr"):
         (flag,) = input_flags([as_image], [kind])
         assert flag == "only 4 distinct whole values (0 to 3): a label map given as the image?"
+    assert input_flags([_image(np.full((8, 8, 8), -1024.0))], ["ct"]) == [
+        "every voxel sampled is -1024: an empty image"
+    ]
     # an MR of few grey levels is still a scan: a real one has hundreds
     mr = _image(np.round(np.asarray(ct.array) / 10.0) + 200.0)
     assert input_flags([mr], ["mr"]) == []
