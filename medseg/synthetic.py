@@ -317,8 +317,14 @@ def _write_images(images: list[Volume], folder: Path, name: str, layout: str) ->
 def _write_dicom_study(images: list[Volume], names: list[str], folder: Path, modality: str) -> None:
     from pydicom.uid import generate_uid
 
-    if len(images) == 1:
-        write_dicom_series(images[0], folder, series_description=f"synthetic {folder.name}")
+    if len(images) == 1:  # one series in the case folder; an MR one is MR Image Storage, stored as is
+        write_dicom_series(
+            images[0],
+            folder,
+            modality=modality.upper(),
+            series_description=f"synthetic {folder.name}",
+            intercept=-1024.0 if modality.upper() == "CT" else 0.0,
+        )
         return
     study_uid = generate_uid()
     for volume, channel in zip(images, names, strict=True):

@@ -223,3 +223,21 @@ def test_input_flags_reach_the_case_warnings_first():
     ct, label = make_case(1, size=24)
     qc = case_qc("c", ct, np.asarray(label.array), labels=LABELS, overlay=False, input_warnings=["odd input"])
     assert qc.warnings[0] == "odd input"
+
+
+def test_an_mr_dicom_series_given_to_a_ct_model_is_named_mr(tmp_path):
+    """Through the real DICOM reader: a one-channel synthetic MR study is MR Image Storage (it was written
+    as CT before), its values as the NIfTI holds them, and a CT model's input check says what it is."""
+    import nibabel as nib
+
+    from medseg.io import load_volume
+    from medseg.report import input_flags
+    from medseg.synthetic import make_dataset
+
+    make_dataset(tmp_path / "mr", cases=2, size=16, seed=3, dicom=True, modality="mr", channels=1)
+    series = load_volume(tmp_path / "mr" / "dicom" / "case_000")
+    assert series.meta["modality"] == "MR"
+    nifti = np.asarray(nib.load(tmp_path / "mr" / "imagesTr" / "case_000.nii.gz").dataobj)
+    assert np.allclose(np.sort(series.array.ravel()), np.sort(np.rint(nifti.ravel())), atol=0.5)
+    (flag,) = input_flags([series], ["ct"])
+    assert flag.startswith("the series is MR, but the model was trained on CT")
