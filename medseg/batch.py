@@ -403,8 +403,7 @@ def _input_warnings(batch: _Batch, files: CaseFiles, channels: list[Volume]) -> 
     from medseg.report import input_flags
 
     pre = batch.bundles[0].config.preprocess
-    kinds = [c.kind for c in pre.channels] if pre.channels else [pre.intensity.kind]
-    flags = input_flags(channels, kinds, pre.spacing)
+    flags = input_flags(channels, [c.kind for c in pre.channel_intensities()], pre.spacing)
     for flag in flags:
         log.warning("%s: %s", files.input.name, flag)
     return flags

@@ -90,6 +90,10 @@ class PreprocessConfig(_Strict):
             raise ValueError(f"expected three axis codes, one of L/R, A/P and S/I each (e.g. RAS), got {v!r}")
         return code
 
+    def channel_intensities(self) -> list[IntensityConfig]:
+        """The normalisation of each input channel: ``channels``, or ``intensity`` for the one channel."""
+        return list(self.channels or [self.intensity])
+
 
 class AugmentConfig(_Strict):
     """Random augmentation, applied per training step; each transform has its own probability.

@@ -299,7 +299,7 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
     labels = {str(k): v for k, v in sorted((cfg.labels or {}).items())}
     patch = [int(p) for p in cfg.train.patch_size or ()]
     names = channel_names(cfg)
-    kinds = [it.kind for it in cfg.preprocess.channels or [cfg.preprocess.intensity]]
+    kinds = [it.kind for it in cfg.preprocess.channel_intensities()]
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
         "0.8.1/meta_schema_20220324.json",

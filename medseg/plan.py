@@ -221,7 +221,7 @@ def _norm_text(it: IntensityConfig) -> str:
 
 def plan_summary(cfg: Config, fp: Fingerprint) -> str:
     """A few lines a person reads: what was planned from which dataset properties."""
-    channels = cfg.preprocess.channels or [cfg.preprocess.intensity]
+    channels = cfg.preprocess.channel_intensities()
     norm = "; ".join((f"{it.name}: " if len(channels) > 1 else "") + _norm_text(it) for it in channels)
     return (
         f"plan for {fp.n_cases} cases ({fp.modality}, fingerprint {fp.hash}):\n"

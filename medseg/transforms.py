@@ -278,7 +278,7 @@ def bias_field_prob(cfg: Config) -> float:
     """The bias-field probability: as configured, else on for MR and off for CT."""
     if cfg.augment.bias_field_prob is not None:
         return cfg.augment.bias_field_prob
-    kinds = [c.kind for c in cfg.preprocess.channels or [cfg.preprocess.intensity]]
+    kinds = [c.kind for c in cfg.preprocess.channel_intensities()]
     return 0.15 if "mr" in kinds else 0.0
 
 
