@@ -338,6 +338,7 @@ def _training_pair(
         f"model.name={model['name']}",
         f"model.features={model['features']}",
         f"model.depth={model['depth']}",
+        f"model.act={model.get('act', 'auto')}",
         f"train.patch_size=[{','.join(map(str, patch))}]",
         f"train.batch_size={cfg['train']['batch_size']}",
         f"augment.samples_per_volume={cfg['augment'].get('samples_per_volume', 1)}",

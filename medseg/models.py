@@ -24,17 +24,27 @@ def _norm(kind: str, dims: int, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-class DoubleConv(nn.Sequential):
-    """Two 3x3(x3) convolutions, each followed by ReLU (and optional normalisation before it)."""
+def _activation(kind: str, channels: int) -> nn.Module:
+    if kind == "leakyrelu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    if kind == "prelu":
+        return nn.PReLU()  # one weight, as MONAI's
+    return nn.ReLU(inplace=True)
 
-    def __init__(self, dims: int, in_ch: int, out_ch: int, norm: str = "none", dropout: float = 0.0) -> None:
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3(x3) convolutions, each followed by ReLU or ``act`` (and optional normalisation before it)."""
+
+    def __init__(
+        self, dims: int, in_ch: int, out_ch: int, norm: str = "none", dropout: float = 0.0, act: str = "relu"
+    ) -> None:
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(((in_ch, out_ch), (out_ch, out_ch))):
             layers += [
                 conv(a, b, kernel_size=3, padding=1, bias=norm == "none"),
                 _norm(norm, dims, b),
-                nn.ReLU(inplace=True),
+                _activation(act, b),
             ]
             if dropout and i == 1:
                 layers.append((nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout))
@@ -69,6 +79,7 @@ class ClassicUNet(nn.Module):
         depth: int = 4,
         norm: str = "none",
         dropout: float = 0.0,
+        act: str = "relu",
     ) -> None:
         super().__init__()
         dims = spatial_dims
@@ -80,15 +91,15 @@ class ClassicUNet(nn.Module):
         self.down = nn.ModuleList()
         in_ch = in_channels
         for w in widths[:-1]:
-            self.down.append(DoubleConv(dims, in_ch, w, norm))
+            self.down.append(DoubleConv(dims, in_ch, w, norm, act=act))
             in_ch = w
         self.pool = pool(kernel_size=2, stride=2)
-        self.bottom = DoubleConv(dims, widths[-2], widths[-1], norm, dropout)
+        self.bottom = DoubleConv(dims, widths[-2], widths[-1], norm, dropout, act=act)
         self.up = nn.ModuleList()
         self.decode = nn.ModuleList()
         for w_low, w in zip(widths[:0:-1], widths[-2::-1], strict=True):
             self.up.append(up(w_low, w, kernel_size=2, stride=2))
-            self.decode.append(DoubleConv(dims, 2 * w, w, norm))
+            self.decode.append(DoubleConv(dims, 2 * w, w, norm, act=act))
         self.head = conv1(widths[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +128,7 @@ def _classic(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module
         depth=cfg.depth,
         norm=cfg.norm,
         dropout=cfg.dropout,
+        act="relu" if cfg.act == "auto" else cfg.act,
     )
 
 
@@ -131,8 +143,16 @@ def _monai_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Mod
         strides=(2,) * cfg.depth,
         num_res_units=2,
         norm=_monai_norm(cfg.norm),
+        act=_monai_act(cfg.act),
         dropout=cfg.dropout,
     )
+
+
+def _monai_act(kind: str) -> Any:
+    """medseg's ``model.act`` in MONAI's terms (auto: MONAI's own PReLU; leakyrelu: 0.01, as nnU-Net)."""
+    if kind == "leakyrelu":
+        return ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+    return "prelu" if kind == "auto" else kind
 
 
 def _monai_norm(kind: str) -> Any:
@@ -261,4 +281,8 @@ def build_model(cfg: ModelConfig, *, in_channels: int | None = None, out_channel
         raise ConfigError(
             f"model.name: unknown model {cfg.name!r}. Available options are: {sorted(MODELS)}"
         ) from None
+    if cfg.act != "auto" and cfg.name not in ("classic_unet", "monai_unet"):
+        raise ConfigError(
+            f"model.act: {cfg.name} has its own activation; model.act is for classic_unet and monai_unet"
+        )
     return factory(cfg, in_channels, out_channels)

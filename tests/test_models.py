@@ -56,7 +56,7 @@ def _signature(net: torch.nn.Module) -> tuple:
     )
 
 
-KNOBS = {"features": 8, "depth": 3, "norm": "batch", "dropout": 0.2}
+KNOBS = {"features": 8, "depth": 3, "norm": "batch", "dropout": 0.2, "act": "leakyrelu"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -87,3 +87,16 @@ def test_norm_none_means_no_normalisation_or_is_refused(name):
         assert not any("Norm" in type(m).__name__ for m in net.modules()), f"{name}: norm=none still normalises"
         return
     assert "model.norm" in message
+
+
+
+def test_act_auto_keeps_each_networks_own_activation():
+    """Bundles saved before ``model.act`` existed have no such key: auto must build what they hold."""
+    acts = {
+        name: {type(m).__name__ for m in build_model(ModelConfig(name=name, features=4, depth=2), out_channels=2).modules()}
+        for name in ("classic_unet", "monai_unet")
+    }
+    assert "ReLU" in acts["classic_unet"]
+    assert "PReLU" in acts["monai_unet"]
+    leaky = build_model(ModelConfig(name="monai_unet", features=4, depth=2, act="leakyrelu"), out_channels=2)
+    assert not any(isinstance(m, torch.nn.PReLU) for m in leaky.modules())
