@@ -174,6 +174,12 @@ class ModelConfig(_Strict):
     # image channels; None = planned from the dataset (1 when unplanned)
     in_channels: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _act_for_this_network(self) -> ModelConfig:
+        if self.act != "auto" and self.name in ("basic_unet", "dynunet"):
+            raise ValueError(f"act: {self.name} has its own activation; model.act is for classic_unet and monai_unet")
+        return self
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(50, ge=1)

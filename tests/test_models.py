@@ -100,3 +100,5 @@ def test_act_auto_keeps_each_networks_own_activation():
     assert "PReLU" in acts["monai_unet"]
     leaky = build_model(ModelConfig(name="monai_unet", features=4, depth=2, act="leakyrelu"), out_channels=2)
     assert not any(isinstance(m, torch.nn.PReLU) for m in leaky.modules())
+    with pytest.raises(ValueError, match="dynunet has its own activation"):
+        ModelConfig(name="dynunet", act="prelu")  # refused with the config, before any data is read
