@@ -6,7 +6,8 @@ scan with its reference) that differs from the plain case in one way a real data
 non-contiguous label values, one small organ, a label absent from half the cases, 0.5 x 0.5 x 6 mm
 voxels, MR-like float intensities, two channels (T1 + T2), an oblique or LPS affine, int16 stored
 with scl_slope / scl_inter, labels stored as float, cases of very different sizes (one smaller
-than a patch), a 4D image with one volume, two training cases only, uint16 intensities.
+than a patch), a 4D image with one volume, two training cases only, uint16 intensities, a binary
+mask stored as 0/255, ten organs side by side.
 
 ``medseg train --data VARIANT --time-budget B`` then ``medseg infer``, each a subprocess as a user
 runs them; prints one row per variant and writes JSON (exit codes, the last error line, whether
@@ -35,11 +36,19 @@ def _case(rng, shape, labels, *, mr: bool, absent=()) -> tuple[np.ndarray, np.nd
     img = rng.normal(300.0 if mr else 40.0, 40.0 if mr else 10.0, shape).astype(np.float32)
     lab = np.zeros(shape, np.uint8)
     grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    many = len(labels) > 4  # organs side by side on a 5-wide grid, none overlapping another
     for i, value in enumerate(labels):
         if value in absent:
             continue
-        centre = [rng.uniform(0.3, 0.7) * s for s in shape]
-        radii = [max(2.0, rng.uniform(0.1, 0.2) * s) for s in shape]
+        if many:
+            cells = (5, (len(labels) + 4) // 5)
+            centre = [(i % 5 + 0.5 + rng.uniform(-0.1, 0.1)) * shape[0] / cells[0],
+                      (i // 5 + 0.5 + rng.uniform(-0.1, 0.1)) * shape[1] / cells[1], rng.uniform(0.4, 0.6) * shape[2]]
+            radii = [rng.uniform(0.25, 0.4) * shape[0] / cells[0], rng.uniform(0.25, 0.4) * shape[1] / cells[1],
+                     rng.uniform(0.2, 0.35) * shape[2]]
+        else:
+            centre = [rng.uniform(0.3, 0.7) * s for s in shape]
+            radii = [max(2.0, rng.uniform(0.1, 0.2) * s) for s in shape]
         inside = sum(((grid[k] - centre[k]) / radii[k]) ** 2 for k in range(3)) < 1
         lab[inside] = value
         img[inside] += (400 + 300 * i) if mr else (80 + 60 * i)
@@ -74,6 +83,8 @@ VARIANTS: dict[str, dict] = {
     "4d_one_volume": {"fourd": True},
     "two_cases": {"n": 2},
     "uint16": {"dtype": np.uint16},
+    "binary_255": {"labels": (255,)},
+    "many_labels": {"labels": tuple(range(1, 11)), "shape": (120, 64, 32)},
 }
 
 

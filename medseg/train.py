@@ -68,7 +68,15 @@ from medseg.io.volume import sweep_partials
 from medseg.kernels import fp32_on_thin_maps
 from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
-from medseg.plan import BudgetPlan, Deadline, lr_factor, make_plan, plan_for_budget, plan_summary
+from medseg.plan import (
+    BudgetPlan,
+    Deadline,
+    lr_factor,
+    make_plan,
+    plan_for_budget,
+    plan_summary,
+    sparse_labels_warning,
+)
 from medseg.progress import TrainingProgress
 from medseg.resume import Continuation, continue_run, explicit_settings
 from medseg.runtime import (
@@ -870,6 +878,8 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         cfg = make_plan(cfg, fp)
     elif dist.main:
         out_channels = max(cfg.labels or {0: ""}) + 1
+        if warning := sparse_labels_warning(cfg.labels):
+            log.warning("%s", warning)
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
     cfg, budget = dist.broadcast((cfg, budget))

@@ -238,3 +238,19 @@ def test_train_with_no_config_uses_the_plan(tiny_dataset, tmp_path, capsys):
     assert run.data.params["train.patch_size"] == str(plan["train"]["patch_size"])
     assert run.data.params["fingerprint_hash"] == fp["hash"]
     assert "plan.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_sparse_label_values_are_warned_about_dense_ones_are_not():
+    from medseg.plan import sparse_labels_warning
+
+    assert sparse_labels_warning({0: "background", 1: "liver", 2: "spleen"}) is None
+    assert sparse_labels_warning({0: "background", 2: "a", 7: "b"}) is None  # 8 channels for 3: tolerated
+    assert sparse_labels_warning(None) is None
+    message = sparse_labels_warning({0: "background", 255: "lesion"})
+    assert message is not None
+    assert "label values 0, 255" in message
+    assert "256 for 2 labels" in message
+    assert "0..1" in message
+    many = sparse_labels_warning({0: "background", **{v: f"o{v}" for v in (5, 10, 20, 40, 60, 117)}})
+    assert many is not None
+    assert "0, 5, 10, 20, 40, ..." in many
