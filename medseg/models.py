@@ -24,7 +24,7 @@ def _norm(kind: str, dims: int, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def _activation(kind: str, channels: int) -> nn.Module:
+def _activation(kind: str) -> nn.Module:
     if kind == "leakyrelu":
         return nn.LeakyReLU(0.01, inplace=True)
     if kind == "prelu":
@@ -44,7 +44,7 @@ class DoubleConv(nn.Sequential):
             layers += [
                 conv(a, b, kernel_size=3, padding=1, bias=norm == "none"),
                 _norm(norm, dims, b),
-                _activation(act, b),
+                _activation(act),
             ]
             if dropout and i == 1:
                 layers.append((nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout))
