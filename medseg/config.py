@@ -159,6 +159,9 @@ class AugmentConfig(_Strict):
         return _ordered(v)  # type: ignore[return-value]
 
 
+ACT_NETWORKS = ("classic_unet", "monai_unet")  # the networks whose activation ``model.act`` sets
+
+
 class ModelConfig(_Strict):
     name: str = "classic_unet"  # classic_unet, monai_unet, basic_unet, dynunet
     spatial_dims: Literal[2, 3] = 3
@@ -176,9 +179,16 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _act_for_this_network(self) -> ModelConfig:
-        if self.act != "auto" and self.name in ("basic_unet", "dynunet"):
-            raise ValueError(f"act: {self.name} has its own activation; model.act is for classic_unet and monai_unet")
+        if problem := self.act_problem():
+            raise ValueError(f"act: {problem}")
         return self
+
+    def act_problem(self) -> str | None:
+        """Why ``act`` cannot be built for this network (checked with the config and again by
+        ``medseg.models.build_model``, which also sees copies made without validation), or None."""
+        if self.act == "auto" or self.name in ACT_NETWORKS:
+            return None
+        return f"{self.name} has its own activation; model.act is for {' and '.join(ACT_NETWORKS)}"
 
 
 class TrainConfig(_Strict):

@@ -281,8 +281,6 @@ def build_model(cfg: ModelConfig, *, in_channels: int | None = None, out_channel
         raise ConfigError(
             f"model.name: unknown model {cfg.name!r}. Available options are: {sorted(MODELS)}"
         ) from None
-    if cfg.act != "auto" and cfg.name not in ("classic_unet", "monai_unet"):
-        raise ConfigError(
-            f"model.act: {cfg.name} has its own activation; model.act is for classic_unet and monai_unet"
-        )
+    if problem := cfg.act_problem():
+        raise ConfigError(f"model.act: {problem}")
     return factory(cfg, in_channels, out_channels)

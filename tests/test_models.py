@@ -89,7 +89,6 @@ def test_norm_none_means_no_normalisation_or_is_refused(name):
     assert "model.norm" in message
 
 
-
 def test_act_auto_keeps_each_networks_own_activation():
     """Bundles saved before ``model.act`` existed have no such key: auto must build what they hold."""
     acts = {
