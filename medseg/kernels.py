@@ -5,6 +5,8 @@ in place (``module.__class__``) on the training network only: bundles, exports a
 the plain network and load the same weights.
 
 - ``fp32_on_thin_maps``: CPU bf16 3D convolutions whose weight gradient comes out NaN.
+- ``keep_channels_last``: 3D instance norms, whose CPU kernel hands a channels-last input back
+  contiguous (it runs as a batch norm on a reshaped view).
 """
 
 from __future__ import annotations
@@ -64,3 +66,33 @@ def fp32_on_thin_maps(network: torch.nn.Module) -> int:
             count += 1
     return count
 
+
+
+class ChannelsLastInstanceNorm3d(torch.nn.InstanceNorm3d):
+    """``InstanceNorm3d`` whose output keeps a channels-last 3D input's layout.
+
+    torch's instance norm runs as a batch norm on a ``(1, N*C, ...)`` view, so a channels-last input
+    comes back contiguous. The activation after it then works on a contiguous map while its gradient
+    arrives channels-last (a PReLU backward over mixed layouts took 3.8 ms on a 4x16x40x40x16 map,
+    10x its same-layout time), and the next convolution copies the map back. Giving the layout back
+    once, here, made a bf16 training step at 80x80x32, batch 4, 1.22x faster for the classic U-Net(16)
+    (0.741 -> 0.609 s) and 1.04x for MONAI's UNet(16) (0.204 -> 0.197 s) on a 2-core AMD EPYC;
+    fp32 channels-last alike (1.456 -> 1.214 s, 0.236 -> 0.229 s). Same parameters and state dict.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return y.contiguous(memory_format=torch.channels_last_3d)
+        return y
+
+
+def keep_channels_last(network: torch.nn.Module) -> int:
+    """Make every plain ``InstanceNorm3d`` of ``network`` a ``ChannelsLastInstanceNorm3d``, in place
+    (class swap: parameters, state dict keys and module tree unchanged). Returns how many."""
+    count = 0
+    for module in network.modules():
+        if type(module) is torch.nn.InstanceNorm3d:
+            module.__class__ = ChannelsLastInstanceNorm3d
+            count += 1
+    return count

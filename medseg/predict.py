@@ -38,6 +38,7 @@ from monai.inferers import sliding_window_inference
 
 from medseg.config import CRFConfig, InferConfig
 from medseg.io import Volume
+from medseg.kernels import keep_channels_last
 from medseg.postprocess import label_biases, postprocess_labels
 from medseg.runtime import Precision, autocast, channels_last, resolve_precision, set_memory_format
 from medseg.separable import AxisMap, axis_aligned_map
@@ -101,6 +102,7 @@ def torch_predictor(
     last = channels_last(device, precision)
     if last:
         set_memory_format(network, torch.channels_last_3d)  # in place, once: the weights stay the same
+        keep_channels_last(network)  # its instance norms give the layout back
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(device, precision):

@@ -303,7 +303,8 @@ LAYOUT_MIN_SPEEDUP = 1.08  # channels-last must beat contiguous by this much to 
 # 2: entries written by the budget planner's own layout A/B (77e46fc-df4b340, one model switched
 # between layouts, AdamW's state left in the first) read channels-last 1.00x where it was 1.24x
 # 3: entries per precision (bf16 measured too; it had been channels-last always)
-_LAYOUT_CACHE_VERSION = 3
+# 4: instance norms keep a channels-last map channels-last (medseg.kernels.keep_channels_last)
+_LAYOUT_CACHE_VERSION = 4
 
 
 def training_channels_last(
@@ -320,10 +321,11 @@ def training_channels_last(
     On a CPU, fp32 and bf16 alike, by measurement, because it depends on the machine, the network,
     the patch and the precision: on a 2-core AVX-512 Xeon a fp32 training step of MONAI's UNet(16)
     was 1.27x faster channels-last at 64x64x32 and 1.45x at 96x96x48, 0.93x at 32^3, and BasicUNet
-    1.01x; in bf16 on an AMD EPYC with avx512_bf16 MONAI's UNet(16) 1.1-1.2x at 80x80x32, but the
-    classic U-Net 0.87-0.92x at 48x64x16 to 80x80x32 (its instance norm hands the next convolution
-    a contiguous tensor, which the convolution copies back: 22 % of the step went in copies). A copy
-    of the network takes forward + Dice/CE + backward steps in both layouts, interleaved (about 8
+    1.01x; in bf16 on an AMD EPYC with avx512_bf16 MONAI's UNet(16) 1.1-1.2x at 80x80x32, the
+    classic U-Net 0.87-0.92x at 48x64x16 to 80x80x32 while its instance norms handed the next
+    convolution a contiguous tensor (22 % of the step went in copies), 1.10x since they keep the
+    layout (``medseg.kernels.keep_channels_last``, which the trainer applies). A copy
+    of the network takes forward + Dice/CE + backward steps in both layouts, interleaved (about 10
     steps); the answer is cached per machine, network, input shape and precision in the user cache.
     CUDA and 2D networks: contiguous. ``requested`` (``train.memory_format``) other than auto is
     followed on CPU."""
@@ -375,8 +377,9 @@ def measure_channels_last_speedup(
     *, precision: Precision = "fp32",
 ) -> float:
     """Contiguous / channels-last seconds of a training step (forward in ``precision``, Dice + CE,
-    backward) of a copy of ``network`` on random data of ``input_shape``: one untimed step each,
-    then ``rounds`` alternating; the medians compared. The network itself is not touched."""
+    backward) of a copy of ``network`` on random data of ``input_shape``: two untimed steps each
+    (with one, a fresh ``medseg train`` read 1.07x once where five others read 1.15-1.20x), then
+    ``rounds`` alternating; the medians compared. The network itself is not touched."""
     import copy
 
     from monai.losses import DiceCELoss
@@ -399,7 +402,8 @@ def measure_channels_last_speedup(
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    step(False), step(True)
+    for _ in range(2):
+        step(False), step(True)
     plain, last = [], []
     for _ in range(rounds):
         plain.append(step(False))

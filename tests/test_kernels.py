@@ -1,5 +1,5 @@
 """Training-time stand-ins for torch modules (medseg.kernels): same parameters, same results, where
-torch's own CPU kernels are wrong (bf16 NaN weight gradients)."""
+torch's own CPU kernels are wrong (bf16 NaN weight gradients) or lose the layout (instance norm)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import torch
 
 from medseg.config import Config
-from medseg.kernels import Fp32ThinConv3d, fp32_on_thin_maps
+from medseg.kernels import ChannelsLastInstanceNorm3d, Fp32ThinConv3d, fp32_on_thin_maps, keep_channels_last
 from medseg.models import build_model
 
 
@@ -37,6 +37,48 @@ def test_convolutions_on_maps_two_voxels_thin_run_in_fp32_under_cpu_bf16():
     thin.sum().backward()
     assert conv.weight.grad is not None
     assert bool(torch.isfinite(conv.weight.grad).all())
+
+
+def test_instance_norms_give_a_channels_last_map_back_channels_last_with_the_same_values():
+    """torch's instance norm returns a channels-last input contiguous; the stand-in keeps the layout,
+    so the activation's backward and the next convolution see one layout. Values, gradients and state
+    dict are the plain norm's; a contiguous input stays contiguous."""
+    plain_norm = torch.nn.InstanceNorm3d(4, affine=True)
+    x = torch.randn(2, 4, 6, 5, 3).contiguous(memory_format=torch.channels_last_3d)
+    assert not plain_norm(x).is_contiguous(memory_format=torch.channels_last_3d)  # what is mended
+
+    for name in ("monai_unet", "classic_unet"):
+        cfg = Config.model_validate({"model": {"name": name, "features": 4, "depth": 2, "in_channels": 1}})
+        plain, kept = build_model(cfg.model, out_channels=3), build_model(cfg.model, out_channels=3)
+        kept.load_state_dict(plain.state_dict())
+        n_norms = sum(type(m) is torch.nn.InstanceNorm3d for m in kept.modules())
+        assert keep_channels_last(kept) == n_norms > 0, name
+        assert list(kept.state_dict()) == list(plain.state_dict())
+        norms = [m for m in kept.modules() if isinstance(m, ChannelsLastInstanceNorm3d)]
+        seen: list[bool] = []
+
+        def record(module, args, out, seen=seen):
+            seen.append(out.is_contiguous(memory_format=torch.channels_last_3d))
+
+        hooks = [m.register_forward_hook(record) for m in norms]
+        x = torch.randn(2, 1, 16, 16, 8)
+        for fmt in (torch.channels_last_3d, torch.contiguous_format):
+            plain.to(memory_format=fmt), kept.to(memory_format=fmt)
+            seen.clear()
+            xin = x.clone().contiguous(memory_format=fmt).requires_grad_()
+            xref = x.clone().contiguous(memory_format=fmt).requires_grad_()
+            out, ref = kept(xin), plain(xref)
+            torch.testing.assert_close(out, ref)
+            out.square().sum().backward()
+            ref.square().sum().backward()
+            torch.testing.assert_close(xin.grad, xref.grad)
+            assert len(seen) == len(norms), name
+            if fmt == torch.channels_last_3d:
+                assert all(seen), name  # every norm gave channels-last back
+            else:
+                assert not any(seen), name  # a contiguous map stays contiguous
+        for h in hooks:
+            h.remove()
 
 
 def test_a_monai_unet_trains_to_the_same_weights_with_the_stand_in():
