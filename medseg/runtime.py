@@ -300,6 +300,7 @@ def channels_last(device: torch.device, precision: Precision) -> bool:
 
 
 LAYOUT_MIN_SPEEDUP = 1.08  # channels-last must beat contiguous by this much to be used for training
+LAYOUT_SLOW_PAIR_S = 2.0  # a first contiguous + channels-last pair this slow is warm-up enough
 # 2: entries written by the budget planner's own layout A/B (77e46fc-df4b340, one model switched
 # between layouts, AdamW's state left in the first) read channels-last 1.00x where it was 1.24x
 # 3: entries per precision (bf16 measured too; it had been channels-last always)
@@ -378,8 +379,10 @@ def measure_channels_last_speedup(
 ) -> float:
     """Contiguous / channels-last seconds of a training step (forward in ``precision``, Dice + CE,
     backward) of a copy of ``network`` on random data of ``input_shape``: two untimed steps each
-    (with one, a fresh ``medseg train`` read 1.07x once where five others read 1.15-1.20x), then
-    ``rounds`` alternating; the medians compared. The network itself is not touched."""
+    (with one, a fresh ``medseg train`` read 1.07x once where five others read 1.15-1.20x; one
+    where the first pair took ``LAYOUT_SLOW_PAIR_S`` or more: the classic U-Net's 176x128x48 x 4
+    patches took 100 s to measure), then ``rounds`` alternating; the medians compared. The network
+    itself is not touched."""
     import copy
 
     from monai.losses import DiceCELoss
@@ -402,7 +405,7 @@ def measure_channels_last_speedup(
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for _ in range(2):
+    if step(False) + step(True) < LAYOUT_SLOW_PAIR_S:
         step(False), step(True)
     plain, last = [], []
     for _ in range(rounds):
