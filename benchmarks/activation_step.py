@@ -2,9 +2,10 @@
 
 Both networks are built by ``medseg.models.build_model`` (16-256 features, 2 residual units,
 instance norm) and trained on the same random batch, steps alternating one by one in one process
-(whole processes in turn drift by +-10 % on a shared 2-core machine), in bf16 autocast with
-channels-last (what ``medseg train`` measures as fastest on an AVX-512 bf16 CPU) and in fp32
-contiguous (what the MONAI tutorial loop runs). Prints the median seconds a step and writes JSON.
+(whole processes in turn drift by +-10 % on a shared 2-core machine): in bf16 autocast,
+channels-last, instance norms keeping that layout (``medseg.kernels.keep_channels_last``; what
+``medseg train`` runs on an AVX-512 bf16 CPU), and in fp32 contiguous (what the MONAI tutorial loop
+runs); PReLU with medseg's backward in both (``medseg.kernels.quick_prelu_backward``). Prints the median seconds a step and writes JSON.
 
 Run: python benchmarks/activation_step.py [--patch 80 80 32] [--batch 4] [--pairs 30] [--json F]
 """
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.config import ModelConfig
+from medseg.kernels import keep_channels_last, quick_prelu_backward
 from medseg.models import build_model
 
 
@@ -56,7 +58,9 @@ def main() -> None:
         nets, opts = {}, {}
         for act in ("prelu", "leakyrelu"):
             net = build_model(ModelConfig(name="monai_unet", features=16, depth=4, act=act), out_channels=4)
-            if bf16:
+            quick_prelu_backward(net)  # as the trainer runs it (PReLU's backward without torch's kernel)
+            if bf16:  # and instance norms keep the channels-last layout
+                keep_channels_last(net)
                 net = net.to(memory_format=torch.channels_last_3d)
             nets[act], opts[act] = net, torch.optim.AdamW(net.parameters(), 1e-3)
         image = torch.randn(args.batch, 1, *args.patch)

@@ -7,6 +7,7 @@ the plain network and load the same weights.
 - ``fp32_on_thin_maps``: CPU bf16 3D convolutions whose weight gradient comes out NaN.
 - ``keep_channels_last``: 3D instance norms, whose CPU kernel hands a channels-last input back
   contiguous (it runs as a batch norm on a reshaped view).
+- ``quick_prelu_backward``: one-weight PReLUs, whose CPU backward kernel is slow.
 """
 
 from __future__ import annotations
@@ -94,5 +95,58 @@ def keep_channels_last(network: torch.nn.Module) -> int:
     for module in network.modules():
         if type(module) is torch.nn.InstanceNorm3d:
             module.__class__ = ChannelsLastInstanceNorm3d
+            count += 1
+    return count
+
+
+class _OneWeightPReLU(torch.autograd.Function):
+    """PReLU with one weight: torch's forward kernel; the backward as LeakyReLU's kernel with the
+    weight as its slope, and the weight's gradient as one sum of ``grad * min(x, 0)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype = weight.dtype
+        return torch.ops.aten._prelu_kernel(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=_layout_of(x))
+        grad_x = torch.ops.aten.leaky_relu_backward(grad, x, float(w.reshape(())), False)
+        grad_w = (grad * torch.clamp(x, max=0)).sum(dtype=torch.float32)
+        return grad_x, grad_w.reshape(w.shape).to(ctx.weight_dtype)
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+class QuickPReLU(torch.nn.PReLU):
+    """``nn.PReLU`` whose backward on a CPU, for one weight (MONAI's and medseg's), avoids torch's
+    ``_prelu_kernel_backward``: on a 2-core AMD EPYC that kernel took 35 ms on a 4x16x80x80x32 bf16
+    map where LeakyReLU's backward took 1.1 ms, and a MONAI UNet(16) bf16 channels-last training step
+    at 80x80x32, batch 4, ran 1.08x faster with this (0.197 -> 0.182 s). Same forward kernel, same
+    parameters and state dict; the weight's gradient is summed in fp32. Several weights, or a tensor
+    not on a CPU: ``nn.PReLU`` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.numel() != 1 or x.device.type != "cpu" or not torch.is_grad_enabled():
+            return super().forward(x)
+        if torch.is_autocast_enabled("cpu"):  # autocast runs prelu in its lower precision; so does this
+            x = x.to(torch.get_autocast_dtype("cpu"))
+        return _OneWeightPReLU.apply(x, self.weight)
+
+
+def quick_prelu_backward(network: torch.nn.Module) -> int:
+    """Make every plain one-weight ``nn.PReLU`` of ``network`` a ``QuickPReLU``, in place (class swap).
+    Returns how many."""
+    count = 0
+    for module in network.modules():
+        if type(module) is torch.nn.PReLU and module.weight.numel() == 1:
+            module.__class__ = QuickPReLU
             count += 1
     return count

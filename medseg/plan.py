@@ -504,7 +504,7 @@ def measure_step_seconds(
 
     import torch
 
-    from medseg.kernels import fp32_on_thin_maps, keep_channels_last
+    from medseg.kernels import fp32_on_thin_maps, keep_channels_last, quick_prelu_backward
     from medseg.models import build_model
     from medseg.runtime import autocast, resolve_precision, set_memory_format, training_channels_last
     from medseg.train import make_loss, make_optimizer
@@ -515,6 +515,7 @@ def measure_step_seconds(
     model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
     fp32_on_thin_maps(model)  # as the trainer runs it
     keep_channels_last(model)
+    quick_prelu_backward(model)
     loss_fn = make_loss(cfg)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((batch, int(cfg.model.in_channels or 1), *patch), generator=gen).to(dev)

@@ -305,7 +305,8 @@ LAYOUT_SLOW_PAIR_S = 2.0  # a first contiguous + channels-last pair this slow is
 # between layouts, AdamW's state left in the first) read channels-last 1.00x where it was 1.24x
 # 3: entries per precision (bf16 measured too; it had been channels-last always)
 # 4: instance norms keep a channels-last map channels-last (medseg.kernels.keep_channels_last)
-_LAYOUT_CACHE_VERSION = 4
+# 5: one-weight PReLUs without torch's CPU backward kernel (medseg.kernels.quick_prelu_backward)
+_LAYOUT_CACHE_VERSION = 5
 
 
 def training_channels_last(

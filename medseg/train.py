@@ -65,7 +65,7 @@ from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, s
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
-from medseg.kernels import fp32_on_thin_maps, keep_channels_last
+from medseg.kernels import fp32_on_thin_maps, keep_channels_last, quick_prelu_backward
 from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import (
@@ -364,6 +364,7 @@ class Trainer:
         guarded = fp32_on_thin_maps(self.network)  # convolutions whose bf16 gradients go NaN run in fp32
         log.debug("%d convolutions run in fp32 on maps 2 voxels thin", guarded)
         keep_channels_last(self.network)  # instance norms give a channels-last map back channels-last
+        quick_prelu_backward(self.network)  # one-weight PReLUs without torch's slow CPU backward
         self.channels_last = self._choose_layout()
         if self.channels_last:
             self.network = set_memory_format(self.network, torch.channels_last_3d)

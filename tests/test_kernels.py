@@ -8,7 +8,14 @@ import json
 import torch
 
 from medseg.config import Config
-from medseg.kernels import ChannelsLastInstanceNorm3d, Fp32ThinConv3d, fp32_on_thin_maps, keep_channels_last
+from medseg.kernels import (
+    ChannelsLastInstanceNorm3d,
+    Fp32ThinConv3d,
+    QuickPReLU,
+    fp32_on_thin_maps,
+    keep_channels_last,
+    quick_prelu_backward,
+)
 from medseg.models import build_model
 
 
@@ -81,6 +88,35 @@ def test_instance_norms_give_a_channels_last_map_back_channels_last_with_the_sam
             h.remove()
 
 
+def test_quick_prelu_has_torchs_values_and_gradients_in_fp32_and_bf16_and_both_layouts():
+    """The one-weight PReLU's backward without torch's slow CPU kernel: the same outputs, input
+    gradients and weight gradient as nn.PReLU (fp32 to rounding; bf16 autocast within bf16's
+    precision, outputs identical), channels-last or not; several weights stay nn.PReLU."""
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        plain, quick = torch.nn.PReLU(), torch.nn.PReLU()
+        assert quick_prelu_backward(quick) == 1
+        assert isinstance(quick, QuickPReLU)
+        for module in (plain, quick):
+            module.weight.data.fill_(0.3)
+        x = torch.randn(2, 4, 6, 5, 3).contiguous(memory_format=fmt)
+        g = torch.randn(2, 4, 6, 5, 3).contiguous(memory_format=torch.channels_last_3d)  # either layout
+        for bf16 in (False, True):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ya, yb = plain(xa), quick(xb)
+            assert ya.dtype == yb.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+            ya.backward(g.to(ya.dtype))
+            yb.backward(g.to(yb.dtype))
+            torch.testing.assert_close(xb.grad, xa.grad)
+            tol = {"rtol": 2e-2, "atol": 1e-2} if bf16 else {}
+            torch.testing.assert_close(quick.weight.grad, plain.weight.grad, **tol)
+            assert quick.weight.grad.dtype == torch.float32
+            assert float(quick.weight.grad) != 0.0
+            plain.weight.grad = quick.weight.grad = None
+    assert quick_prelu_backward(torch.nn.PReLU(num_parameters=4)) == 0
+
+
 def test_a_monai_unet_trains_to_the_same_weights_with_the_stand_in():
     cfg = Config.model_validate({"model": {"name": "monai_unet", "features": 4, "depth": 2, "in_channels": 1}})
     torch.manual_seed(0)
@@ -88,6 +124,8 @@ def test_a_monai_unet_trains_to_the_same_weights_with_the_stand_in():
     swapped = build_model(cfg.model, out_channels=2)
     swapped.load_state_dict(plain.state_dict())
     assert fp32_on_thin_maps(swapped) > 0
+    assert keep_channels_last(swapped) > 0
+    assert quick_prelu_backward(swapped) > 0  # every stand-in the trainer swaps in
     x = torch.randn(2, 1, 16, 16, 8)
     for net in (plain, swapped):
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
