@@ -175,8 +175,8 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     deep_supervision: bool = True  # dynunet only: auxiliary losses at coarser decoder levels
     # classic_unet and monai_unet: the activation; auto = the network's own (the paper's ReLU, MONAI's PReLU).
-    # leakyrelu (0.01, nnU-Net's) trained MONAI's UNet 1.14x faster a step in bf16 here, not more accurately
-    # (benchmarks/README.md)
+    # leakyrelu (0.01, nnU-Net's): no more accurate, and no faster since the trainer's PReLU backward
+    # (medseg.kernels.QuickPReLU; benchmarks/README.md)
     act: Literal["auto", "leakyrelu", "prelu", "relu"] = "auto"
     # image channels; None = planned from the dataset (1 when unplanned)
     in_channels: int | None = Field(None, ge=1)

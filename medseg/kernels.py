@@ -1,8 +1,9 @@
 """Training-time stand-ins for torch modules whose CPU kernels are wrong here.
 
 Each is a subclass of the module it replaces, with the same parameters and state dict keys, swapped
-in place (``module.__class__``) on the training network only: bundles, exports and inference build
-the plain network and load the same weights.
+in place (``module.__class__``) on the training network (and ``keep_channels_last`` on the torch
+predictor's, where it runs channels-last): bundles and exports build the plain network and load the
+same weights.
 
 - ``fp32_on_thin_maps``: CPU bf16 3D convolutions whose weight gradient comes out NaN.
 - ``keep_channels_last``: 3D instance norms, whose CPU kernel hands a channels-last input back
