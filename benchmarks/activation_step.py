@@ -5,7 +5,8 @@ instance norm) and trained on the same random batch, steps alternating one by on
 (whole processes in turn drift by +-10 % on a shared 2-core machine): in bf16 autocast,
 channels-last, instance norms keeping that layout (``medseg.kernels.keep_channels_last``; what
 ``medseg train`` runs on an AVX-512 bf16 CPU), and in fp32 contiguous (what the MONAI tutorial loop
-runs); PReLU with medseg's backward in both (``medseg.kernels.quick_prelu_backward``). Prints the median seconds a step and writes JSON.
+runs); PReLU with medseg's backward in both (``medseg.kernels.quick_prelu_backward``). Prints the
+median seconds a step and writes JSON.
 
 Run: python benchmarks/activation_step.py [--patch 80 80 32] [--batch 4] [--pairs 30] [--json F]
 """

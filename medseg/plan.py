@@ -504,7 +504,7 @@ def measure_step_seconds(
 
     import torch
 
-    from medseg.kernels import fp32_on_thin_maps, keep_channels_last, quick_prelu_backward
+    from medseg.kernels import training_stand_ins
     from medseg.models import build_model
     from medseg.runtime import autocast, resolve_precision, set_memory_format, training_channels_last
     from medseg.train import make_loss, make_optimizer
@@ -513,9 +513,7 @@ def measure_step_seconds(
     precision = resolve_precision(dev, cfg.train.precision, amp=cfg.train.amp, quiet=True)
     update = {"features": features, **({"name": model_name} if model_name else {})}
     model = build_model(cfg.model.model_copy(update=update), out_channels=out_channels).to(dev)
-    fp32_on_thin_maps(model)  # as the trainer runs it
-    keep_channels_last(model)
-    quick_prelu_backward(model)
+    training_stand_ins(model)  # as the trainer runs it
     loss_fn = make_loss(cfg)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((batch, int(cfg.model.in_channels or 1), *patch), generator=gen).to(dev)
@@ -581,10 +579,8 @@ def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
     of 0.30 in 90 s where MONAI's UNet reached 0.86 (0.07 at full width; 0.22 with one level less;
     benchmarks/README.md), and at every larger size MONAI's UNet was faster (about 2x) and chosen."""
     given = cfg.model.model_fields_set
-    if "name" not in given:
-        return [(cfg.model.name, cfg.model.features)]
     models = [(cfg.model.name, cfg.model.features)]
-    if "features" not in given and cfg.model.features >= 16:
+    if "name" in given and "features" not in given and cfg.model.features >= 16:
         models.append((cfg.model.name, cfg.model.features // 2))
     return models
 

@@ -65,7 +65,7 @@ from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, s
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
-from medseg.kernels import fp32_on_thin_maps, keep_channels_last, quick_prelu_backward
+from medseg.kernels import training_stand_ins
 from medseg.locks import exclusive_on_every_rank
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import (
@@ -361,10 +361,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         self.network = build_model(cfg.model, out_channels=max(self.label_ids) + 1).to(device)
-        guarded = fp32_on_thin_maps(self.network)  # convolutions whose bf16 gradients go NaN run in fp32
-        log.debug("%d convolutions run in fp32 on maps 2 voxels thin", guarded)
-        keep_channels_last(self.network)  # instance norms give a channels-last map back channels-last
-        quick_prelu_backward(self.network)  # one-weight PReLUs without torch's slow CPU backward
+        # fp32 where bf16 gradients go NaN, layout-keeping instance norms, PReLU's backward (medseg.kernels)
+        log.debug("training stand-ins: %s", training_stand_ins(self.network))
         self.channels_last = self._choose_layout()
         if self.channels_last:
             self.network = set_memory_format(self.network, torch.channels_last_3d)

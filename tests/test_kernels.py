@@ -15,6 +15,7 @@ from medseg.kernels import (
     fp32_on_thin_maps,
     keep_channels_last,
     quick_prelu_backward,
+    training_stand_ins,
 )
 from medseg.models import build_model
 
@@ -123,9 +124,10 @@ def test_a_monai_unet_trains_to_the_same_weights_with_the_stand_in():
     plain = build_model(cfg.model, out_channels=2)
     swapped = build_model(cfg.model, out_channels=2)
     swapped.load_state_dict(plain.state_dict())
-    assert fp32_on_thin_maps(swapped) > 0
-    assert keep_channels_last(swapped) > 0
-    assert quick_prelu_backward(swapped) > 0  # every stand-in the trainer swaps in
+    swapped_counts = training_stand_ins(swapped)  # every stand-in the trainer swaps in
+    assert swapped_counts["fp32 on thin maps"] > 0
+    assert swapped_counts["channels-last instance norms"] > 0
+    assert swapped_counts["quick PReLU backward"] > 0
     x = torch.randn(2, 1, 16, 16, 8)
     for net in (plain, swapped):
         opt = torch.optim.SGD(net.parameters(), lr=0.1)

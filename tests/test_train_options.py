@@ -345,7 +345,6 @@ def test_a_run_whose_gradients_stay_non_finite_stops_with_one_line(tiny_dataset,
 
 def test_training_and_the_budget_warm_up_guard_the_network(tiny_dataset, tmp_path, monkeypatch):
     import medseg.kernels
-    import medseg.train as mt
     from medseg.plan import measure_step_seconds
 
     guarded: list[int] = []
@@ -355,8 +354,7 @@ def test_training_and_the_budget_warm_up_guard_the_network(tiny_dataset, tmp_pat
         guarded.append(real(network))
         return guarded[-1]
 
-    monkeypatch.setattr(mt, "fp32_on_thin_maps", spy)
-    monkeypatch.setattr(medseg.kernels, "fp32_on_thin_maps", spy)
+    monkeypatch.setattr(medseg.kernels, "fp32_on_thin_maps", spy)  # what training_stand_ins calls
     cfg = _cfg(train={"epochs": 1, "iterations_per_epoch": 1, "precision": "fp32"},
                postprocess={"tune_on_validation": False})
     train(cfg, tiny_dataset, out_dir=tmp_path / "run")
