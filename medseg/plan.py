@@ -538,7 +538,7 @@ def measure_step_seconds(
         optimizer.zero_grad(set_to_none=True)
         with autocast(dev, precision):
             out = model(image)
-        loss = loss_fn(out.float(), label)
+        loss = loss_fn(out, label)
         loss.backward()
         optimizer.step()
         if dev.type == "cuda":

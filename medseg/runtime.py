@@ -306,7 +306,8 @@ LAYOUT_SLOW_PAIR_S = 2.0  # a first contiguous + channels-last pair this slow is
 # 3: entries per precision (bf16 measured too; it had been channels-last always)
 # 4: instance norms keep a channels-last map channels-last (medseg.kernels.keep_channels_last)
 # 5: one-weight PReLUs without torch's CPU backward kernel (medseg.kernels.quick_prelu_backward)
-_LAYOUT_CACHE_VERSION = 5
+# 6: the loss's gradient in the logits' layout (medseg.losses.DiceCE)
+_LAYOUT_CACHE_VERSION = 6
 
 
 def training_channels_last(
@@ -386,10 +387,10 @@ def measure_channels_last_speedup(
     itself is not touched."""
     import copy
 
-    from monai.losses import DiceCELoss
+    from medseg.losses import DiceCE
 
     model = copy.deepcopy(network).train()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCE()  # the trainer's loss: its gradient keeps the logits' layout
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(input_shape, generator=gen)
     label = torch.randint(0, out_channels, (input_shape[0], 1, *input_shape[2:]), generator=gen).float()
@@ -402,7 +403,7 @@ def measure_channels_last_speedup(
         with autocast(torch.device("cpu"), precision):
             out = model(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
-        loss_fn(out.float(), label).backward()
+        loss_fn(out, label).backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset, list_data_collate
-from monai.losses import DiceCELoss
 
 from medseg.bundle import save_bundle
 from medseg.checkpoint import (
@@ -67,6 +66,7 @@ from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
 from medseg.kernels import training_stand_ins
 from medseg.locks import exclusive_on_every_rank
+from medseg.losses import DiceCE
 from medseg.models import build_model, deep_supervision_weights
 from medseg.plan import (
     BudgetPlan,
@@ -233,13 +233,9 @@ def _schedule(cfg: Config):
 
 def make_loss(cfg: Config) -> torch.nn.Module:
     """Dice + cross-entropy on logits and integer labels; the Dice term as ``train.dice_over`` and
-    ``train.dice_background`` say (batch, foreground only: nnU-Net's choice for 3D patches)."""
-    return DiceCELoss(
-        to_onehot_y=True,
-        softmax=True,
-        batch=cfg.train.dice_over == "batch",
-        include_background=cfg.train.dice_background,
-    )
+    ``train.dice_background`` say (batch, foreground only: nnU-Net's choice for 3D patches).
+    MONAI's ``DiceCELoss``, its gradient written out (``medseg.losses.DiceCE``)."""
+    return DiceCE(batch=cfg.train.dice_over == "batch", include_background=cfg.train.dice_background)
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -565,10 +561,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             logits = self.model(image)
-        # the loss in fp32, whatever the autocast dtype
-        loss = self.ds_weights[0] * self.loss_fn(logits.float(), label)
+        # the loss in fp32 whatever the autocast dtype (DiceCE casts, in the copy it makes anyway)
+        loss = self.ds_weights[0] * self.loss_fn(logits, label)
         for w, aux in zip(self.ds_weights[1:], getattr(self.network, "aux_outputs", []), strict=False):
-            loss = loss + w * self.loss_fn(aux.float(), label)
+            loss = loss + w * self.loss_fn(aux, label)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
