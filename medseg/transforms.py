@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import (
     ClassesToIndicesd,
@@ -30,12 +31,10 @@ from monai.transforms import (
     Orientationd,
     Rand3DElasticd,
     RandAdjustContrastd,
-    RandAffined,
     RandBiasFieldd,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
-    RandGaussianNoised,
     RandGaussianSmoothd,
     Randomizable,
     RandScaleIntensityd,
@@ -454,16 +453,11 @@ def _spatial_steps(cfg: Config, keys: tuple[str, ...]) -> list[Any]:
                 padding_mode="border",
             )
         )
-    # rotation and scaling each with its own probability, as the config promises
-    if aug.rotate_prob > 0:
+    # rotation and scaling each with its own probability, as the config promises; one resampling
+    if aug.rotate_prob > 0 or aug.scale_prob > 0:
         chain.append(
-            RandAffined(keys=keys, prob=aug.rotate_prob, rotate_range=(rot, rot, rot), mode=modes,
-                        padding_mode="border")
-        )
-    if aug.scale_prob > 0:
-        chain.append(
-            RandAffined(keys=keys, prob=aug.scale_prob, scale_range=(aug.scale_range,) * 3, mode=modes,
-                        padding_mode="border")
+            RandRotateScaled(keys, rotate_prob=aug.rotate_prob, rotate_range=rot, scale_prob=aug.scale_prob,
+                             scale_range=aug.scale_range, modes=modes)
         )
     if aug.zoom_prob > 0:
         chain.append(
@@ -498,7 +492,7 @@ def _intensity_steps(cfg: Config) -> list[Any]:
             )
         )
     if aug.noise_prob > 0:
-        chain.append(RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std))
+        chain.append(RandNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std))
     if aug.label_intensity_prob > 0:
         # after blur and noise (as measured in benchmarks/README.md): an additive shift keeps the noise
         chain.append(RandLabelIntensityd(prob=aug.label_intensity_prob, offsets=aug.label_intensity_shift))
@@ -563,6 +557,116 @@ class RandLabelIntensityd(Randomizable, MapTransform):
         for v in drawn:
             table[:, v] = torch.as_tensor(self.R.uniform(-self.offsets, self.offsets, size=image.shape[0]))
         d[self.image_key] = image + table[:, lab]
+        return d
+
+
+class RandRotateScaled(Randomizable, MapTransform):
+    """Rotation and scaling of a patch, each drawn with its own probability, in one resampling.
+
+    Rotation: angles uniform in [-rotate_range, rotate_range] radians about each axis; scaling: a
+    factor uniform in [1 - scale_range, 1 + scale_range] per axis (above 1 the patch takes in more
+    of the scan, as MONAI's ``RandAffine`` scales), both about the patch's centre in voxel
+    coordinates, the border voxels extended. Each key resampled with its ``modes`` entry (label maps
+    ``nearest``). Replaces two MONAI ``RandAffined`` (one per transform, 8 ms a firing on an
+    80x80x32 patch here): one ``affine_grid`` and ``grid_sample`` per key, the grid cut into one
+    slab per torch thread (``grid_sample`` works on one thread per volume): 3.8 ms a firing.
+    """
+
+    def __init__(self, keys: Sequence[str], *, rotate_prob: float, rotate_range: float, scale_prob: float,
+                 scale_range: float, modes: Sequence[str]) -> None:
+        MapTransform.__init__(self, keys)
+        self.rotate_prob, self.rotate_range = rotate_prob, rotate_range
+        self.scale_prob, self.scale_range = scale_prob, scale_range
+        self.modes = tuple(modes)
+        self._matrix: np.ndarray | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        # the same number of draws whatever fires: a run replays from its RNG state
+        rotate = self.R.rand() < self.rotate_prob
+        angles = self.R.uniform(-self.rotate_range, self.rotate_range, 3)
+        scale = self.R.rand() < self.scale_prob
+        factors = self.R.uniform(1 - self.scale_range, 1 + self.scale_range, 3)
+        if not (rotate or scale):
+            self._matrix = None
+            return
+        m = np.diag(factors) if scale else np.eye(3)
+        if rotate:
+            m = _rotation(angles) @ m
+        self._matrix = m
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._matrix is None:
+            return d
+        grid = None
+        for key, mode in zip(self.key_iterator(d), self.modes, strict=False):
+            x = torch.as_tensor(d[key])
+            if grid is None:
+                grid = _affine_grid(self._matrix, x.shape[1:])
+            d[key] = _resample(x, grid, mode)
+        return d
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    """Rotation about the first, second and third axis by ``angles`` (radians), applied in that order."""
+    (cx, cy, cz), (sx, sy, sz) = np.cos(angles), np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _affine_grid(matrix: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample``'s grid (1, *shape, 3) for: source voxel = matrix @ (voxel - centre) + centre."""
+    half = np.maximum((np.asarray(shape, dtype=float) - 1) / 2, 1.0)
+    norm = np.diag(1 / half) @ matrix @ np.diag(half)  # in [-1, 1] coordinates (align_corners)
+    theta = np.zeros((3, 4))
+    theta[:, :3] = norm[::-1, ::-1]  # grid_sample's x, y, z index the last, middle, first axis
+    theta_t = torch.as_tensor(theta, dtype=torch.float32).unsqueeze(0)
+    return F.affine_grid(theta_t, [1, 1, *shape], align_corners=True)
+
+
+def _resample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x`` (C, *spatial) sampled at ``grid``, borders extended; the grid in one slab per torch
+    thread along the first axis (where the thread count divides it), as a batch, so that every
+    thread works."""
+    mode = "bilinear" if mode in ("bilinear", "trilinear") else mode
+    dtype = x.dtype
+    xf = x if x.is_floating_point() else x.float()
+    n = grid.shape[1]
+    parts = max(k for k in range(1, min(torch.get_num_threads(), n) + 1) if n % k == 0)
+    g = grid.to(xf.dtype).reshape(parts, n // parts, *grid.shape[2:])
+    out = F.grid_sample(xf.unsqueeze(0).expand(parts, *xf.shape), g, mode=mode, padding_mode="border",
+                        align_corners=True)
+    out = out.transpose(0, 1).reshape(x.shape)
+    return out if out.dtype == dtype else out.round().to(dtype)
+
+
+class RandNoised(Randomizable, MapTransform):
+    """Gaussian noise, as MONAI's ``RandGaussianNoised`` (mean 0, its spread drawn uniformly from
+    [0, std]), drawn by torch from a seed this transform's RNG gives: numpy's normal draw in float64
+    took 3.0 ms for an 80x80x32 patch here, torch's 0.8 ms."""
+
+    def __init__(self, keys: str | Sequence[str], *, prob: float, std: float) -> None:
+        MapTransform.__init__(self, keys)
+        self.prob, self.std = prob, std
+
+    def randomize(self, data: Any = None) -> None:
+        self._fire = self.R.rand() < self.prob
+        self._std = self.R.uniform(0, self.std)
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._fire:
+            return d
+        gen = torch.Generator().manual_seed(self._seed)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            noise = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+            d[key] = x + (noise * self._std).to(x.dtype)
         return d
 
 

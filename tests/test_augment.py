@@ -13,7 +13,7 @@ PROBS = {
     "elastic_prob": "Rand3DElasticd",
     "zoom_prob": "RandZoomd",
     "flip_prob": "RandFlipd",
-    "noise_prob": "RandGaussianNoised",
+    "noise_prob": "RandNoised",
     "blur_prob": "RandGaussianSmoothd",
     "intensity_scale_prob": "RandScaleIntensityd",
     "intensity_shift_prob": "RandShiftIntensityd",
@@ -46,14 +46,15 @@ def test_defaults_and_crop():
     precomputed = [type(t).__name__ for t in build_augment(_cfg(), precomputed=True).transforms]
     assert precomputed[:2] == ["RandCropByPosNegLabeld", "DeleteItemsd"]
     assert names.count("RandFlipd") == 3  # every axis
-    assert "RandAffined" in names  # rotation and scaling
+    assert "RandRotateScaled" in names  # rotation and scaling
     assert "RandBiasFieldd" not in names  # CT by default: no bias field
     assert "RandCropByLabelClassesd" in _names(_cfg(crop="label_classes"))
     mr = Config.model_validate(
         {"train": {"patch_size": [16, 16, 16]}, "preprocess": {"intensity": {"kind": "mr"}}}
     )
     assert "RandBiasFieldd" in _names(mr)  # MR: on by default
-    assert "RandAffined" not in _names(_cfg(rotate_prob=0, scale_prob=0))
+    assert "RandRotateScaled" not in _names(_cfg(rotate_prob=0, scale_prob=0))
+    assert "RandRotateScaled" in _names(_cfg(rotate_prob=0, scale_prob=0.1))
 
 
 def test_seeded_chain_repeats_and_keeps_labels_integer():
@@ -97,21 +98,59 @@ def test_augment_preview_command_writes_png(tiny_dataset, tmp_path, capsys):
 
 
 def test_rotation_and_scaling_have_their_own_probability():
-    def affines(cfg: Config) -> list:
-        return [t for t in build_augment(cfg).transforms if type(t).__name__ == "RandAffined"]
+    """One transform, one resampling, but each drawn with its own probability (as two were)."""
+    (spatial,) = [t for t in build_augment(_cfg(rotate_prob=0.3, scale_prob=0.05)).transforms
+                  if type(t).__name__ == "RandRotateScaled"]
+    spatial.set_random_state(seed=3)
+    rotated = scaled = 0
+    draws = 4000
+    for _ in range(draws):
+        spatial.randomize()
+        m = spatial._matrix
+        if m is None:
+            continue
+        rotated += not np.allclose(m, np.diag(np.diag(m)))  # off-diagonal terms: a rotation
+        gram = m.T @ m
+        scaled += not np.allclose(gram, np.eye(3))  # a rotation alone keeps lengths
+    assert rotated / draws == pytest.approx(0.3, abs=0.03)
+    assert scaled / draws == pytest.approx(0.05, abs=0.015)
 
-    def ranged(values) -> bool:
-        return any(v is not None for v in values)
 
-    rot, scale = affines(_cfg(rotate_prob=0.3, scale_prob=0.05))
-    assert rot.prob == pytest.approx(0.3)
-    assert scale.prob == pytest.approx(0.05)
-    assert ranged(rot.rand_affine.rand_affine_grid.rotate_range)
-    assert not ranged(rot.rand_affine.rand_affine_grid.scale_range)
-    assert ranged(scale.rand_affine.rand_affine_grid.scale_range)
-    assert not ranged(scale.rand_affine.rand_affine_grid.rotate_range)
-    (only_rot,) = affines(_cfg(rotate_prob=0.3, scale_prob=0.0))
-    assert not ranged(only_rot.rand_affine.rand_affine_grid.scale_range)
+@pytest.mark.parametrize("shape", [(40, 36, 20), (41, 36, 21), (1, 16, 9)])
+def test_rotation_and_scaling_resample_as_monais_affine(shape):
+    """The same geometry as MONAI's ``Affine`` with that matrix (which two ``RandAffined`` ran):
+    image linear, labels nearest, borders extended; the grid cut into slabs or not."""
+    from monai.transforms import Affine
+
+    from medseg.transforms import _affine_grid, _resample, _rotation
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(2, *shape, generator=gen)
+    label = torch.randint(0, 4, (1, *shape), generator=gen).float()
+    m = _rotation(np.array([0.2, -0.1, 0.25])) @ np.diag([1.1, 0.9, 1.05])
+    a4 = np.eye(4)
+    a4[:3, :3] = m
+    for x, mode in ((image, "bilinear"), (label, "nearest")):
+        ref = Affine(affine=torch.as_tensor(a4), mode=mode, padding_mode="border", image_only=True)(x)
+        ours = _resample(x, _affine_grid(m, shape), mode)
+        assert ours.shape == x.shape
+        torch.testing.assert_close(ours, torch.as_tensor(ref), atol=1e-4, rtol=0)
+
+
+def test_noise_is_seeded_and_its_spread_drawn_up_to_std():
+    from medseg.transforms import RandNoised
+
+    image = torch.zeros(1, 32, 32, 16)
+    spreads = []
+    for seed in range(20):
+        a = RandNoised(keys="image", prob=1.0, std=0.1).set_random_state(seed=seed)({"image": image})["image"]
+        b = RandNoised(keys="image", prob=1.0, std=0.1).set_random_state(seed=seed)({"image": image})["image"]
+        torch.testing.assert_close(a, b)
+        spreads.append(float(a.std()))
+    assert max(spreads) <= 0.1 * 1.05
+    assert min(spreads) < 0.05 < max(spreads)  # drawn in [0, std], not fixed
+    off = RandNoised(keys="image", prob=0.0, std=0.1)({"image": image})["image"]
+    assert torch.equal(off, image)
 
 
 def test_label_intensity_moves_one_organ_against_its_neighbours():
