@@ -18,7 +18,7 @@ class _DiceCE(torch.autograd.Function):
     Forward: one log-softmax in fp32 along the channel axis as the tensor lies in memory (MONAI's
     softmax copied a channels-last map to contiguous first), the cross-entropy from the label's
     log-probability, and the Dice terms from per-(case, class) sums: the probabilities, the label's
-    probability added up by class (``bincount``), the label counts. Backward, with p the softmax,
+    probability added up by class, the label counts. Backward, with p the softmax,
     N the voxels, ``a_c`` and ``b_c`` the Dice term's derivatives by p_c off and on the label:
     ``dL/dz = p * (a - s + 1/N) + onehot(y) * (b_y * p_y - 1/N)``, ``s = sum_c a_c p_c + b_y p_y``.
     The gradient comes back in the logits' dtype and layout.
@@ -38,11 +38,13 @@ class _DiceCE(torch.autograd.Function):
         p = logp.exp_()
         p_y = logp_y.exp()
         n = yi.numel()
-        ce = -logp_y.sum(dtype=torch.float64) / n
-        pred = p.reshape(B, C, -1).sum(-1, dtype=torch.float64)
+        # sums in the maps' own precision (torch sums pairwise), the per-class terms then in fp64: a
+        # float64 sum converts the whole map first (0.8 ms of 4x4x80x80x32 against 0.06)
+        ce = -logp_y.sum().double() / n
+        pred = p.reshape(B, C, -1).sum(-1).double()
         idx = (yi.reshape(B, -1) + torch.arange(B, device=yi.device).unsqueeze(1) * C).reshape(-1)
         ground = torch.bincount(idx, minlength=B * C).reshape(B, C).double()
-        inter = torch.bincount(idx, weights=p_y.reshape(-1).double(), minlength=B * C).reshape(B, C)
+        inter = torch.zeros(B * C, dtype=p.dtype, device=p.device).scatter_add_(0, idx, p_y.reshape(-1)).reshape(B, C).double()
         if batch:
             pred, ground, inter = pred.sum(0, keepdim=True), ground.sum(0, keepdim=True), inter.sum(0, keepdim=True)
         first = 0 if include_background else 1
@@ -67,7 +69,7 @@ class _DiceCE(torch.autograd.Function):
         # p (B, C, ...); a per case (or batch) and class
         a_b = a.reshape(a.shape[0], C, *([1] * (p.ndim - 2)))
         s = torch.matmul(a.reshape(a.shape[0], 1, C), p.reshape(B, C, -1)).reshape(yi.shape)
-        b_y = b.reshape(-1)[idx].reshape(yi.shape)
+        b_y = b.reshape(-1).take(idx).reshape(yi.shape)
         s += b_y * p_y
         out = (a_b - s).add_(1.0 / n).mul_(p)
         out.scatter_add_(1, yi, b_y * p_y - 1.0 / n)

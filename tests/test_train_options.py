@@ -4,6 +4,7 @@ class-balanced crop, disk cache, k-fold splits, early stopping."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,7 +219,6 @@ def test_the_warm_up_takes_the_fastest_timed_step_so_a_burst_of_other_work_does_
 def test_the_bundle_holds_the_final_model_unless_the_best_was_clearly_better():
     """nnU-Net ships its final checkpoint: on two validation cases an early 'best' is often chance.
     The final model replaces it in the bundle when within FINAL_MODEL_TOLERANCE of the best."""
-    from types import SimpleNamespace
 
     from medseg.train import FINAL_MODEL_TOLERANCE, Trainer
 
@@ -241,7 +241,6 @@ def test_a_label_the_model_has_not_learned_is_warned_about(tmp_path, caplog):
     """A tiny organ can stay unlearned in a short training (the demo's spleen on one seed) while the
     mean Dice looks like a result: the label is named in a warning, the learned ones are not."""
     import logging
-    from types import SimpleNamespace
 
     from medseg.train import UNLEARNED_DICE, Trainer
 
@@ -364,3 +363,22 @@ def test_training_and_the_budget_warm_up_guard_the_network(tiny_dataset, tmp_pat
     measure_step_seconds(planned, (16, 16, 16), 1, 4, out_channels=2, device="cpu")
     assert len(guarded) == 2
     assert guarded[1] > 0
+
+
+def test_gradients_are_clipped_to_the_limit_only_when_over_it():
+    from medseg.train import Trainer
+
+    net = torch.nn.Linear(4, 3)
+    holder = SimpleNamespace(network=net, device=torch.device("cpu"),
+                             cfg=SimpleNamespace(train=SimpleNamespace(grad_clip=1.0)))
+    for scale, clipped in ((0.1, False), (10.0, True)):
+        for p in net.parameters():
+            p.grad = torch.full_like(p, scale)
+        before = torch.cat([p.grad.flatten() for p in net.parameters()])
+        norm = Trainer._clip_gradients(holder)
+        after = torch.cat([p.grad.flatten() for p in net.parameters()])
+        assert float(norm) == pytest.approx(float(before.norm()))
+        if clipped:
+            assert float(after.norm()) == pytest.approx(1.0, rel=1e-4)
+        else:
+            assert torch.equal(after, before)
