@@ -106,7 +106,7 @@ def test_rotation_and_scaling_have_their_own_probability():
     draws = 4000
     for _ in range(draws):
         spatial.randomize()
-        m = spatial._matrix
+        m = spatial.matrix()
         if m is None:
             continue
         rotated += not np.allclose(m, np.diag(np.diag(m)))  # off-diagonal terms: a rotation
@@ -116,7 +116,7 @@ def test_rotation_and_scaling_have_their_own_probability():
     assert scaled / draws == pytest.approx(0.05, abs=0.015)
 
 
-@pytest.mark.parametrize("shape", [(40, 36, 20), (41, 36, 21), (1, 16, 9)])
+@pytest.mark.parametrize("shape", [(40, 36, 20), (41, 36, 21), (1, 16, 9), (30, 22)])
 def test_rotation_and_scaling_resample_as_monais_affine(shape):
     """The same geometry as MONAI's ``Affine`` with that matrix (which two ``RandAffined`` ran):
     image linear, labels nearest, borders extended; the grid cut into slabs or not."""
@@ -128,8 +128,10 @@ def test_rotation_and_scaling_resample_as_monais_affine(shape):
     image = torch.randn(2, *shape, generator=gen)
     label = torch.randint(0, 4, (1, *shape), generator=gen).float()
     m = _rotation(np.array([0.2, -0.1, 0.25])) @ np.diag([1.1, 0.9, 1.05])
-    a4 = np.eye(4)
-    a4[:3, :3] = m
+    if len(shape) == 2:
+        m = _rotation(np.array([0.0, 0.0, 0.2]))[:2, :2] @ np.diag([1.1, 0.9])
+    a4 = np.eye(len(shape) + 1)
+    a4[:-1, :-1] = m
     for x, mode in ((image, "bilinear"), (label, "nearest")):
         ref = Affine(affine=torch.as_tensor(a4), mode=mode, padding_mode="border", image_only=True)(x)
         ours = _resample(x, _affine_grid(m, shape), mode)
