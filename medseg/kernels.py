@@ -154,5 +154,3 @@ def quick_prelu_backward(network: torch.nn.Module) -> int:
     """Make every plain one-weight ``nn.PReLU`` of ``network`` a ``QuickPReLU``, in place (class swap).
     Returns how many."""
     return _swap_classes(network, {torch.nn.PReLU: QuickPReLU}, accept=lambda m: m.weight.numel() == 1)
-
-

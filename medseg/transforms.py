@@ -602,13 +602,14 @@ class RandRotateScaled(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         self.randomize()
-        if self.matrix() is None:
-            return d
         grid = None
         for key, mode in zip(self.key_iterator(d), self.modes, strict=False):
             x = torch.as_tensor(d[key])
             if grid is None:
-                grid = _affine_grid(self.matrix(x.ndim - 1), x.shape[1:])
+                matrix = self.matrix(x.ndim - 1)
+                if matrix is None:  # neither drawn
+                    return d
+                grid = _affine_grid(matrix, x.shape[1:])
             d[key] = _resample(x, grid, mode)
         return d
 
