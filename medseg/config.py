@@ -297,7 +297,8 @@ class CRFConfig(_Strict):
     bilateral_weight: float = Field(4.0, ge=0.0)
     # labels the CRF leaves as the network found them: every voxel either calls one of them keeps the
     # network's label (the tuning sets this for a label the CRF lowered on validation while it raised
-    # the others: on seed 3's phantoms all-or-nothing lost 0.0185 of test Dice, see benchmarks/README)
+    # the others: on seed 3's phantoms all-or-nothing lost 0.0185 of test Dice, see benchmarks/README);
+    # keyed as ``PostprocessConfig.per_label``
     skip_labels: list[int] = Field(default_factory=list)
 
 
@@ -308,7 +309,9 @@ class PostprocessConfig(_Strict):
     (``largest_of: label``) or of the whole foreground (``largest_of: foreground``,
     which keeps a structure made of several labels together). ``per_label`` overrides
     any step for one label, e.g. ``{2: {components: 2}}`` for a label holding both
-    kidneys, or ``{2: {keep_largest: false}}``.
+    kidneys, or ``{2: {keep_largest: false}}``. Labels are keyed as ``Config.labels``: by the value
+    the label files hold in a training config; by network channel in a bundle whose label values
+    were mapped onto channels (``Config.label_values``), where the training translated them.
     """
 
     keep_largest: bool = False  # off by default: paired organs (kidneys, lungs) have two components
@@ -345,7 +348,16 @@ class TrackingConfig(_Strict):
 
 class Config(_Strict):
     seed: int = Field(0, ge=0, lt=2**32)  # numpy seeds are unsigned 32-bit
-    labels: dict[Annotated[int, Field(ge=0, le=255)], str] | None = None  # None = taken from dataset.json
+    # label names; None = dataset.json's. Given (here or in dataset.json) by the value the label files
+    # hold; training keys them by network output channel, 0..K-1: values that are not 0..K-1 (a binary
+    # mask stored as 0/255, a set such as 0, 1, 2, 5) are mapped onto the channels in value order
+    # (medseg.labels.channel_labels), and ``label_values`` maps them back
+    labels: dict[Annotated[int, Field(ge=0, le=255)], str] | None = None
+    # channel -> the value the label files hold, for labels that are not 0..K-1: references are read
+    # onto channels and masks written with the values (medseg.labels). None: channel k is value k.
+    # ``labels``, ``postprocess.per_label`` and ``postprocess.crf.skip_labels`` are keyed by channel;
+    # masks, label tables, sidecars, DICOM outputs, QC reports and evaluation name the values.
+    label_values: dict[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, le=255)]] | None = None
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -370,6 +382,29 @@ class Config(_Strict):
         if v is not None and 0 not in v:
             raise ValueError("labels must include 0 (background)")
         return v
+
+    @model_validator(mode="after")
+    def _label_values_cover_the_channels(self) -> Config:
+        values = self.label_values
+        if values is None:
+            return self
+        channels = sorted(self.labels or {})
+        if sorted(values) != channels or channels != list(range(len(channels))):
+            raise ValueError(
+                f"label_values: expected one value per channel of labels 0..{len(channels) - 1}, "
+                f"got channels {sorted(values)}"
+            )
+        if values[0] != 0 or len(set(values.values())) != len(values):
+            raise ValueError(
+                f"label_values: channel 0 must be value 0 and no two channels may share a value, got {values}"
+            )
+        return self
+
+    def stored_labels(self) -> dict[int, str]:
+        """The label names by the value the label files and written masks hold (``labels`` names
+        the network's channels; the two are the same unless ``label_values`` says otherwise)."""
+        values = self.label_values or {}
+        return {values.get(k, k): name for k, name in (self.labels or {}).items()}
 
     @model_validator(mode="after")
     def _patch_fits_the_network(self) -> Config:
@@ -455,8 +490,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(tree, source=source)
 
 
+def config_tree(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON types; ``label_values`` only where it is set, so that the config of
+    labels 0..K-1 (a bundle's config.yaml, MLflow's params) reads as it did before the field existed."""
+    return cfg.model_dump(mode="json", exclude={"label_values"} if cfg.label_values is None else None)
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_tree(cfg), sort_keys=False)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -590,7 +590,9 @@ class Fingerprint(BaseModel):
 def fingerprint(
     dataset: Dataset, *, max_samples_per_case: int = 20000, seed: int = 0, resample_channels: bool = False
 ) -> Fingerprint:
-    """Spacings, sizes (RAS order), foreground intensity statistics (per channel) and label counts."""
+    """Spacings, sizes (RAS order), foreground intensity statistics (per channel) and label counts;
+    an ``InputError`` naming the file for a label map off its image's grid or holding a value that
+    is no label's."""
     rng = np.random.default_rng(seed)
     spacings, extents = [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.n_channels)]
@@ -604,7 +606,9 @@ def fingerprint(
         assert case.label is not None  # every training case has a label (load_dataset refuses one without)
         channels = load_channels(case.images, resample=resample_channels)
         image = channels[0]
-        label = load_label(case.label, image=image)
+        # a value that is no label's stops here, naming the file (in training it would be a channel
+        # the network does not have, or the wrong one)
+        label = load_label(case.label, image=image, expected_labels=dataset.labels)
         spacing = _ras_spacing(image.affine)
         spacings.append(spacing)
         extents.append(_ras_shape(image) * spacing)

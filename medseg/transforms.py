@@ -49,7 +49,8 @@ from monai.transforms import (
 from monai.transforms.transform import Transform
 
 from medseg.config import Config, IntensityConfig
-from medseg.io import Volume, load_label
+from medseg.errors import MedsegError
+from medseg.io import Volume, checked_label, load_label
 
 
 def to_metatensor(volume: Volume | Sequence[Volume]) -> MetaTensor:
@@ -68,14 +69,21 @@ class LoadVolumed(MapTransform):
 
     ``Volume``s already in the dict are used as they are (inference on in-memory data).
     ``resample_channels``: channels off the first channel's grid are resampled onto it
-    instead of refused.
+    instead of refused. ``label_values`` (channel -> stored value, ``Config.label_values``): the
+    label's values become network channels, a value that is no label's refused (``medseg.labels``).
     """
 
     def __init__(
-        self, keys=("image", "label"), allow_missing_keys: bool = True, *, resample_channels: bool = False
+        self,
+        keys=("image", "label"),
+        allow_missing_keys: bool = True,
+        *,
+        resample_channels: bool = False,
+        label_values: Mapping[int, int] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.resample_channels = resample_channels
+        self.label_values = label_values
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from medseg.data import load_channels
@@ -93,7 +101,9 @@ class LoadVolumed(MapTransform):
             d["image"] = to_metatensor(channels)
         label = d.get("label")
         if label is not None and not isinstance(label, Volume):
-            label = load_label(label, image=channels[0] if channels else None)
+            label = load_label(label, image=channels[0] if channels else None, label_values=self.label_values)
+        elif label is not None and self.label_values is not None:
+            label = checked_label(label, label_values=self.label_values)
         if label is not None:
             d["label"] = to_metatensor(label)
         return d
@@ -236,7 +246,9 @@ def build_preprocess(
     if pre.spacing is None:
         raise ValueError("preprocess.spacing is not set: run the plan (medseg.plan.make_plan) first")
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
-    chain: list[Any] = [LoadVolumed(keys, resample_channels=pre.resample_channels)] if load else []
+    chain: list[Any] = []
+    if load:
+        chain.append(LoadVolumed(keys, resample_channels=pre.resample_channels, label_values=cfg.label_values))
     chain.append(Orientationd(keys=keys, axcodes=pre.orientation, labels=None))
     if pre.crop_foreground:
         chain.append(BodyCropd(keys, threshold=foreground_threshold(cfg), margin_mm=CROP_MARGIN_MM))
@@ -244,6 +256,19 @@ def build_preprocess(
     chain += intensity_transforms(cfg)
     chain.append(EnsureTyped(keys=keys, dtype=torch.float32))
     return Compose(chain)
+
+
+def preprocessed(chain: Compose, item: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    """``chain(item)``, with a medseg error raised inside it (a label value that is no label's, a
+    label off its image's grid) raised as itself: MONAI wraps what a transform raises in a
+    ``RuntimeError`` naming the transform, and the CLI turns medseg's errors into one line naming
+    the file."""
+    try:
+        return chain(item)
+    except RuntimeError as exc:
+        if isinstance(exc.__cause__, MedsegError):
+            raise exc.__cause__ from None
+        raise
 
 
 def intensity_transforms(cfg: Config) -> list[Any]:
@@ -718,11 +743,12 @@ def augment_preview(
     from matplotlib.figure import Figure
 
     from medseg.data import fingerprint, load_dataset
+    from medseg.labels import channel_labels, channels_to_values
     from medseg.plan import make_plan
     from medseg.viz import label_colour
 
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
-    cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
+    cfg = channel_labels(cfg, dataset.labels)
     fp = fingerprint(dataset, seed=cfg.seed, resample_channels=cfg.preprocess.resample_channels)
     cfg = make_plan(cfg, fp)
     preprocess, augment = build_preprocess(cfg), build_augment(cfg)
@@ -752,7 +778,8 @@ def augment_preview(
             ax.imshow(sl, cmap="gray", origin="lower", vmin=-2.5, vmax=2.5)
             rgba = np.zeros((*lab.shape, 4), dtype=np.float32)
             present = lab > 0
-            rgba[present, :3] = label_colour(lab[present])
+            # coloured by the label files' values, as the QC pictures of inference
+            rgba[present, :3] = label_colour(channels_to_values(lab[present], cfg.label_values))
             rgba[present, 3] = 0.4
             ax.imshow(rgba, origin="lower")
             ax.set_xticks([])

@@ -8,7 +8,7 @@ map in the exact grid of its source, as NIfTI or in the source's own format.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "Volume",
     "atomic_path",
     "case_stem",
+    "checked_label",
     "find_inputs",
     "is_dicom_input",
     "is_image_file",
@@ -107,23 +108,45 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def load_label(
-    path: str | Path, *, image: Volume | None = None, expected_labels: Iterable[int] | None = None
+    path: str | Path,
+    *,
+    image: Volume | None = None,
+    expected_labels: Iterable[int] | None = None,
+    label_values: Mapping[int, int] | None = None,
 ) -> Volume:
     """Read a label map (NIfTI, NRRD or MetaImage); when ``image`` is given, its grid must match
-    exactly; when ``expected_labels`` is given, no other value may occur."""
+    exactly; when ``expected_labels`` is given, no other value may occur. With ``label_values``
+    (network channel -> stored value, ``medseg.config.Config.label_values``) only those values may
+    occur, and the map comes back as channels (``medseg.labels``)."""
     label = read_sitk(path, kind="label") if is_sitk_image(path) else read_nifti(path, kind="label")
     if image is not None:
         check_same_grid(image, label)
+    return checked_label(label, expected_labels=expected_labels, label_values=label_values)
+
+
+def checked_label(
+    label: Volume,
+    *,
+    expected_labels: Iterable[int] | None = None,
+    label_values: Mapping[int, int] | None = None,
+) -> Volume:
+    """``label`` refused (an ``InputError`` naming its file) when it holds a value outside
+    ``expected_labels`` or ``label_values``; with ``label_values``, its values as network channels."""
+    from medseg.labels import values_outside, values_to_channels
+
+    if label_values is not None:
+        expected_labels = label_values.values()
     if expected_labels is not None:
         allowed = {int(v) for v in expected_labels} | {0}
-        found = {int(v) for v in np.unique(label.array)}
-        unexpected = sorted(found - allowed)
+        unexpected = values_outside(label.array, allowed)
         if unexpected:
             raise InputError(
-                path,
+                label.source or None,
                 f"label map holds values {unexpected} that are not among the declared labels "
                 f"{sorted(allowed)}; fix the labels or the label list",
             )
+    if label_values is not None:
+        label = label.with_array(values_to_channels(label.array, label_values))
     return label
 
 
