@@ -392,7 +392,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     report = tune_on_dataset(args.model, args.data, args.output, max_cases=args.max_cases)
     print(report.table())
-    kept = ", ".join(f"{'all' if t.label is None else t.label}: {t.step}" for t in report.kept()) or "nothing"
+    kept = report.kept_summary() or "nothing"
     print(f"\nkept: {kept}\ntuned bundle: {args.output} (infer -m {args.output} applies it)")
     return 0
 

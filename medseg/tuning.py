@@ -144,19 +144,33 @@ class TuningReport:
     tta: bool | None = None  # flip TTA kept (True), rejected (False) or not tried (None)
     tta_flips: int | None = None  # the passes kept (2 or 8)
     components_max: dict[int, int] = field(default_factory=dict)  # the topology rule's counts, per label
+    # channel -> the value the label files hold, where they differ (``Config.label_values``): the
+    # report is keyed by channel, what a person reads (``table``, ``to_dict``) names the values
+    label_values: dict[int, int] = field(default_factory=dict)
 
     def kept(self) -> list[Trial]:
         return [t for t in self.trials if t.kept]
 
+    def value(self, label: int) -> int:
+        """The value the label files hold for the network's channel ``label``."""
+        return self.label_values.get(label, label)
+
+    def kept_summary(self) -> str:
+        """The steps kept, ``label: step`` (the label's value, or ``all``) comma-separated, for one line."""
+        return ", ".join(f"{'all' if t.label is None else self.value(t.label)}: {t.step}" for t in self.kept())
+
     def to_dict(self) -> dict[str, Any]:
+        """The JSON record (``postprocess_tuning.json``), labels named by their values."""
         return {
             "cases": self.cases,
-            "baseline_dice": {str(k): v for k, v in self.baseline_dice.items()},
-            "final_dice": {str(k): v for k, v in self.final_dice.items()},
-            "trials": [asdict(t) for t in self.trials],
+            "baseline_dice": {str(self.value(k)): v for k, v in self.baseline_dice.items()},
+            "final_dice": {str(self.value(k)): v for k, v in self.final_dice.items()},
+            "trials": [
+                {**asdict(t), "label": None if t.label is None else self.value(t.label)} for t in self.trials
+            ],
             "tta": self.tta,
             "tta_flips": self.tta_flips,
-            "components_max": {str(k): v for k, v in sorted(self.components_max.items())},
+            "components_max": {str(self.value(k)): v for k, v in sorted(self.components_max.items())},
         }
 
     def table(self) -> str:
@@ -168,7 +182,7 @@ class TuningReport:
             "|---|---|---|---|---|---|---|",
         ]
         for t in self.trials:
-            where = "all" if t.label is None else str(t.label)
+            where = "all" if t.label is None else str(self.value(t.label))
             lines.append(
                 f"| {where} | {t.step} | {t.dice_before:.4f} | {t.dice_after:.4f} | {t.hd95_before:.2f} | "
                 f"{t.hd95_after:.2f} | {'yes' if t.kept else 'no'}{f' ({t.note})' if t.note else ''} |"
@@ -266,7 +280,7 @@ def crf_helps(
 
 def crf_verdict(
     before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], min_gain: float,
-    hd95_tol: float = HD95_MIN_TOLERANCE_MM,
+    hd95_tol: float = HD95_MIN_TOLERANCE_MM, label_values: Mapping[int, int] | None = None,
 ) -> tuple[bool, str]:
     """(kept, why not): the mean Dice rises by ``min_gain``, no label's Dice falls by more than
     ``CRF_LABEL_TOLERANCE`` or than the mean rose, and the HD95 averaged over the labels does not worsen
@@ -274,14 +288,16 @@ def crf_verdict(
     on the average, not label by label: on two validation cases one label's HD95 is one stray blob
     (which keep-largest, tuned next, removes), and a per-label rule rejected a CRF that raised every
     label's Dice (mean 0.862 -> 0.889) and cut the mean HD95 from 16.3 to 10.5 mm because one
-    label's rose from 20.9 to 23.2 mm."""
+    label's rose from 20.9 to 23.2 mm. ``label_values``: the label files' value of each channel, for
+    the reason given (``TuningReport.label_values``)."""
     gain = _label_mean(after, 0) - _label_mean(before, 0)
     if gain < min_gain:
         return False, "" if gain < 0 else f"mean gain {gain:+.4f} below {min_gain:g}"
     fell = _labels_that_fell(before, after, min_gain)
     if fell:
         k = max(fell, key=lambda k: before[k][0] - after[k][0])
-        return False, f"label {k} fell {before[k][0]:.3f} -> {after[k][0]:.3f}"
+        value = (label_values or {}).get(k, k)
+        return False, f"label {value} fell {before[k][0]:.3f} -> {after[k][0]:.3f}"
     if not _not_worse(_label_mean(after, 1), _label_mean(before, 1), hd95_tol):
         return False, "mean HD95 rose"
     return True, ""
@@ -365,7 +381,8 @@ def _tune_crf(
             # the CRF on every label but those it lowered: they keep the network's masks
             crf = crf.model_copy(update={"skip_labels": fell})
             refined = [_keep_skipped(r, p, fell) for r, p in zip(refined, probabilities, strict=True)]
-            mean, _ = _crf_trial(f"{name}, not on label {', '.join(map(str, fell))}", refined, before, refs,
+            spared = ", ".join(str(report.value(k)) for k in fell)
+            mean, _ = _crf_trial(f"{name}, not on label {spared}", refined, before, refs,
                                  spacings, fg, min_gain, hd95_tol, report)
         if mean is not None and (best is None or mean > best[0]):
             best = (mean, refined, crf, report.trials[-1])
@@ -384,7 +401,7 @@ def _crf_trial(name, refined, before, refs, spacings, fg, min_gain, hd95_tol, re
     labels = [r.argmax(0) for r in refined]
     after = {k: _scores(labels, refs, spacings, k) for k in fg}
     mean_after = _label_mean(after, 0)
-    helps, why_not = crf_verdict(before, after, min_gain, hd95_tol)
+    helps, why_not = crf_verdict(before, after, min_gain, hd95_tol, report.label_values)
     report.trials.append(Trial(None, name, _label_mean(before, 0), mean_after, _label_mean(before, 1),
                                _label_mean(after, 1), False, why_not))
     return (mean_after if helps else None), after
@@ -476,6 +493,7 @@ def tune_postprocessing(
     min_gain: float = 1e-3,
     tta_probabilities: Mapping[int, Sequence[np.ndarray]] | None = None,
     components_max: Mapping[int, int] | None = None,
+    label_values: Mapping[int, int] | None = None,
 ) -> tuple[PostprocessConfig, TuningReport]:
     """Choose the post-processing on validation cases; see the module docstring.
 
@@ -493,6 +511,8 @@ def tune_postprocessing(
         components_max: per label, the most connected components any training reference has
             (the fingerprint's ``label_components_max``): keeping that many largest components
             (or more) is kept when it lowers the validation Dice nowhere, without a gain.
+        label_values: channel -> the value the label files hold (``Config.label_values``); the
+            report names the labels by these values.
 
     Example:
         >>> cfg, report = tune_postprocessing(probs, refs, spacing=(1, 1, 2.5), label_ids=[0, 1, 2])
@@ -522,7 +542,7 @@ def tune_postprocessing(
     )
     plain = [np.asarray(p).argmax(0) for p in probabilities]
     report = TuningReport(len(refs), {k: _scores(plain, refs, spacings, k)[0] for k in fg}, {},
-                          components_max=dict(components_max or {}))
+                          components_max=dict(components_max or {}), label_values=dict(label_values or {}))
     tol = hd95_tolerance(spacings)  # what "does not worsen HD95" allows, for every step
     if tta_probabilities:
         probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report, tol)
@@ -616,7 +636,7 @@ def validation_probabilities(
     the model grid (the preprocessing of ``cfg``, sliding windows as validation runs them)."""
     import torch
 
-    from medseg.transforms import build_preprocess
+    from medseg.transforms import build_preprocess, preprocessed
     from medseg.validation import window_logits
 
     preprocess = build_preprocess(cfg)
@@ -627,7 +647,7 @@ def validation_probabilities(
     network.eval()
     with torch.no_grad():
         for case in cases:
-            item = preprocess(_raw_item(case))  # image: one path, or one per channel
+            item = preprocessed(preprocess, _raw_item(case))  # image: one path, or one per channel
             image = item["image"][None].to(device)
             probs.append(torch.softmax(window_logits(network, image, cfg), dim=1)[0].cpu().numpy())
             refs.append(np.asarray(item["label"][0]).round().astype(np.int64))
@@ -646,14 +666,14 @@ def tta_validation_probabilities(
     its probabilities, serve as the unflipped pass)."""
     import torch
 
-    from medseg.transforms import build_preprocess
+    from medseg.transforms import build_preprocess, preprocessed
 
     preprocess = build_preprocess(cfg)
     out: dict[int, list[np.ndarray]] = {}
     network.eval()
     with torch.no_grad():
         for case, unflipped in zip(cases, plain, strict=True):
-            image = preprocess(_raw_item(case))["image"][None].to(device)
+            image = preprocessed(preprocess, _raw_item(case))["image"][None].to(device)
             for n, probs in _flip_averages(network, image, cfg, unflipped, passes).items():
                 out.setdefault(n, []).append(probs)
     return out
@@ -706,7 +726,7 @@ def tune_bundle(
                      2 * plain_s)
         if passes == 2:
             log.info("time budget: flip TTA tried with 2 passes only (8 would take about %.0f s)", 8 * plain_s)
-    most = components_max(bundle.metadata, refs if count_references else ())
+    most = components_max(bundle.metadata, refs if count_references else (), label_values=cfg.label_values)
     chosen, report = tune_postprocessing(
         probs,
         refs,
@@ -716,6 +736,7 @@ def tune_bundle(
         base=cfg.postprocess,
         tta_probabilities=tta_probs,
         components_max=most,
+        label_values=cfg.label_values,
     )
     tuned = cfg.model_copy(update={"postprocess": chosen}, deep=True)
     if report.tta is not None:
@@ -727,12 +748,20 @@ def tune_bundle(
     return report
 
 
-def components_max(metadata: Mapping[str, Any], references: Sequence[np.ndarray] = ()) -> dict[int, int] | None:
-    """Per label, the most components a reference has: the bundle's training references (metadata
-    ``label_components_max``) and ``references``; None when neither says (bundles before 2026-12-06)."""
+def components_max(
+    metadata: Mapping[str, Any],
+    references: Sequence[np.ndarray] = (),
+    *,
+    label_values: Mapping[int, int] | None = None,
+) -> dict[int, int] | None:
+    """Per channel, the most components a reference has: the bundle's training references (metadata
+    ``label_components_max``, keyed by the label files' values, which ``label_values`` maps onto the
+    channels) and ``references`` (on the channels); None when neither says (bundles before 2026-12-06)."""
     from medseg.data import label_components
 
-    most = {int(k): int(v) for k, v in (metadata.get("label_components_max") or {}).items()}
+    channel = {v: c for c, v in (label_values or {}).items()}
+    recorded = metadata.get("label_components_max") or {}
+    most = {channel.get(int(k), int(k)): int(v) for k, v in recorded.items()}
     for ref in references:
         for k, n in label_components(ref).items():
             most[k] = max(most.get(k, 0), n)
@@ -764,7 +793,7 @@ def tune_on_dataset(model: Any, data: Any, out: Any, *, max_cases: int = 20) -> 
     cases = sorted((c for c in dataset.training if c.label is not None), key=lambda c: c.name)[:max_cases]
     if not cases:
         raise InputError(dataset.root, "no labelled cases to tune on (the dataset's 'training' list is empty)")
-    theirs = {int(k): v for k, v in (bundle.config.labels or {}).items()}
+    theirs = bundle.labels  # by the values the label files hold, as dataset.json's
     if theirs != dataset.labels:
         raise InputError(dataset.root, f"labels {dataset.labels} differ from the model's {theirs}")
     if dataset.root.resolve().name == bundle.metadata.get("dataset"):
