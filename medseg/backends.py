@@ -523,7 +523,7 @@ def measure(
     (:func:`_interleaved_best`).
     """
     batch = parity_batch(bundle, window_shape)
-    labels = bundle.labels or {k: str(k) for k in range(1, 2)}
+    labels = bundle.config.labels or {k: str(k) for k in range(1, 2)}  # by network channel, as the logits
     reference_predictor = torch_predictor(bundle.network, "fp32", "cpu")
     reference = reference_predictor(batch)  # warm-up and the logits every candidate is held to
     out = [Candidate("torch", "fp32", None, 1.0, {}, 0.0, True)]

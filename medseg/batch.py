@@ -4,7 +4,8 @@ The options of a batch are resolved once, into a frozen ``InferOptions`` (flags 
 the first bundle's config). Per input ``X`` the case owes ``<stem>_seg.nii.gz`` (or, with
 ``--output-format``, ``<stem>_seg.nrrd``/``.mha``) with its label tables ``<stem>_seg.itksnap.txt``
 and ``<stem>_seg.ctbl``, with
-``--save-probabilities`` ``<stem>_seg_prob_<k>.nii.gz`` and ``<stem>_seg_entropy.nii.gz``,
+``--save-probabilities`` ``<stem>_seg_prob_<k>.nii.gz`` (``k`` a label value, as in the mask)
+and ``<stem>_seg_entropy.nii.gz``,
 with ``--dicom-seg`` (DICOM inputs) ``<stem>_seg.dcm``, with ``--rtstruct`` (DICOM inputs)
 ``<stem>_seg_rtstruct.dcm``; then, last and once, the sidecar
 ``<stem>_seg.json`` naming the files it completes and holding the case's QC figures.
@@ -384,12 +385,17 @@ class _Batch:
             self.progress.update(stage, done, total)
 
 
-def _write_probability_maps(pred: Prediction, volume: Volume, files: CaseFiles, written: list[Path]) -> None:
-    """Per-class probability maps and the entropy map, float32 NIfTI in the source grid."""
+def _write_probability_maps(
+    batch: _Batch, pred: Prediction, volume: Volume, files: CaseFiles, written: list[Path]
+) -> None:
+    """Per-class probability maps (named by the label files' value of the class) and the entropy map,
+    float32 NIfTI in the source grid."""
     assert pred.probabilities is not None
     *per_class, entropy = files.probabilities
+    channel = {v: c for c, v in (batch.bundles[0].config.label_values or {}).items()}
     for path in per_class:
-        k = int(path.name[: -len(".nii.gz")].rsplit("_", 1)[1])
+        value = int(path.name[: -len(".nii.gz")].rsplit("_", 1)[1])
+        k = channel.get(value, value)
         array = pred.probabilities[k] if k < pred.probabilities.shape[0] else np.zeros(volume.shape)
         written.append(path)
         write_nifti(volume.with_array(array.astype(np.float32), kind="image"), path, dtype="float32")
@@ -463,7 +469,7 @@ def _write_outputs(
     written.extend(files.label_tables)
     write_label_tables(files.mask, batch.labels)
     if files.probabilities:
-        _write_probability_maps(pred, volume, files, written)
+        _write_probability_maps(batch, pred, volume, files, written)
     name, version = batch.algorithm
     series = batch.options.series[0] if batch.options.series else None
     dicom_outputs = (

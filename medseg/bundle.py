@@ -69,7 +69,9 @@ class Bundle:
 
     @property
     def labels(self) -> dict[int, str]:
-        return dict(self.config.labels or {})
+        """The label names by the values its masks hold: those of the training label files, also
+        where the network's channels are numbered otherwise (``config.labels``, ``medseg.labels``)."""
+        return self.config.stored_labels()
 
     @property
     def device(self) -> torch.device:

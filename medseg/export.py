@@ -98,7 +98,7 @@ def _parity_record(bundle: Bundle, runs: list[tuple[str, str]], window_shape: tu
         name = f"{backend}/{precision}"
         try:
             predictor = build_predictor(bundle, backend, precision, "cpu", window_shape=window_shape)
-            results[name] = parity(reference, predictor(batch), bundle.labels)
+            results[name] = parity(reference, predictor(batch), bundle.config.labels or {})  # by channel
         except MedsegError as exc:
             results[name] = {"skipped": one_line(exc)}
         log.info("parity %s: %s", name, json.dumps(results[name]))

@@ -340,7 +340,8 @@ def labels_from_dataset_json(path: str | Path) -> LabelScheme:
 
 
 def labels_from_model(model: str | Path) -> LabelScheme:
-    """The label names of a bundle folder or MLflow model URI (its config, without loading the network)."""
+    """The label names of a bundle folder or MLflow model URI by the values its masks hold (its
+    config, without loading the network)."""
     import yaml
 
     from medseg.bundle import CONFIG, resolve_model
@@ -353,7 +354,7 @@ def labels_from_model(model: str | Path) -> LabelScheme:
         raise InputError(folder, f"not a medseg bundle (cannot read {CONFIG})") from exc
     if not cfg.labels:
         raise InputError(folder / CONFIG, "bundle config has no labels")
-    return LabelScheme(dict(cfg.labels), str(model))
+    return LabelScheme(cfg.stored_labels(), str(model))  # the values its masks hold
 
 
 def labels_from_sidecars(masks: list[Path]) -> LabelScheme | None:

@@ -5,7 +5,7 @@
     out/configs/metadata.json   MONAI's bundle metadata (versions, network data format, labels)
     out/configs/inference.json  LoadImage -> RAS -> planned spacing -> foreground crop -> intensity
                                 -> sliding window -> softmax -> resampled back onto the input's grid
-                                -> argmax -> post-processing -> SaveImage
+                                -> argmax -> post-processing -> label values -> SaveImage
     out/models/model.ts         the network, TorchScript (no medseg import needed to load it)
     out/docs/README.md
 
@@ -164,7 +164,24 @@ def postprocessing(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         "separate_folder": False,
         "print_log": False,
     }
-    return [*_to_labels(post, ids), *_cleanup(post, ids), save], skipped
+    return [*_to_labels(post, ids), *_cleanup(post, ids), *_to_values(cfg), save], skipped
+
+
+def _to_values(cfg: Config) -> list[dict[str, Any]]:
+    """The network's channels back to the values the training label files held (a 0/255 dataset's
+    masks are 0/255; ``medseg.labels``); nothing where they are the same."""
+    if cfg.label_values is None:
+        return []
+    channels = sorted(cfg.label_values)
+    return [
+        {
+            "_target_": "MapLabelValued",
+            "keys": "pred",
+            "orig_labels": channels,
+            "target_labels": [cfg.label_values[c] for c in channels],
+            "dtype": "$numpy.uint8",
+        }
+    ]
 
 
 def _to_labels(post: PostprocessConfig, ids: list[int]) -> list[dict[str, Any]]:
@@ -297,6 +314,7 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
 
     cfg = bundle.config
     labels = {str(k): v for k, v in sorted((cfg.labels or {}).items())}
+    mask_labels = {str(k): v for k, v in sorted(cfg.stored_labels().items())}
     patch = [int(p) for p in cfg.train.patch_size or ()]
     names = channel_names(cfg)
     kinds = [it.kind for it in cfg.preprocess.channel_intensities()]
@@ -348,6 +366,9 @@ def metadata(bundle: Bundle, skipped: list[str]) -> dict[str, Any]:
             "source": bundle.source or str(bundle.path),
             "bundle_hash": bundle_hash(bundle.path),
             "not_exported": skipped,
+            # the masks' values where they are not the output channels' (channel_def): the training
+            # label files' values, as medseg infer writes them
+            **({"mask_labels": mask_labels} if cfg.label_values else {}),
         },
     }
 

@@ -16,8 +16,9 @@ windows (B, 1, X, Y, Z) to logits (B, C, X, Y, Z). ``torch_predictor`` wraps a
 bundle's network (no_grad, autocast, memory format); other backends (ONNX Runtime,
 OpenVINO) plug in by passing their own callable as ``predictor``.
 
-Hands on a ``Prediction`` (mask in the source grid, optional probabilities, timings)
-to ``medseg.batch``, which writes the files.
+Hands on a ``Prediction`` (mask in the source grid, holding the label files' values, see
+``medseg.labels``; optional probabilities, one per network channel; timings) to ``medseg.batch``,
+which writes the files.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from monai.inferers import sliding_window_inference
 from medseg.config import CRFConfig, InferConfig
 from medseg.io import Volume
 from medseg.kernels import keep_channels_last
+from medseg.labels import channels_to_values
 from medseg.postprocess import label_biases, postprocess_labels
 from medseg.runtime import Precision, autocast, channels_last, resolve_precision, set_memory_format
 from medseg.separable import AxisMap, axis_aligned_map
@@ -62,7 +64,7 @@ the network runs, windows done of the total for this case. It may raise to stop 
 
 @dataclass
 class Prediction:
-    mask: Volume
+    mask: Volume  # the label files' values (``Config.label_values``), not the network's channels
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None  # (C, X, Y, Z) float16 in the source grid, when asked for
     tta_disagreement: float | None = None  # fraction of predicted-foreground voxels where flips disagree
@@ -665,6 +667,7 @@ def ensemble_to_source_grid(
             labels = postprocess_labels(
                 labels, cfg.postprocess, spacing=volume.spacing, label_ids=sorted(cfg.labels or {})
             )
+    labels = channels_to_values(labels, cfg.label_values)  # the mask holds the label files' values
     disagreements = [r.tta_disagreement for r in results if r.tta_disagreement is not None]
     return Prediction(
         mask=volume.with_array(labels, kind="label"),
