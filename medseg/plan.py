@@ -553,24 +553,6 @@ def measure_step_seconds(
 CPU_DATA_OVERHEAD = 1.15
 
 
-def sparse_labels_warning(labels: dict[int, str] | None) -> str | None:
-    """A warning when the label values leave most output channels unused: the network has one per
-    value from 0 to the largest, so a mask stored as 0/255 trains 256 channels for 2 labels (a step
-    2.96 s against 0.095 s at 32x32x16 here, benchmarks/README.md). None when the values are dense enough."""
-    if not labels:
-        return None
-    channels = max(labels) + 1
-    if channels <= max(8, 2 * len(labels)):
-        return None
-    values = sorted(labels)
-    shown = ", ".join(map(str, values)) if len(values) <= 6 else ", ".join(map(str, values[:5])) + ", ..."
-    return (
-        f"label values {shown}: the network gets one output channel per value up to {max(labels)}, "
-        f"{channels} for {len(labels)} labels, and trains that much slower; store the labels as "
-        f"0..{len(labels) - 1} (dataset.json and the masks) for the same result at the speed of {len(labels)} channels"
-    )
-
-
 def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
     """Networks to measure. A network the user named: it, and at half width when the width is not
     given. None named: the default, MONAI's UNet, at its width only. The classic U-Net

@@ -59,12 +59,13 @@ from medseg.checkpoint import (
     restore_rng,
     save_state,
 )
-from medseg.config import Config, dump_config, flatten
+from medseg.config import Config, config_tree, dump_config, flatten
 from medseg.data import Case, Dataset, Fingerprint, fingerprint, load_dataset, split_cases
 from medseg.errors import InputError, MedsegError, StoppedError, TrackingError
 from medseg.io import write_text_atomic
 from medseg.io.volume import sweep_partials
 from medseg.kernels import training_stand_ins
+from medseg.labels import channel_labels, channels_to_values, mapping_note
 from medseg.locks import exclusive_on_every_rank
 from medseg.losses import DiceCE
 from medseg.models import build_model, deep_supervision_weights
@@ -75,7 +76,6 @@ from medseg.plan import (
     make_plan,
     plan_for_budget,
     plan_summary,
-    sparse_labels_warning,
 )
 from medseg.progress import TrainingProgress
 from medseg.resume import Continuation, continue_run, explicit_settings
@@ -668,7 +668,7 @@ class Trainer:
             per_label = {self.labels[k]: record.get(f"val_dice_{self.labels[k]}") for k in self.label_ids if k}
             self._save_bundle(epoch + 1, per_label)
             if first is not None:
-                _overlay(first, self.run_dir / "overlays" / "val_best.png", self.labels, epoch + 1)
+                _overlay(first, self.run_dir / "overlays" / "val_best.png", self.cfg, epoch + 1)
         return True
 
     def _end_epoch(self, epoch: int, record: dict[str, float], improved: bool) -> None:
@@ -769,14 +769,17 @@ def _sync_history(tracker: Tracker, history: list[dict[str, float]]) -> None:
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
 
 
-def _overlay(first: FirstCase, path: Path, labels: dict[int, str], epoch: int) -> None:
+def _overlay(first: FirstCase, path: Path, cfg: Config, epoch: int) -> None:
+    """The first validation case's predicted mask, labelled and coloured by the label files' values
+    (as inference's QC pictures)."""
     from medseg.io import Volume
     from medseg.viz import overlay_png
 
     window = (float(np.percentile(first.image, 1)), float(np.percentile(first.image, 99)))
+    mask = channels_to_values(first.prediction.astype(np.uint8), cfg.label_values)
     try:
-        overlay_png(Volume(first.image.astype(np.float32), first.affine), first.prediction.astype(np.uint8), path,
-                    labels=labels, window=window, title=f"validation, epoch {epoch}: predicted mask")
+        overlay_png(Volume(first.image.astype(np.float32), first.affine), mask, path, labels=cfg.stored_labels(),
+                    window=window, title=f"validation, epoch {epoch}: predicted mask")
     except Exception as exc:  # a picture must never stop training
         log.warning("validation overlay not written (%s)", exc)
 
@@ -889,8 +892,6 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         cfg = make_plan(cfg, fp)
     elif dist.main:
         out_channels = max(cfg.labels or {0: ""}) + 1
-        if warning := sparse_labels_warning(cfg.labels):
-            log.warning("%s", warning)
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
     cfg, budget = dist.broadcast((cfg, budget))
@@ -900,6 +901,8 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         train_cases, val_cases = split_cases(dataset.training, seed=cfg.seed, val_fraction=cfg.train.val_fraction,
                                              fold=cfg.train.fold, num_folds=cfg.train.num_folds)
     if dist.main:
+        if mapped := mapping_note(cfg):
+            log.info("%s", mapped)
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
         log.info("%s", summary)
         note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]
@@ -945,7 +948,7 @@ def _log_run_params(tracker: Tracker, prep: _Prepared, run_dir: Path, device: to
     commit = git_commit()
     tracker.log_params(
         {
-            **flatten(prep.cfg.model_dump(mode="json")),
+            **flatten(config_tree(prep.cfg)),
             "fingerprint_hash": prep.fp.hash,
             "n_train": len(prep.train_cases),
             "n_val": len(prep.val_cases),
@@ -968,7 +971,7 @@ def _train(
     started = time.monotonic()
     requested = explicit_settings(cfg)  # what the user asked for, before anything is filled in
     dataset = load_dataset(data_root, allow_outside_root=cfg.data.allow_outside_root)
-    cfg = cfg.model_copy(update={"labels": cfg.labels or dataset.labels}, deep=True)
+    cfg = channel_labels(cfg, dataset.labels)  # label values not 0..K-1 train on channels 0..K-1
     chosen = _cases_by_name(dataset, split) if split is not None else None
     run_dir = Path(out_dir) if out_dir else _default_run_dir(data_root, cfg)
     # one run per folder: a second one is refused (naming the holder) on every rank before it touches anything
@@ -1057,8 +1060,8 @@ def _tune_postprocessing(run_dir: Path, val_cases: list, device: torch.device, d
         return
     write_text_atomic(run_dir / "postprocess_tuning.md", report.table() + "\n")
     tracker.log_artifact(run_dir / "postprocess_tuning.md")
-    tracker.log_metrics({f"val_pp_dice_{k}": v for k, v in report.final_dice.items()}, step=0)
-    kept = ", ".join(f"{'all' if t.label is None else t.label}: {t.step}" for t in report.kept()) or "none"
+    tracker.log_metrics({f"val_pp_dice_{report.value(k)}": v for k, v in report.final_dice.items()}, step=0)
+    kept = report.kept_summary() or "none"
     log.info("post-processing chosen on validation: %s", kept)
 
 

@@ -240,17 +240,25 @@ def test_train_with_no_config_uses_the_plan(tiny_dataset, tmp_path, capsys):
     assert "plan.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_sparse_label_values_are_warned_about_dense_ones_are_not():
-    from medseg.plan import sparse_labels_warning
+def test_sparse_label_values_become_channels_dense_ones_stay():
+    """Label values that are not 0..K-1 train on channels 0..K-1 (no warning, no advice to relabel:
+    the values are mapped, and mapped back when masks are written); dense labels are left alone."""
+    from medseg.config import Config
+    from medseg.labels import channel_labels, mapping_note
 
-    assert sparse_labels_warning({0: "background", 1: "liver", 2: "spleen"}) is None
-    assert sparse_labels_warning({0: "background", 2: "a", 7: "b"}) is None  # 8 channels for 3: tolerated
-    assert sparse_labels_warning(None) is None
-    message = sparse_labels_warning({0: "background", 255: "lesion"})
-    assert message is not None
-    assert "label values 0, 255" in message
-    assert "256 for 2 labels" in message
-    assert "0..1" in message
-    many = sparse_labels_warning({0: "background", **{v: f"o{v}" for v in (5, 10, 20, 40, 60, 117)}})
-    assert many is not None
-    assert "0, 5, 10, 20, 40, ..." in many
+    dense = channel_labels(Config(), {0: "background", 1: "liver", 2: "spleen"})
+    assert dense.labels == {0: "background", 1: "liver", 2: "spleen"}
+    assert dense.label_values is None
+    assert mapping_note(dense) is None
+    assert channel_labels(Config(), None).labels is None
+    sparse = channel_labels(Config(), {0: "background", 255: "lesion"})
+    assert sparse.labels == {0: "background", 1: "lesion"}
+    assert sparse.label_values == {0: 0, 1: 255}
+    assert max(sparse.labels) + 1 == 2  # two output channels, not 256
+    note = mapping_note(sparse)
+    assert note is not None
+    assert "values 0, 255 are network channels 0..1 (2 labels)" in note
+    assert "relabel" not in note
+    assert channel_labels(sparse).label_values == {0: 0, 1: 255}  # a mapped config is kept as it is
+    many = channel_labels(Config(), {0: "background", **{v: f"o{v}" for v in (5, 10, 20, 40, 60, 117)}})
+    assert "0, 5, 10, 20, 40, ..." in (mapping_note(many) or "")
