@@ -56,8 +56,9 @@ def test_dicom_seg_on_a_synthetic_series(tmp_path, rng):
     mask = np.zeros(volume.shape, np.uint8)
     mask[2:8, 3:9, 1:5] = 1
     mask[9:12, 1:4, 4:7] = 3  # label values need not be consecutive
+    mask[9:12, 6:9, 0:2] = 255  # nor small: a binary mask exported as 0/255 (medseg.labels)
     check_seg_matches_mask(
-        tmp_path, tmp_path / "series", volume, mask, {0: "background", 1: "liver", 3: "spleen"}
+        tmp_path, tmp_path / "series", volume, mask, {0: "background", 1: "liver", 3: "spleen", 255: "lesion"}
     )
 
 

@@ -44,6 +44,8 @@ def test_synth_train_infer_evaluate_track(tmp_path):
     assert not re.search(r"^\d{4}/\d\d/\d\d .* INFO mlflow", proc.stderr, re.M), proc.stderr
     bundle = tmp_path / "run" / "bundle"
     assert {p.name for p in bundle.iterdir()} >= {"model.safetensors", "config.yaml", "metadata.json"}
+    # labels 0..K-1 are the network's channels as they are: nothing mapped (medseg.labels)
+    assert "label_values" not in (bundle / "config.yaml").read_text()
 
     test_image = data / "imagesTs" / "case_004.nii.gz"
     dicom_case = data / "dicom" / "case_004"

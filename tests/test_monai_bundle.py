@@ -160,6 +160,32 @@ def test_post_processing_maps_to_monai_transforms_and_lists_what_it_cannot():
     assert int(out.argmax(0).unique()) == 2  # 0.1 * e^2 = 0.74 beats 0.6
 
 
+def test_a_model_of_label_values_0_255_exports_masks_of_0_255():
+    """The network's channels go back to the label files' values before the mask is saved, as
+    ``medseg infer`` writes them (``medseg.labels``); labels 0..K-1 need no such step."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medseg.config import load_config
+    from medseg.labels import channel_labels
+    from medseg.monai_bundle import inference_config
+
+    cfg = channel_labels(load_config(None, TINY_OVERRIDES), {0: "background", 255: "lesion"})
+    cfg.preprocess.intensity.window = (-100.0, 200.0)
+    cfg.preprocess.intensity.mean, cfg.preprocess.intensity.std = 50.0, 30.0
+    config, _ = inference_config(cfg)
+    names = [t["_target_"] for t in config["postprocessing"]["transforms"]]
+    assert names[-2:] == ["MapLabelValued", "SaveImaged"]
+    parser = ConfigParser(config)
+    parser["bundle_root"] = "."
+    to_values = parser.get_parsed_content("postprocessing").transforms[-2]
+    mask = to_values({"pred": torch.tensor([[[[0.0, 1.0]]]])})["pred"]
+    assert mask.flatten().tolist() == [0, 255]
+    dense = channel_labels(load_config(None, TINY_OVERRIDES), {0: "background", 1: "lesion"})
+    dense.preprocess.intensity = cfg.preprocess.intensity
+    assert "MapLabelValued" not in json.dumps(inference_config(dense)[0])
+
+
 @pytest.fixture(scope="module")
 def two_channel_bundle(tmp_path_factory):
     """A one-epoch bundle of a 2-channel (CT + T2) nnU-Net dataset, and its test case as a user has it:
