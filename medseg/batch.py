@@ -642,6 +642,25 @@ def expand_models(models: list[str | Path]) -> list[str]:
     return out
 
 
+def check_ensemble(bundles: list[Bundle]) -> None:
+    """Refuse an ensemble whose bundles would average different things: every bundle must have the
+    first one's labels on the same network channels (``Config.label_values``) and take as many image
+    channels; otherwise the averaged probabilities would mix organs, silently."""
+    first = bundles[0]
+    for other in bundles[1:]:
+        for what, mine, theirs in (
+            ("labels", first.labels, other.labels),
+            ("label channels", first.config.labels, other.config.labels),
+            ("image channels", first.config.model.in_channels or 1, other.config.model.in_channels or 1),
+        ):
+            if mine != theirs:
+                raise InputError(
+                    other.source or other.path,
+                    f"cannot ensemble with {first.source or first.path}: its {what} are {theirs}, the "
+                    f"first model's {mine}; an ensemble averages models of the same labels and inputs",
+                )
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
@@ -766,6 +785,7 @@ def run_inference(
         StoppedError: SIGTERM or SIGINT stopped the batch (after the rollback and the report).
     """
     check_output_folder(list(inputs), output_dir)
+    check_ensemble(bundles)
     bundles, options = resolve_options(
         bundles, device=device, precision=precision, backend=backend, tta=tta, crf=crf, overlap=overlap,
         sw_batch_size=sw_batch_size, blend_mode=blend_mode, cpu_bf16=cpu_bf16, dicom_seg=dicom_seg,

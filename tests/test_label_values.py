@@ -208,3 +208,31 @@ def test_per_label_settings_are_given_by_value_and_stored_by_channel():
     assert dense.label_values is None
     assert "label_values" not in dump_config(dense)
     assert channels_to_values(channels, None) is channels
+
+
+def test_an_ensemble_of_models_with_other_labels_is_refused(tmp_path):
+    """Averaging a 0/255 model with a 0..3 model, or models whose labels differ, would mix organs:
+    ``medseg infer`` refuses before anything loads, naming the model that differs."""
+    from types import SimpleNamespace
+
+    from medseg.batch import check_ensemble, run_inference
+    from medseg.config import config_from_dict
+    from medseg.errors import InputError
+    from medseg.labels import channel_labels
+
+    def model(name: str, labels: dict[int, str], **config) -> SimpleNamespace:
+        cfg = channel_labels(config_from_dict(config), labels)
+        return SimpleNamespace(labels=cfg.stored_labels(), config=cfg, source=name, path=tmp_path / name)
+
+    organs = {0: "background", 255: "organs"}
+    same = model("a", organs), model("b", organs)
+    args = ([str(tmp_path / "in.nii.gz")], tmp_path / "out")
+    # the labels, the channels they are on, the image channels: each must match the first model's
+    for second, what in (
+        (model("b", SPLEEN_AS_5), "labels"),
+        (model("b", {0: "background", 1: "organs"}), "labels"),
+        (model("b", organs, model={"in_channels": 2}), "image channels"),
+    ):
+        with pytest.raises(InputError, match=rf"^b: cannot ensemble with a: its {what} are"):
+            run_inference([same[0], second], *args)
+    assert check_ensemble(list(same)) is None  # the same labels on the same channels: an ensemble
