@@ -60,6 +60,7 @@ from medseg.io import (
 from medseg.io.labeltables import label_table_paths
 from medseg.io.preflight import preflight_inference
 from medseg.io.volume import sweep_partials
+from medseg.labels import value_channels
 from medseg.predict import (
     Prediction,
     crf_config,
@@ -392,7 +393,7 @@ def _write_probability_maps(
     float32 NIfTI in the source grid."""
     assert pred.probabilities is not None
     *per_class, entropy = files.probabilities
-    channel = {v: c for c, v in (batch.bundles[0].config.label_values or {}).items()}
+    channel = value_channels(batch.bundles[0].config.label_values)
     for path in per_class:
         value = int(path.name[: -len(".nii.gz")].rsplit("_", 1)[1])
         k = channel.get(value, value)

@@ -93,6 +93,12 @@ def values_outside(array: np.ndarray, allowed: Iterable[int]) -> list[int]:
     return sorted(set(present.tolist()) - {int(v) for v in allowed})
 
 
+def value_channels(label_values: Mapping[int, int] | None) -> dict[int, int]:
+    """The inverse of ``label_values``: stored value -> network channel (empty when they are the
+    same, so that ``.get(v, v)`` reads a value as its channel either way)."""
+    return {v: c for c, v in (label_values or {}).items()}
+
+
 def values_to_channels(array: np.ndarray, label_values: Mapping[int, int]) -> np.ndarray:
     """A label map's values as network channels (uint8); every value must be one of ``label_values``
     (``medseg.io.load_label`` refuses the others, naming the file)."""

@@ -54,6 +54,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from medseg.config import CRFConfig, LabelPostprocess, PostprocessConfig
+from medseg.labels import value_channels
 from medseg.metrics import dice, hd95
 from medseg.postprocess import postprocess_labels
 
@@ -518,16 +519,7 @@ def tune_postprocessing(
         >>> cfg, report = tune_postprocessing(probs, refs, spacing=(1, 1, 2.5), label_ids=[0, 1, 2])
         >>> print(report.table())
     """
-    if len(probabilities) != len(references) or not references:
-        raise ValueError(
-            f"need as many probabilities as references (got {len(probabilities)}, {len(references)})"
-        )
-    for passes, averaged in (tta_probabilities or {}).items():
-        if len(averaged) != len(references):
-            raise ValueError(f"need as many {passes}-pass TTA probabilities as references (got {len(averaged)})")
-    per_case = list(spacing) if spacing and isinstance(spacing[0], Sequence) else [spacing] * len(references)
-    spacings = [cast(Spacing, tuple(float(v) for v in cast(Sequence[float], s))) for s in per_case]
-    refs = [np.asarray(r).astype(np.int64) for r in references]
+    refs, spacings = _case_inputs(probabilities, references, spacing, tta_probabilities)
     ids = sorted(int(k) for k in label_ids)
     fg = [k for k in ids if k]
     cfg = (base or PostprocessConfig()).model_copy(
@@ -562,6 +554,26 @@ def tune_postprocessing(
     report.final_dice = {k: _scores(final, refs, spacings, k)[0] for k in fg}
     log.debug("%s", report.table())  # the table goes to postprocess_tuning.md (and tune's stdout)
     return cfg, report
+
+
+def _case_inputs(
+    probabilities: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    spacing: Spacing | Sequence[Spacing],
+    tta_probabilities: Mapping[int, Sequence[np.ndarray]] | None,
+) -> tuple[list[np.ndarray], list[Spacing]]:
+    """``tune_postprocessing``'s references (int64) and one spacing per case, after checking that
+    every input has one entry per reference."""
+    if len(probabilities) != len(references) or not references:
+        raise ValueError(
+            f"need as many probabilities as references (got {len(probabilities)}, {len(references)})"
+        )
+    for passes, averaged in (tta_probabilities or {}).items():
+        if len(averaged) != len(references):
+            raise ValueError(f"need as many {passes}-pass TTA probabilities as references (got {len(averaged)})")
+    per_case = list(spacing) if spacing and isinstance(spacing[0], Sequence) else [spacing] * len(references)
+    spacings = [cast(Spacing, tuple(float(v) for v in cast(Sequence[float], s))) for s in per_case]
+    return [np.asarray(r).astype(np.int64) for r in references], spacings
 
 
 def _tune_label_steps(
@@ -759,7 +771,7 @@ def components_max(
     channels) and ``references`` (on the channels); None when neither says (bundles before 2026-12-06)."""
     from medseg.data import label_components
 
-    channel = {v: c for c, v in (label_values or {}).items()}
+    channel = value_channels(label_values)
     recorded = metadata.get("label_components_max") or {}
     most = {channel.get(int(k), int(k)): int(v) for k, v in recorded.items()}
     for ref in references:
