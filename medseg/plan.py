@@ -401,7 +401,7 @@ class Candidate:
     batch: int
     features: int
     step_s: float
-    model: str = "monai_unet"
+    model: str = "dynunet"
 
     @property
     def voxels(self) -> int:
@@ -549,22 +549,29 @@ def measure_step_seconds(
     return float(min(times[1:]))
 
 
+# the network the plan takes, with none named, where the default's half width is narrower than the
+# classes it must tell apart: DynUNet at 8 features missed four of ten organs in 90 s (Dice 0.01-0.50)
+# where MONAI's UNet at 16, at the same patch and fewer steps, learned all ten (0.91-0.99; benchmarks/README.md)
+MANY_CLASSES_MODEL = "monai_unet"
+
 # CPU: augmentation shares the cores (13.5 % data wait measured by train_throughput.py)
 CPU_DATA_OVERHEAD = 1.15
 
 
-def _model_candidates(cfg: Config) -> list[tuple[str, int]]:
+def _model_candidates(cfg: Config, out_channels: int) -> list[tuple[str, int]]:
     """Networks to measure. A network the user named: it, and at half width when the width is not
-    given. None named: the default, MONAI's UNet, at its width only. The classic U-Net
-    was measured beside it until the plan took it where nothing reached the step target, as the
-    fastest at half width: on ten organs, each of its own intensity, it reached a validation Dice
-    of 0.30 in 90 s where MONAI's UNet reached 0.86 (0.07 at full width; 0.22 with one level less;
-    benchmarks/README.md), and at every larger size MONAI's UNet was faster (about 2x) and chosen."""
+    given. None named: the default, DynUNet, at its width and half of it (on a 2-core CPU its step
+    at the default width is too slow for the step target at any useful patch, and the plan takes
+    half: 8 features at the top, as on the three phantom draws of benchmarks/README.md; a GPU keeps
+    the full width); but where that half is narrower than the output channels, MONAI's UNet at its
+    width (``MANY_CLASSES_MODEL``: ten organs, below). The classic U-Net was measured beside the
+    default until the plan took it where nothing reached the step target: on ten organs it reached a
+    validation Dice of 0.30 in 90 s where MONAI's UNet reached 0.86 (benchmarks/README.md)."""
     given = cfg.model.model_fields_set
-    models = [(cfg.model.name, cfg.model.features)]
-    if "name" in given and "features" not in given and cfg.model.features >= 16:
-        models.append((cfg.model.name, cfg.model.features // 2))
-    return models
+    half = cfg.model.features // 2 if "features" not in given and cfg.model.features >= 16 else None
+    if "name" not in given and half is not None and half < out_channels:
+        return [(MANY_CLASSES_MODEL, cfg.model.features)]
+    return [(cfg.model.name, cfg.model.features)] + ([(cfg.model.name, half)] if half else [])
 
 
 def _validation_seconds(cfg: Config, fp: Fingerprint, step_s: float, patches_per_step: int) -> float:
@@ -608,8 +615,8 @@ def plan_for_budget(
     warm = _Warmup(cfg, planned, fp, budget=budget, elapsed_s=elapsed_s, device=device,
                    out_channels=out_channels, measure=measure,
                    batch=int(tr.batch_size) if "batch_size" in fixed else 2)
-    _warm_up(patches, _model_candidates(cfg), warm.measure_one, left_s=warm.left_s, cap_s=warm.cap_s,
-             elapsed=warm.elapsed)
+    _warm_up(patches, _model_candidates(cfg, out_channels), warm.measure_one, left_s=warm.left_s,
+             cap_s=warm.cap_s, elapsed=warm.elapsed)
     fit = warm.fit()
     if "patch_size" not in fixed:
         fit = warm.between_sizes(warm.recheck(fit), tr.patch_size)

@@ -118,6 +118,40 @@ def test_a_warm_up_shorter_than_an_epoch_does_not_spend_the_first_epoch_at_no_lr
     assert ramp(39) < 0.05
 
 
+def _timed(dynunet_slower: float, scale: float = 1e-6):
+    """A fake step timer: time grows with the patch, the batch and the width; DynUNet this much slower."""
+    calls: list[tuple[str | None, int, tuple[int, int, int]]] = []
+
+    def measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        calls.append((model_name, features, patch))
+        slower = dynunet_slower if model_name == "dynunet" else 1.0
+        return scale * patch[0] * patch[1] * patch[2] * batch * features / 16 * slower
+
+    return measure, calls
+
+
+def test_with_more_classes_than_half_the_default_width_the_plan_takes_monai_unet():
+    """DynUNet (the default) at half width, 8 features, missed four of ten organs in 90 s where
+    MONAI's UNet at 16 learned all ten (benchmarks/README.md)."""
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
+    measure, calls = _timed(dynunet_slower=2.0)
+    planned, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=11, measure=measure)
+    assert plan is not None
+    assert {(c[0], c[1]) for c in calls} == {("monai_unet", 16)}
+    assert (planned.model.name, planned.model.features) == ("monai_unet", 16)
+    # up to 8 output channels: DynUNet at both widths
+    calls.clear()
+    planned, _ = plan_for_budget(cfg, FP, device="cpu", out_channels=8, measure=measure)
+    assert {(c[0], c[1]) for c in calls} == {("dynunet", 16), ("dynunet", 8)}
+    assert planned.model.name == "dynunet"
+    # a network the user named is kept, however many classes
+    calls.clear()
+    named = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "dynunet"}})
+    planned, _ = plan_for_budget(named, FP, device="cpu", out_channels=11, measure=measure)
+    assert {c[0] for c in calls} == {"dynunet"}
+    assert planned.model.name == "dynunet"
+
+
 def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     calls = []
 
@@ -142,11 +176,15 @@ def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     # a step holds batch (2 cases) x samples_per_volume (2 crops) patches: that is what is measured
     assert {c[2] for c in calls} == {4}
     assert all(c.batch == 2 for c in plan.measured)
-    # no network named: MONAI's UNet at the configured width (the classic U-Net learned many organs
-    # far slower; benchmarks/README.md)
-    assert {(c[3], c[1]) for c in calls} == {("monai_unet", 16)}
+    # no network named: the default, DynUNet, at its width and at half of it (benchmarks/README.md)
+    assert {(c[3], c[1]) for c in calls} == {("dynunet", 16), ("dynunet", 8)}
     assert (planned.model.name, planned.model.features) == (plan.chosen.model, plan.chosen.features)
-    assert planned.model.name == "monai_unet"
+    assert planned.model.name == "dynunet"
+    # a width the user gave is the only one measured
+    calls.clear()
+    wide = Config.model_validate({"train": {"time_budget_s": 600}, "model": {"features": 16}})
+    plan_for_budget(wide, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert {(c[3], c[1]) for c in calls if c[3] == "dynunet"} == {("dynunet", 16)}
     # the user's network is kept, and measured at half width too when its width is not given
     calls.clear()
     given = Config.model_validate({"train": {"time_budget_s": 600}, "model": {"name": "classic_unet"}})

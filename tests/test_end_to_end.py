@@ -122,7 +122,7 @@ def test_synth_train_infer_evaluate_track(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("medseg").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["model.name"] == "monai_unet"
+    assert run.data.params["model.name"] == "dynunet"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "plan.yaml"} <= artifacts

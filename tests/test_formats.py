@@ -451,7 +451,7 @@ def test_batch_on_a_zipped_study_with_series_seg_and_rtstruct(tmp_path):
     assert sidecar["series"]["description"] == "main"
     seg = hd.seg.segread(tmp_path / "z" / "study_seg.dcm")
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmName == "medseg monai_unet"
+    assert algorithm.AlgorithmName == "medseg dynunet"
     assert len(algorithm.AlgorithmVersion) == 12  # the bundle's content hash
     filled = rasterise(tmp_path / "z" / "study_seg_rtstruct.dcm", tmp_path / "study" / "SE1")
     for value, name in bundle.labels.items():

@@ -60,7 +60,9 @@ def _predicting(bundle_dir: Path, channel: int, out: Path) -> Path:
     from medseg.bundle import load_bundle, save_bundle
 
     bundle = load_bundle(bundle_dir)
-    last = [m for m in bundle.network.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    # DynUNet's output convolution is its output block's (its deep-supervision heads come after it)
+    head = getattr(getattr(bundle.network, "net", None), "output_block", bundle.network)
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Conv3d)][-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.zero_()

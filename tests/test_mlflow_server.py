@@ -103,7 +103,7 @@ def test_train_against_real_server(tiny_dataset, tmp_path, mlflow_server, monkey
     run = runs[0]
     params = run.data.params
     # the flattened config and plan, the fingerprint, the versions
-    assert params["model.name"] == "monai_unet"
+    assert params["model.name"] == "dynunet"
     assert params["train.patch_size"] == "[16.0, 16.0, 16.0]"
     assert params["preprocess.intensity.kind"] == "ct"
     assert params["preprocess.intensity.window"] != "None"  # planned from the foreground

@@ -278,23 +278,28 @@ def test_the_dice_term_is_over_the_batch_and_the_foreground_unless_configured_ot
 
 
 def _nan_loss_at(monkeypatch, steps) -> None:
-    """The training loss is NaN at these (1-based) calls: its gradients are then NaN everywhere,
-    as a bf16 convolution's weight gradient came out at a 2 x 2 x 1 bottleneck."""
+    """The training loss is NaN at these (1-based) steps, every term of it (deep supervision adds
+    one per auxiliary head): its gradients are then NaN everywhere, as a bf16 convolution's weight
+    gradient came out at a 2 x 2 x 1 bottleneck."""
     import medseg.train as mt
 
-    real = mt.make_loss
+    real, real_step, step = mt.make_loss, mt.Trainer._step, [0]
+
+    def counted(self, batch):
+        step[0] += 1
+        return real_step(self, batch)
 
     def make(cfg):
-        loss_fn, calls = real(cfg), [0]
+        loss_fn = real(cfg)
 
         def loss(logits, label):
-            calls[0] += 1
             value = loss_fn(logits, label)
-            return value * float("nan") if calls[0] in steps else value
+            return value * float("nan") if step[0] in steps else value
 
         return loss
 
     monkeypatch.setattr(mt, "make_loss", make)
+    monkeypatch.setattr(mt.Trainer, "_step", counted)
 
 
 def _weights_finite(bundle) -> bool:
