@@ -564,13 +564,15 @@ def _model_candidates(cfg: Config, out_channels: int) -> list[tuple[str, int]]:
     at the default width is too slow for the step target at any useful patch, and the plan takes
     half: 8 features at the top, as on the three phantom draws of benchmarks/README.md; a GPU keeps
     the full width); but where that half is narrower than the output channels, MONAI's UNet at its
-    width (``MANY_CLASSES_MODEL``: ten organs, below). The classic U-Net was measured beside the
+    width (``MANY_CLASSES_MODEL``: ten organs, below), and a named network at its width only. The classic U-Net was measured beside the
     default until the plan took it where nothing reached the step target: on ten organs it reached a
     validation Dice of 0.30 in 90 s where MONAI's UNet reached 0.86 (benchmarks/README.md)."""
     given = cfg.model.model_fields_set
     half = cfg.model.features // 2 if "features" not in given and cfg.model.features >= 16 else None
-    if "name" not in given and half is not None and half < out_channels:
-        return [(MANY_CLASSES_MODEL, cfg.model.features)]
+    if half is not None and half < out_channels:  # never narrower than the classes to tell apart
+        if "name" not in given:
+            return [(MANY_CLASSES_MODEL, cfg.model.features)]
+        half = None
     return [(cfg.model.name, cfg.model.features)] + ([(cfg.model.name, half)] if half else [])
 
 
