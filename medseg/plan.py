@@ -563,10 +563,11 @@ def _model_candidates(cfg: Config, out_channels: int) -> list[tuple[str, int]]:
     given. None named: the default, DynUNet, at its width and half of it (on a 2-core CPU its step
     at the default width is too slow for the step target at any useful patch, and the plan takes
     half: 8 features at the top, as on the three phantom draws of benchmarks/README.md; a GPU keeps
-    the full width); but where that half is narrower than the output channels, MONAI's UNet at its
-    width (``MANY_CLASSES_MODEL``: ten organs, below), and a named network at its width only. The classic U-Net was measured beside the
-    default until the plan took it where nothing reached the step target: on ten organs it reached a
-    validation Dice of 0.30 in 90 s where MONAI's UNet reached 0.86 (benchmarks/README.md)."""
+    the full width). No width narrower than the output channels is measured: there the default
+    gives way to MONAI's UNet at its width (``MANY_CLASSES_MODEL``: ten organs), and a named network
+    keeps its width only. The classic U-Net was measured beside the default until the plan took it
+    where nothing reached the step target: on ten organs it reached a validation Dice of 0.30 in
+    90 s where MONAI's UNet reached 0.86 (benchmarks/README.md)."""
     given = cfg.model.model_fields_set
     half = cfg.model.features // 2 if "features" not in given and cfg.model.features >= 16 else None
     if half is not None and half < out_channels:  # never narrower than the classes to tell apart

@@ -146,7 +146,9 @@ def test_with_more_classes_than_half_the_default_width_the_plan_takes_monai_unet
     assert planned.model.name == "dynunet"
     # a network the user named is kept, however many classes, at a width no narrower than them
     calls.clear()
-    named = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "dynunet"}})
+    named = Config.model_validate(
+        {"train": {"time_budget_s": 600, "memory_budget_gb": 4}, "model": {"name": "dynunet"}}
+    )
     planned, _ = plan_for_budget(named, FP, device="cpu", out_channels=11, measure=measure)
     assert {(c[0], c[1]) for c in calls} == {("dynunet", 16)}
     assert (planned.model.name, planned.model.features) == ("dynunet", 16)
