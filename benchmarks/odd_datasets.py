@@ -7,7 +7,7 @@ non-contiguous label values, one small organ, a label absent from half the cases
 voxels, MR-like float intensities, two channels (T1 + T2), an oblique or LPS affine, int16 stored
 with scl_slope / scl_inter, labels stored as float, cases of very different sizes (one smaller
 than a patch), a 4D image with one volume, two training cases only, uint16 intensities, a binary
-mask stored as 0/255, ten organs side by side.
+mask stored as 0/255, five, seven or ten organs side by side.
 
 ``medseg train --data VARIANT --time-budget B`` then ``medseg infer``, each a subprocess as a user
 runs them; prints one row per variant and writes JSON (exit codes, the last error line, whether
@@ -84,6 +84,8 @@ VARIANTS: dict[str, dict] = {
     "two_cases": {"n": 2},
     "uint16": {"dtype": np.uint16},
     "binary_255": {"labels": (255,)},
+    "five_labels": {"labels": tuple(range(1, 6)), "shape": (120, 64, 32)},
+    "seven_labels": {"labels": tuple(range(1, 8)), "shape": (120, 64, 32)},
     "many_labels": {"labels": tuple(range(1, 11)), "shape": (120, 64, 32)},
 }
 
