@@ -259,7 +259,7 @@ FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuni
 # (context_spacing): on the seed-1 phantoms (0.8 mm) the 11-minute patch, 64x64x32, saw 5.8 %; the
 # seed-2 draw's plan (1.1 mm) saw 15 % and scored 0.929; nnU-Net adds a low-resolution stage below 25 %
 CONTEXT_COVERAGE = 0.2
-MAX_CONTEXT_COARSENING = 1.5  # at most this factor on an axis
+MAX_CONTEXT_COARSENING = 4.0  # the finest axis at most this factor coarser (0.75 mm -> 3 mm, the real CT's grid)
 MIN_CONTEXT_COARSENING = 1.1  # below this, the grid is left as it is
 # A size that left MIN_STEPS before the sizes above it were measured is kept while the time they took
 # leaves it this share of MIN_STEPS: on the seed-13 phantoms 80x80x32 left 1500 steps, the three sizes
@@ -320,14 +320,17 @@ def context_spacing(
 
     The time budget buys a patch in voxels (its step time was measured); the grid decides how many
     millimetres it sees. When it covers less than ``CONTEXT_COVERAGE`` of the median image's voxels,
-    the finer axes are coarsened by one factor (towards isotropy: never beyond the coarsest axis of
-    anisotropic data) so that it covers that share, by at most ``MAX_CONTEXT_COARSENING`` and keeping
-    the smallest label's equivalent-sphere diameter at ``MIN_STRUCTURE_VOXELS`` voxels or more: the
-    same steps then learn from more context (nnU-Net's low-resolution stage answers the same question
-    with a second network). Measured on the seed-1 phantoms (0.8 x 0.8 x 1.8 mm, 11 minutes, 20 test
-    cases, one run each): at 0.8 mm the 64x64x32 patch saw 5.8 % and scored 0.901 (fatty organ, a
-    low-contrast blob 30-60 mm across, 0.812, worst case 0.552); at 1.2 mm 0.921 (0.852, worst 0.672),
-    every label better, the kidney's too (0.934 -> 0.944).
+    every axis is given a floor in millimetres, raised until the patch covers that share: the finest
+    axes coarsen first (towards isotropy), and only once they reach the coarsest one does every axis
+    (nnU-Net's low-resolution stage answers the same question with a second network). The floor is
+    at most ``MAX_CONTEXT_COARSENING`` times the finest axis, and keeps the smallest label's
+    equivalent-sphere diameter at ``MIN_STRUCTURE_VOXELS`` voxels or more. Measured on the seed-1
+    phantoms (0.8 x 0.8 x 1.8 mm, 11 minutes, 20 test cases, one run each): at 0.8 mm the 64x64x32
+    patch saw 5.8 % and scored 0.901 (fatty organ, a low-contrast blob 30-60 mm across, 0.812, worst
+    case 0.552); at 1.2 mm 0.921 (0.852, worst 0.672), every label better, the kidney's too (0.934 ->
+    0.944). On a thin-slice draw (seed 18 resampled to a median of 0.63 x 0.63 x 0.81 mm) the earlier
+    cap of 1.5x left the 64x64x48 patch 3.8 % of the image: 0.902; the floor, 1.29 mm: 0.926
+    (benchmarks/README.md).
 
     With ``median_spacing``, a coarse axis planned finer than the dataset's median (``target_spacing``
     takes the 10th percentile of strongly anisotropic data) first goes back to the median: the median
@@ -349,21 +352,23 @@ def context_spacing(
     if median_spacing is not None and float(median_spacing[coarse]) > sp[coarse] * MIN_CONTEXT_COARSENING:
         sp[coarse] = min(float(median_spacing[coarse]), sp[coarse] * MAX_CONTEXT_COARSENING)
         restored = f"{'xyz'[coarse]} back to the median {sp[coarse]:.3f} mm"
-    fine = sp < sp.max() * 0.999
-    if not fine.any():  # isotropic: every axis
-        fine = np.ones(3, dtype=bool)
-    factor = min((CONTEXT_COVERAGE / coverage(sp)) ** (1.0 / int(fine.sum())), MAX_CONTEXT_COARSENING)
-    limit = ""
+    finest = float(sp.min())
+    ceiling, limit = finest * MAX_CONTEXT_COARSENING, f", held at {MAX_CONTEXT_COARSENING:g}x"
     if label_volumes_ml:
         smallest_mm = min((6.0 * lo * 1000.0 / math.pi) ** (1.0 / 3.0) for lo, _ in label_volumes_ml.values())
-        cap = smallest_mm / MIN_STRUCTURE_VOXELS / float(sp[fine].max())
-        if cap < factor:
-            factor, limit = cap, f", held by the smallest label ({smallest_mm:.0f} mm across)"
+        if smallest_mm / MIN_STRUCTURE_VOXELS < ceiling:
+            ceiling, limit = smallest_mm / MIN_STRUCTURE_VOXELS, f", held by the smallest label ({smallest_mm:.0f} mm across)"
+    floor = max(ceiling, finest)
+    if coverage(np.maximum(sp, floor)) >= CONTEXT_COVERAGE:  # the share is reached below the ceiling
+        low, limit = finest, ""
+        for _ in range(60):  # coverage grows with the floor: bisect for the share
+            mid = 0.5 * (low + floor)
+            low, floor = (mid, floor) if coverage(np.maximum(sp, mid)) < CONTEXT_COVERAGE else (low, mid)
     grid, steps = sp.copy(), [restored] if restored else []
-    if factor >= MIN_CONTEXT_COARSENING:  # below it, not worth a resampling of its own at inference
-        ceiling = sp.max() if not fine.all() else np.inf
-        grid[fine] = np.minimum(sp[fine] * factor, ceiling)
-        steps.append(f"{factor:.2f}x on {', '.join('xyz'[i] for i in range(3) if fine[i])}")
+    if floor / finest >= MIN_CONTEXT_COARSENING:  # below it, not worth a resampling of its own at inference
+        grid = np.maximum(sp, floor)
+        axes = ", ".join("xyz"[i] for i in range(3) if grid[i] > sp[i])
+        steps.append(f"{floor / finest:.2f}x on {axes}" + (f" (to {floor:.3f} mm)" if len(set(sp.round(3))) > 1 else ""))
     if not steps:
         return tuple(float(v) for v in original), ""  # type: ignore[return-value]
     grid = grid.round(3)

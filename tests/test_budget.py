@@ -351,25 +351,36 @@ def test_the_size_above_the_choice_is_measured_again_when_it_missed_by_little(se
 
 def test_a_budget_patch_that_sees_little_of_the_image_gets_a_coarser_grid():
     # the seed-1 phantoms: 0.8 mm in-plane, 11 minutes bought 64x64x32, 5.8 % of the median image
-    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32))
-    assert grid[2] == 1.786
+    extent = (164.6, 135.4, 117.6)
+    grid, why = context_spacing((0.806, 0.806, 1.786), extent, (64, 64, 32))
+    assert grid[2] == 1.786  # the fine axes first
     assert grid[0] == grid[1]
-    assert grid[0] == round(0.806 * MAX_CONTEXT_COARSENING, 3)  # sqrt(20 / 5.8) capped at 1.5
+    assert 1.4 < grid[0] < 1.786
     assert "5.8 %" in why
+    assert "now 20.0 %" in why
     assert "x, y" in why
     # enough context already (the real CT at 3 mm: the patch sees 35 % of it): unchanged, nothing said
     assert context_spacing((3.0, 3.0, 3.0), (366.0, 303.0, 90.0), (64, 64, 32)) == ((3.0, 3.0, 3.0), "")
-    # isotropic data: every axis, at most MAX_CONTEXT_COARSENING
-    grid, _ = context_spacing((1.0, 1.0, 1.0), (300.0, 300.0, 300.0), (64, 64, 64))
-    assert grid == (1.5, 1.5, 1.5)
-    # anisotropic data is never made coarser than its coarsest axis
-    grid, _ = context_spacing((0.5, 0.5, 0.6), (300.0, 300.0, 200.0), (32, 32, 32))
-    assert grid == (0.6, 0.6, 0.6)
+    # isotropic data: every axis by one factor, to the share
+    grid, why = context_spacing((1.0, 1.0, 1.0), (300.0, 300.0, 300.0), (64, 64, 64))
+    assert grid[0] == grid[1] == grid[2]
+    assert 2.5 < grid[0] < MAX_CONTEXT_COARSENING
+    assert "now 20.0 %" in why
+    # anisotropic data: the fine axes up to the coarsest, then every axis, the finest at most
+    # MAX_CONTEXT_COARSENING coarser (a thin-slice CT seen through a small patch)
+    grid, why = context_spacing((0.5, 0.5, 0.6), (300.0, 300.0, 200.0), (32, 32, 32))
+    assert grid == (0.5 * MAX_CONTEXT_COARSENING,) * 3
+    assert f"held at {MAX_CONTEXT_COARSENING:g}x" in why
+    # thick slices: the fine axes only, never coarser than the slices
+    grid, why = context_spacing((0.7, 0.7, 5.0), (350.0, 350.0, 300.0), (128, 128, 32))
+    assert grid[2] == 5.0
+    assert 0.7 < grid[0] == grid[1] < 5.0
+    assert "on x, y (to" in why
     # a small structure holds the grid: 0.5 ml is 9.8 mm across, 16 voxels need 0.61 mm
-    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32), {"1": (0.5, 2.0)})
+    grid, why = context_spacing((0.806, 0.806, 1.786), extent, (64, 64, 32), {"1": (0.5, 2.0)})
     assert grid == (0.806, 0.806, 1.786)
     assert why == ""
-    grid, why = context_spacing((0.806, 0.806, 1.786), (164.6, 135.4, 117.6), (64, 64, 32), {"1": (2.0, 4.0)})
+    grid, why = context_spacing((0.806, 0.806, 1.786), extent, (64, 64, 32), {"1": (2.0, 4.0)})
     assert 0.806 < grid[0] < 1.0
     assert "smallest label" in why
 
@@ -380,14 +391,16 @@ def test_a_coarse_axis_planned_finer_than_the_median_goes_back_to_it_before_the_
     plan, extent, patch = (0.965, 0.965, 2.056), (190.0, 150.0, 110.0), (64, 64, 16)
     grid, why = context_spacing(plan, extent, patch, None, (0.965, 0.965, 2.901))
     assert grid[2] == 2.901
-    assert grid[0] == grid[1] == round(0.965 * MAX_CONTEXT_COARSENING, 3)
-    assert "z back to the median 2.901 mm, then 1.50x on x, y" in why
-    # without the median (an old fingerprint) the coarse axis is kept
+    assert 0.965 * 1.5 < grid[0] == grid[1] < 2.901
+    assert "z back to the median 2.901 mm, then 1.88x on x, y (to 1.816 mm)" in why
+    # without the median (an old fingerprint) the coarse axis is not taken back to it: the fine axes
+    # coarsen up to it, then every axis together
     grid, why = context_spacing(plan, extent, patch)
-    assert grid[2] == 2.056
+    assert grid[0] == grid[1] == grid[2] > 2.056
     assert "back to the median" not in why
+    assert "on x, y, z" in why
     # the coarse axis goes back by at most MAX_CONTEXT_COARSENING
-    grid, _ = context_spacing(plan, extent, patch, None, (0.965, 0.965, 5.0))
+    grid, _ = context_spacing(plan, extent, patch, None, (0.965, 0.965, 9.0))
     assert grid[2] == round(2.056 * MAX_CONTEXT_COARSENING, 3)
     # enough context: nothing changes, even below the median
     assert context_spacing(plan, (60.0, 60.0, 30.0), patch, None, (0.965, 0.965, 2.901)) == (plan, "")
