@@ -351,10 +351,13 @@ def _tune_tta(
 
 def _tune_crf(
     probabilities, images, refs, spacings, label_ids, candidates, report: TuningReport, min_gain: float,
-    hd95_tol: float,
+    hd95_tol: float, deadline: float | None = None,
 ) -> tuple[list[np.ndarray], CRFConfig]:
     """The probabilities as they are, or refined by the CRF setting that helps most (``crf_verdict``:
-    the mean validation Dice up, no label's down by more than ``CRF_LABEL_TOLERANCE``)."""
+    the mean validation Dice up, no label's down by more than ``CRF_LABEL_TOLERANCE``). With
+    ``deadline`` (``time.monotonic()``), a setting is tried only while the last one's time is left."""
+    import time
+
     import torch
 
     from medseg.crf import dense_crf
@@ -364,7 +367,12 @@ def _tune_crf(
     before = {k: _scores(plain, refs, spacings, k) for k in fg}
     best: tuple[float, list[np.ndarray], CRFConfig, Trial] | None = None
     first = len(report.trials)
-    for update in candidates:
+    last_s = 0.0
+    for i, update in enumerate(candidates):
+        if deadline is not None and time.monotonic() + last_s > deadline:
+            log.info("time budget: %d of %d CRF settings not tried", len(candidates) - i, len(candidates))
+            break
+        started = time.monotonic()
         crf = CRFConfig(enabled=True, **update)
         refined = [
             dense_crf(
@@ -387,6 +395,7 @@ def _tune_crf(
                                  spacings, fg, min_gain, hd95_tol, report)
         if mean is not None and (best is None or mean > best[0]):
             best = (mean, refined, crf, report.trials[-1])
+        last_s = time.monotonic() - started
     if best is None:
         return list(probabilities), CRFConfig(enabled=False)
     best[3].kept = True
@@ -495,6 +504,7 @@ def tune_postprocessing(
     tta_probabilities: Mapping[int, Sequence[np.ndarray]] | None = None,
     components_max: Mapping[int, int] | None = None,
     label_values: Mapping[int, int] | None = None,
+    crf_deadline: float | None = None,
 ) -> tuple[PostprocessConfig, TuningReport]:
     """Choose the post-processing on validation cases; see the module docstring.
 
@@ -514,6 +524,8 @@ def tune_postprocessing(
             (or more) is kept when it lowers the validation Dice nowhere, without a gain.
         label_values: channel -> the value the label files hold (``Config.label_values``); the
             report names the labels by these values.
+        crf_deadline: ``time.monotonic()`` after which no further CRF setting is tried (a time
+            budget's); the settings tried by then compete as usual.
 
     Example:
         >>> cfg, report = tune_postprocessing(probs, refs, spacing=(1, 1, 2.5), label_ids=[0, 1, 2])
@@ -540,7 +552,7 @@ def tune_postprocessing(
         probabilities = _tune_tta(probabilities, tta_probabilities, refs, spacings, ids, report, tol)
     if images is not None and crf_candidates:
         refined, cfg.crf = _tune_crf(
-            probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain, tol
+            probabilities, images, refs, spacings, ids, crf_candidates, report, min_gain, tol, crf_deadline
         )
     else:
         refined, cfg.crf = list(probabilities), cfg.crf.model_copy(update={"enabled": False})
@@ -705,7 +717,8 @@ def tune_bundle(
     report beside it (``postprocess_tuning.json``). None when there are no validation cases.
 
     Flip TTA is tried unless the bundle already runs it, and, with ``time_left`` (seconds), only
-    with the passes (8, else 2) that, estimated from the plain pass, take at most half of what is left.
+    with the passes (8, else 2) that, estimated from the plain pass, take at most half of what is left;
+    CRF settings are tried while more than a fifth of it is left (``tune_postprocessing``'s ``crf_deadline``).
     The topology rule's component counts are the bundle metadata's ``label_components_max``; with
     ``count_references`` the validation references' own counts join them (cases the model never saw,
     as ``tune_on_dataset`` gives it)."""
@@ -749,6 +762,8 @@ def tune_bundle(
         tta_probabilities=tta_probs,
         components_max=most,
         label_values=cfg.label_values,
+        # the rest of the tuning, the bundle and MLflow take a fifth of what is left (2 s at least)
+        crf_deadline=None if time_left is None else started + time_left - max(2.0, 0.2 * time_left),
     )
     tuned = cfg.model_copy(update={"postprocess": chosen}, deep=True)
     if report.tta is not None:

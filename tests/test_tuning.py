@@ -9,7 +9,7 @@ import pytest
 
 from medseg.config import PostprocessConfig
 from medseg.postprocess import label_biases, postprocess_labels
-from medseg.tuning import tune_postprocessing
+from medseg.tuning import CRF_CANDIDATES, tune_postprocessing
 
 
 def _ball(shape, centre, radius) -> np.ndarray:
@@ -138,6 +138,29 @@ def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
     assert len(kept) == 1
     assert kept[0].dice_after == max(t.dice_after for t in report.trials if t.step.startswith("CRF"))
     assert report.final_dice[1] > report.baseline_dice[1] + 0.3
+
+
+def test_a_crf_deadline_stops_the_settings_not_the_tuning(rng):
+    """Under a time budget the CRF settings are tried only while time is left: past the deadline none
+    is, the CRF stays off, and the other steps are still tuned."""
+    import time
+
+    shape = (24, 24, 24)
+    refs, probs, images = [], [], []
+    for _ in range(2):
+        ref = _ball(shape, (12, 12, 12), 7).astype(np.int64)
+        p1 = np.clip(np.where(ref == 1, 0.7, 0.3) + rng.normal(0, 0.25, shape), 0.01, 0.99).astype(np.float32)
+        refs.append(ref)
+        probs.append(np.stack([1 - p1, p1]))
+        images.append((2.0 * ref + rng.normal(0, 0.2, shape)).astype(np.float32))
+    args = dict(spacing=(1.0, 1.0, 1.0), label_ids=[0, 1], images=images)
+    cfg, report = tune_postprocessing(probs, refs, **args, crf_deadline=time.monotonic() - 1.0)
+    assert not cfg.crf.enabled
+    assert not [t for t in report.trials if t.step.startswith("CRF")]
+    assert [t for t in report.trials if t.step == "keep largest"]  # the label steps still ran
+    # a deadline far away: every setting is tried, as without one
+    _, report = tune_postprocessing(probs, refs, **args, crf_deadline=time.monotonic() + 3600.0)
+    assert len([t for t in report.trials if t.step.startswith("CRF") and "not on" not in t.step]) == len(CRF_CANDIDATES)
 
 
 def test_the_crf_verdict_weighs_hd95_over_the_labels_and_dice_per_label():
