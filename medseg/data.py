@@ -612,18 +612,21 @@ def fingerprint(
         spacing = _ras_spacing(image.affine)
         spacings.append(spacing)
         extents.append(_ras_shape(image) * spacing)
-        foreground = label.array > 0
-        n_fg = int(foreground.sum())
+        # voxels in the label's memory order (nibabel's arrays are Fortran-ordered): a C-order ravel
+        # copied every volume, 19 of 38 s on eight 512x512x200 CTs
+        order = memory_order(label.array)
+        label_flat = label.array.ravel(order=order)
+        foreground = np.flatnonzero(label_flat)
+        n_fg = int(foreground.size)
         if n_fg:
-            pick = rng.choice(n_fg, size=min(n_fg, max_samples_per_case), replace=False)
+            pick = foreground[rng.choice(n_fg, size=min(n_fg, max_samples_per_case), replace=False)]
+            picks = _label_samples(label_flat, rng, per_label)
             for c, channel in enumerate(channels[: dataset.n_channels]):
-                samples[c].append(channel.array[foreground][pick])
-            picks = _label_samples(label.array, rng, per_label)
-            for c, channel in enumerate(channels[: dataset.n_channels]):
-                flat = channel.array.ravel()
+                flat = channel.array.ravel(order=order)
+                samples[c].append(flat[pick])
                 for k, where in picks.items():
                     by_label[c].setdefault(k, []).append(flat[where])
-        counts = np.bincount(label.array.ravel(), minlength=max(dataset.labels) + 1)
+        counts = np.bincount(label_flat, minlength=max(dataset.labels) + 1)
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
         for k in label_voxels:
             n = int(counts[k]) if k < len(counts) else 0
@@ -659,24 +662,34 @@ def fingerprint(
     return Fingerprint.from_fields(fields)
 
 
+def memory_order(array: np.ndarray) -> str:
+    """``"F"`` for a Fortran-ordered array (nibabel's), else ``"C"``: the order in which ``ravel``
+    returns a view instead of a copy (the same order for two arrays keeps their voxels paired)."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+
 def label_components(label: np.ndarray) -> dict[int, int]:
     """Per foreground label present, its number of 26-connected components, in one cc3d pass over
-    all labels (cc3d's multi-label mode keeps touching labels apart)."""
+    all labels (cc3d's multi-label mode keeps touching labels apart; it reads either memory order)."""
     import cc3d
 
-    cc, n = cc3d.connected_components(np.ascontiguousarray(label), connectivity=26, return_N=True)
+    label = np.asarray(label)
+    if not (label.flags.c_contiguous or label.flags.f_contiguous):
+        label = np.ascontiguousarray(label)
+    cc, n = cc3d.connected_components(label, connectivity=26, return_N=True)
     if not n:
         return {}
+    order = memory_order(label)
     owner = np.zeros(n + 1, dtype=np.int64)
-    owner[cc.ravel()] = label.ravel()  # every voxel of a component has its label
+    owner[cc.ravel(order=order)] = label.ravel(order=order)  # every voxel of a component has its label
     values, counts = np.unique(owner[1:], return_counts=True)
     return {int(k): int(c) for k, c in zip(values, counts, strict=True) if k}
 
 
-def _label_samples(label: np.ndarray, rng: np.random.Generator, per_label: int) -> dict[int, np.ndarray]:
-    """Up to ``per_label`` random flat indices of each foreground label's voxels, in one sort of the
-    foreground (not one pass over the volume per label: datasets with a hundred labels exist)."""
-    flat = label.ravel()
+def _label_samples(flat: np.ndarray, rng: np.random.Generator, per_label: int) -> dict[int, np.ndarray]:
+    """Up to ``per_label`` random indices into ``flat`` (a label map's voxels, flattened) of each
+    foreground label's voxels, in one sort of the foreground (not one pass over the volume per
+    label: datasets with a hundred labels exist)."""
     fg = np.flatnonzero(flat)
     fg = fg[rng.permutation(fg.size)]
     values = flat[fg]

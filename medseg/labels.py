@@ -89,7 +89,7 @@ def values_outside(array: np.ndarray, allowed: Iterable[int]) -> list[int]:
     """The values of a label map (non-negative integers, uint8 as medseg's readers give them) that
     are not in ``allowed``, sorted: counted in one pass (a sort of the voxels, ``np.unique``, took
     seconds on a whole-body CT)."""
-    present = np.flatnonzero(np.bincount(np.asarray(array).ravel(), minlength=1))
+    present = np.flatnonzero(np.bincount(np.asarray(array).ravel(order="K"), minlength=1))  # any order: a view
     return sorted(set(present.tolist()) - {int(v) for v in allowed})
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from medseg.config import Config
-from medseg.data import Fingerprint, fingerprint, load_dataset
+from medseg.data import Fingerprint, fingerprint, label_components, load_dataset
 from medseg.errors import InputError
 from medseg.plan import make_plan, target_spacing
 
@@ -188,6 +188,37 @@ def _two_organ_ct(root, *, fat_organ_voxels: int):
     }
     (root / "dataset.json").write_text(json.dumps(spec))
     return root
+
+
+def test_label_components_read_either_memory_order():
+    """nibabel's arrays are Fortran-ordered: the components are counted without a C copy, and the
+    same in either order or in a strided view."""
+    lab = np.zeros((20, 30, 10), np.uint8)
+    lab[2:5, 2:5, 2:5] = 1
+    lab[10:15, 2:5, 2:5] = 1
+    lab[2:8, 20:25, 5:9] = 2
+    for arr in (lab, np.asfortranarray(lab), lab[:, ::-1, :]):
+        assert label_components(arr) == {1: 2, 2: 1}
+
+
+def test_the_fingerprint_pairs_voxels_and_labels_whatever_the_images_memory_order(tmp_path, monkeypatch):
+    """An image in C order beside a Fortran-ordered label (a DICOM series read by SimpleITK beside a
+    NIfTI mask): each label's sampled intensities are its own voxels', the same as in one order."""
+    import dataclasses
+
+    from medseg import data as data_module
+
+    dataset = load_dataset(_two_organ_ct(tmp_path / "d", fat_organ_voxels=512))
+    expected = fingerprint(dataset).foreground_intensity
+    real = data_module.load_channels
+
+    def c_ordered(*args, **kwargs):
+        channels = real(*args, **kwargs)
+        assert channels[0].array.flags.f_contiguous  # nibabel's order: the test would prove nothing
+        return [dataclasses.replace(c, array=np.ascontiguousarray(c.array)) for c in channels]
+
+    monkeypatch.setattr(data_module, "load_channels", c_ordered)
+    assert fingerprint(dataset).foreground_intensity == expected
 
 
 def test_ct_window_holds_every_labels_intensities_however_small_the_label(tmp_path):
