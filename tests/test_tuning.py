@@ -122,8 +122,8 @@ def test_mismatched_inputs_are_refused():
         tune_postprocessing([np.zeros((2, 4, 4, 4))], [], spacing=(1, 1, 1), label_ids=[0, 1])
 
 
-def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
-    """Speckled probabilities over a clear edge: the CRF cleans them; the best setting is stored."""
+def _speckled_ball(rng):
+    """Two cases of a ball with a clear edge in the image and speckled probabilities over it."""
     shape = (24, 24, 24)
     refs, probs, images = [], [], []
     for _ in range(2):
@@ -132,6 +132,12 @@ def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
         refs.append(ref)
         probs.append(np.stack([1 - p1, p1]))
         images.append((2.0 * ref + rng.normal(0, 0.2, shape)).astype(np.float32))
+    return refs, probs, images
+
+
+def test_a_crf_that_helps_is_kept_with_its_best_setting(rng):
+    """Speckled probabilities over a clear edge: the CRF cleans them; the best setting is stored."""
+    refs, probs, images = _speckled_ball(rng)
     cfg, report = tune_postprocessing(probs, refs, spacing=(1.0, 1.0, 1.0), label_ids=[0, 1], images=images)
     assert cfg.crf.enabled
     kept = [t for t in report.trials if t.kept and t.step.startswith("CRF")]
@@ -145,14 +151,7 @@ def test_a_crf_deadline_stops_the_settings_not_the_tuning(rng):
     is, the CRF stays off, and the other steps are still tuned."""
     import time
 
-    shape = (24, 24, 24)
-    refs, probs, images = [], [], []
-    for _ in range(2):
-        ref = _ball(shape, (12, 12, 12), 7).astype(np.int64)
-        p1 = np.clip(np.where(ref == 1, 0.7, 0.3) + rng.normal(0, 0.25, shape), 0.01, 0.99).astype(np.float32)
-        refs.append(ref)
-        probs.append(np.stack([1 - p1, p1]))
-        images.append((2.0 * ref + rng.normal(0, 0.2, shape)).astype(np.float32))
+    refs, probs, images = _speckled_ball(rng)
     args = dict(spacing=(1.0, 1.0, 1.0), label_ids=[0, 1], images=images)
     cfg, report = tune_postprocessing(probs, refs, **args, crf_deadline=time.monotonic() - 1.0)
     assert not cfg.crf.enabled
