@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -662,7 +662,7 @@ def fingerprint(
     return Fingerprint.from_fields(fields)
 
 
-def memory_order(array: np.ndarray) -> str:
+def memory_order(array: np.ndarray) -> Literal["C", "F"]:
     """``"F"`` for a Fortran-ordered array (nibabel's), else ``"C"``: the order in which ``ravel``
     returns a view instead of a copy (the same order for two arrays keeps their voxels paired)."""
     return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
