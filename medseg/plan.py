@@ -406,7 +406,7 @@ class Candidate:
     batch: int
     features: int
     step_s: float
-    model: str = "dynunet"
+    model: str = ModelConfig.model_fields["name"].default  # the config's default network
 
     @property
     def voxels(self) -> int:
