@@ -67,6 +67,11 @@ LOW_PRECISION_MARGIN = 1.1
 MEASURE_ABOVE_S = 0.02
 # Interleaved timing rounds per candidate (see _interleaved_best): a few seconds once per machine and bundle.
 MEASURE_ROUNDS = 5
+# Measuring keeps every candidate alive for the interleaved timing (torch fp32 and bf16, ONNX Runtime's
+# session, OpenVINO's compiled model): peak RSS rose by 2.5-3x one batch's activations
+# (``medseg.io.preflight.network_bytes``) over a cached run (benchmarks/preflight_memory.py: +0.38 GiB
+# for DynUNet 8 at 80x96x32, +1.47 GiB for the classic U-Net 16 at 96x96x64, 2 windows a batch).
+MEASURE_MEMORY_FACTOR = 3.0
 
 
 class BackendError(MedsegError):
@@ -668,11 +673,13 @@ def make_predictor(
     *,
     window_shape: tuple[int, ...] | None = None,
     cache_dir: Path | None = None,
+    max_memory: int | None = None,
 ) -> Predictor:
     """The predictor for ``bundle`` on ``device``: explicit backend and precision, or measured (``auto``).
 
     On CUDA the backend is torch with the runtime's precision policy. An explicit backend that cannot run
-    here is a one-line error; ``auto`` falls back to torch fp32 and says why (``predictor.reason``).
+    here is a one-line error; ``auto`` falls back to torch fp32 and says why (``predictor.reason``), also
+    where measuring would take more memory than ``max_memory`` (bytes; None = half this machine's) leaves.
     """
     device = torch.device(device)
     _check_request(backend, precision, device)
@@ -688,7 +695,9 @@ def make_predictor(
             raise ConfigError(f"--backend {backend} --precision {precision}: {exc}") from exc
         predictor.reason = f"{predictor.name}: requested"
         return predictor
-    unmeasured = _torch_without_measuring(bundle, backend, precision, device, window_shape, cache_dir)
+    unmeasured = _torch_without_measuring(
+        bundle, backend, precision, device, window_shape, cache_dir, max_memory
+    )
     if unmeasured is not None:
         return unmeasured
     record = select(
@@ -736,6 +745,14 @@ def _accelerator_predictor(bundle: Bundle, precision: str, device: torch.device)
     return predictor
 
 
+def measurement_bytes(bundle: Bundle, window_shape: tuple[int, ...]) -> int:
+    """About the memory that measuring the backends adds to this process (``MEASURE_MEMORY_FACTOR``)."""
+    from medseg.io.preflight import network_bytes
+
+    windows = network_bytes(window_shape[2:], bundle.config.model.features, window_shape[0])
+    return int(MEASURE_MEMORY_FACTOR * windows)
+
+
 def _torch_without_measuring(
     bundle: Bundle,
     backend: str,
@@ -743,9 +760,11 @@ def _torch_without_measuring(
     device: torch.device,
     window_shape: tuple[int, ...],
     cache_dir: Path | None,
+    max_memory: int | None = None,
 ) -> Predictor | None:
     """Torch, when measuring the other backends is not worth it or not possible (a multi-channel model,
-    or a network too fast for them to repay the measurement); None when the choice is to be measured."""
+    a network too fast for them to repay the measurement, or too little memory left under
+    ``max_memory``, bytes, None = ``default_max_memory()``); None when the choice is to be measured."""
     fixed = "fp32" if precision == "auto" else precision
     if (bundle.config.model.in_channels or 1) > 1 and backend in ("auto", "torch"):
         # the parity check runs a synthetic single-channel CT: not measured for multi-channel models
@@ -757,6 +776,18 @@ def _torch_without_measuring(
     cached = _selection_file(bundle, machine_fingerprint(), backend, precision, window_shape, cache_dir).is_file()
     if cached:  # a cached choice was measured: no need to time torch again
         return None
+    from medseg.io.preflight import default_max_memory, format_bytes, resident_bytes
+
+    need = measurement_bytes(bundle, window_shape)
+    left = (default_max_memory() if max_memory is None else int(max_memory)) - resident_bytes()
+    if need > left:  # the cases still get their own preflight; the measurement must not take their memory
+        predictor = torch_predictor(bundle.network, fixed, device)
+        predictor.reason = (
+            f"torch {fixed}: measuring the other backends needs about {format_bytes(need)}, more than the "
+            f"{format_bytes(max(left, 0))} the memory limit leaves; not measured"
+        )
+        log.info("backend: %s", predictor.reason)
+        return predictor
     torch_s = _torch_seconds(bundle.network, window_shape)
     if torch_s >= MEASURE_ABOVE_S:
         return None
@@ -772,10 +803,15 @@ _PREDICTORS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Predictor]] 
 
 
 def predictor_for(
-    bundle: Bundle, device: str | torch.device = "cpu", *, cache_dir: Path | None = None
+    bundle: Bundle,
+    device: str | torch.device = "cpu",
+    *,
+    cache_dir: Path | None = None,
+    max_memory: int | None = None,
 ) -> Predictor:
     """The predictor the bundle's ``infer`` config asks for (``backend``, ``precision``), built once per
-    network, device and window shape and reused across the cases of a batch.
+    network, device and window shape and reused across the cases of a batch. ``max_memory``: bytes
+    (``--max-memory``) that measuring the backends must fit in; None = half this machine's memory.
 
     The older opt-in ``infer.cpu_bf16`` counts as ``precision: bf16`` when precision is ``auto``.
     """
@@ -786,14 +822,22 @@ def predictor_for(
     memo = _PREDICTORS.setdefault(bundle.network, {})
     if key not in memo:
         memo[key] = make_predictor(
-            bundle, infer.backend, precision, device, window_shape=window_shape, cache_dir=cache_dir
+            bundle,
+            infer.backend,
+            precision,
+            device,
+            window_shape=window_shape,
+            cache_dir=cache_dir,
+            max_memory=max_memory,
         )
     return memo[key]
 
 
-def backend_predictors(bundles: list[Bundle], device: str | torch.device) -> list[Predictor]:
+def backend_predictors(
+    bundles: list[Bundle], device: str | torch.device, *, max_memory: int | None = None
+) -> list[Predictor]:
     """One predictor per bundle (an ensemble may differ), from each bundle's ``infer`` config."""
-    return [predictor_for(bundle, device) for bundle in bundles]
+    return [predictor_for(bundle, device, max_memory=max_memory) for bundle in bundles]
 
 
 def describe(predictor: Predictor) -> dict[str, Any]:

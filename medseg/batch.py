@@ -166,7 +166,7 @@ def resolve_options(
         log.info("flip TTA on (%d passes): the model's validation tuning kept it (--no-tta skips it)",
                  cfg.infer.tta_flips)
     dev = torch.device(device)
-    predictors = backend_predictors(bundles, dev)
+    predictors = backend_predictors(bundles, dev, max_memory=max_memory)
     options = InferOptions(
         device=str(dev),
         precision=predictors[0].precision,

@@ -351,11 +351,40 @@ def test_auto_does_not_measure_a_network_too_fast_to_gain(tmp_path, monkeypatch)
 
     monkeypatch.setattr(medseg.backends, "MEASURE_ABOVE_S", 10.0)
     bundle = load_bundle(_save_tiny_bundle(tmp_path / "b"))
-    predictor = make_predictor(bundle, "auto", "auto", "cpu", cache_dir=tmp_path / "cache")
+    # not tmp_path / "cache": that is the test's XDG_CACHE_HOME (conftest), where matplotlib may write
+    predictor = make_predictor(bundle, "auto", "auto", "cpu", cache_dir=tmp_path / "backend_cache")
     assert (predictor.backend, predictor.precision) == ("torch", "fp32")
     assert "too fast for the other backends to repay measuring them" in predictor.reason
     assert predictor.selection is None
-    assert not (tmp_path / "cache").exists()  # nothing exported, nothing measured
+    assert not (tmp_path / "backend_cache").exists()  # nothing exported, nothing measured
+
+
+def test_auto_does_not_measure_when_the_memory_limit_leaves_too_little(tmp_path):
+    """Measuring keeps every backend alive at once; where the limit (``--max-memory``) leaves less than
+    that needs, torch fp32 runs unmeasured and says why, instead of the process running out."""
+    from medseg.backends import measurement_bytes
+    from medseg.io.preflight import resident_bytes
+
+    bundle = load_bundle(_save_tiny_bundle(tmp_path / "b"))
+    window = (2, 1, 16, 16, 16)
+    need = measurement_bytes(bundle, window)
+    assert need == 3 * 16**3 * 4 * 4 * 8 * 2  # 3x two windows' eight 4-channel float32 maps
+    limit = resident_bytes() + need // 2
+    predictor = make_predictor(
+        bundle, "auto", "auto", "cpu", window_shape=window, cache_dir=tmp_path / "backend_cache",
+        max_memory=limit,
+    )
+    assert (predictor.backend, predictor.precision) == ("torch", "fp32")
+    assert "measuring the other backends needs about" in predictor.reason
+    assert "the memory limit leaves; not measured" in predictor.reason
+    assert predictor.selection is None
+    assert not (tmp_path / "backend_cache").exists()  # nothing exported, nothing measured
+    measured = make_predictor(
+        bundle, "auto", "auto", "cpu", window_shape=window, cache_dir=tmp_path / "backend_cache",
+        max_memory=resident_bytes() + 100 * need,
+    )
+    assert measured.selection is not None
+    assert (tmp_path / "backend_cache" / "backends").is_dir()
 
 
 def test_auto_keeps_fp32_when_bf16_is_barely_faster():

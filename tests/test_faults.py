@@ -342,6 +342,15 @@ def test_preflight_estimates_from_the_header_and_refuses_over_budget(tmp_path):
         parse_size("lots")
 
 
+def test_resident_bytes_is_this_process_memory():
+    from medseg.io.preflight import resident_bytes
+
+    before = resident_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    assert resident_bytes() - before >= 48 * 2**20
+    del block
+
+
 def test_preflight_for_an_ensemble_uses_the_bundles_settings(tmp_path):
     from types import SimpleNamespace
 

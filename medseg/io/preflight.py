@@ -36,10 +36,12 @@ __all__ = [
     "check_read_size",
     "default_max_memory",
     "format_bytes",
+    "network_bytes",
     "parse_size",
     "preflight",
     "preflight_inference",
     "read_header",
+    "resident_bytes",
 ]
 
 
@@ -105,6 +107,22 @@ def default_max_memory(fraction: float = DEFAULT_FRACTION) -> int:
         if text.isdigit() and 0 < int(text) < total:
             total = int(text)
     return int(total * fraction)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def network_bytes(window: Sequence[float], features: int, windows_in_flight: int) -> int:
+    """The network's activations for ``windows_in_flight`` windows of ``window`` voxels at once: about
+    eight full-resolution float32 feature maps of ``features`` channels each (the measured runs:
+    ``estimate_case_bytes``)."""
+    return int(math.prod(window) * features * 4 * 8 * windows_in_flight)
 
 
 def read_header(path: str | Path, *, series_id: str | None = None) -> ImageHeader:
@@ -247,8 +265,11 @@ def estimate_case_bytes(
     and float16 probabilities with ``save_probabilities``. The network (``patch_size``,
     ``features``): about eight full-resolution float32 feature maps per window in flight
     (``sw_batch_size``, or fewer when the grid holds fewer windows).
-    Measured on CPU (benchmarks/preflight_memory.py: classic U-Net, features 16, patch
-    96x96x64): peak RSS 0.95x the estimate for a 128x128x64 CT, 1.03x for 256x256x100.
+    Measured on CPU (benchmarks/preflight_memory.py, the backend choice cached): peak RSS 0.97x,
+    1.16x and 0.92x the estimate for CTs of 128x128x64, 256x256x100 and 512x512x300 with DynUNet
+    (features 8, patch 80x96x32), 1.15x, 0.98x and 0.88x with the classic U-Net (features 16,
+    patch 96x96x64). Not counted here: the ``auto`` backend's measurement, once per machine and
+    bundle before the first case (``medseg.backends.measurement_bytes``).
     """
     headers = [header] if isinstance(header, ImageHeader) else list(header)
     if not headers:
@@ -270,7 +291,7 @@ def estimate_case_bytes(
             1 if n <= p else math.ceil((n - p) / max(p * (1 - overlap), 1.0)) + 1
             for n, p in zip(grid, patch_size, strict=False)
         )
-        network = int(math.prod(patch_size) * features * 4 * 8 * min(sw_batch_size, windows))
+        network = network_bytes(patch_size, features, min(sw_batch_size, windows))
     return {
         "read": read,
         "model grid": model * channels * 4 * 2,
