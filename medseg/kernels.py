@@ -44,11 +44,12 @@ class _Fp32OnThinMaps:
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
 
-class Fp32ThinConv3d(_Fp32OnThinMaps, torch.nn.Conv3d):
+# the mixin's ``forward(x, *args, **kwargs)`` passes the convolution's own arguments through
+class Fp32ThinConv3d(_Fp32OnThinMaps, torch.nn.Conv3d):  # type: ignore[misc]
     pass
 
 
-class Fp32ThinConvTranspose3d(_Fp32OnThinMaps, torch.nn.ConvTranspose3d):
+class Fp32ThinConvTranspose3d(_Fp32OnThinMaps, torch.nn.ConvTranspose3d):  # type: ignore[misc]
     pass
 
 

@@ -157,7 +157,7 @@ def _shrink_path(patch: np.ndarray, divisor: int, spacing: Sequence[float] | Non
         return float(mm.max() / mm.min()), -float(patch[axis] * size[axis])
 
     while (patch > divisor).any():
-        patch[min(np.flatnonzero(patch > divisor), key=aspect_after)] -= divisor  # none below the divisor
+        patch[min(np.flatnonzero(patch > divisor).tolist(), key=aspect_after)] -= divisor  # none below the divisor
         path.append(patch.copy())
     return path
 

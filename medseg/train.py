@@ -244,8 +244,10 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     kernel 4 ms. Where fusing is unsupported (a device or dtype without the kernel) the loop runs."""
     params = list(params)
     if cfg.train.optimizer == "sgd":
-        kwargs = dict(lr=cfg.train.lr, momentum=0.99, nesterov=True, weight_decay=cfg.train.weight_decay)
-        cls: type[torch.optim.Optimizer] = torch.optim.SGD
+        kwargs: dict[str, Any] = dict(
+            lr=cfg.train.lr, momentum=0.99, nesterov=True, weight_decay=cfg.train.weight_decay
+        )
+        cls: Any = torch.optim.SGD  # SGD and AdamW take ``fused``; their base class does not
     else:
         kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         cls = torch.optim.AdamW
@@ -587,7 +589,7 @@ class Trainer:
         limit = self.cfg.train.grad_clip
         if self.device.type != "cpu":
             return torch.nn.utils.clip_grad_norm_(params, limit)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.get_total_norm([g for g in (p.grad for p in params) if g is not None])
         if bool(torch.isfinite(norm)) and float(norm) > limit:
             torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
         return norm

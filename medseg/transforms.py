@@ -207,6 +207,7 @@ class SeparableSpacingd(MapTransform):
         if not isinstance(img, MetaTensor) or img.pending_operations or img.ndim != 4:
             return None
         pending = self._geometry(img)  # shares img's data; the resampling recorded, not run
+        assert isinstance(pending, MetaTensor)  # Spacing returns its input's type
         shape = tuple(int(n) for n in pending.peek_pending_shape())
         dst = np.asarray(pending.peek_pending_affine(), dtype=np.float64)
         to_source = np.linalg.solve(np.asarray(img.affine, dtype=np.float64), dst)
@@ -258,7 +259,7 @@ def build_preprocess(
     return Compose(chain)
 
 
-def preprocessed(chain: Compose, item: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+def preprocessed(chain: Compose, item: Mapping[Any, Any]) -> dict[Hashable, Any]:
     """``chain(item)``, with a medseg error raised inside it (a label value that is no label's, a
     label off its image's grid) raised as itself: MONAI wraps what a transform raises in a
     ``RuntimeError`` naming the transform, and the CLI turns medseg's errors into one line naming

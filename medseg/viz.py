@@ -88,7 +88,7 @@ def present_labels(labels: np.ndarray) -> list[int]:
     # flipped axes (a view reoriented to RAS) read forwards: the same labels, positive strides
     arr = np.flip(arr, axis=tuple(d for d in range(arr.ndim) if arr.strides[d] < 0))
     if arr.dtype.kind != "u" or arr.dtype.itemsize > 1:
-        values = np.unique(arr)
+        values = np.unique(arr).tolist()
     else:
         order = np.argsort(arr.strides)[::-1]  # memory order, so that flattening reads it in sequence
         values = torch.bincount(torch.from_numpy(arr.transpose(order).reshape(-1))).nonzero().flatten().tolist()
