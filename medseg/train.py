@@ -109,6 +109,11 @@ UNLEARNED_DICE = 0.05
 NONFINITE_BF16_LIMIT = 3
 # skipped steps in a row in full precision: the run has diverged; stop with a line that says so
 NONFINITE_RUN_LIMIT = 25
+# a time-budgeted run's epochs, fitted to its measured epochs, stay under this many times the plan's:
+# a guard against an epoch time that measured nothing (``Trainer._fit_epochs_to_budget``). A warm-up
+# under six busy processes on 2 cores planned 268 steps of 0.26 s that then ran in 0.004 s: at 20x
+# the run stopped at 200 epochs, 61 s into its 90 s budget.
+REFIT_MAX = 100
 
 
 class DivergedError(MedsegError):
@@ -212,6 +217,11 @@ def _epoch_record(epoch: int, stats: EpochStats, lr: float, dist: Dist) -> dict[
     }
 
 
+def _seconds(s: float) -> str:
+    """Seconds for a log line: whole above 10, two decimals below (an epoch of 0.22 s is not "0 s")."""
+    return f"{s:.0f}" if s >= 10 else f"{s:.2f}"
+
+
 def _schedule(cfg: Config):
     """The per-epoch learning-rate multiplier planned for ``train.epochs``: linear warm-up over
     ``lr_warmup_fraction`` of them, then cosine or poly decay to 0 (``medseg.plan.lr_factor``).
@@ -287,6 +297,8 @@ class Trainer:
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
         self.deadline = deadline  # with a time budget: when to stop training (medseg.plan.Deadline)
         self._planned_epochs = cfg.train.epochs
+        self._planned_val_every = cfg.train.val_every
+        self._params_fitted: set[str] = set()  # the fitted epochs' MLflow params logged (write-once)
         self.tracker, self.meta, self.stop = tracker, meta, stop
         self.requested = dict(requested or {})  # the settings asked for, kept in every checkpoint
         self.labels = dict(cfg.labels or {})
@@ -431,6 +443,7 @@ class Trainer:
         self._last_ckpt = time.monotonic()
         fresh = self.global_step == 0
         refit = fresh and self.val_loader is not None
+        since = 0  # the epochs the next refit averages: those since the last one (the speed now)
         epoch_times: list[float] = []
         try:
             epoch = self.epoch
@@ -447,9 +460,11 @@ class Trainer:
                 validated = self._is_val_epoch(epoch) or out_of_time
                 improved = validated and self._validate(epoch, record)
                 if refit and validated and not out_of_time:
-                    # the first validation measured what the plan estimated: fit the epochs again
-                    refit = False
-                    self._fit_epochs_to_budget(sum(epoch_times) / len(epoch_times), done=epoch + 1)
+                    # the first validation measured what the plan estimated, and each one after it
+                    # the speed since: fit the epochs again (a busy machine that went quiet)
+                    recent = epoch_times[since:]
+                    self._fit_epochs_to_budget(sum(recent) / len(recent), done=epoch + 1)
+                    since = len(epoch_times)
                     epochs = self.cfg.train.epochs
                 if self.deadline is not None:
                     record["elapsed_s"] = self.deadline.elapsed()
@@ -508,33 +523,57 @@ class Trainer:
         return stats
 
     def _fit_epochs_to_budget(self, epoch_s: float, *, done: int) -> None:
-        """With a budget, after the first epoch and again after the first validation: as many epochs
-        as the measured epoch (and validation) durations leave room for. The plan's step and
+        """With a budget, after the first epoch and again after each validation: as many epochs as the
+        measured epoch (and validation) durations leave room for. The plan's step and
         validation times come from a short warm-up and an estimate; a run faster than those would
         otherwise stop with budget unused (validation took 17 s against the 31 s planned on the
         2-core machine: half a minute of an 11-minute budget), and a slower one be cut before its
         last validation. The count is rounded up: the deadline cuts the last epoch short and
         validates it (rounded down, seed 1's 8.6 epochs of 55 s left became 8 and training ended
-        75 s before its deadline, 11 % of the training time)."""
+        75 s before its deadline, 11 % of the training time).
+
+        More epochs than planned validate less often (``train.val_every`` scaled with them), so the
+        plan's number of validations holds: a warm-up slowed by other work on the machine (1.24 s a
+        step measured for a network that then ran 0.1 s) planned a tenth of the steps the budget
+        held, and the run, refitted to at most 3x the planned epochs, ended at 20 s of its 90. Under
+        a budget the learning rate decays with the time used as well as the steps, so more epochs
+        than the run can finish still end annealed at the deadline."""
         if self.deadline is None:
             return
         tr = self.cfg.train
-        planned = self._planned_epochs
-        per_epoch = epoch_s + self.deadline.validation_s / max(1, tr.val_every)
-        fit = done + math.ceil(max(0.0, self.deadline.training_left()) / max(per_epoch, 1e-6))
-        epochs = int(self.dist.broadcast(max(2, done, min(fit, 3 * planned))))
-        if epochs == tr.epochs:
+        planned, planned_every = self._planned_epochs, self._planned_val_every
+        left = max(0.0, self.deadline.training_left())
+
+        def every(epochs: int) -> int:  # at least the planned number of validations, not many more
+            return max(planned_every, planned_every * epochs // planned) if epochs > planned else tr.val_every
+
+        def fit(val_every: int) -> int:
+            per_epoch = epoch_s + self.deadline.validation_s / max(1, val_every)
+            return done + math.ceil(left / max(per_epoch, 1e-6))
+
+        epochs = fit(every(fit(tr.val_every)))
+        epochs = int(self.dist.broadcast(max(2, done, min(epochs, REFIT_MAX * planned))))
+        val_every = every(epochs)
+        if (epochs, val_every) == (tr.epochs, tr.val_every):
             return
         if self.dist.main:
             # after the first epoch no validation has run yet: its time is still the plan's estimate
-            log.info("time budget: %d epochs instead of %d (an epoch took %.0f s, a validation %s %.0f s; "
-                     "%.0f s of training left)", epochs, tr.epochs, epoch_s,
-                     "is estimated at" if done == 1 else "took", self.deadline.validation_s,
-                     self.deadline.training_left())
-            # MLflow params are write-once: each fitting has its own key
-            key = "train.epochs_fitted" if done == 1 else "train.epochs_fitted_after_validation"
-            self.tracker.log_params({key: epochs})
-        self.cfg = self.cfg.model_copy(update={"train": tr.model_copy(update={"epochs": epochs})})
+            log.info("time budget: %d epochs instead of %d%s (an epoch took %s s, a validation %s %s s; "
+                     "%.0f s of training left)", epochs, tr.epochs,
+                     f", validating every {val_every}" if val_every != tr.val_every else "", _seconds(epoch_s),
+                     "is estimated at" if done == 1 else "took", _seconds(self.deadline.validation_s), left)
+            # MLflow params are write-once: the first two fittings have their own keys, later ones
+            # are in the log (and the fitted config in every checkpoint)
+            suffix = "fitted" if done == 1 else "fitted_after_validation"
+            params: dict[str, Any] = {f"train.epochs_{suffix}": epochs}
+            if val_every != tr.val_every:
+                params[f"train.val_every_{suffix}"] = val_every
+            if self._params_fitted.isdisjoint(params):
+                self.tracker.log_params(params)
+                self._params_fitted.update(params)
+        self.cfg = self.cfg.model_copy(
+            update={"train": tr.model_copy(update={"epochs": epochs, "val_every": val_every})}
+        )
         self.bar.set_total(epochs * len(self.loader))
 
     def _out_of_time(self) -> bool:

@@ -498,7 +498,7 @@ def test_epochs_are_fitted_again_after_the_first_validation(caplog):
     def fitted(epoch_s: float, validation_s: float, done: int, elapsed: float) -> int:
         deadline = Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s)
         trainer = SimpleNamespace(
-            cfg=cfg, deadline=deadline, _planned_epochs=10,
+            cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
             dist=SimpleNamespace(broadcast=lambda x: x, main=True),
             tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
             loader=[None] * 4,
@@ -512,7 +512,6 @@ def test_epochs_are_fitted_again_after_the_first_validation(caplog):
     assert fitted(50.0, 10.0, done=3, elapsed=160.0) == 11
     assert fitted(50.0, 10.0, done=3, elapsed=100.0) == 12  # further ahead of the clock: one more
     assert fitted(50.0, 10.0, done=3, elapsed=560.0) == 3  # out of time: no epoch beyond those done
-    assert fitted(5.0, 1.0, done=3, elapsed=10.0) == 30  # never more than 3x the planned epochs
     # MLflow params are write-once: the fitting after the first validation logs its own key
     assert {"train.epochs_fitted_after_validation"} == {k for d in logged for k in d}
     assert "a validation took 10 s" in caplog.text  # measured by then
@@ -520,3 +519,58 @@ def test_epochs_are_fitted_again_after_the_first_validation(caplog):
     assert fitted(50.0, 10.0, done=1, elapsed=20.0) == 12  # after the first epoch: 10.5 -> 1 + 11
     assert "train.epochs_fitted" in logged[-1]
     assert "a validation is estimated at 10 s" in caplog.text  # none has run yet: the plan's figure
+
+
+def test_a_slow_warm_up_still_gets_the_whole_budget(caplog):
+    """A warm-up slowed by other work plans a tenth of the steps the machine runs: the epochs are
+    fitted to the run's own speed (not capped at 3x the plan's, which ended such a run at 20 s of its
+    90) and validate less often, so the plan's number of validations holds; an epoch that measured
+    nothing is held at ``REFIT_MAX`` times the plan's."""
+    import time
+    from types import SimpleNamespace
+
+    from medseg.config import Config
+    from medseg.plan import Deadline
+    from medseg.train import REFIT_MAX, Trainer
+
+    caplog.set_level(logging.INFO, logger="medseg.train")
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
+    logged: list[dict] = []
+
+    def fitted(epoch_s: float, validation_s: float, done: int, elapsed: float) -> tuple[int, int]:
+        deadline = Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s)
+        trainer = SimpleNamespace(
+            cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
+            dist=SimpleNamespace(broadcast=lambda x: x, main=True),
+            tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
+            loader=[None] * 4,
+        )
+        Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
+        return trainer.cfg.train.epochs, trainer.cfg.train.val_every
+
+    # 3 epochs of 5 s done at 10 s: 559 s left before the final 30 s and the last validation;
+    # about 111 epochs of 5 s with a 1 s validation every 33 of them: 3.4 validations, as the plan's
+    # 10 epochs validated every 3
+    epochs, every = fitted(5.0, 1.0, done=3, elapsed=10.0)
+    assert epochs > 100
+    assert every == 3 * epochs // 10
+    assert epochs * 5.0 + (epochs / every) * 1.0 <= 559 + 3 * 5.0 + 5.0 + 1.0  # fits, to an epoch
+    assert logged[-1] == {"train.epochs_fitted_after_validation": epochs,
+                          "train.val_every_fitted_after_validation": every}
+    assert f"validating every {every}" in caplog.text
+    assert fitted(1e-4, 1.0, done=3, elapsed=10.0)[0] == REFIT_MAX * 10  # a bogus epoch time: held
+    assert fitted(50.0, 10.0, done=3, elapsed=160.0) == (11, 3)  # about as planned: validations unchanged
+    # refitted after every validation, to the speed since the last one; MLflow params are write-once,
+    # so a third fitting is in the log and the checkpoints' config, not in the params
+    deadline = Deadline(600.0, time.monotonic() - 10.0, final_s=30.0, validation_s=1.0)
+    trainer = SimpleNamespace(
+        cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
+        dist=SimpleNamespace(broadcast=lambda x: x, main=True),
+        tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
+        loader=[None] * 4,
+    )
+    logged.clear()
+    for epoch_s, done in ((5.0, 3), (4.0, 30), (2.0, 60)):
+        Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
+    assert len(logged) == 1
+    assert trainer.cfg.train.epochs > epochs  # faster epochs since: more of them
