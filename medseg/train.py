@@ -538,17 +538,18 @@ class Trainer:
         held, and the run, refitted to at most 3x the planned epochs, ended at 20 s of its 90. Under
         a budget the learning rate decays with the time used as well as the steps, so more epochs
         than the run can finish still end annealed at the deadline."""
-        if self.deadline is None:
+        deadline = self.deadline
+        if deadline is None:
             return
         tr = self.cfg.train
         planned, planned_every = self._planned_epochs, self._planned_val_every
-        left = max(0.0, self.deadline.training_left())
+        left = max(0.0, deadline.training_left())
 
         def every(epochs: int) -> int:  # at least the planned number of validations, not many more
-            return max(planned_every, planned_every * epochs // planned) if epochs > planned else tr.val_every
+            return max(planned_every, planned_every * epochs // planned)
 
         def fit(val_every: int) -> int:
-            per_epoch = epoch_s + self.deadline.validation_s / max(1, val_every)
+            per_epoch = epoch_s + deadline.validation_s / max(1, val_every)
             return done + math.ceil(left / max(per_epoch, 1e-6))
 
         epochs = fit(every(fit(tr.val_every)))
@@ -561,7 +562,7 @@ class Trainer:
             log.info("time budget: %d epochs instead of %d%s (an epoch took %s s, a validation %s %s s; "
                      "%.0f s of training left)", epochs, tr.epochs,
                      f", validating every {val_every}" if val_every != tr.val_every else "", _seconds(epoch_s),
-                     "is estimated at" if done == 1 else "took", _seconds(self.deadline.validation_s), left)
+                     "is estimated at" if done == 1 else "took", _seconds(deadline.validation_s), left)
             # MLflow params are write-once: the first two fittings have their own keys, later ones
             # are in the log (and the fitted config in every checkpoint)
             suffix = "fitted" if done == 1 else "fitted_after_validation"

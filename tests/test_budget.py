@@ -574,3 +574,6 @@ def test_a_slow_warm_up_still_gets_the_whole_budget(caplog):
         Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
     assert len(logged) == 1
     assert trainer.cfg.train.epochs > epochs  # faster epochs since: more of them
+    # and a machine that turned slow again: fewer epochs, validated as often as planned
+    Trainer._fit_epochs_to_budget(trainer, 100.0, done=3)
+    assert (trainer.cfg.train.epochs, trainer.cfg.train.val_every) == (9, 3)
