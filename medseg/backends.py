@@ -68,7 +68,7 @@ MEASURE_ABOVE_S = 0.02
 # Interleaved timing rounds per candidate (see _interleaved_best): a few seconds once per machine and bundle.
 MEASURE_ROUNDS = 5
 # Measuring keeps every candidate alive for the interleaved timing (torch fp32 and bf16, ONNX Runtime's
-# session, OpenVINO's compiled model): peak RSS rose by 2.5-3x one batch's activations
+# session, OpenVINO's compiled model): peak RSS rose by 2.4-3.0x one batch's activations
 # (``medseg.io.preflight.network_bytes``) over a cached run (benchmarks/preflight_memory.py: +0.38 GiB
 # for DynUNet 8 at 80x96x32, +1.47 GiB for the classic U-Net 16 at 96x96x64, 2 windows a batch).
 MEASURE_MEMORY_FACTOR = 3.0
