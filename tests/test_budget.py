@@ -480,29 +480,37 @@ def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_epochs_are_fitted_again_after_the_first_validation(caplog):
-    """After the first validation the measured epoch and validation times refit the epochs: a
-    validation shorter than the plan's estimate leaves room for more epochs, a slow run gets fewer,
-    never fewer than those already done."""
+def _refitting_trainer(elapsed_and_validation_s: tuple[float, float], logged: list[dict]):
+    """What ``Trainer._fit_epochs_to_budget`` reads of a trainer: the plan's 10 epochs validated every 3,
+    a 600 s budget, its seconds elapsed and a validation's, MLflow params into ``logged``."""
     import time
     from types import SimpleNamespace
 
     from medseg.config import Config
     from medseg.plan import Deadline
+
+    elapsed, validation_s = elapsed_and_validation_s
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
+    return SimpleNamespace(
+        cfg=cfg, deadline=Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s),
+        _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
+        dist=SimpleNamespace(broadcast=lambda x: x, main=True),
+        tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
+        loader=[None] * 4,
+    )
+
+
+def test_epochs_are_fitted_again_after_the_first_validation(caplog):
+    """After the first validation the measured epoch and validation times refit the epochs: a
+    validation shorter than the plan's estimate leaves room for more epochs, a slow run gets fewer,
+    never fewer than those already done."""
     from medseg.train import Trainer
 
     caplog.set_level(logging.INFO, logger="medseg.train")
-    cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
     logged: list[dict] = []
 
     def fitted(epoch_s: float, validation_s: float, done: int, elapsed: float) -> int:
-        deadline = Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s)
-        trainer = SimpleNamespace(
-            cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
-            dist=SimpleNamespace(broadcast=lambda x: x, main=True),
-            tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
-            loader=[None] * 4,
-        )
+        trainer = _refitting_trainer((elapsed, validation_s), logged)
         Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
         return trainer.cfg.train.epochs
 
@@ -526,25 +534,13 @@ def test_a_slow_warm_up_still_gets_the_whole_budget(caplog):
     fitted to the run's own speed (not capped at 3x the plan's, which ended such a run at 20 s of its
     90) and validate less often, so the plan's number of validations holds; an epoch that measured
     nothing is held at ``REFIT_MAX`` times the plan's."""
-    import time
-    from types import SimpleNamespace
-
-    from medseg.config import Config
-    from medseg.plan import Deadline
     from medseg.train import REFIT_MAX, Trainer
 
     caplog.set_level(logging.INFO, logger="medseg.train")
-    cfg = Config.model_validate({"train": {"time_budget_s": 600, "epochs": 10, "val_every": 3}})
     logged: list[dict] = []
 
     def fitted(epoch_s: float, validation_s: float, done: int, elapsed: float) -> tuple[int, int]:
-        deadline = Deadline(600.0, time.monotonic() - elapsed, final_s=30.0, validation_s=validation_s)
-        trainer = SimpleNamespace(
-            cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
-            dist=SimpleNamespace(broadcast=lambda x: x, main=True),
-            tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
-            loader=[None] * 4,
-        )
+        trainer = _refitting_trainer((elapsed, validation_s), logged)
         Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
         return trainer.cfg.train.epochs, trainer.cfg.train.val_every
 
@@ -562,13 +558,7 @@ def test_a_slow_warm_up_still_gets_the_whole_budget(caplog):
     assert fitted(50.0, 10.0, done=3, elapsed=160.0) == (11, 3)  # about as planned: validations unchanged
     # refitted after every validation, to the speed since the last one; MLflow params are write-once,
     # so a third fitting is in the log and the checkpoints' config, not in the params
-    deadline = Deadline(600.0, time.monotonic() - 10.0, final_s=30.0, validation_s=1.0)
-    trainer = SimpleNamespace(
-        cfg=cfg, deadline=deadline, _planned_epochs=10, _planned_val_every=3, _params_fitted=set(),
-        dist=SimpleNamespace(broadcast=lambda x: x, main=True),
-        tracker=SimpleNamespace(log_params=logged.append), bar=SimpleNamespace(set_total=lambda n: None),
-        loader=[None] * 4,
-    )
+    trainer = _refitting_trainer((10.0, 1.0), logged)
     logged.clear()
     for epoch_s, done in ((5.0, 3), (4.0, 30), (2.0, 60)):
         Trainer._fit_epochs_to_budget(trainer, epoch_s, done=done)
