@@ -253,6 +253,10 @@ CPU_DEFAULT_BUDGET_S = 15 * 60.0  # CPU, no budget, epochs and patch unset: 15 m
 MIN_STEPS = 1500
 PATCH_SCALES = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32)  # of the fingerprint patch's voxels, per axis
 WARMUP_FRACTION = 0.05  # of the budget, at most, spent measuring step times
+# A CPU warm-up whose process got less than this share of its threads' time was sharing the machine:
+# its step times are slow and the plan small, which the plan then says. Measured on 2 cores: 0.69-0.81
+# quiet, 0.39-0.45 beside two busy processes, 0.22 beside six (benchmarks/slow_warmup.py's setting).
+BUSY_CPU_SHARE = 0.5
 VALIDATIONS = 5  # validations over the run (the last at the end)
 FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuning and MLflow
 # A budget patch that sees less than this share of the median image's voxels gets a coarser grid
@@ -629,6 +633,7 @@ def plan_for_budget(
     if "patch_size" not in fixed:
         fit = warm.between_sizes(warm.recheck(fit), tr.patch_size)
     chosen, val_s, train_s, why, validations = fit
+    warm.note_a_busy_machine()
     why = "; ".join([why, *warm.notes])
     warmup_s = warm.elapsed()
     steps = max(1, int(train_s / chosen.step_s))
@@ -675,9 +680,36 @@ class _Warmup:
         self.notes: list[str] = []  # what the warm-up did beyond measuring each size once
         self._clock = time.perf_counter
         self._start = self._clock()
+        self._cpu_start = time.process_time()
 
     def elapsed(self) -> float:
         return self._clock() - self._start
+
+    def cpu_share(self) -> float | None:
+        """The share of its CPU threads' time this process got while warming up on the CPU: about 1
+        with the machine to itself, less beside other work; None on another device or when the
+        warm-up was too short to tell."""
+        import time
+
+        import torch
+
+        wall = self.elapsed()
+        if not str(self.device).startswith("cpu") or wall < 0.5:
+            return None
+        return (time.process_time() - self._cpu_start) / (wall * max(1, torch.get_num_threads()))
+
+    def note_a_busy_machine(self) -> None:
+        """A note (and a warning) when the warm-up shared the machine: the plan then under-buys."""
+        share = self.cpu_share()
+        if share is None or share >= BUSY_CPU_SHARE:
+            return
+        import torch
+
+        note = (f"the warm-up got {share:.0%} of {torch.get_num_threads()} CPU threads' time (other work "
+                "was running): its step times are slower than this machine's when quiet, so the patch may "
+                "be smaller than it allows; the epochs follow the run's own speed")
+        log.warning("time budget: %s", note)
+        self.notes.append(note)
 
     def left_s(self) -> float:
         """Training time left once the warm-up stops now."""

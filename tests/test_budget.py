@@ -154,6 +154,28 @@ def test_with_more_classes_than_half_the_default_width_the_plan_takes_monai_unet
     assert (planned.model.name, planned.model.features) == ("dynunet", 16)
 
 
+def test_a_warm_up_that_shared_the_machine_says_so(caplog):
+    """A warm-up whose process got little CPU time (here: measurements that wait instead of compute, as
+    a process does behind busy neighbours) plans from slow step times; the plan says so, in its reason
+    and as a warning, so a small patch is not taken for this machine's best."""
+    import time
+
+    def waiting_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        time.sleep(0.15)  # wall time, no CPU
+        return 1e-6 * patch[0] * patch[1] * patch[2] * batch * features / 16
+
+    caplog.set_level(logging.WARNING, logger="medseg.plan")
+    cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
+    _, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=waiting_measure)
+    assert plan is not None
+    assert "CPU threads' time (other work was running)" in plan.why
+    assert "the warm-up got" in caplog.text
+    # measurements that take no time cannot tell: nothing is said
+    _, quick = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=lambda *a, **k: 1e-3)
+    assert quick is not None
+    assert "other work was running" not in quick.why
+
+
 def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     calls = []
 
