@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -661,6 +663,35 @@ def plan_for_budget(
 _Fit = tuple[Candidate, float, float, str, int]  # chosen, validation s, training s, why, validations
 
 
+# cgroup v2 (quota and period in one file), then v1
+CPU_QUOTA_FILES: tuple[tuple[str, str | None], ...] = (
+    ("/sys/fs/cgroup/cpu.max", None),
+    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+)
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may run on: its affinity, and a container's CPU quota (cgroup v2
+    ``cpu.max`` or v1 ``cpu.cfs_quota_us``) when lower, e.g. 2.0 under ``docker run --cpus 2``."""
+    n = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    for quota_file, period_file in CPU_QUOTA_FILES:
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
+            if quota not in ("max", "-1") and float(period) > 0:
+                return max(0.01, min(n, float(quota) / float(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return n
+
+
+def _cpu_threads() -> float:
+    """The CPU time a second of torch's threads can get here: its threads, or fewer usable CPUs."""
+    import torch
+
+    return max(0.01, min(float(max(1, torch.get_num_threads())), usable_cpus()))
+
+
 class _Warmup:
     """The warm-up's state: the step times measured so far (``measured``) and the time it has
     taken, against the budget that the final validation, tuning and export leave."""
@@ -686,28 +717,24 @@ class _Warmup:
         return self._clock() - self._start
 
     def cpu_share(self) -> float | None:
-        """The share of its CPU threads' time this process got while warming up on the CPU: about 1
-        with the machine to itself, less beside other work; None on another device or when the
-        warm-up was too short to tell."""
+        """The share of the CPU time its threads could use that this process got while warming up on
+        the CPU (``usable_cpus``: a container's quota counts): about 1 with the machine to itself,
+        less beside other work; None on another device or when the warm-up was too short to tell."""
         import time
-
-        import torch
 
         wall = self.elapsed()
         if not str(self.device).startswith("cpu") or wall < 0.5:
             return None
-        return (time.process_time() - self._cpu_start) / (wall * max(1, torch.get_num_threads()))
+        return (time.process_time() - self._cpu_start) / (wall * _cpu_threads())
 
     def note_a_busy_machine(self) -> None:
         """A note (and a warning) when the warm-up shared the machine: the plan then under-buys."""
         share = self.cpu_share()
         if share is None or share >= BUSY_CPU_SHARE:
             return
-        import torch
-
-        note = (f"the warm-up got {share:.0%} of {torch.get_num_threads()} CPU threads' time (other work "
-                "was running): its step times are slower than this machine's when quiet, so the patch may "
-                "be smaller than it allows; the epochs follow the run's own speed")
+        note = (f"the warm-up got {share:.0%} of the CPU time its {_cpu_threads():g} threads could use (other "
+                "work was running): its step times are slower than this machine's when quiet, so the patch "
+                "may be smaller than it allows; the epochs follow the run's own speed")
         log.warning("time budget: %s", note)
         self.notes.append(note)
 
