@@ -257,7 +257,7 @@ PATCH_SCALES = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32)  # of the fingerprint patch's vo
 WARMUP_FRACTION = 0.05  # of the budget, at most, spent measuring step times
 # A CPU warm-up whose process got less than this share of its threads' time was sharing the machine:
 # its step times are slow and the plan small, which the plan then says. Measured on 2 cores: 0.69-0.81
-# quiet, 0.39-0.45 beside two busy processes, 0.22 beside six (benchmarks/slow_warmup.py's setting).
+# quiet, 0.39-0.45 beside two busy processes, 0.18-0.22 beside six (benchmarks/slow_warmup.py's setting).
 BUSY_CPU_SHARE = 0.5
 VALIDATIONS = 5  # validations over the run (the last at the end)
 FINAL_FRACTION = 0.08  # of the budget kept for the bundle, post-processing tuning and MLflow
@@ -732,9 +732,9 @@ class _Warmup:
         share = self.cpu_share()
         if share is None or share >= BUSY_CPU_SHARE:
             return
-        note = (f"the warm-up got {share:.0%} of the CPU time its {_cpu_threads():g} threads could use (other "
-                "work was running): its step times are slower than this machine's when quiet, so the patch "
-                "may be smaller than it allows; the epochs follow the run's own speed")
+        note = (f"the warm-up got {share:.0%} of the CPU time it could use ({_cpu_threads():g} CPUs; other work "
+                "was running): its step times are slower than this machine's when quiet, so the patch may be "
+                "smaller than it allows; the epochs follow the run's own speed")
         log.warning("time budget: %s", note)
         self.notes.append(note)
 

@@ -168,7 +168,7 @@ def test_a_warm_up_that_shared_the_machine_says_so(caplog):
     cfg = Config.model_validate({"train": {"time_budget_s": 600, "memory_budget_gb": 4}})
     _, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=waiting_measure)
     assert plan is not None
-    assert "threads could use (other work was running)" in plan.why
+    assert "CPUs; other work was running)" in plan.why
     assert "the warm-up got" in caplog.text
     # measurements that take no time cannot tell: nothing is said
     _, quick = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=lambda *a, **k: 1e-3)
