@@ -716,23 +716,24 @@ class _Warmup:
     def elapsed(self) -> float:
         return self._clock() - self._start
 
-    def cpu_share(self) -> float | None:
-        """The share of the CPU time its threads could use that this process got while warming up on
-        the CPU (``usable_cpus``: a container's quota counts): about 1 with the machine to itself,
+    def cpu_share(self, cpus: float) -> float | None:
+        """The share of the CPU time ``cpus`` (``_cpu_threads``: a container's quota counts) could
+        give that this process got while warming up on the CPU: about 1 with the machine to itself,
         less beside other work; None on another device or when the warm-up was too short to tell."""
         import time
 
         wall = self.elapsed()
         if not str(self.device).startswith("cpu") or wall < 0.5:
             return None
-        return (time.process_time() - self._cpu_start) / (wall * _cpu_threads())
+        return (time.process_time() - self._cpu_start) / (wall * cpus)
 
     def note_a_busy_machine(self) -> None:
         """A note (and a warning) when the warm-up shared the machine: the plan then under-buys."""
-        share = self.cpu_share()
+        cpus = _cpu_threads()
+        share = self.cpu_share(cpus)
         if share is None or share >= BUSY_CPU_SHARE:
             return
-        note = (f"the warm-up got {share:.0%} of the CPU time it could use ({_cpu_threads():g} CPUs; other work "
+        note = (f"the warm-up got {share:.0%} of the CPU time it could use ({cpus:g} CPUs; other work "
                 "was running): its step times are slower than this machine's when quiet, so the patch may be "
                 "smaller than it allows; the epochs follow the run's own speed")
         log.warning("time budget: %s", note)
