@@ -857,10 +857,17 @@ def _add_tune(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+COMPUTE_COMMANDS = frozenset({"demo", "train", "infer", "tune"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command in COMPUTE_COMMANDS:  # the ones that run a network; the rest never import torch
+        from medseg.runtime import fit_threads_to_cpus
+
+        fit_threads_to_cpus()
     try:
         return int(args.func(args) or 0)
     except MedsegError as exc:

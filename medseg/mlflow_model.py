@@ -87,7 +87,9 @@ with warnings.catch_warnings(record=True) as _definition_warnings:
             import torch
 
             from medseg.bundle import load_bundle
+            from medseg.runtime import fit_threads_to_cpus
 
+            fit_threads_to_cpus()  # a serving container's CPU quota (torch would start a thread per host core)
             config = getattr(context, "model_config", None) or {}
             device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
             self.bundle = load_bundle(context.artifacts[ARTIFACT], device=device)

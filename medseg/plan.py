@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -663,31 +661,11 @@ def plan_for_budget(
 _Fit = tuple[Candidate, float, float, str, int]  # chosen, validation s, training s, why, validations
 
 
-# cgroup v2 (quota and period in one file), then v1
-CPU_QUOTA_FILES: tuple[tuple[str, str | None], ...] = (
-    ("/sys/fs/cgroup/cpu.max", None),
-    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
-)
-
-
-def usable_cpus() -> float:
-    """The CPUs this process may run on: its affinity, and a container's CPU quota (cgroup v2
-    ``cpu.max`` or v1 ``cpu.cfs_quota_us``) when lower, e.g. 2.0 under ``docker run --cpus 2``."""
-    n = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    for quota_file, period_file in CPU_QUOTA_FILES:
-        try:
-            fields = Path(quota_file).read_text().split()
-            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
-            if quota not in ("max", "-1") and float(period) > 0:
-                return max(0.01, min(n, float(quota) / float(period)))
-        except (OSError, ValueError, IndexError):
-            continue
-    return n
-
-
 def _cpu_threads() -> float:
     """The CPU time a second of torch's threads can get here: its threads, or fewer usable CPUs."""
     import torch
+
+    from medseg.runtime import usable_cpus
 
     return max(0.01, min(float(max(1, torch.get_num_threads())), usable_cpus()))
 

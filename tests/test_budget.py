@@ -176,29 +176,6 @@ def test_a_warm_up_that_shared_the_machine_says_so(caplog):
     assert "other work was running" not in quick.why
 
 
-def test_usable_cpus_counts_a_containers_cpu_quota(tmp_path, monkeypatch):
-    """``docker run --cpus 0.5`` writes a quota under the machine's cores: the warm-up's CPU share is
-    judged against it (else every run in such a container would read as a busy machine)."""
-    import os
-
-    import medseg.plan as plan
-
-    affinity = float(len(os.sched_getaffinity(0)))
-    v2, quota, period = tmp_path / "cpu.max", tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us"
-    monkeypatch.setattr(plan, "CPU_QUOTA_FILES", ((str(v2), None), (str(quota), str(period))))
-    assert plan.usable_cpus() == affinity  # no cgroup files: the affinity
-    v2.write_text("50000 100000\n")
-    assert plan.usable_cpus() == 0.5
-    v2.write_text("max 100000\n")  # no quota
-    quota.write_text("25000\n")
-    period.write_text("100000\n")
-    assert plan.usable_cpus() == 0.25  # v1
-    quota.write_text("-1\n")
-    assert plan.usable_cpus() == affinity
-    v2.write_text(f"{int(1e5 * (affinity + 8))} 100000\n")  # a quota above the cores: the cores
-    assert plan.usable_cpus() == affinity
-
-
 def test_plan_for_budget_measures_and_plans_steps_within_the_budget():
     calls = []
 
