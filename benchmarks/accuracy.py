@@ -4,6 +4,9 @@ MONAI training loop, on data medseg's generator never made.
 Datasets (built under ``--work``, reused when present):
 - ``phantoms``: 12 training / 4 test abdominal phantoms from ``benchmarks/phantoms.py``
   (independent anatomy and intensity rules: liver, kidneys, a low-contrast fatty organ).
+- ``metaballs``: 12 training / 4 test phantoms from ``benchmarks/metaballs.py``, a second
+  generator with rules of its own (organs as metaballs, correlated noise, distractors at the
+  organs' intensities, some cases stored LPS or with a rescale slope).
 - ``realct``: the shared real CT (TotalSegmentator's ``example_ct_sm`` with ``example_seg``:
   spleen -> 1, liver -> 2, every other class background) as 6 training and 2 test *views*:
   the scan rotated (up to 12 degrees), scaled (0.9-1.1) and re-noised, each view its own
@@ -98,6 +101,7 @@ def make_realct(out: Path, *, train: int = 6, test: int = 2, seed: int = 0) -> P
     return out
 
 
+GENERATED = ("phantoms", "metaballs")  # sets drawn by a generator (a seed, a number of test cases)
 TEST_CASES = 4  # the phantoms' test cases by default: 12 training and 4 test, as issue 9 measured
 
 
@@ -105,7 +109,7 @@ def tag(name: str, seed: int = 0, test: int = TEST_CASES) -> str:
     """The set's name in folders and result files: ``phantoms_seed<N>`` for another draw of phantoms,
     ``_test<M>`` added for another number of test cases (the same 12 training cases, the first 4
     test cases the same)."""
-    if name != "phantoms":
+    if name not in GENERATED:
         return name
     return name + (f"_seed{seed}" if seed else "") + (f"_test{test}" if test != TEST_CASES else "")
 
@@ -117,6 +121,10 @@ def dataset(name: str, work: Path, seed: int = 0, test: int = TEST_CASES) -> Pat
             from phantoms import make_dataset
 
             make_dataset(root, train=12, test=test, seed=seed)
+        elif name == "metaballs":
+            from metaballs import make_dataset as make_metaballs
+
+            make_metaballs(root, train=12, test=test, seed=seed)
         else:
             make_realct(root)
     return root
@@ -373,7 +381,8 @@ def plot(results: dict, path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=11.0)
-    parser.add_argument("--sets", nargs="+", default=["phantoms", "realct"], choices=["phantoms", "realct"])
+    parser.add_argument("--sets", nargs="+", default=["phantoms", "realct"], 
+                        choices=["phantoms", "metaballs", "realct"])
     parser.add_argument("--work", default="/tmp/medseg-accuracy")
     parser.add_argument("--reuse", action="store_true", help="score a finished medseg run again, no training")
     parser.add_argument("--methods", nargs="+", default=["medseg", "monai"], choices=["medseg", "monai"])

@@ -864,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command in COMPUTE_COMMANDS:  # the ones that run a network; the rest never import torch
+    if args.command in COMPUTE_COMMANDS:  # the commands that run a network
         from medseg.runtime import fit_threads_to_cpus
 
         fit_threads_to_cpus()

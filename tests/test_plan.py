@@ -138,7 +138,8 @@ def test_fingerprint_is_frozen_and_its_hash_is_the_sorted_json_of_its_keys(tiny_
     # the formula every earlier fingerprint.json and bundle's fingerprint_hash was made with
     assert fp.hash == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     assert set(fp.to_dict()) == {*OLD_FORMAT_FP, "spacing_p10", "label_volumes_ml", "label_components_max"}
-    # the most 26-connected pieces of each label in any case, counted here with scipy instead of cc3d
+    # the most 26-connected pieces of each label in any case (fragments under 5 % of the label's
+    # largest piece not counted), counted here with scipy instead of cc3d
     from scipy import ndimage
 
     from medseg.io import load_label, load_volume
@@ -147,8 +148,9 @@ def test_fingerprint_is_frozen_and_its_hash_is_the_sorted_json_of_its_keys(tiny_
     for case in load_dataset(tiny_dataset).training:
         label = load_label(case.label, image=load_volume(case.images[0])).array
         for k in np.unique(label[label > 0]):
-            n = ndimage.label(label == k, structure=np.ones((3, 3, 3)))[1]
-            most[str(k)] = max(most.get(str(k), 0), n)
+            pieces = ndimage.label(label == k, structure=np.ones((3, 3, 3)))[0]
+            sizes = np.bincount(pieces.ravel())[1:]
+            most[str(k)] = max(most.get(str(k), 0), int((sizes >= 0.05 * sizes.max()).sum()))
     assert fp.label_components_max == most
     assert fp.n_cases == 4
     assert fp.labels["0"] == "background"
@@ -199,6 +201,20 @@ def test_label_components_read_either_memory_order():
     lab[2:8, 20:25, 5:9] = 2
     for arr in (lab, np.asfortranarray(lab), lab[:, ::-1, :]):
         assert label_components(arr) == {1: 2, 2: 1}
+
+
+def test_label_components_do_not_count_fragments():
+    """A sliver of an organ (under 5 % of its largest piece) is not a piece: counted, it let the
+    tuner keep "the 2 largest" livers and a false liver blob survived on a test case."""
+    lab = np.zeros((40, 40, 20), np.uint8)
+    lab[2:22, 2:22, 2:12] = 1  # 4000 voxels
+    lab[30:33, 30:33, 15:17] = 1  # 18 voxels: a fragment
+    lab[2:12, 28:38, 2:12] = 2  # a pair of equal kidneys ...
+    lab[28:38, 2:12, 2:12] = 2
+    lab[30:34, 30:34, 2:6] = 2  # ... and a third piece of 64 voxels, 6.4 % of the largest: counted
+    assert label_components(lab) == {1: 1, 2: 3}
+    assert label_components(lab, min_share=0) == {1: 2, 2: 3}
+    assert label_components(lab, min_share=0.1) == {1: 1, 2: 2}
 
 
 def test_the_fingerprint_pairs_voxels_and_labels_whatever_the_images_memory_order(tmp_path, monkeypatch):
