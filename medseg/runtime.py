@@ -240,7 +240,7 @@ def fit_threads_to_cpus() -> str | None:
     if threads >= before:
         return None
     torch.set_num_threads(threads)
-    note = (f"torch threads {before} -> {threads}: this process may use {cpus:g} CPUs "
+    note = (f"torch threads {before} -> {threads}: this process may use {cpus:g} CPU{'' if cpus == 1 else 's'} "
             "(a container's CPU quota or the affinity; OMP_NUM_THREADS overrides)")
     log.info(note)
     return note
