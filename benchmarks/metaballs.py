@@ -1,6 +1,7 @@
-"""A second phantom generator for the accuracy benchmark, independent of both ``medseg.synthetic``
-and ``benchmarks/phantoms.py``: the same brief (three organs of different contrast, CT-like HU and
-noise, about 1 x 1 x 2.3 mm; issue 9), other rules everywhere.
+"""A second phantom generator for the accuracy benchmark, with rules of its own.
+
+Independent of both ``medseg.synthetic`` and ``benchmarks/phantoms.py``: the same brief (three organs
+of different contrast, CT-like HU and noise, about 1 x 1 x 2.3 mm; issue 9), other rules everywhere.
 
 - **Shapes** are metaballs: each organ is the level set of a sum of 3-7 Gaussian kernels with
   random centres and widths, so organs have lobes, necks and concavities (``phantoms.py`` deforms
@@ -24,8 +25,6 @@ folder like ``phantoms.py`` (``labelsTs`` for the test references).
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -157,48 +156,26 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
 
 def make_dataset(out: str | Path, *, train: int = 12, test: int = 4, seed: int = 0) -> Path:
     """Write a Decathlon folder of ``train`` + ``test`` metaball phantoms; returns ``dataset.json``'s path."""
-    out = Path(out)
-    entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
-    for index in range(train + test):
-        split = "training" if index < train else "test"
-        img_dir, lbl_dir = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
-        (out / img_dir).mkdir(parents=True, exist_ok=True)
-        (out / lbl_dir).mkdir(parents=True, exist_ok=True)
-        name = f"mb_{index:03d}.nii.gz"
-        image, label, affine, rescaled = make_case(seed * 1000 + index)
-        if rescaled:  # stored as (HU + 1024) * 2 with a slope of 0.5 and an intercept of -1024
-            img = nib.Nifti1Image(np.rint((image + 1024) * 2).astype(np.int16), affine)
-            img.header.set_slope_inter(0.5, -1024)
-        else:
-            img = nib.Nifti1Image(np.rint(image).astype(np.int16), affine)
-        nib.save(img, out / img_dir / name)
-        nib.save(nib.Nifti1Image(label, affine), out / lbl_dir / name)
-        entries[split].append({"image": f"./{img_dir}/{name}", "label": f"./{lbl_dir}/{name}"})
-    spec = {
-        "name": "metaball-phantoms",
-        "description": f"independent metaball phantoms (benchmarks/metaballs.py, seed {seed})",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(k): v for k, v in LABELS.items()},
-        "numTraining": train,
-        "numTest": test,
-        "training": entries["training"],
-        "test": [e["image"] for e in entries["test"]],
-        "test_labels": [e["label"] for e in entries["test"]],
-    }
-    path = out / "dataset.json"
-    path.write_text(json.dumps(spec, indent=2))
-    return path
+    from phantoms import write_decathlon
+
+    def cases():
+        for index in range(train + test):
+            image, label, affine, rescaled = make_case(seed * 1000 + index)
+            if rescaled:  # stored as (HU + 1024) * 2 with a slope of 0.5 and an intercept of -1024
+                img = nib.Nifti1Image(np.rint((image + 1024) * 2).astype(np.int16), affine)
+                img.header.set_slope_inter(0.5, -1024)
+            else:
+                img = nib.Nifti1Image(np.rint(image).astype(np.int16), affine)
+            yield f"mb_{index:03d}.nii.gz", img, nib.Nifti1Image(label, affine)
+
+    return write_decathlon(out, cases(), train=train, test=test, labels=LABELS, name="metaball-phantoms",
+                           description=f"independent metaball phantoms (benchmarks/metaballs.py, seed {seed})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=12)
-    parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(make_dataset(args.out, train=args.train, test=args.test, seed=args.seed))
+    from phantoms import generator_main
+
+    generator_main(make_dataset, __doc__ or "")
 
 
 if __name__ == "__main__":

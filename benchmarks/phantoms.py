@@ -135,26 +135,28 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, label, affine
 
 
-def make_dataset(out: str | Path, *, train: int = 12, test: int = 4, seed: int = 0) -> Path:
-    """Write a Decathlon folder of ``train`` + ``test`` phantoms; returns ``dataset.json``'s path."""
+def write_decathlon(
+    out: str | Path, cases, *, train: int, test: int, labels: dict[int, str], name: str, description: str
+) -> Path:
+    """Write ``cases`` (an iterable of (file name, image, label) nibabel images: ``train`` training
+    cases, then ``test`` test cases) as a Decathlon folder with ``labelsTs`` for the test references;
+    returns ``dataset.json``'s path. Shared by this generator and ``metaballs.py``."""
     out = Path(out)
     entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
-    for index in range(train + test):
+    for index, (file_name, image, label) in enumerate(cases):
         split = "training" if index < train else "test"
         img_dir, lbl_dir = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
         (out / img_dir).mkdir(parents=True, exist_ok=True)
         (out / lbl_dir).mkdir(parents=True, exist_ok=True)
-        name = f"phantom_{index:03d}.nii.gz"
-        image, label, affine = make_case(seed * 1000 + index)
-        nib.save(nib.Nifti1Image(image, affine), out / img_dir / name)
-        nib.save(nib.Nifti1Image(label, affine), out / lbl_dir / name)
-        entries[split].append({"image": f"./{img_dir}/{name}", "label": f"./{lbl_dir}/{name}"})
+        nib.save(image, out / img_dir / file_name)
+        nib.save(label, out / lbl_dir / file_name)
+        entries[split].append({"image": f"./{img_dir}/{file_name}", "label": f"./{lbl_dir}/{file_name}"})
     spec = {
-        "name": "abdominal-phantoms",
-        "description": f"independent abdominal phantoms (benchmarks/phantoms.py, seed {seed})",
+        "name": name,
+        "description": description,
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": {str(k): v for k, v in LABELS.items()},
+        "labels": {str(k): v for k, v in labels.items()},
         "numTraining": train,
         "numTest": test,
         "training": entries["training"],
@@ -166,14 +168,31 @@ def make_dataset(out: str | Path, *, train: int = 12, test: int = 4, seed: int =
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def make_dataset(out: str | Path, *, train: int = 12, test: int = 4, seed: int = 0) -> Path:
+    """Write a Decathlon folder of ``train`` + ``test`` phantoms; returns ``dataset.json``'s path."""
+
+    def cases():
+        for index in range(train + test):
+            image, label, affine = make_case(seed * 1000 + index)
+            yield f"phantom_{index:03d}.nii.gz", nib.Nifti1Image(image, affine), nib.Nifti1Image(label, affine)
+
+    return write_decathlon(out, cases(), train=train, test=test, labels=LABELS, name="abdominal-phantoms",
+                           description=f"independent abdominal phantoms (benchmarks/phantoms.py, seed {seed})")
+
+
+def generator_main(make, doc: str) -> None:
+    """A generator's command line: ``--out DIR [--train 12] [--test 4] [--seed 0]``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", type=int, default=12)
     parser.add_argument("--test", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(make_dataset(args.out, train=args.train, test=args.test, seed=args.seed))
+    print(make(args.out, train=args.train, test=args.test, seed=args.seed))
+
+
+def main() -> None:
+    generator_main(make_dataset, __doc__ or "")
 
 
 if __name__ == "__main__":

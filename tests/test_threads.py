@@ -112,8 +112,13 @@ def _writable_cpu_cgroup() -> tuple[Path, str] | None:
     for folder, version in runtime._cgroup_dirs(Path("/proc/self")):
         if not os.access(folder, os.W_OK):
             continue
-        if version == "v1" or "cpu" in (folder / "cgroup.subtree_control").read_text(errors="ignore").split():
+        if version == "v1":
             return folder, version
+        try:
+            if "cpu" in (folder / "cgroup.subtree_control").read_text().split():
+                return folder, version
+        except OSError:
+            continue
     return None
 
 
