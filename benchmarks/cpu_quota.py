@@ -72,9 +72,9 @@ def _quota_group(quota: float | None) -> Path | None:
     """A fresh cgroup with ``quota`` CPUs (None: no group, the machine as it is)."""
     if quota is None:
         return None
-    from medseg.runtime import PROC_SELF, _cgroup_dirs
+    from medseg.cgroups import cgroup_dirs
 
-    for folder, version in _cgroup_dirs(PROC_SELF):
+    for folder, version in cgroup_dirs():
         if not os.access(folder, os.W_OK):
             continue
         if version == "v2" and "cpu" not in (folder / "cgroup.subtree_control").read_text().split():

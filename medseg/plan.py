@@ -665,7 +665,7 @@ def _cpu_threads() -> float:
     """The CPU time a second of torch's threads can get here: its threads, or fewer usable CPUs."""
     import torch
 
-    from medseg.runtime import usable_cpus
+    from medseg.cgroups import usable_cpus
 
     return max(0.01, min(float(max(1, torch.get_num_threads())), usable_cpus()))
 

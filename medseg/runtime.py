@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from medseg.cgroups import usable_cpus
 from medseg.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -155,70 +156,8 @@ def coordination_group(*, timeout_s: float = 7 * 24 * 3600) -> Iterator[Dist | N
 
 # ----------------------------------------------------------------------------- CPU threads
 
-PROC_SELF = Path("/proc/self")
 # What the user sets for torch's (OpenMP's) threads; where set, medseg leaves the count alone.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _cgroup_dirs(proc: Path) -> list[tuple[Path, str]]:
-    """This process's cgroup folders that may hold a CPU quota, each with its version ("v2", "v1"):
-    under every mount of the unified hierarchy or of v1's ``cpu`` controller (from ``mountinfo``),
-    the process's own cgroup (from ``cgroup``) and every cgroup above it. A container with its own
-    cgroup namespace sees its cgroup at the mount's root; a process in a systemd slice or a cgroup
-    made by hand (``cgcreate``) sees it deeper, and a quota on a parent limits it too."""
-    try:
-        own_lines = (proc / "cgroup").read_text().splitlines()
-        mount_lines = (proc / "mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    own: dict[str, str] = {}  # "v2" or a v1 controller -> the process's cgroup path
-    for line in own_lines:
-        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if hierarchy == "0" and not controllers:
-            own["v2"] = path
-        for name in controllers.split(","):
-            own.setdefault(name, path)
-    found: list[tuple[Path, str]] = []
-    for line in mount_lines:
-        head, _, tail = line.partition(" - ")
-        fields, kinds = head.split(), tail.split()
-        if len(fields) < 5 or len(kinds) < 3:
-            continue
-        mount, fstype, options = Path(fields[4]), kinds[0], kinds[2].split(",")
-        version = "v2" if fstype == "cgroup2" else "v1" if fstype == "cgroup" and "cpu" in options else None
-        if version is None:
-            continue
-        cgroup = Path(own.get("v2" if version == "v2" else "cpu", "/"))
-        if ".." in cgroup.parts:  # a cgroup outside this namespace's view
-            cgroup = Path("/")
-        for level in (cgroup, *cgroup.parents):
-            folder = mount / level.relative_to("/") if level.is_absolute() else mount
-            if (folder, version) not in found:
-                found.append((folder, version))
-    return found
-
-
-def _quota_in(folder: Path, version: str) -> float | None:
-    """The CPUs a cgroup folder's quota allows, or None where it sets none (or cannot be read)."""
-    try:
-        if version == "v2":
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
-        else:
-            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
-            period = (folder / "cpu.cfs_period_us").read_text().strip()
-        if quota in ("max", "-1") or float(period) <= 0:
-            return None
-        return float(quota) / float(period)
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cpus(proc: Path | None = None) -> float:
-    """The CPUs this process may use: its affinity, or the lowest CPU quota of its cgroups (v2
-    ``cpu.max``, v1 ``cpu.cfs_quota_us``) where lower, e.g. 2.0 under ``docker run --cpus 2``."""
-    n = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    quotas = [q for folder, version in _cgroup_dirs(proc or PROC_SELF) if (q := _quota_in(folder, version))]
-    return max(0.01, min([n, *quotas]))
 
 
 def fit_threads_to_cpus() -> str | None:

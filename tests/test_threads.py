@@ -1,5 +1,6 @@
 """torch's threads fitted to the CPUs a process may use: a container's CPU quota (cgroup v1 or v2,
-its own cgroup or one above it), the affinity, and the user's OMP_NUM_THREADS over both."""
+its own cgroup or one above it), the affinity, and the user's OMP_NUM_THREADS over both; the
+memory limit found the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import medseg.cgroups as cgroups
 import medseg.runtime as runtime
 from tests.helpers import REPO
 
@@ -44,20 +46,20 @@ def _v1_quota(folder: Path, quota: int, period: int = 100000) -> None:
 
 def test_usable_cpus_reads_the_quota_of_the_process_cgroup_and_those_above(tmp_path):
     proc, v1, v2 = _fake_proc(tmp_path, {"cpu": "/kubepods/pod7/box", "v2": "/user.slice/job"})
-    assert runtime.usable_cpus(proc) == AFFINITY  # no quota anywhere: the affinity
+    assert cgroups.usable_cpus(proc) == AFFINITY  # no quota anywhere: the affinity
 
     _v1_quota(v1 / "kubepods" / "pod7" / "box", -1)  # its own cgroup sets none ...
     _v1_quota(v1 / "kubepods" / "pod7", 150000)  # ... the pod above it 1.5 CPUs
-    assert runtime.usable_cpus(proc) == min(AFFINITY, 1.5)
+    assert cgroups.usable_cpus(proc) == min(AFFINITY, 1.5)
 
     (v2 / "user.slice" / "job").mkdir(parents=True)
     (v2 / "user.slice" / "job" / "cpu.max").write_text("50000 100000\n")  # v2: 0.5, the lowest wins
-    assert runtime.usable_cpus(proc) == 0.5
+    assert cgroups.usable_cpus(proc) == 0.5
     (v2 / "user.slice" / "job" / "cpu.max").write_text("max 100000\n")
-    assert runtime.usable_cpus(proc) == min(AFFINITY, 1.5)
+    assert cgroups.usable_cpus(proc) == min(AFFINITY, 1.5)
 
     _v1_quota(v1 / "kubepods" / "pod7", int(1e5 * (AFFINITY + 8)))  # above the cores: the cores
-    assert runtime.usable_cpus(proc) == AFFINITY
+    assert cgroups.usable_cpus(proc) == AFFINITY
 
 
 def test_usable_cpus_in_a_container_that_sees_its_cgroup_at_the_mount(tmp_path):
@@ -65,18 +67,36 @@ def test_usable_cpus_in_a_container_that_sees_its_cgroup_at_the_mount(tmp_path):
     is not under the container's mount; the container's own quota sits at the mount's root."""
     proc, v1, v2 = _fake_proc(tmp_path, {"cpu": "/docker/0f3a", "v2": "/docker/0f3a"})
     (v2 / "cpu.max").write_text("25000 100000\n")
-    assert runtime.usable_cpus(proc) == 0.25
+    assert cgroups.usable_cpus(proc) == 0.25
     (v2 / "cpu.max").write_text("max 100000\n")
     _v1_quota(v1, 200000, 200000)  # v1 at the root, a period of its own
-    assert runtime.usable_cpus(proc) == 1.0
+    assert cgroups.usable_cpus(proc) == 1.0
 
     proc2, _, v2b = _fake_proc(tmp_path / "ns", {"v2": "/../../outside"})  # outside the namespace
     (v2b / "cpu.max").write_text("75000 100000\n")
-    assert runtime.usable_cpus(proc2) == 0.75
+    assert cgroups.usable_cpus(proc2) == 0.75
+
+
+def test_memory_limit_of_the_process_cgroup_and_those_above(tmp_path):
+    """The memory preflight's default budget reads the limit where the CPU quota is read: v1's
+    ``memory`` controller or v2, the process's own cgroup and every one above it."""
+    proc, _, v2 = _fake_proc(tmp_path, {"v2": "/job"})  # v1 memory: /elsewhere, under .../memory
+    memory = tmp_path / "cgroup" / "memory"
+    assert cgroups.memory_limit(proc) is None
+    memory.mkdir()
+    (memory / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (memory / "elsewhere").mkdir()
+    (memory / "elsewhere" / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+    assert cgroups.memory_limit(proc) == 3 * 2**30
+    (v2 / "job").mkdir()
+    (v2 / "job" / "memory.max").write_text(f"{2**30}\n")
+    assert cgroups.memory_limit(proc) == 2**30
+    (v2 / "job" / "memory.max").write_text("max\n")
+    assert cgroups.memory_limit(proc) == 3 * 2**30
 
 
 def test_usable_cpus_without_a_proc_folder(tmp_path):
-    assert runtime.usable_cpus(tmp_path / "missing") == AFFINITY
+    assert cgroups.usable_cpus(tmp_path / "missing") == AFFINITY
 
 
 def test_fit_threads_lowers_torch_threads_to_the_usable_cpus_unless_the_user_set_them(monkeypatch, caplog):
@@ -109,7 +129,7 @@ def test_fit_threads_lowers_torch_threads_to_the_usable_cpus_unless_the_user_set
 def _writable_cpu_cgroup() -> tuple[Path, str] | None:
     """A cgroup folder this process may make children in, with a CPU quota file: v1's ``cpu``
     mount or a v2 folder with the ``cpu`` controller enabled for its children; None elsewhere."""
-    for folder, version in runtime._cgroup_dirs(Path("/proc/self")):
+    for folder, version in cgroups.cgroup_dirs():
         if not os.access(folder, os.W_OK):
             continue
         if version == "v1":

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.cgroups import memory_limit
 from medseg.errors import InputError
 
 DEFAULT_FRACTION = 0.5
@@ -94,18 +95,16 @@ def parse_size(text: str) -> int:
 
 
 def default_max_memory(fraction: float = DEFAULT_FRACTION) -> int:
-    """A fraction of this machine's physical memory, or of the cgroup (container) limit when lower."""
+    """A fraction of this machine's physical memory, or of the cgroup (container) limit when lower
+    (``medseg.cgroups.memory_limit``: the process's own cgroup and those above it; only the mount's
+    root was read before, which misses a limit set below it)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 8 * 2**30
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
+    limit = memory_limit()  # the process's cgroup or one above it (a container's --memory)
+    if limit is not None and limit < total:
+        total = limit
     return int(total * fraction)
 
 
