@@ -84,6 +84,7 @@ from medseg.runtime import (
     autocast,
     continued_precision,
     init_distributed,
+    leave_distributed,
     resolve_precision,
     set_memory_format,
     training_channels_last,
@@ -385,6 +386,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.ds_weights = deep_supervision_weights(getattr(self.network, "num_aux", 0))
+
+    def unwrap(self) -> None:
+        """Drop the DistributedDataParallel wrapper (after training), keeping the network."""
+        self.model = self.network
 
     def _choose_layout(self) -> bool:
         """The memory format of training steps: rank 0 measures (medseg.runtime), every rank follows."""
@@ -852,8 +857,8 @@ def train(
         with stop_signals() as stop:
             return _train(cfg, Path(data_root), out_dir, resume, dist, device, stop, split)
     finally:
-        if dist.active and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.active:
+            leave_distributed()
 
 
 def _default_run_dir(dataset_root: Path, cfg: Config) -> Path:
@@ -1064,7 +1069,10 @@ def _train_locked(
         trainer = Trainer(cfg, run_dir, prep.train_cases, prep.val_cases, dist=dist, device=device,
                           tracker=tracker, meta=meta, stop=stop, state=state, deadline=deadline,
                           requested=requested, replan_schedule=bool(going_on and going_on.epochs))
-        history, best = trainer.run()
+        try:
+            history, best = trainer.run()
+        finally:
+            trainer.unwrap()  # the DDP wrapper must be gone before the process group (leave_distributed)
         if dist.main and cfg.postprocess.tune_on_validation and prep.val_cases:
             _tune_postprocessing(run_dir, prep.val_cases, device, deadline, tracker)
         status = "FINISHED"
