@@ -128,9 +128,9 @@ def init_distributed(requested_device: str | None) -> tuple[Dist, torch.device]:
 def leave_distributed() -> None:
     """Destroy this process's process group, after freeing what still holds it (a DDP model).
 
-    A DistributedDataParallel wrapper left for the interpreter's exit keeps the Gloo group's worker
-    threads alive; one of them dropping a tensor while Python shuts down aborts the rank
-    ("terminate called without an active exception", SIGABRT), and torchrun then fails the whole run.
+    A DistributedDataParallel wrapper left alive for the interpreter's exit now and then aborts the
+    rank as Python shuts down ("terminate called without an active exception", SIGABRT: a torch
+    thread touching Python after finalisation began), and torchrun then fails the whole run.
     Measured with two Gloo ranks that train a DDP model and leave, beside two busy processes: 7 of 40
     launches aborted that way, none of 40 with the model collected first (``benchmarks/ddp_exit.py``).
     """
