@@ -382,7 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=11.0)
     parser.add_argument("--sets", nargs="+", default=["phantoms", "realct"],
-                        choices=["phantoms", "metaballs", "realct"])
+                        choices=[*GENERATED, "realct"])
     parser.add_argument("--work", default="/tmp/medseg-accuracy")
     parser.add_argument("--reuse", action="store_true", help="score a finished medseg run again, no training")
     parser.add_argument("--methods", nargs="+", default=["medseg", "monai"], choices=["medseg", "monai"])
