@@ -143,6 +143,18 @@ def score(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[int, str]) ->
     return out
 
 
+def score_predictions(root: Path, preds: Path, labels: dict[int, str]) -> dict[str, dict[str, float]]:
+    """Per test case of the set at ``root``, ``score`` of medseg's mask in ``preds`` (``<case>_seg.nii.gz``)."""
+    spec = _spec(root)
+    cases = {}
+    for image, ref_path in zip(spec["test"], spec["test_labels"], strict=True):
+        stem = Path(image).name.removesuffix(".nii.gz")
+        ref = nib.load(root / ref_path)
+        pred = np.asarray(nib.load(preds / f"{stem}_seg.nii.gz").dataobj)
+        cases[stem] = score(pred, np.asarray(ref.dataobj), ref.header.get_zooms()[:3], labels)
+    return cases
+
+
 # ----------------------------------------------------------------------------- medseg
 
 
@@ -189,12 +201,7 @@ def run_medseg(
         "--overwrite",
     ]
     subprocess.run([*medseg, *infer], check=True, env=env, cwd=out)
-    cases = {}
-    for image, ref_path in zip(spec["test"], spec["test_labels"], strict=True):
-        stem = Path(image).name.removesuffix(".nii.gz")
-        ref = nib.load(root / ref_path)
-        pred = np.asarray(nib.load(preds / f"{stem}_seg.nii.gz").dataobj)
-        cases[stem] = score(pred, np.asarray(ref.dataobj), ref.header.get_zooms()[:3], labels)
+    cases = score_predictions(root, preds, labels)
     from medseg.checkpoint import load_state
 
     state = run / "checkpoints" / "last.pt"

@@ -22,15 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from accuracy import _spec, score, summary
+from accuracy import _spec, score_predictions, summary
 
 
 def _medseg(*args: str, cwd: Path) -> None:
@@ -85,12 +82,7 @@ def compare(run: Path, data: Path, work: Path) -> dict:
         preds = work / f"pred_{which}"
         _medseg("infer", "-m", str(work / f"{which}_tuned"), "-i", *(str(data / t) for t in spec["test"]),
                 "-o", str(preds), "--overwrite", cwd=work)
-        cases = {}
-        for image, ref_path in zip(spec["test"], spec["test_labels"], strict=True):
-            stem = Path(image).name.removesuffix(".nii.gz")
-            ref = nib.load(data / ref_path)
-            pred = np.asarray(nib.load(preds / f"{stem}_seg.nii.gz").dataobj)
-            cases[stem] = score(pred, np.asarray(ref.dataobj), ref.header.get_zooms()[:3], labels)
+        cases = score_predictions(data, preds, labels)
         record[which] = {"cases": cases, "summary": summary({"cases": cases}, labels)}
     record["final_minus_best"] = record["final"]["summary"]["dice_mean"] - record["best"]["summary"]["dice_mean"]
     return record
