@@ -350,6 +350,9 @@ def channels_last(device: torch.device, precision: Precision) -> bool:
 
 LAYOUT_MIN_SPEEDUP = 1.08  # channels-last must beat contiguous by this much to be used for training
 LAYOUT_SLOW_PAIR_S = 2.0  # a first contiguous + channels-last pair this slow is warm-up enough
+# ... and one this slow leaves one timed pair: a step of seconds is a steady reading of itself, and the
+# fingerprint plan's 192x160x48 x 3 bf16 patches (``--epochs`` on a CPU) spent 181 s measuring three
+LAYOUT_LONG_PAIR_S = 20.0
 # 2: entries written by the budget planner's own layout A/B (77e46fc-df4b340, one model switched
 # between layouts, AdamW's state left in the first) read channels-last 1.00x where it was 1.24x
 # 3: entries per precision (bf16 measured too; it had been channels-last always)
@@ -432,7 +435,8 @@ def measure_channels_last_speedup(
     backward) of a copy of ``network`` on random data of ``input_shape``: two untimed steps each
     (with one, a fresh ``medseg train`` read 1.07x once where five others read 1.15-1.20x; one
     where the first pair took ``LAYOUT_SLOW_PAIR_S`` or more: the classic U-Net's 176x128x48 x 4
-    patches took 100 s to measure), then ``rounds`` alternating; the medians compared. The network
+    patches took 100 s to measure), then ``rounds`` alternating (one where the first pair took
+    ``LAYOUT_LONG_PAIR_S``); the medians compared. The network
     itself is not touched."""
     import copy
 
@@ -456,8 +460,11 @@ def measure_channels_last_speedup(
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    if step(False) + step(True) < LAYOUT_SLOW_PAIR_S:
+    first = step(False) + step(True)
+    if first < LAYOUT_SLOW_PAIR_S:
         step(False), step(True)
+    elif first >= LAYOUT_LONG_PAIR_S:
+        rounds = 1
     plain, last = [], []
     for _ in range(rounds):
         plain.append(step(False))
