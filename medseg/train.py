@@ -321,6 +321,7 @@ class Trainer:
         self.best = -1.0
         self.history: list[dict[str, float]] = []
         self._resume: dict[str, Any] | None = None  # this rank's RNG states and partial epoch
+        self._clock: tuple[float, int] | None = None  # when run() began, at which epoch (time left)
         if state is not None:
             self._load(state)
             if replan_schedule:
@@ -448,6 +449,7 @@ class Trainer:
         interactive = self.dist.main and sys.stderr.isatty()
         self.bar = TrainingProgress(total_steps=epochs * len(self.loader), enabled=interactive)
         self._last_ckpt = time.monotonic()
+        self._clock = (self._last_ckpt, self.epoch)  # for the time left in the epoch log lines
         fresh = self.global_step == 0
         refit = fresh and self.val_loader is not None
         since = 0  # the epochs the next refit averages: those since the last one (the speed now)
@@ -730,10 +732,20 @@ class Trainer:
             drop(self.ckpt_dir, TIMED)  # older than last.pt now
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
             val = f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-            log.info("epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%)", epoch + 1,
+            log.info("epoch %d/%d loss %.4f%s lr %.2e (%.1f samples/s, data wait %.0f%%%s)", epoch + 1,
                      self.cfg.train.epochs, record["train_loss"], val, record["lr"], record["samples_per_s"],
-                     100 * record["data_wait_fraction"])
+                     100 * record["data_wait_fraction"], self._time_left(epoch + 1))
         self._last_ckpt = time.monotonic()
+
+    def _time_left(self, done: int) -> str:
+        """', about N min left' from this process's epochs so far (validations included), for logs
+        that have no progress bar (a batch job's log file); '' after the last epoch."""
+        left = self.cfg.train.epochs - done
+        if self._clock is None or left <= 0 or done <= self._clock[1]:
+            return ""
+        started, first = self._clock
+        seconds = (time.monotonic() - started) / (done - first) * left
+        return f", about {seconds / 60:.0f} min left" if seconds >= 90 else f", about {seconds:.0f} s left"
 
     def _early_stop(self) -> bool:
         patience = self.cfg.train.early_stopping_patience

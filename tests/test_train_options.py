@@ -87,6 +87,20 @@ def test_early_stopping_stops_on_a_plateau(tiny_dataset, tmp_path):
     assert len(result.history) == 3
 
 
+def test_each_epoch_line_says_the_time_left_for_logs_without_a_progress_bar(tiny_dataset, tmp_path, caplog):
+    """A batch job's log file has no progress bar: each epoch's line but the last says how long is left."""
+    import logging
+    import re
+
+    cfg = _cfg(train={"epochs": 3, "iterations_per_epoch": 1, "val_every": 3})
+    with caplog.at_level(logging.INFO, logger="medseg.train"):
+        train(cfg, tiny_dataset, out_dir=tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all(re.search(r", about \d+ (s|min) left\)$", line) for line in lines[:2]), lines
+    assert "left" not in lines[2]
+
+
 def test_training_layout_is_measured_on_a_copy_and_cached(tmp_path, monkeypatch):
     """fp32 on CPU: channels-last or not is measured on this machine for this network and shape
     (on a copy: the network's own weights and layout are untouched), then read from the cache."""
