@@ -479,7 +479,7 @@ class Trainer:
                     record["elapsed_s"] = self.deadline.elapsed()
                 self._end_epoch(epoch, record, improved)
                 if out_of_time:
-                    if self.dist.main:
+                    if self.dist.main and epoch + 1 < epochs:  # not when the last planned epoch ended
                         log.info("time budget: training stopped after epoch %d of %d (%d steps) to finish in time",
                                  epoch + 1, epochs, self.global_step)
                     break
