@@ -502,6 +502,26 @@ def test_cli_refuses_an_unreadable_budget_in_one_line(tmp_path, tiny_dataset):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_bare_number_under_a_minute_is_said_to_be_seconds(caplog):
+    """``--time-budget 11`` is 11 seconds, as documented; meant as minutes it would ship a model that
+    learned nothing, so the CLI says what it read. A unit, or a bare number of a minute or more, is quiet."""
+    import logging
+
+    from medseg.cli import _time_budget_override
+
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        assert _time_budget_override("11") == "train.time_budget_s=11.0"
+    assert [r.getMessage() for r in caplog.records] == [
+        "--time-budget 11 is 11 seconds (a number without a unit is seconds): for minutes write 11m"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        assert _time_budget_override("11m") == "train.time_budget_s=660.0"
+        assert _time_budget_override("30s") == "train.time_budget_s=30.0"
+        assert _time_budget_override("90") == "train.time_budget_s=90.0"
+    assert not caplog.records
+
+
 def _refitting_trainer(elapsed_and_validation_s: tuple[float, float], logged: list[dict]):
     """What ``Trainer._fit_epochs_to_budget`` reads of a trainer: the plan's 10 epochs validated every 3,
     a 600 s budget, its seconds elapsed and a validation's, MLflow params into ``logged``."""

@@ -135,6 +135,41 @@ def test_training_layout_is_measured_on_a_copy_and_cached(tmp_path, monkeypatch)
     assert rt.training_channels_last(net, (2, 1, 16, 16, 16), 3, torch.device("cuda"), "fp32")[0] is False
 
 
+@pytest.mark.parametrize(("step_s", "steps"), [(0.5, 10), (3.0, 8), (12.0, 4)])
+def test_the_layout_measurement_takes_fewer_steps_the_slower_a_step_is(monkeypatch, step_s, steps):
+    """Quick steps: two untimed pairs, then three timed; a first pair of 2 s or more is warm-up enough;
+    one of 20 s or more leaves a single timed pair (a 192x160x48 x 3 patch took 181 s to measure)."""
+    import copy
+    import time
+
+    import medseg.runtime as rt
+    from medseg.config import ModelConfig
+    from medseg.models import build_model
+
+    now = [0.0]
+
+    def clock() -> float:  # a step reads step_s: its start and end are two readings apart by that
+        now[0] += step_s
+        return now[0]
+
+    forwards = []
+    real_deepcopy = copy.deepcopy
+
+    def copy_that_counts(obj, *args, **kwargs):  # the measurement steps a copy of the network
+        clone = real_deepcopy(obj, *args, **kwargs)
+        if isinstance(obj, torch.nn.Module):
+            clone.register_forward_hook(lambda *_: forwards.append(1))
+        return clone
+
+    net = build_model(ModelConfig(name="monai_unet", features=4, depth=2), out_channels=3)
+    monkeypatch.setattr(copy, "deepcopy", copy_that_counts)
+    monkeypatch.setattr(time, "perf_counter", clock)
+    ratio = rt.measure_channels_last_speedup(net, (1, 1, 16, 16, 16), 3)
+    monkeypatch.undo()
+    assert ratio == pytest.approx(1.0)
+    assert len(forwards) == steps
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_training_follows_the_memory_format_setting(tiny_dataset, tmp_path, layout):
     """``train.memory_format`` pins the layout: the run trains in it and the bundle says which."""
