@@ -967,6 +967,10 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         if mapped := mapping_note(cfg):
             log.info("%s", mapped)
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
+        if budget is None and device.type == "cpu" and not resumed:
+            # the fingerprint plan on a CPU: 192x160x48 x 3 patches on the phantoms, 0.3 samples/s
+            summary += ("\n  budget     none: patch and batch sized by memory, not by this CPU's speed "
+                        "(--time-budget plans both, and the steps, for the time you have)")
         log.info("%s", summary)
         note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]
         lines = [*note, *(budget.summary().splitlines() if budget else [])]

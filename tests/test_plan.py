@@ -277,6 +277,8 @@ def test_train_with_no_config_uses_the_plan(tiny_dataset, tmp_path, capsys):
     for section in ("preprocess", "train"):
         assert bundle_cfg[section] == plan[section]
     assert "spacing" in (out / "plan.txt").read_text()
+    # --epochs on a CPU: the plan says its patch was sized by memory, and what plans for speed
+    assert "sized by memory, not by this CPU's speed (--time-budget" in (out / "plan.txt").read_text()
 
     import mlflow
 
