@@ -321,7 +321,7 @@ class Trainer:
         self.best = -1.0
         self.history: list[dict[str, float]] = []
         self._resume: dict[str, Any] | None = None  # this rank's RNG states and partial epoch
-        self._clock: tuple[float, int] | None = None  # when run() began, at which epoch (time left)
+        self._clock: tuple[float, float] | None = None  # when run() began, at which epoch (time left)
         if state is not None:
             self._load(state)
             if replan_schedule:
@@ -449,7 +449,8 @@ class Trainer:
         interactive = self.dist.main and sys.stderr.isatty()
         self.bar = TrainingProgress(total_steps=epochs * len(self.loader), enabled=interactive)
         self._last_ckpt = time.monotonic()
-        self._clock = (self._last_ckpt, self.epoch)  # for the time left in the epoch log lines
+        # for the time left in the epoch log lines; a run resumed mid-epoch starts part of the way in
+        self._clock = (self._last_ckpt, self.epoch + self.step_in_epoch / max(1, len(self.loader)))
         fresh = self.global_step == 0
         refit = fresh and self.val_loader is not None
         since = 0  # the epochs the next refit averages: those since the last one (the speed now)
