@@ -568,10 +568,10 @@ def _time_budget_override(text: str) -> str:
 
     from medseg.plan import parse_duration
 
-    seconds = parse_duration(text)
-    if re.fullmatch(r"\d+(\.\d+)?", str(text).strip()) and seconds < 60:
+    seconds, bare = parse_duration(text), text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", bare) and seconds < 60:
         log.warning("--time-budget %s is %g seconds (a number without a unit is seconds): for minutes write %sm",
-                    text, seconds, str(text).strip())
+                    bare, seconds, bare)
     return f"train.time_budget_s={seconds}"
 
 

@@ -310,6 +310,12 @@ def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
             f"CPU and neither epochs nor patch given: default budget {CPU_DEFAULT_BUDGET_S / 60:.0f} min "
             "(set --time-budget, or --epochs for the fingerprint plan)"
         )
+    if str(device).startswith("cpu"):  # the fingerprint plan sizes by memory; on a CPU speed matters more
+        given = ", ".join(sorted(chosen_by_user))
+        sized = ("the given patch, not planned" if "patch_size" in chosen_by_user
+                 else "patch and batch sized by memory, not")
+        return None, (f"none ({given} given): {sized} by this CPU's speed "
+                      "(--time-budget plans patch, batch and steps for the time you have)")
     return None, "none: fingerprint plan"
 
 

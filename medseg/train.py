@@ -76,6 +76,7 @@ from medseg.plan import (
     make_plan,
     plan_for_budget,
     plan_summary,
+    resolve_budget,
 )
 from medseg.progress import TrainingProgress
 from medseg.resume import Continuation, continue_run, explicit_settings
@@ -952,10 +953,13 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
             write_text_atomic(fp_path, fp.to_json())
     fp = dist.broadcast(fp)
     budget: BudgetPlan | None = None
+    no_budget = ""  # on a CPU without a budget, why (the plan's summary says it)
     if resumed:  # the run keeps its own plan (steps, schedule); its deadline counts the time it spent
         cfg = make_plan(cfg, fp)
     elif dist.main:
         out_channels = max(cfg.labels or {0: ""}) + 1
+        budget_s, why = resolve_budget(cfg, device.type)  # of the user's config: the plan fills in the patch
+        no_budget = why if budget_s is None and device.type == "cpu" else ""
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
     cfg, budget = dist.broadcast((cfg, budget))
@@ -968,10 +972,8 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         if mapped := mapping_note(cfg):
             log.info("%s", mapped)
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
-        if budget is None and device.type == "cpu" and not resumed:
-            # the fingerprint plan on a CPU: 192x160x48 x 3 patches on the phantoms, 0.3 samples/s
-            summary += ("\n  budget     none: patch and batch sized by memory, not by this CPU's speed "
-                        "(--time-budget plans both, and the steps, for the time you have)")
+        if no_budget:  # on a CPU: why nothing was planned for its speed (the phantoms: 192x160x48 x 3, 0.3 samples/s)
+            summary += f"\n  budget     {no_budget}"
         log.info("%s", summary)
         note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]
         lines = [*note, *(budget.summary().splitlines() if budget else [])]

@@ -69,6 +69,12 @@ def test_budget_given_default_on_cpu_and_none_when_the_user_chose_epochs():
     assert budget == CPU_DEFAULT_BUDGET_S
     assert "default" in why
     assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cpu")[0] is None
+    # on a CPU the reason says what was given and that nothing was planned for the CPU's speed
+    assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cpu")[1].startswith(
+        "none (epochs given): patch and batch sized by memory, not by this CPU's speed")
+    assert resolve_budget(Config.model_validate({"train": {"patch_size": [32, 32, 16]}}), "cpu")[1].startswith(
+        "none (patch_size given): the given patch, not planned by this CPU's speed")
+    assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cuda")[1] == "none: fingerprint plan"
     assert resolve_budget(Config(), "cuda")[0] is None
 
 
