@@ -636,7 +636,12 @@ def _add_train(sub: Any) -> None:
     p = _command(sub, "train", "train a model on a Decathlon dataset folder", _TRAIN_EXAMPLES)
     p.add_argument("--data", required=True, help="Decathlon or nnU-Net v2 dataset folder (with dataset.json)")
     p.add_argument("--config", help="YAML config (default: the built-in defaults, then the plan)")
-    p.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="shortcut for --set train.epochs=N (on a CPU with no --time-budget and no patch given: the patch "
+        "measured for the default 15-min budget, each epoch a tenth of its steps)",
+    )
     p.add_argument(
         "-f",
         "--fold",

@@ -308,15 +308,30 @@ def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
     if str(device).startswith("cpu") and not chosen_by_user:
         return CPU_DEFAULT_BUDGET_S, (
             f"CPU and neither epochs nor patch given: default budget {CPU_DEFAULT_BUDGET_S / 60:.0f} min "
-            "(set --time-budget, or --epochs for the fingerprint plan)"
+            "(set --time-budget, or --epochs for a run of that many epochs)"
         )
-    if str(device).startswith("cpu"):  # the fingerprint plan sizes by memory; on a CPU speed matters more
+    if str(device).startswith("cpu"):
         given = ", ".join(sorted(chosen_by_user))
-        sized = ("the given patch, not planned" if "patch_size" in chosen_by_user
-                 else "patch and batch sized by memory, not")
-        return None, (f"none ({given} given): {sized} by this CPU's speed "
-                      "(--time-budget plans patch, batch and steps for the time you have)")
+        if "patch_size" in chosen_by_user:
+            return None, (f"none ({given} given): the given patch, not planned by this CPU's speed "
+                          "(--time-budget plans patch, batch and steps for the time you have)")
+        return None, (f"none ({given} given): patch, batch and width measured on this CPU as for a "
+                      f"{CPU_DEFAULT_BUDGET_S / 60:.0f}-min budget, for the epochs given (--time-budget "
+                      "plans the steps for the time you have)")
     return None, "none: fingerprint plan"
+
+
+def speed_plan_for_epochs(cfg: Config, device: str) -> bool:
+    """On a CPU, epochs (or iterations) given without a budget or a patch: the patch, batch and width
+    are still measured for this CPU's speed (as for the default budget), the epochs are the user's.
+
+    The fingerprint plan sizes the patch by memory: on the phantoms 192 x 160 x 48 x 3 at 0.3 samples
+    a second, about 70 s an epoch of 4 steps, so ``--epochs`` chosen to fill 11 minutes trained ~40
+    steps. A GPU keeps the fingerprint plan."""
+    tr = cfg.train
+    return (str(device).startswith("cpu") and tr.time_budget_s is None
+            and "patch_size" not in tr.model_fields_set
+            and bool({"epochs", "iterations_per_epoch"} & tr.model_fields_set))
 
 
 def context_spacing(
@@ -441,9 +456,15 @@ class BudgetPlan:
     why: str
     validations: int = VALIDATIONS
     spacing: tuple[float, float, float] | None = None  # a coarser grid for context (context_spacing)
+    # measured as for ``budget_s`` on a CPU where the user gave epochs: no deadline, the user's epochs
+    # (``speed_plan_for_epochs``); ``steps``, ``epochs`` are then what that budget would have planned
+    for_epochs: bool = False
 
     def params(self) -> dict[str, Any]:
         """Flat MLflow params."""
+        if self.for_epochs:  # no budget: what was measured, and why this size
+            return {"budget.reason": self.reason, "budget.step_s": round(self.chosen.step_s, 4),
+                    "budget.warmup_s": round(self.warmup_s, 1), "budget.why": self.why[:450]}
         return {
             "budget.seconds": round(self.budget_s, 1),
             "budget.reason": self.reason,
@@ -461,12 +482,14 @@ class BudgetPlan:
             f" -> {int(self.train_s / c.step_s)} steps"
             for c in self.measured
         )
-        return (
-            f"  budget     {self.budget_s / 60:.1f} min ({self.reason}): {self.steps} steps of "
-            f"{self.chosen.step_s:.3f} s = {self.train_s:.0f} s training, ~{self.val_s:.0f} s for "
-            f"{self.validations} validation(s), "
-            f"{self.warmup_s:.0f} s warm-up\n    {self.why}\n  measured on this machine:\n{rows}"
-        )
+        if self.for_epochs:
+            head = (f"  budget     {self.reason}: {self.chosen.step_s:.3f} s a step, "
+                    f"{self.warmup_s:.0f} s warm-up")
+        else:
+            head = (f"  budget     {self.budget_s / 60:.1f} min ({self.reason}): {self.steps} steps of "
+                    f"{self.chosen.step_s:.3f} s = {self.train_s:.0f} s training, ~{self.val_s:.0f} s for "
+                    f"{self.validations} validation(s), {self.warmup_s:.0f} s warm-up")
+        return f"{head}\n    {self.why}\n  measured on this machine:\n{rows}"
 
 
 def choose_candidate(
@@ -620,6 +643,9 @@ def plan_for_budget(
     """
     budget, reason = resolve_budget(cfg, device)
     planned = make_plan(cfg, fp)
+    for_epochs = budget is None and speed_plan_for_epochs(cfg, device)
+    if for_epochs:  # measured for the default budget's share of steps; the run then trains the epochs given
+        budget, elapsed_s = CPU_DEFAULT_BUDGET_S, 0.0
     if budget is None:
         return planned, None
     tr, fixed = planned.train, cfg.train.model_fields_set
@@ -660,6 +686,7 @@ def plan_for_budget(
         why=f"{why}; {coarser}" if coarser else why,
         validations=validations,
         spacing=spacing,
+        for_epochs=for_epochs,
     )
     return apply_budget_plan(planned, plan), plan
 
@@ -902,10 +929,16 @@ def apply_budget_plan(cfg: Config, plan: BudgetPlan) -> Config:
     out.model.name = plan.chosen.model
     if plan.spacing is not None:
         out.preprocess.spacing = plan.spacing
-    tr.epochs = plan.epochs
-    tr.iterations_per_epoch = plan.iterations_per_epoch
-    tr.val_every = plan.val_every
-    tr.time_budget_s = plan.budget_s
+    if plan.for_epochs:  # the user's epochs (and iterations, if given), no deadline
+        if "iterations_per_epoch" not in cfg.train.model_fields_set:
+            tr.iterations_per_epoch = plan.iterations_per_epoch
+        if "val_every" not in cfg.train.model_fields_set:
+            tr.val_every = max(1, -(-int(tr.epochs) // plan.validations))
+    else:
+        tr.epochs = plan.epochs
+        tr.iterations_per_epoch = plan.iterations_per_epoch
+        tr.val_every = plan.val_every
+        tr.time_budget_s = plan.budget_s
     if "lr_warmup_fraction" not in cfg.train.model_fields_set:
         tr.lr_warmup_fraction = 0.03
     return out

@@ -972,7 +972,7 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         if mapped := mapping_note(cfg):
             log.info("%s", mapped)
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
-        if no_budget:  # on a CPU: why nothing was planned for its speed (the phantoms: 192x160x48 x 3, 0.3 samples/s)
+        if no_budget and budget is None:  # on a CPU: why nothing was planned for its speed (a patch given)
             summary += f"\n  budget     {no_budget}"
         log.info("%s", summary)
         note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]

@@ -69,9 +69,9 @@ def test_budget_given_default_on_cpu_and_none_when_the_user_chose_epochs():
     assert budget == CPU_DEFAULT_BUDGET_S
     assert "default" in why
     assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cpu")[0] is None
-    # on a CPU the reason says what was given and that nothing was planned for the CPU's speed
+    # on a CPU the reason says what was given and what was planned for the CPU's speed
     assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cpu")[1].startswith(
-        "none (epochs given): patch and batch sized by memory, not by this CPU's speed")
+        "none (epochs given): patch, batch and width measured on this CPU as for a 15-min budget")
     assert resolve_budget(Config.model_validate({"train": {"patch_size": [32, 32, 16]}}), "cpu")[1].startswith(
         "none (patch_size given): the given patch, not planned by this CPU's speed")
     assert resolve_budget(Config.model_validate({"train": {"epochs": 3}}), "cuda")[1] == "none: fingerprint plan"
@@ -134,6 +134,42 @@ def _timed(dynunet_slower: float, scale: float = 1e-6):
         return scale * patch[0] * patch[1] * patch[2] * batch * features / 16 * slower
 
     return measure, calls
+
+
+def test_epochs_on_a_cpu_train_a_patch_measured_for_its_speed_for_the_epochs_given():
+    """``--epochs`` without a budget or patch on a CPU: the patch, batch and width the default budget
+    would measure, the user's epochs at a tenth of that budget's steps each, no deadline; a GPU and a
+    given patch keep the fingerprint plan."""
+    calls = []
+
+    def fake_measure(cfg, patch, batch, features, *, out_channels, device, time_limit_s=None, model_name=None):
+        calls.append(patch)
+        return 1e-6 * patch[0] * patch[1] * patch[2] * batch * features / 16
+
+    cfg = Config.model_validate({"train": {"epochs": 7, "memory_budget_gb": 4}})
+    fingerprint_patch = make_plan(cfg, FP).train.patch_size
+    planned, plan = plan_for_budget(cfg, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert plan is not None
+    assert plan.for_epochs
+    assert calls
+    tr = planned.train
+    assert tr.epochs == 7  # the user's epochs
+    assert tr.time_budget_s is None  # no deadline
+    assert tuple(int(p) for p in tr.patch_size) == plan.chosen.patch != tuple(int(p) for p in fingerprint_patch)
+    assert tr.iterations_per_epoch == plan.iterations_per_epoch == -(-plan.steps // plan.epochs)
+    assert tr.val_every == 2  # 5 validations over 7 epochs, at most
+    assert "budget.seconds" not in plan.params()
+    assert plan.summary().startswith("  budget     none (epochs given): patch, batch and width measured")
+    # iterations and validation cadence the user gave are kept
+    own = Config.model_validate({"train": {"epochs": 3, "iterations_per_epoch": 5, "val_every": 1}})
+    planned, _ = plan_for_budget(own, FP, device="cpu", out_channels=4, measure=fake_measure)
+    assert (planned.train.epochs, planned.train.iterations_per_epoch, planned.train.val_every) == (3, 5, 1)
+    # a GPU, or a patch given, is not measured
+    calls.clear()
+    assert plan_for_budget(cfg, FP, device="cuda", out_channels=4, measure=fake_measure)[1] is None
+    patch = Config.model_validate({"train": {"epochs": 7, "patch_size": [32, 32, 16]}})
+    assert plan_for_budget(patch, FP, device="cpu", out_channels=4, measure=fake_measure)[1] is None
+    assert not calls
 
 
 def test_with_more_classes_than_half_the_default_width_the_plan_takes_monai_unet():
