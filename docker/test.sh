@@ -136,7 +136,9 @@ grep -E "^#[0-9]+ [0-9.]+ torch .* from " "$WORK/build-cpu.log" | sed -E 's/^#[0
 user=$(docker image inspect --format '{{.Config.User}}' "$MEDSEG_IMAGE")
 [[ "$user" == 10001:10001 ]] || fail "the image runs as '$user', not the non-root 10001:10001"
 docker run --rm "$MEDSEG_IMAGE" --help >/dev/null || fail "medseg --help in the image as its default user"
-echo "    default user $user; medseg --help runs"
+docker image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$MEDSEG_IMAGE" \
+    | grep -qx MLFLOW_DISABLE_TELEMETRY=true || fail "the image leaves MLflow's usage telemetry on"
+echo "    default user $user; medseg --help runs; MLflow's usage telemetry off"
 
 step "build the GPU image $MEDSEG_GPU_IMAGE (when a CUDA torch and CUDA_BASE can be had)"
 GPU_ARGS=()

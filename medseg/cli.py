@@ -880,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    from medseg.tracking import no_usage_telemetry
+
+    no_usage_telemetry()  # before MLflow is imported (MLFLOW_DISABLE_TELEMETRY=false keeps it on)
     if args.command in COMPUTE_COMMANDS:  # the commands that run a network
         from medseg.runtime import fit_threads_to_cpus
 

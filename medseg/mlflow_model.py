@@ -88,8 +88,10 @@ with warnings.catch_warnings(record=True) as _definition_warnings:
 
             from medseg.bundle import load_bundle
             from medseg.runtime import fit_threads_to_cpus
+            from medseg.tracking import no_usage_telemetry
 
             fit_threads_to_cpus()  # a serving container's CPU quota (torch would start a thread per host core)
+            no_usage_telemetry()  # the server's process: no usage reports from here on (the images set it at start)
             config = getattr(context, "model_config", None) or {}
             device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
             self.bundle = load_bundle(context.artifacts[ARTIFACT], device=device)

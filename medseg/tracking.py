@@ -59,6 +59,24 @@ _STORE_LOGGERS = (
 _HINT = "fix tracking.uri / MLFLOW_TRACKING_URI, or pass --set tracking.enabled=false"
 
 
+def no_usage_telemetry() -> None:
+    """MLflow 3 reports usage to its makers: at import a thread fetches a config from the internet,
+    then sends records of the API calls made. A tool on a hospital network does not call out on its
+    own, so the command line and the served model turn it off (``MLFLOW_DISABLE_TELEMETRY=true``)
+    unless the environment already says either way; ``MLFLOW_DISABLE_TELEMETRY=false`` keeps it on.
+    Set before MLflow is imported; where it already is, its telemetry client is dropped."""
+    import sys
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if "mlflow" not in sys.modules:
+        return
+    try:
+        from mlflow.telemetry import set_telemetry_client
+    except ImportError:  # an MLflow without telemetry
+        return
+    set_telemetry_client()  # reads the environment again: None when disabled
+
+
 def resolve_uri(cfg: TrackingConfig) -> str:
     """The tracking URI: the config's, else ``$MLFLOW_TRACKING_URI``, else ./mlflow.db (sqlite)."""
     if cfg.uri:

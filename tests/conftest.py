@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.helpers import REPO, REQUIRE_SHARED_DATA, SHARED_DATA, run_cli  # noqa: F401  (re-exported)
+
+# As the CLI does (medseg.tracking.no_usage_telemetry): MLflow imported while tests are collected would
+# otherwise start its usage telemetry, whose config thread, failing offline, then edits os.environ at
+# a moment of its choosing (test_tracker_leaves_no_process_wide_state saw its session id vanish).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(autouse=True)

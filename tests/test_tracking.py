@@ -91,6 +91,39 @@ def test_tracker_leaves_no_process_wide_state(tmp_path, monkeypatch):
     assert not hasattr(Tracker, "set_tags")
 
 
+_TELEMETRY_PROBE = """
+import os, sys
+from medseg.cli import main
+main(sys.argv[1:])
+print("telemetry:", os.environ.get("MLFLOW_DISABLE_TELEMETRY"))
+if os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true":  # importing MLflow with it on would call out
+    import mlflow.telemetry
+    from mlflow.telemetry.utils import is_telemetry_disabled
+    print("telemetry:", is_telemetry_disabled(), mlflow.telemetry.get_telemetry_client())
+"""
+
+
+def _said(stdout: str) -> list[str]:
+    return [line.removeprefix("telemetry: ") for line in stdout.splitlines() if line.startswith("telemetry: ")]
+
+
+def test_the_command_line_turns_mlflow_usage_telemetry_off_unless_the_user_said(tmp_path):
+    """MLflow 3 fetches a config from the internet at import and reports API usage: the CLI sets
+    MLFLOW_DISABLE_TELEMETRY=true where the environment does not say; a user's value is kept. Run in
+    an environment without the CI and pytest variables that MLflow itself reads as "do not report"."""
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI")
+           if key in os.environ}
+    env["PYTHONPATH"] = str(REPO)
+    args = ["check", str(tmp_path / "no_dataset")]  # any command: one line on stderr, exit 2
+    plain = subprocess.run([sys.executable, "-c", _TELEMETRY_PROBE, *args], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=True)
+    assert _said(plain.stdout) == ["true", "True None"]
+    kept = subprocess.run([sys.executable, "-c", _TELEMETRY_PROBE, *args],
+                          env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert _said(kept.stdout) == ["false"]
+
+
 def test_a_local_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
     from medseg.tracking import Tracker
 
