@@ -456,8 +456,8 @@ class BudgetPlan:
     why: str
     validations: int = VALIDATIONS
     spacing: tuple[float, float, float] | None = None  # a coarser grid for context (context_spacing)
-    # measured as for ``budget_s`` on a CPU where the user gave epochs: no deadline, the user's epochs
-    # (``speed_plan_for_epochs``); ``steps``, ``epochs`` are then what that budget would have planned
+    # measured as for ``budget_s`` on a CPU where the user gave epochs (``speed_plan_for_epochs``): no
+    # deadline; ``epochs`` the user's, ``iterations_per_epoch`` a tenth of the budget's steps unless given
     for_epochs: bool = False
 
     def params(self) -> dict[str, Any]:
@@ -483,7 +483,8 @@ class BudgetPlan:
             for c in self.measured
         )
         if self.for_epochs:
-            head = (f"  budget     {self.reason}: {self.chosen.step_s:.3f} s a step, "
+            head = (f"  budget     {self.reason}: {self.epochs} epochs of {self.iterations_per_epoch} steps of "
+                    f"{self.chosen.step_s:.3f} s = ~{self.steps * self.chosen.step_s / 60:.0f} min training, "
                     f"{self.warmup_s:.0f} s warm-up")
         else:
             head = (f"  budget     {self.budget_s / 60:.1f} min ({self.reason}): {self.steps} steps of "
@@ -670,6 +671,12 @@ def plan_for_budget(
     warmup_s = warm.elapsed()
     steps = max(1, int(train_s / chosen.step_s))
     epochs = 2 * VALIDATIONS
+    per_epoch, val_every = max(1, -(-steps // epochs)), -(-epochs // validations)
+    if for_epochs:  # the budget's steps set an epoch's length; the epochs (and what else was given) the user's
+        epochs = int(tr.epochs)
+        per_epoch = tr.iterations_per_epoch if "iterations_per_epoch" in fixed and tr.iterations_per_epoch else per_epoch
+        val_every = int(tr.val_every) if "val_every" in fixed else -(-epochs // validations)
+        steps = epochs * per_epoch
     spacing, coarser = _context_grid(cfg, planned, fp, chosen.patch)
     plan = BudgetPlan(
         budget_s=budget,
@@ -677,8 +684,8 @@ def plan_for_budget(
         chosen=chosen,
         steps=steps,
         epochs=epochs,
-        iterations_per_epoch=max(1, -(-steps // epochs)),
-        val_every=-(-epochs // validations),
+        iterations_per_epoch=per_epoch,
+        val_every=val_every,
         train_s=train_s,
         val_s=val_s,
         warmup_s=warmup_s,
@@ -929,15 +936,10 @@ def apply_budget_plan(cfg: Config, plan: BudgetPlan) -> Config:
     out.model.name = plan.chosen.model
     if plan.spacing is not None:
         out.preprocess.spacing = plan.spacing
-    if plan.for_epochs:  # the user's epochs (and iterations, if given), no deadline
-        if "iterations_per_epoch" not in cfg.train.model_fields_set:
-            tr.iterations_per_epoch = plan.iterations_per_epoch
-        if "val_every" not in cfg.train.model_fields_set:
-            tr.val_every = max(1, -(-int(tr.epochs) // plan.validations))
-    else:
-        tr.epochs = plan.epochs
-        tr.iterations_per_epoch = plan.iterations_per_epoch
-        tr.val_every = plan.val_every
+    tr.epochs = plan.epochs
+    tr.iterations_per_epoch = plan.iterations_per_epoch
+    tr.val_every = plan.val_every
+    if not plan.for_epochs:  # with the user's epochs there is no deadline
         tr.time_budget_s = plan.budget_s
     if "lr_warmup_fraction" not in cfg.train.model_fields_set:
         tr.lr_warmup_fraction = 0.03

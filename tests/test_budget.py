@@ -156,10 +156,18 @@ def test_epochs_on_a_cpu_train_a_patch_measured_for_its_speed_for_the_epochs_giv
     assert tr.epochs == 7  # the user's epochs
     assert tr.time_budget_s is None  # no deadline
     assert tuple(int(p) for p in tr.patch_size) == plan.chosen.patch != tuple(int(p) for p in fingerprint_patch)
-    assert tr.iterations_per_epoch == plan.iterations_per_epoch == -(-plan.steps // plan.epochs)
+    assert tr.iterations_per_epoch == plan.iterations_per_epoch > 1
+    # an epoch: a tenth of the steps the default budget plans (the same measurements: the same choice)
+    default = plan_for_budget(Config.model_validate({"train": {"memory_budget_gb": 4}}), FP, device="cpu",
+                              out_channels=4, measure=fake_measure)[1]
+    assert default is not None
+    assert default.chosen == plan.chosen
+    assert tr.iterations_per_epoch == pytest.approx(default.steps / 10, rel=0.01)
     assert tr.val_every == 2  # 5 validations over 7 epochs, at most
     assert "budget.seconds" not in plan.params()
     assert plan.summary().startswith("  budget     none (epochs given): patch, batch and width measured")
+    assert f": 7 epochs of {tr.iterations_per_epoch} steps of" in plan.summary()
+    assert plan.steps == 7 * tr.iterations_per_epoch
     # iterations and validation cadence the user gave are kept
     own = Config.model_validate({"train": {"epochs": 3, "iterations_per_epoch": 5, "val_every": 1}})
     planned, _ = plan_for_budget(own, FP, device="cpu", out_channels=4, measure=fake_measure)
