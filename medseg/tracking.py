@@ -67,7 +67,9 @@ def no_usage_telemetry() -> None:
     Set before MLflow is imported; where it already is, its telemetry client is dropped."""
     import sys
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if "MLFLOW_DISABLE_TELEMETRY" in os.environ:  # the user's (or an earlier call's) word stands
+        return
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if "mlflow" not in sys.modules:
         return
     try:
