@@ -312,12 +312,12 @@ def resolve_budget(cfg: Config, device: str) -> tuple[float | None, str]:
         )
     if str(device).startswith("cpu"):
         given = ", ".join(sorted(chosen_by_user))
-        if "patch_size" in chosen_by_user:
-            return None, (f"none ({given} given): the given patch, not planned by this CPU's speed "
-                          "(--time-budget plans patch, batch and steps for the time you have)")
-        return None, (f"none ({given} given): patch, batch and width measured on this CPU as for a "
-                      f"{CPU_DEFAULT_BUDGET_S / 60:.0f}-min budget, for the epochs given (--time-budget "
-                      "plans the steps for the time you have)")
+        if speed_plan_for_epochs(cfg, device):
+            return None, (f"none ({given} given): patch, batch and width measured on this CPU as for a "
+                          f"{CPU_DEFAULT_BUDGET_S / 60:.0f}-min budget, for the epochs given (--time-budget "
+                          "plans the steps for the time you have)")
+        return None, (f"none ({given} given): the given patch, not planned by this CPU's speed "
+                      "(--time-budget plans patch, batch and steps for the time you have)")
     return None, "none: fingerprint plan"
 
 
@@ -326,8 +326,8 @@ def speed_plan_for_epochs(cfg: Config, device: str) -> bool:
     are still measured for this CPU's speed (as for the default budget), the epochs are the user's.
 
     The fingerprint plan sizes the patch by memory: on the phantoms 192 x 160 x 48 x 3 at 0.3 samples
-    a second, about 70 s an epoch of 4 steps, so ``--epochs`` chosen to fill 11 minutes trained ~40
-    steps. A GPU keeps the fingerprint plan."""
+    a second, about 80 s an epoch of 4 steps, so ``--epochs 8``, chosen to fill 11 minutes, trained 32
+    steps and scored Dice 0.469 (benchmarks/README.md). A GPU keeps the fingerprint plan."""
     tr = cfg.train
     return (str(device).startswith("cpu") and tr.time_budget_s is None
             and "patch_size" not in tr.model_fields_set
@@ -462,18 +462,20 @@ class BudgetPlan:
 
     def params(self) -> dict[str, Any]:
         """Flat MLflow params."""
-        if self.for_epochs:  # no budget: what was measured, and why this size
-            return {"budget.reason": self.reason, "budget.step_s": round(self.chosen.step_s, 4),
-                    "budget.warmup_s": round(self.warmup_s, 1), "budget.why": self.why[:450]}
-        return {
-            "budget.seconds": round(self.budget_s, 1),
+        measured = {
             "budget.reason": self.reason,
-            "budget.steps": self.steps,
             "budget.step_s": round(self.chosen.step_s, 4),
-            "budget.train_s": round(self.train_s, 1),
-            "budget.val_s": round(self.val_s, 1),
             "budget.warmup_s": round(self.warmup_s, 1),
             "budget.why": self.why[:450],
+        }
+        if self.for_epochs:  # no budget: what was measured, and why this size
+            return measured
+        return {
+            **measured,
+            "budget.seconds": round(self.budget_s, 1),
+            "budget.steps": self.steps,
+            "budget.train_s": round(self.train_s, 1),
+            "budget.val_s": round(self.val_s, 1),
         }
 
     def summary(self) -> str:

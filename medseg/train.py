@@ -958,10 +958,10 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         cfg = make_plan(cfg, fp)
     elif dist.main:
         out_channels = max(cfg.labels or {0: ""}) + 1
-        budget_s, why = resolve_budget(cfg, device.type)  # of the user's config: the plan fills in the patch
-        no_budget = why if budget_s is None and device.type == "cpu" else ""
+        why = resolve_budget(cfg, device.type)[1]  # of the user's config: the plan fills in the patch
         cfg, budget = plan_for_budget(cfg, fp, device=device.type, out_channels=out_channels,
                                       elapsed_s=time.monotonic() - started)
+        no_budget = why if budget is None and device.type == "cpu" else ""
     cfg, budget = dist.broadcast((cfg, budget))
     if chosen is not None:
         train_cases, val_cases = chosen
@@ -972,7 +972,7 @@ def _prepare(cfg: Config, dataset: Dataset, run_dir: Path, dist: Dist, device: t
         if mapped := mapping_note(cfg):
             log.info("%s", mapped)
         summary = plan_summary(cfg, fp) + ("\n" + budget.summary() if budget else "")
-        if no_budget and budget is None:  # on a CPU: why nothing was planned for its speed (a patch given)
+        if no_budget:  # on a CPU: why nothing was planned for its speed (a patch given)
             summary += f"\n  budget     {no_budget}"
         log.info("%s", summary)
         note = [*(_resume_notes(run_dir / "plan.yaml") if resumed else []), *(note or [])]
