@@ -144,6 +144,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InputError(source, "not found")
     if out.resolve() == source.resolve():
         raise OutputError(f"{out}: is the input; medseg never overwrites its inputs")
+    if source.is_file() and not is_image_file(source):
+        from medseg.io.dicom_labels import label_object_modality
+
+        if label_object_modality(source):
+            return _convert_label_object(source, out, args)
+    if args.roi or args.reference:
+        raise InputError(source, "--roi and --reference are for an RTSTRUCT or DICOM SEG file; this is an image")
     scan = None
     if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)
@@ -156,6 +163,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(
         f"{out}: {volume.shape} voxels, spacing {tuple(round(s, 4) for s in volume.spacing)} mm, {volume.axcodes()}"
     )
+    return 0
+
+
+def _convert_label_object(source: Path, out: Path, args: argparse.Namespace) -> int:
+    """``medseg convert RTSTRUCT|SEG labels.nii.gz``: the label map on its series' grid, with label tables."""
+    from medseg.errors import ConfigError
+    from medseg.io import write_label_tables, write_nifti
+    from medseg.io.dicom_labels import parse_roi_specs, read_label_object
+
+    try:
+        rois = parse_roi_specs(args.roi)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    imported = read_label_object(source, args.reference, rois=rois, series_id=args.series)
+    write_nifti(imported.volume, out, overwrite=args.overwrite, labels=imported.labels)
+    itksnap, slicer = write_label_tables(out, imported.labels, overwrite=args.overwrite)
+    for note in imported.notes:
+        print(f"{source.name}: {note}")
+    listed = ", ".join(f"{v} {imported.labels[v]} ({n} voxels)" for v, n in imported.counts.items())
+    print(f"{out}: {listed}; series {imported.series}, {imported.volume.shape} voxels, "
+          f"label tables {itksnap.name} and {slicer.name}")
     return 0
 
 
@@ -612,11 +640,36 @@ def _add_series(sub: Any) -> None:
     p.set_defaults(func=cmd_series)
 
 
+_CONVERT_EXAMPLES = """\
+examples:
+  medseg convert dicom/ct_study ct.nii.gz
+  medseg convert dicom/ct_study/RS.dcm labels.nii.gz                  # RTSTRUCT, its CT in the same folder
+  medseg convert RS.dcm labels.nii.gz --reference dicom/ct_study --roi liver --roi spleen=Spleen_1
+  medseg convert seg.dcm labels.nii.gz --reference dicom/ct_study     # DICOM SEG
+"""
+
+
 def _add_convert(sub: Any) -> None:
-    p = _command(sub, "convert", "DICOM series (or NIfTI) -> NIfTI with exact geometry")
-    p.add_argument("input", help="DICOM folder or file, or a NIfTI file")
+    p = _command(
+        sub,
+        "convert",
+        "DICOM series (or NIfTI) -> NIfTI with exact geometry; RTSTRUCT or DICOM SEG -> label map",
+        epilog=_CONVERT_EXAMPLES,
+    )
+    p.add_argument("input", help="DICOM folder or file, a NIfTI file, or an RTSTRUCT / DICOM SEG file")
     p.add_argument("output", help="NIfTI file to write (.nii.gz or .nii)")
     p.add_argument("--series", help="SeriesInstanceUID (or its hash) when the folder holds several")
+    p.add_argument(
+        "--reference",
+        help="RTSTRUCT/SEG: the folder (or zipped study) of the series it was drawn on (default: the file's folder)",
+    )
+    p.add_argument(
+        "--roi",
+        action="append",
+        metavar="NAME|LABEL=ROI",
+        help="RTSTRUCT/SEG: an ROI or segment to read, as label 1, 2, ... in the order given (names matched "
+        "without regard to case; LABEL=ROI renames it); default: all. Where ROIs overlap, the smallest is kept",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--resample-tilt",

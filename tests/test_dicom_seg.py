@@ -84,6 +84,12 @@ def test_dicom_seg_on_the_real_jpeg2000_ct(tmp_path, shared_data):
     mask[volume.array > 300] = 1
     mask[(volume.array > -50) & (volume.array < 80)] = 2
     check_seg_matches_mask(tmp_path, folder, volume, mask, {1: "bone", 2: "soft tissue"})
+    # and read back as a label map (medseg convert SEG): the same voxels on the series' grid
+    from medseg.io.dicom_labels import read_label_object
+
+    back = read_label_object(tmp_path / "case_seg.dcm", folder)
+    np.testing.assert_array_equal(back.volume.array, mask)
+    np.testing.assert_allclose(back.volume.affine, volume.affine, atol=1e-6)
 
 
 def _coded_case(tmp_path):

@@ -132,6 +132,12 @@ def test_no_patient_data_leaks_through_convert_series_train_infer(tmp_path):
         relabel[int(item.SegmentNumber)] = value_of_name[item.SegmentLabel]
     nifti_mask = np.asarray(nib.load(tmp_path / "pred" / "case_003_seg.nii.gz").dataobj)
     np.testing.assert_array_equal(relabel[numbers], nifti_mask)
+    # and `convert` reads that SEG back onto the series' grid (a label map and its tables, searched below)
+    procs["convert_seg"] = run_cli(
+        "-v", "convert", "pred/case_003_seg.dcm", "back.nii.gz", "--reference", "data/dicom/case_003",
+        cwd=tmp_path, check=True,
+    )
+    np.testing.assert_array_equal(relabel[np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj)], nifti_mask)
 
     leaks: list[str] = []
     checked = 0

@@ -157,3 +157,10 @@ def test_rtstruct_on_the_real_anonymised_ct(tmp_path, shared_data, caplog):
     filled = rasterise(path, folder)
     for value, name in labels.items():
         assert dice(filled[name], mask == value) >= 0.95, (name, dice(filled[name], mask == value))
+    # read back by medseg (medseg convert RTSTRUCT): voxel for voxel, on the series' grid
+    from medseg.io.dicom_labels import read_label_object
+
+    back = read_label_object(path, folder)
+    np.testing.assert_array_equal(back.volume.array, mask)
+    np.testing.assert_allclose(back.volume.affine, volume.affine, atol=1e-6)
+    assert back.labels == {0: "background", **labels}

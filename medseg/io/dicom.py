@@ -785,8 +785,17 @@ def series_files_in_grid_order(
     Raises:
         InputError: the series cannot be read, is multi-frame, or is gantry-tilted.
     """
+    info, files, _ = series_grid(root, series_id=series_id)
+    return info, files
+
+
+def series_grid(
+    root: str | Path, *, series_id: str | None = None, scan: ScanResult | None = None
+) -> tuple[SeriesInfo, list[Path], np.ndarray]:
+    """``series_files_in_grid_order`` and the grid's voxel -> patient (LPS, mm) affine, read from
+    the headers alone: ``read_dicom_series`` gives the same grid with ``LPS_TO_RAS @ affine``."""
     root = Path(root)
-    scan = scan_dicom(root)
+    scan = scan or scan_dicom(root)
     info = select_series(scan, root, series_id)
     geo = _series_geometry(info)
     if any(h.frame is not None for h in geo.ordered):
@@ -795,7 +804,7 @@ def series_files_in_grid_order(
         )
     if info.problems or geo.problems:
         raise InputError(root, f"series {info.uid_hash}: " + "; ".join(info.problems or geo.problems))
-    return info, [h.path for h in geo.ordered]
+    return info, [h.path for h in geo.ordered], geo.affine
 
 
 def read_dicom_series(

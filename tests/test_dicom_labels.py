@@ -1,0 +1,162 @@
+"""DICOM label objects in: RTSTRUCT contours and DICOM SEG segments read as a label map on their series' grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from scipy.ndimage import affine_transform
+
+from medseg.cli import main
+from medseg.errors import InputError
+from medseg.io import Volume, read_dicom_series, read_label_names, read_nifti, write_dicom_series
+from medseg.io.dicom_labels import parse_roi_specs, read_label_object
+from medseg.io.dicom_seg import write_dicom_seg
+from medseg.io.rtstruct import write_rtstruct
+from medseg.synthetic import make_case
+
+LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
+
+
+def _series_and_mask(folder, orientation="LPS", seed=5):
+    """A synthetic CT written as a DICOM series (slices stored in reverse), and its label on the series' grid."""
+    image, label = make_case((seed, 1), size=32, orientation=orientation)
+    write_dicom_series(image, folder, instance_order="reversed")
+    volume = read_dicom_series(folder)
+    to_label = np.linalg.inv(label.affine) @ volume.affine
+    mask = affine_transform(label.array, to_label[:3, :3], to_label[:3, 3], output_shape=volume.shape, order=0)
+    return volume, mask.astype(np.uint8)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique", "sagittal"])
+def test_rtstruct_and_seg_read_back_voxel_for_voxel(tmp_path, orientation):
+    volume, mask = _series_and_mask(tmp_path / "series", orientation)
+    assert all((mask == v).sum() > 20 for v in (1, 2, 3))
+    written = [
+        write_rtstruct(mask, tmp_path / "series", tmp_path / "rt.dcm", labels=LABELS),
+        write_dicom_seg(mask, tmp_path / "series", tmp_path / "seg.dcm", labels=LABELS),
+    ]
+    for path in written:
+        got = read_label_object(path, tmp_path / "series")
+        np.testing.assert_array_equal(got.volume.array, mask, err_msg=path.name)
+        np.testing.assert_allclose(got.volume.affine, volume.affine, atol=1e-6)
+        assert got.labels == LABELS
+        assert got.counts == {v: int((mask == v).sum()) for v in (1, 2, 3)}
+        assert got.notes == []
+
+
+def _merged_rtstruct(tmp_path, folder, parts: dict[str, np.ndarray]) -> pydicom.Dataset:
+    """One structure set holding each named mask as an ROI of its own (ROIs may overlap)."""
+    merged = None
+    for number, (name, part) in enumerate(parts.items(), start=1):
+        ds = pydicom.dcmread(write_rtstruct(part.astype(np.uint8), folder, tmp_path / f"{name}.dcm", labels={1: name}))
+        for seq in ("StructureSetROISequence", "ROIContourSequence", "RTROIObservationsSequence"):
+            item = ds[seq].value[0]
+            for key in ("ROINumber", "ReferencedROINumber", "ObservationNumber"):
+                if key in item:
+                    setattr(item, key, number)
+            if merged is not None:
+                merged[seq].value.append(item)
+        merged = merged if merged is not None else ds
+    assert merged is not None
+    return merged
+
+
+def test_overlapping_rois_keep_the_smallest_and_rois_are_chosen_by_name(tmp_path):
+    _, mask = _series_and_mask(tmp_path / "series")
+    body = np.zeros(mask.shape, bool)
+    body[2:-2, 2:-2, :] = True
+    organ = mask == 1
+    ds = _merged_rtstruct(tmp_path, tmp_path / "series", {"BODY": body, "Liver": organ, "Kidney": mask == 2})
+    ds.save_as(tmp_path / "series" / "RS.dcm")
+
+    got = read_label_object(tmp_path / "series" / "RS.dcm")  # the series beside it by default
+    assert got.labels == {0: "background", 1: "BODY", 2: "Liver", 3: "Kidney"}
+    expected = np.where(body, 1, 0)
+    expected[organ] = 2
+    expected[mask == 2] = 3
+    np.testing.assert_array_equal(got.volume.array, expected)
+    inside = int((organ & body).sum()) + int(((mask == 2) & body).sum())
+    assert f"{inside} voxels lie in more than one label; each kept the smallest" in got.notes[-1]
+
+    # chosen, ordered and renamed by --roi, matched without regard to case; the body then holds nothing else
+    rois = parse_roi_specs(["kidney", "organ=LIVER"])
+    got = read_label_object(tmp_path / "series" / "RS.dcm", rois=rois)
+    assert got.labels == {0: "background", 1: "kidney", 2: "organ"}
+    np.testing.assert_array_equal(got.volume.array, np.where(mask == 2, 1, np.where(organ, 2, 0)))
+    assert got.notes == []
+    with pytest.raises(InputError, match=r"no ROI named 'pancreas'; it has 'BODY', 'Liver', 'Kidney'"):
+        read_label_object(tmp_path / "series" / "RS.dcm", rois=parse_roi_specs(["pancreas"]))
+    with pytest.raises(ValueError, match="twice"):
+        parse_roi_specs(["liver", "liver=Kidney"])
+
+
+def _contour(points_ij: list[tuple[float, float]], k: float, affine_lps: np.ndarray, kind="CLOSED_PLANAR"):
+    item = pydicom.Dataset()
+    ijk = np.array([[i, j, k, 1.0] for i, j in points_ij])
+    item.ContourGeometricType = kind
+    item.NumberOfContourPoints = len(points_ij)
+    item.ContourData = [round(float(v), 4) for v in (ijk @ affine_lps.T)[:, :3].ravel()]
+    return item
+
+
+def test_contours_as_a_planning_system_writes_them(tmp_path):
+    """Contours without image references, a hole as a second contour, a contour a little off its
+    slice, an open contour and one outside the series: filled by the even-odd rule at voxel centres."""
+    image = Volume(np.zeros((20, 16, 6), np.float32), np.diag([0.8, 0.8, 2.5, 1.0]))
+    write_dicom_series(image, tmp_path / "series")
+    volume = read_dicom_series(tmp_path / "series")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
+    part = np.zeros(volume.shape, np.uint8)
+    part[0, 0, 0] = 1
+    ds = pydicom.dcmread(write_rtstruct(part, tmp_path / "series", tmp_path / "rt.dcm", labels={1: "GTV"}))
+    ds.ROIContourSequence[0].ContourSequence = [
+        _contour([(2.5, 2.5), (12.5, 2.5), (12.5, 10.5), (2.5, 10.5)], 2.0, lps),  # voxels 3..12 x 3..10
+        _contour([(5.5, 5.5), (7.5, 5.5), (7.5, 7.5), (5.5, 7.5)], 2.0, lps),  # its hole: 6..7 x 6..7
+        _contour([(0.2, 0.2), (3.4, 0.2), (3.4, 2.8)], 3.2, lps),  # 0.2 slices off slice 3: a triangle
+        _contour([(1, 1), (4, 1), (4, 4)], 3.0, lps, kind="OPEN_PLANAR"),
+        _contour([(1, 1), (4, 1), (4, 4)], 9.0, lps),  # beyond the last slice
+    ]
+    ds.save_as(tmp_path / "rt.dcm")
+    got = read_label_object(tmp_path / "rt.dcm", tmp_path / "series")
+    expected = np.zeros(volume.shape, np.uint8)
+    expected[3:13, 3:11, 2] = 1
+    expected[6:8, 6:8, 2] = 0
+    expected[2, 1, 3] = expected[3, 1, 3] = expected[3, 2, 3] = 1  # the centres the triangle encloses
+    np.testing.assert_array_equal(got.volume.array, expected)
+    assert "1 open_planar contour(s) (only closed planar ones are areas) skipped" in got.notes
+    assert "1 contour(s) outside the series' slices skipped" in got.notes
+    assert not any("slices from the slices" in n for n in got.notes), "0.2 slices off is within tolerance"
+
+
+def test_convert_cli_reads_an_rtstruct_and_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, mask = _series_and_mask(tmp_path / "ct")
+    write_rtstruct(mask, tmp_path / "ct", tmp_path / "ct" / "RS.dcm", labels=LABELS)
+    _series_and_mask(tmp_path / "other", seed=6)  # another patient: another frame of reference
+
+    assert main(["convert", "ct", "ct.nii.gz"]) == 0  # the folder: its image series, not the RTSTRUCT
+    assert main(["convert", "ct/RS.dcm", "labels.nii.gz", "--roi", "spleen", "--roi", "liver"]) == 0
+    out = capsys.readouterr().out
+    assert f"labels.nii.gz: 1 spleen ({int((mask == 3).sum())} voxels), 2 liver" in out
+    labels = read_nifti(tmp_path / "labels.nii.gz", kind="label")
+    image = read_nifti(tmp_path / "ct.nii.gz")
+    np.testing.assert_allclose(labels.affine, image.affine, atol=1e-5)  # the image's own grid
+    np.testing.assert_array_equal(labels.array, np.where(mask == 3, 1, np.where(mask == 1, 2, 0)))
+    assert read_label_names(tmp_path / "labels.nii.gz") == {0: "background", 1: "spleen", 2: "liver"}
+    assert "spleen" in (tmp_path / "labels.itksnap.txt").read_text()
+    assert (tmp_path / "labels.ctbl").is_file()
+
+    refusals = {
+        ("ct/RS.dcm", "x.nii.gz", "--roi", "pancreas"): "no ROI named 'pancreas'; it has 'liver', 'kidney', 'spleen'",
+        ("ct/RS.dcm", "x.nii.gz", "--reference", "other"): "drawn in frame of reference",
+        ("ct", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT or DICOM SEG file",
+        ("ct/slice_0000.dcm", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT",
+        ("ct/RS.dcm", "labels.nii.gz"): "already exists",
+    }
+    for args, message in refusals.items():
+        assert main(["convert", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, (args, err)
+        assert message in err, (args, err)
+    assert not (tmp_path / "x.nii.gz").exists()
