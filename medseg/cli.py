@@ -187,6 +187,28 @@ def _convert_label_object(source: Path, out: Path, args: argparse.Namespace) -> 
     return 0
 
 
+def cmd_import_dicom(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
+    from medseg.importing import import_dicom_dataset
+    from medseg.io.dicom_labels import parse_roi_specs
+
+    try:
+        rois = parse_roi_specs(args.roi)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    summary = import_dicom_dataset(args.studies, args.out, rois, name=args.name, overwrite=args.overwrite)
+    for case in summary.cases:
+        voxels = ", ".join(f"{label} {n}" for label, n in case["voxels"].items())
+        print(f"{case['case']}: series {case['series']}, {case['labels_from']} ({voxels} voxels)")
+        for note in case["notes"]:
+            print(f"  {note}")
+    for path, why in summary.skipped:
+        print(f"SKIPPED {path}: {why}", file=sys.stderr)
+    print(f"{summary.out}: {len(summary.cases)} case(s), {len(summary.skipped)} skipped; "
+          f"train with: medseg train --data {summary.out}")
+    return 1 if summary.skipped else 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.data import check_dataset
 
@@ -563,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_synth, _add_series, _add_convert, _add_check, _add_train, _add_augment_preview,
+    for add in (_add_demo, _add_synth, _add_series, _add_convert, _add_import_dicom, _add_check, _add_train, _add_augment_preview,
                 _add_infer, _add_evaluate, _add_export, _add_tune):
         add(sub)
     _add_dataset_options(sub.choices)
@@ -677,6 +699,35 @@ def _add_convert(sub: Any) -> None:
         help="resample a gantry-tilted series onto an orthogonal grid (default: refuse it)",
     )
     p.set_defaults(func=cmd_convert)
+
+
+def _add_import_dicom(sub: Any) -> None:
+    p = _command(
+        sub,
+        "import-dicom",
+        "a folder of DICOM studies with RTSTRUCT or DICOM SEG -> a training dataset (Decathlon layout)",
+        epilog="""\
+examples:
+  medseg import-dicom planning_export/ --roi liver --roi spleen=Spleen_1 --out data/abdomen
+  medseg train --data data/abdomen --time-budget 8h
+
+Each RTSTRUCT/SEG under the folder, with the series it references, becomes case_000, case_001, ...;
+one whose ROIs are missing or empty, or whose series is not there, is skipped (exit code 1).
+""",
+    )
+    p.add_argument("studies", help="folder (or zipped export) of DICOM studies, searched recursively")
+    p.add_argument("--out", required=True, help="dataset folder to write (imagesTr, labelsTr, dataset.json)")
+    p.add_argument(
+        "--roi",
+        action="append",
+        required=True,
+        metavar="NAME|LABEL=ROI",
+        help="an ROI or segment every case must hold, as label 1, 2, ... in the order given (names matched "
+        "without regard to case; LABEL=ROI renames it)",
+    )
+    p.add_argument("--name", help="the dataset's name in dataset.json (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(func=cmd_import_dicom)
 
 
 def _add_check(sub: Any) -> None:

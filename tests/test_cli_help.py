@@ -20,7 +20,7 @@ from tests.helpers import REPO
 
 GOLDEN = REPO / "tests" / "golden" / "cli_help"
 PYTHON = (3, 11)  # argparse lays out help differently from one Python minor version to another
-COMMANDS = ["medseg", "demo", "synth", "series", "convert", "check", "train", "augment-preview", "infer",
+COMMANDS = ["medseg", "demo", "synth", "series", "convert", "import-dicom", "check", "train", "augment-preview", "infer",
             "evaluate", "export", "tune"]
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pydicom
 
 from medseg.errors import InputError, one_line
-from medseg.io.dicom import LPS_TO_RAS, scan_dicom, series_grid, uid_hash
+from medseg.io.dicom import LPS_TO_RAS, ScanResult, scan_dicom, series_grid, uid_hash
 from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def read_label_object(
     *,
     rois: Sequence[tuple[str, str]] | None = None,
     series_id: str | None = None,
+    scan: ScanResult | None = None,
+    require_referenced: bool = False,
 ) -> ImportedLabels:
     """Read an RTSTRUCT or DICOM SEG as a label map on the grid of the series it was drawn on.
 
@@ -91,6 +93,9 @@ def read_label_object(
             regard to case); default: every ROI or segment, in the file's order.
         series_id: the series to use when the reference holds several and the one the object
             references is not among them (as for ``read_dicom_series``).
+        scan: ``scan_dicom(reference)`` already done (many objects under one folder).
+        require_referenced: refuse an object whose referenced series is not under ``reference``
+            instead of reading it onto the main series there (a folder of many patients).
 
     Raises:
         InputError: not an RTSTRUCT/SEG, no usable series, another frame of reference, an ROI that is
@@ -100,6 +105,7 @@ def read_label_object(
 
     path = Path(path)
     reference = Path(reference) if reference is not None else path.parent
+    where = _Where(reference, series_id, scan, require_referenced)
     with scrubbed_messages(where=path.name):
         try:
             ds = pydicom.dcmread(path)
@@ -107,14 +113,24 @@ def read_label_object(
             raise InputError(path, f"cannot be read as DICOM ({one_line(exc)})") from exc
         modality = str(ds.get("Modality", "")).upper()
         if modality == "RTSTRUCT":
-            return _read_rtstruct(path, ds, reference, rois, series_id)
+            return _read_rtstruct(path, ds, where, rois)
         if modality == "SEG":
-            return _read_seg(path, reference, rois, series_id)
+            return _read_seg(path, where, rois)
     what = f"a {modality} object" if modality else "a DICOM file without a Modality"
     raise InputError(path, f"is {what}, not an RTSTRUCT or DICOM SEG")
 
 
 # ----------------------------------------------------------------------------- the series
+
+
+@dataclass
+class _Where:
+    """Where to find the series an object was drawn on."""
+
+    reference: Path
+    series_id: str | None = None
+    scan: ScanResult | None = None
+    require_referenced: bool = False
 
 
 @dataclass
@@ -132,22 +148,27 @@ def _instance_uid(ds: pydicom.Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta else ""))
 
 
-def _grid(path: Path, reference: Path, referenced_series: str, series_id: str | None) -> _Grid:
+def _grid(path: Path, where: _Where, referenced_series: str) -> _Grid:
     """The series the object was drawn on: the one it references if ``reference`` holds it, else
     ``series_id`` or the main series (its frame of reference is checked by the caller)."""
     from medseg.io.archive import dicom_source
 
     notes = []
+    reference = where.reference
     with dicom_source(reference) as folder:
-        scan = scan_dicom(folder)
+        scan = where.scan or scan_dicom(folder)
         if not scan.series:
             raise InputError(
                 path, f"no image series under {reference} (pass --reference with the series it was drawn on)"
             )
         ids = {s.series_id for s in scan.series}
-        chosen = series_id
+        if referenced_series and referenced_series not in ids:
+            referenced_series = _blank_series(scan, referenced_series) or referenced_series
+        chosen = where.series_id
         if chosen is None and referenced_series in ids:
             chosen = referenced_series
+        elif chosen is None and where.require_referenced:
+            raise InputError(path, f"the series it references ({uid_hash(referenced_series)}) is not under {reference}")
         elif chosen is None and referenced_series and len(scan.series) > 1:
             notes.append(
                 f"the series it references ({uid_hash(referenced_series)}) is not under {reference.name}; "
@@ -166,6 +187,19 @@ def _grid(path: Path, reference: Path, referenced_series: str, series_id: str | 
         instance_uids=[_instance_uid(h) for h in headers],
         notes=notes,
     )
+
+
+def _blank_series(scan: ScanResult, referenced: str) -> str | None:
+    """The series without a SeriesInstanceUID (anonymised) whose stand-in medseg's SEG and RTSTRUCT
+    writers gave it (``medseg.io.dicom_seg.stand_in_uid``) is ``referenced``, if one is."""
+    from medseg.io.dicom_seg import stand_in_uid
+
+    for info in scan.series:
+        if info.series_id.startswith("hash:") and info.files:
+            first = pydicom.dcmread(info.files[0], stop_before_pixels=True, specific_tags=["FrameOfReferenceUID"])
+            if stand_in_uid(first, "SeriesInstanceUID", info.uid_hash) == referenced:
+                return info.series_id
+    return None
 
 
 def _check_frame(path: Path, theirs: Iterable[str], grid: _Grid) -> None:
@@ -273,12 +307,12 @@ def _fill_contours(contours: Sequence[Any], to_voxel: np.ndarray, shape: tuple[i
 
 
 def _read_rtstruct(
-    path: Path, ds: pydicom.Dataset, reference: Path, rois: Sequence[tuple[str, str]] | None, series_id: str | None
+    path: Path, ds: pydicom.Dataset, where: _Where, rois: Sequence[tuple[str, str]] | None
 ) -> ImportedLabels:
     structures = list(ds.get("StructureSetROISequence", []))
     names = [str(s.get("ROIName", "") or f"ROI {s.get('ROINumber', i + 1)}") for i, s in enumerate(structures)]
     chosen = _select(path, names, rois, "ROI")
-    grid = _grid(path, reference, _referenced_series(ds), series_id)
+    grid = _grid(path, where, _referenced_series(ds))
     _check_frame(path, [structures[i].get("ReferencedFrameOfReferenceUID", "") for _, i in chosen], grid)
     contours_of = {
         int(c.get("ReferencedROINumber", -1)): list(c.get("ContourSequence", [])) for c in ds.get("ROIContourSequence", [])
@@ -303,9 +337,7 @@ def _read_rtstruct(
 # ----------------------------------------------------------------------------- DICOM SEG
 
 
-def _read_seg(
-    path: Path, reference: Path, rois: Sequence[tuple[str, str]] | None, series_id: str | None
-) -> ImportedLabels:
+def _read_seg(path: Path, where: _Where, rois: Sequence[tuple[str, str]] | None) -> ImportedLabels:
     import highdicom as hd
 
     try:
@@ -316,7 +348,7 @@ def _read_seg(
     names = [str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}") for s in segments]
     chosen = _select(path, names, rois, "segment")
     referenced = [str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", [])]
-    grid = _grid(path, reference, referenced[0] if referenced else "", series_id)
+    grid = _grid(path, where, referenced[0] if referenced else "")
     _check_frame(path, [seg.get("FrameOfReferenceUID", "")], grid)
     planes = []
     for _, i in chosen:

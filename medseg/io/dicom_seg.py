@@ -211,6 +211,14 @@ _TYPE2 = (
 )
 
 
+def stand_in_uid(first: pydicom.Dataset, attr: str, series_hash: str) -> str:
+    """The UID a SEG or RTSTRUCT references where the series' ``attr`` is blank: the same for the
+    same series every time, so that ``medseg.io.dicom_labels`` finds the series again."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(first.get("FrameOfReferenceUID", "")), attr, series_hash]))
+
+
 def complete_for_reference(
     sources: list[pydicom.Dataset], source_dir: str | Path, series_hash: str, *, what: str = "DICOM SEG"
 ) -> None:
@@ -220,7 +228,6 @@ def complete_for_reference(
     the file meta still holds them; blank Study/Series UIDs get deterministic stand-ins, and a
     warning says that a PACS will not link such a SEG to its images.
     """
-    from pydicom.uid import generate_uid
 
     stand_ins = []
     for ds in sources:
@@ -235,8 +242,7 @@ def complete_for_reference(
             )
         for attr in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
             if not ds.get(attr):
-                seed = [str(sources[0].get("FrameOfReferenceUID", "")), attr, series_hash]
-                setattr(ds, attr, generate_uid(entropy_srcs=seed))
+                setattr(ds, attr, stand_in_uid(sources[0], attr, series_hash))
                 stand_ins.append(attr)
         for attr in _TYPE2:
             if attr not in ds:
