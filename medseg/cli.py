@@ -134,6 +134,7 @@ def _ts_name(uid: str) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.errors import InputError, OutputError
     from medseg.io import is_image_file, is_nifti, load_volume, scan_dicom, select_series, write_nifti
+    from medseg.io.nifti import compact_dtype
 
     source, out = Path(args.input), Path(args.output)
     if not is_nifti(out):
@@ -159,9 +160,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             how = "chosen with --series" if args.series else "the main one; pick another with --series"
             print(f"{source}: {len(scan.series)} series found; converting {info.label()}, {how}")
     volume = load_volume(source, series_id=args.series, allow_tilt=args.resample_tilt, scan=scan)
-    write_nifti(volume, out, overwrite=args.overwrite)
+    dtype = compact_dtype(volume.array)
+    write_nifti(volume, out, overwrite=args.overwrite, dtype=dtype)
     print(
-        f"{out}: {volume.shape} voxels, spacing {tuple(round(s, 4) for s in volume.spacing)} mm, {volume.axcodes()}"
+        f"{out}: {volume.shape} voxels, spacing {tuple(round(s, 4) for s in volume.spacing)} mm, {volume.axcodes()}, "
+        f"{dtype or volume.array.dtype}"
     )
     return 0
 

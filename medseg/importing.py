@@ -93,6 +93,7 @@ def import_dicom_dataset(
     """
     from medseg.io import scan_dicom, write_nifti
     from medseg.io.archive import dicom_source
+    from medseg.io.nifti import compact_dtype
     from medseg.io.volume import atomic_dir
 
     if not rois:
@@ -122,7 +123,7 @@ def import_dicom_dataset(
                 modality = modality or this
                 taken[labels.series] = Path(shown)
                 case = f"case_{len(summary.cases):03d}"
-                write_nifti(image, staging / "imagesTr" / f"{case}.nii.gz", overwrite=False)
+                write_nifti(image, staging / "imagesTr" / f"{case}.nii.gz", overwrite=False, dtype=compact_dtype(image.array))
                 write_nifti(labels.volume, staging / "labelsTr" / f"{case}.nii.gz", overwrite=False, labels=labels.labels)
                 summary.cases.append(
                     {

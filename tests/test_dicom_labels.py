@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -136,6 +137,9 @@ def test_convert_cli_reads_an_rtstruct_and_refuses_in_one_line(tmp_path, capsys,
     _series_and_mask(tmp_path / "other", seed=6)  # another patient: another frame of reference
 
     assert main(["convert", "ct", "ct.nii.gz"]) == 0  # the folder: its image series, not the RTSTRUCT
+    assert capsys.readouterr().out.rstrip().endswith(", int16")  # HU are integers: half of float32's size
+    assert nib.load(tmp_path / "ct.nii.gz").get_data_dtype() == np.int16
+    np.testing.assert_array_equal(read_nifti(tmp_path / "ct.nii.gz").array, read_dicom_series(tmp_path / "ct").array)
     assert main(["convert", "ct/RS.dcm", "labels.nii.gz", "--roi", "spleen", "--roi", "liver"]) == 0
     out = capsys.readouterr().out
     assert f"labels.nii.gz: 1 spleen ({int((mask == 3).sum())} voxels), 2 liver" in out
@@ -160,3 +164,17 @@ def test_convert_cli_reads_an_rtstruct_and_refuses_in_one_line(tmp_path, capsys,
         assert err.count("\n") == 1, (args, err)
         assert message in err, (args, err)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_convert_stores_integer_values_as_integers_and_others_as_they_are(tmp_path, capsys, monkeypatch):
+    from tests.dicom_cases import edit, ramp_volume
+
+    monkeypatch.chdir(tmp_path)
+    paths = write_dicom_series(ramp_volume((8, 8, 3)), tmp_path / "ct")
+    for path in paths:
+        edit(path, lambda ds: setattr(ds, "RescaleSlope", 0.5))  # half-HU steps
+    assert main(["convert", "ct", "half.nii.gz"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", float32")
+    np.testing.assert_array_equal(read_nifti(tmp_path / "half.nii.gz").array, read_dicom_series(tmp_path / "ct").array)
+    assert main(["convert", "half.nii.gz", "again.nii.gz"]) == 0  # a NIfTI in keeps its own type
+    assert nib.load(tmp_path / "again.nii.gz").get_data_dtype() == np.float32
