@@ -25,7 +25,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from accuracy import _spec, score_predictions, summary  # noqa: E402
+from accuracy import _spec, score_predictions, summary
 
 
 def run_arm(data: Path, bundles: list[str], preds: Path) -> tuple[dict, float]:
