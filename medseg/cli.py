@@ -151,7 +151,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if label_object_modality(source):
             return _convert_label_object(source, out, args)
     if args.roi or args.reference:
-        raise InputError(source, "--roi and --reference are for an RTSTRUCT or DICOM SEG file; this is an image")
+        raise InputError(source, "--roi and --reference are for an RTSTRUCT or DICOM SEG file, and this is not one")
     scan = None
     if not (source.is_file() and is_image_file(source)):  # NIfTI, NRRD, MetaImage, zip: no folder scan
         scan = scan_dicom(source)

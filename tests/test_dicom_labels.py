@@ -154,7 +154,7 @@ def test_convert_cli_reads_an_rtstruct_and_refuses_in_one_line(tmp_path, capsys,
     refusals = {
         ("ct/RS.dcm", "x.nii.gz", "--roi", "pancreas"): "no ROI named 'pancreas'; it has 'liver', 'kidney', 'spleen'",
         ("ct/RS.dcm", "x.nii.gz", "--reference", "other"): "drawn in frame of reference",
-        ("ct", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT or DICOM SEG file",
+        ("ct", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT or DICOM SEG file, and",
         ("ct/slice_0000.dcm", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT",
         ("ct/RS.dcm", "labels.nii.gz"): "already exists",
     }
@@ -178,3 +178,38 @@ def test_convert_stores_integer_values_as_integers_and_others_as_they_are(tmp_pa
     np.testing.assert_array_equal(read_nifti(tmp_path / "half.nii.gz").array, read_dicom_series(tmp_path / "ct").array)
     assert main(["convert", "half.nii.gz", "again.nii.gz"]) == 0  # a NIfTI in keeps its own type
     assert nib.load(tmp_path / "again.nii.gz").get_data_dtype() == np.float32
+
+
+def test_broken_structure_sets(tmp_path, capsys, monkeypatch):
+    """Contour points that are not numbers are skipped and counted; a truncated or empty file, or one
+    that is not a structure set, is one line and exit 2."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    monkeypatch.chdir(tmp_path)
+    _, mask = _series_and_mask(tmp_path / "ct")
+    path = write_rtstruct(mask, tmp_path / "ct", tmp_path / "rt.dcm", labels=LABELS)
+    ds = pydicom.dcmread(path)
+    contours = ds.ROIContourSequence[0].ContourSequence
+    contours[0][0x30060050] = RawDataElement(Tag(0x30060050), "DS", 8, b"ab\\cd\\ef", 0, False, True)
+    contours[1].ContourData = [1.0, 2.0]
+    ds.save_as(tmp_path / "garbled.dcm")
+    assert main(["convert", "garbled.dcm", "g.nii.gz", "--reference", "ct"]) == 0
+    assert "garbled.dcm: 2 broken contour(s) (fewer than 3 points, or points that are not numbers) skipped" in (
+        capsys.readouterr().out
+    )
+    data = path.read_bytes()
+    (tmp_path / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    refusals = {
+        "truncated.dcm": "enclose(s) no voxel of series",
+        "empty.dcm": "--roi and --reference are for an RTSTRUCT or DICOM SEG file, and this is not one",
+    }
+    for name, message in refusals.items():
+        assert main(["convert", name, "x.nii.gz", "--reference", "ct"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert message in err, err
+    with pytest.raises(InputError, match="is a CT object, not an RTSTRUCT or DICOM SEG"):
+        read_label_object(next((tmp_path / "ct").glob("*.dcm")), tmp_path / "ct")
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -251,10 +251,13 @@ def _contour_points(contour: Any) -> np.ndarray:
     element = contour.get_item(0x30060050) if 0x30060050 in contour else None
     if element is None:
         return np.zeros(0)
-    if isinstance(element, RawDataElement):
-        text = bytes(element.value or b"").decode("ascii", "replace").strip(" \0")
-        return np.asarray([v for v in text.split("\\") if v.strip()], dtype=np.float64) if text else np.zeros(0)
-    return np.asarray(element.value, dtype=np.float64).ravel()
+    try:
+        if isinstance(element, RawDataElement):
+            text = bytes(element.value or b"").decode("ascii", "replace").strip(" \0")
+            return np.asarray([v for v in text.split("\\") if v.strip()], dtype=np.float64) if text else np.zeros(0)
+        return np.asarray(element.value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):  # not numbers: a broken contour, counted as such by the caller
+        return np.full(1, np.nan)
 
 
 def _even_odd(ij: np.ndarray, size: tuple[int, int]) -> tuple[int, np.ndarray] | None:
@@ -285,8 +288,11 @@ def _fill_contours(contours: Sequence[Any], to_voxel: np.ndarray, shape: tuple[i
     for contour in contours:
         kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
         points = _contour_points(contour)
-        if kind != "CLOSED_PLANAR" or points.size < 9 or points.size % 3:
+        if kind != "CLOSED_PLANAR":
             skipped[f"{kind.lower()} contour(s) (only closed planar ones are areas)"] += 1
+            continue
+        if points.size < 9 or points.size % 3 or not np.isfinite(points).all():
+            skipped["broken contour(s) (fewer than 3 points, or points that are not numbers)"] += 1
             continue
         ijk = points.reshape(-1, 3) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         if np.ptp(ijk[:, 2]) > 0.5:
@@ -306,6 +312,14 @@ def _fill_contours(contours: Sequence[Any], to_voxel: np.ndarray, shape: tuple[i
     return planes, farthest
 
 
+def _number(item: pydicom.Dataset, keyword: str) -> int:
+    """An ROI number, or -1 where it is missing or not an integer (that ROI then has no contours)."""
+    try:
+        return int(item.get(keyword, -1))
+    except (TypeError, ValueError):
+        return -1
+
+
 def _read_rtstruct(
     path: Path, ds: pydicom.Dataset, where: _Where, rois: Sequence[tuple[str, str]] | None
 ) -> ImportedLabels:
@@ -315,13 +329,13 @@ def _read_rtstruct(
     grid = _grid(path, where, _referenced_series(ds))
     _check_frame(path, [structures[i].get("ReferencedFrameOfReferenceUID", "") for _, i in chosen], grid)
     contours_of = {
-        int(c.get("ReferencedROINumber", -1)): list(c.get("ContourSequence", [])) for c in ds.get("ROIContourSequence", [])
+        _number(c, "ReferencedROINumber"): list(c.get("ContourSequence", [])) for c in ds.get("ROIContourSequence", [])
     }
     to_voxel = np.linalg.inv(grid.affine_lps)
     skipped: Counter = Counter()
     planes, farthest = [], 0.0
     for _, i in chosen:
-        filled, far = _fill_contours(contours_of.get(int(structures[i].get("ROINumber", -1)), []), to_voxel, grid.shape, skipped)
+        filled, far = _fill_contours(contours_of.get(_number(structures[i], "ROINumber"), []), to_voxel, grid.shape, skipped)
         planes.append(filled)
         farthest = max(farthest, far)
     notes = list(grid.notes)
@@ -387,6 +401,8 @@ def _labelled(
     counts = {value: int(c) for value, c in zip(*np.unique(out, return_counts=True), strict=True) if value}
     counts = {value: counts.get(value, 0) for value in range(1, len(names) + 1)}
     empty = [repr(labels[v]) for v, c in counts.items() if c == 0 and not sizes[v - 1]]
+    if len(empty) == len(names):
+        raise InputError(path, f"{', '.join(empty)} enclose(s) no voxel of series {grid.series}: nothing to read (an empty or truncated file?)")
     if empty:
         notes.append(f"{', '.join(empty)} enclose(s) no voxel of the series: label(s) left empty")
     if overlaps:
