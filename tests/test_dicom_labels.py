@@ -201,8 +201,12 @@ def test_broken_structure_sets(tmp_path, capsys, monkeypatch):
     data = path.read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.dcm").write_bytes(b"")
+    seg = write_dicom_seg(mask, tmp_path / "ct", tmp_path / "seg.dcm", labels=LABELS).read_bytes()
+    (tmp_path / "seg_truncated.dcm").write_bytes(seg[: len(seg) // 2])
+    capsys.readouterr()  # the writer's log line
     refusals = {
         "truncated.dcm": "enclose(s) no voxel of series",
+        "seg_truncated.dcm": "cannot be read as a DICOM SEG",
         "empty.dcm": "--roi and --reference are for an RTSTRUCT or DICOM SEG file, and this is not one",
     }
     for name, message in refusals.items():

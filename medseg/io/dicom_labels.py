@@ -356,6 +356,8 @@ def _read_seg(path: Path, where: _Where, rois: Sequence[tuple[str, str]] | None)
 
     try:
         seg = hd.seg.segread(path)
+    except KeyError as exc:
+        raise InputError(path, f"cannot be read as a DICOM SEG: attribute {one_line(exc)} is missing (a truncated file?)") from exc
     except Exception as exc:
         raise InputError(path, f"cannot be read as a DICOM SEG ({one_line(exc)})") from exc
     segments = list(seg.SegmentSequence)
