@@ -693,7 +693,8 @@ def _add_convert(sub: Any) -> None:
         action="append",
         metavar="NAME|LABEL=ROI",
         help="RTSTRUCT/SEG: an ROI or segment to read, as label 1, 2, ... in the order given (names matched "
-        "without regard to case; LABEL=ROI renames it); default: all. Where ROIs overlap, the smallest is kept",
+        "without regard to case; LABEL=ROI renames it; LABEL=A|B takes the first of those the file holds); "
+        "default: all. Where ROIs overlap, the smallest is kept",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
@@ -711,7 +712,7 @@ def _add_import_dicom(sub: Any) -> None:
         "a folder of DICOM studies with RTSTRUCT or DICOM SEG -> a training dataset (Decathlon layout)",
         epilog="""\
 examples:
-  medseg import-dicom planning_export/ --roi liver --roi spleen=Spleen_1 --out data/abdomen
+  medseg import-dicom planning_export/ --roi liver --roi "spleen=Spleen|Milz|spleen_1" --out data/abdomen
   medseg train --data data/abdomen --time-budget 8h
 
 Each RTSTRUCT/SEG under the folder, with the series it references, becomes case_000, case_001, ...;
@@ -726,7 +727,7 @@ one whose ROIs are missing or empty, or whose series is not there, is skipped (e
         required=True,
         metavar="NAME|LABEL=ROI",
         help="an ROI or segment every case must hold, as label 1, 2, ... in the order given (names matched "
-        "without regard to case; LABEL=ROI renames it)",
+        "without regard to case; LABEL=ROI renames it; LABEL=A|B|C takes the first of those names a file holds)",
     )
     p.add_argument("--name", help="the dataset's name in dataset.json (default: the folder's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")

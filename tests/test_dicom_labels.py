@@ -88,6 +88,14 @@ def test_overlapping_rois_keep_the_smallest_and_rois_are_chosen_by_name(tmp_path
     assert got.notes == []
     with pytest.raises(InputError, match=r"no ROI named 'pancreas'; it has 'BODY', 'Liver', 'Kidney'"):
         read_label_object(tmp_path / "series" / "RS.dcm", rois=parse_roi_specs(["pancreas"]))
+    # names that drift between patients: the first alternative the file holds
+    got = read_label_object(tmp_path / "series" / "RS.dcm", rois=parse_roi_specs(["organ=Leber|liver_1|LIVER|Kidney"]))
+    assert got.labels == {0: "background", 1: "organ"}
+    np.testing.assert_array_equal(got.volume.array, organ.astype(np.uint8))
+    with pytest.raises(InputError, match=r"no ROI named 'Leber' or 'Milz'; it has"):
+        read_label_object(tmp_path / "series" / "RS.dcm", rois=parse_roi_specs(["x=Leber|Milz"]))
+    with pytest.raises(InputError, match=r"ROI 'Liver' would be read as two labels"):
+        read_label_object(tmp_path / "series" / "RS.dcm", rois=parse_roi_specs(["a=liver", "b=Leber|Liver"]))
     with pytest.raises(ValueError, match="twice"):
         parse_roi_specs(["liver", "liver=Kidney"])
 

@@ -50,7 +50,8 @@ class ImportedLabels:
 
 
 def parse_roi_specs(specs: Iterable[str] | None) -> list[tuple[str, str]]:
-    """``--roi`` values: ``NAME`` (the ROI and its label) or ``LABEL=ROI`` (the ROI ``ROI`` as ``LABEL``)."""
+    """``--roi`` values: ``NAME`` (the ROI and its label) or ``LABEL=ROI`` (the ROI ``ROI`` as ``LABEL``;
+    ``LABEL=A|B|C``: the first of those names a file holds)."""
     out: list[tuple[str, str]] = []
     for spec in specs or ():
         label, sep, roi = str(spec).partition("=")
@@ -90,7 +91,8 @@ def read_label_object(
         path: the RTSTRUCT or SEG file.
         reference: the folder (or zipped study) holding that series; default: the file's own folder.
         rois: (label name, ROI or segment name) pairs to read, in label order (names matched without
-            regard to case); default: every ROI or segment, in the file's order.
+            regard to case; ``A|B`` is the first of those the file holds); default: every ROI or
+            segment, in the file's order.
         series_id: the series to use when the reference holds several and the one the object
             references is not among them (as for ``read_dicom_series``).
         scan: ``scan_dicom(reference)`` already done (many objects under one folder).
@@ -214,7 +216,8 @@ def _check_frame(path: Path, theirs: Iterable[str], grid: _Grid) -> None:
 
 
 def _select(path: Path, available: list[str], rois: Sequence[tuple[str, str]] | None, what: str) -> list[tuple[str, int]]:
-    """(label name, index into ``available``) for each label to read, in label order."""
+    """(label name, index into ``available``) for each label to read, in label order. An ROI given as
+    ``A|B|C`` is the first of those names the file holds (naming drifts between patients and years)."""
     if not available:
         raise InputError(path, f"holds no {what}")
     if not rois:
@@ -222,13 +225,20 @@ def _select(path: Path, available: list[str], rois: Sequence[tuple[str, str]] | 
     index: dict[str, int] = {}
     for i, name in enumerate(available):
         index.setdefault(name.strip().casefold(), i)
-    missing = [roi for _, roi in rois if roi.strip().casefold() not in index]
+    chosen, missing = [], []
+    for label, roi in rois:
+        found = [index[key] for key in (n.strip().casefold() for n in roi.split("|")) if key in index]
+        if found:
+            chosen.append((label, found[0]))
+        else:
+            missing.append(" or ".join(repr(n.strip()) for n in roi.split("|")))
     if missing:
-        raise InputError(
-            path,
-            f"no {what} named {', '.join(map(repr, missing))}; it has {', '.join(map(repr, available))}",
-        )
-    return [(label, index[roi.strip().casefold()]) for label, roi in rois]
+        raise InputError(path, f"no {what} named {', '.join(missing)}; it has {', '.join(map(repr, available))}")
+    taken = [i for _, i in chosen]
+    twice = sorted({available[i] for i in taken if taken.count(i) > 1})
+    if twice:
+        raise InputError(path, f"{what} {', '.join(map(repr, twice))} would be read as two labels")
+    return chosen
 
 
 # ----------------------------------------------------------------------------- RTSTRUCT
