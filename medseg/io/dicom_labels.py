@@ -112,12 +112,12 @@ def read_label_object(
         try:
             ds = pydicom.dcmread(path)
         except Exception as exc:
-            raise InputError(path, f"cannot be read as DICOM ({one_line(exc)})") from exc
+            raise InputError(path, f"cannot be read as DICOM ({_reason(exc)})") from exc
         modality = str(ds.get("Modality", "")).upper()
         if modality == "RTSTRUCT":
             return _read_rtstruct(path, ds, where, rois)
         if modality == "SEG":
-            return _read_seg(path, where, rois)
+            return _read_seg(path, ds, where, rois)
     what = f"a {modality} object" if modality else "a DICOM file without a Modality"
     raise InputError(path, f"is {what}, not an RTSTRUCT or DICOM SEG")
 
@@ -143,6 +143,14 @@ class _Grid:
     frame_of_reference: str
     instance_uids: list[str]
     notes: list[str]
+
+
+def _reason(exc: BaseException, header: pydicom.Dataset | None = None) -> str:
+    """A library's exception as one line, scrubbed of the header's identifying values, quoted strings
+    and UIDs (pydicom and highdicom quote the values they reject)."""
+    from medseg.io.privacy import identifying_values, scrub
+
+    return scrub(one_line(exc), identifying_values([header] if header is not None else []))
 
 
 def _instance_uid(ds: pydicom.Dataset) -> str:
@@ -180,7 +188,7 @@ def _grid(path: Path, where: _Where, referenced_series: str) -> _Grid:
         try:
             headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         except Exception as exc:
-            raise InputError(reference, f"cannot re-read series {info.uid_hash} ({one_line(exc)})") from exc
+            raise InputError(reference, f"cannot re-read series {info.uid_hash} ({_reason(exc)})") from exc
     return _Grid(
         shape=(*info.size[:2], len(files)),
         affine_lps=affine,
@@ -361,7 +369,7 @@ def _read_rtstruct(
 # ----------------------------------------------------------------------------- DICOM SEG
 
 
-def _read_seg(path: Path, where: _Where, rois: Sequence[tuple[str, str]] | None) -> ImportedLabels:
+def _read_seg(path: Path, header: pydicom.Dataset, where: _Where, rois: Sequence[tuple[str, str]] | None) -> ImportedLabels:
     import highdicom as hd
 
     try:
@@ -369,7 +377,7 @@ def _read_seg(path: Path, where: _Where, rois: Sequence[tuple[str, str]] | None)
     except KeyError as exc:
         raise InputError(path, f"cannot be read as a DICOM SEG: attribute {one_line(exc)} is missing (a truncated file?)") from exc
     except Exception as exc:
-        raise InputError(path, f"cannot be read as a DICOM SEG ({one_line(exc)})") from exc
+        raise InputError(path, f"cannot be read as a DICOM SEG ({_reason(exc, header)})") from exc
     segments = list(seg.SegmentSequence)
     names = [str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}") for s in segments]
     chosen = _select(path, names, rois, "segment")
@@ -384,7 +392,7 @@ def _read_seg(path: Path, where: _Where, rois: Sequence[tuple[str, str]] | None)
             )
         except Exception as exc:
             raise InputError(
-                path, f"its frames do not belong to the instances of series {grid.series} ({one_line(exc)})"
+                path, f"its frames do not belong to the instances of series {grid.series} ({_reason(exc, header)})"
             ) from exc
         voxels = np.asarray(frames)[..., 0] >= 0.5  # (k, rows, columns)
         planes.append({int(k): voxels[k].T.copy() for k in np.flatnonzero(voxels.any(axis=(1, 2)))})
