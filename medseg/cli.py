@@ -171,14 +171,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_label_object(source: Path, out: Path, args: argparse.Namespace) -> int:
     """``medseg convert RTSTRUCT|SEG labels.nii.gz``: the label map on its series' grid, with label tables."""
-    from medseg.errors import ConfigError
+    from medseg.errors import ConfigError, OutputError
     from medseg.io import write_label_tables, write_nifti
     from medseg.io.dicom_labels import parse_roi_specs, read_label_object
+    from medseg.io.labeltables import label_table_paths
 
     try:
         rois = parse_roi_specs(args.roi)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    for table in label_table_paths(out):  # the mask and its tables are one result: refused before either
+        if table.exists() and not args.overwrite:
+            raise OutputError(f"{table}: already exists (pass --overwrite to replace it)")
     imported = read_label_object(source, args.reference, rois=rois, series_id=args.series)
     write_nifti(imported.volume, out, overwrite=args.overwrite, labels=imported.labels)
     itksnap, slicer = write_label_tables(out, imported.labels, overwrite=args.overwrite)

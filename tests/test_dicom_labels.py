@@ -165,13 +165,16 @@ def test_convert_cli_reads_an_rtstruct_and_refuses_in_one_line(tmp_path, capsys,
         ("ct", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT or DICOM SEG file, and",
         ("ct/slice_0000.dcm", "x.nii.gz", "--roi", "liver"): "--roi and --reference are for an RTSTRUCT",
         ("ct/RS.dcm", "labels.nii.gz"): "already exists",
+        ("ct/RS.dcm", "labels2.nii.gz"): "labels2.itksnap.txt: already exists",  # a table left by another run
     }
+    (tmp_path / "labels2.itksnap.txt").write_text("an older table")
     for args, message in refusals.items():
         assert main(["convert", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1, (args, err)
         assert message in err, (args, err)
     assert not (tmp_path / "x.nii.gz").exists()
+    assert not (tmp_path / "labels2.nii.gz").exists()
 
 
 def test_convert_stores_integer_values_as_integers_and_others_as_they_are(tmp_path, capsys, monkeypatch):
