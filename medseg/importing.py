@@ -71,6 +71,19 @@ def _object_id(obj: Path) -> str:
     return f"{ds.get('Modality', '')} {uid_hash(uid) if uid else 'without an instance UID'}"
 
 
+def _dataset_json(name: str, modality: str, rois: Sequence[tuple[str, str]], cases: list[str]) -> dict:
+    return {
+        "name": name,
+        "description": "imported by medseg import-dicom from DICOM series and their RTSTRUCT/SEG",
+        "modality": {"0": modality or "CT"},
+        "labels": {"0": "background", **{str(n): label for n, (label, _) in enumerate(rois, start=1)}},
+        "numTraining": len(cases),
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
+        "test": [],
+    }
+
+
 def import_dicom_dataset(
     root: str | Path,
     out: str | Path,
@@ -137,19 +150,7 @@ def import_dicom_dataset(
             if not summary.cases:
                 why = "; ".join(f"{p}: {w}" for p, w in summary.skipped[:3])
                 raise InputError(Path(root), f"no case could be imported ({why})")
-            spec = {
-                "name": name or out.name,
-                "description": "imported by medseg import-dicom from DICOM series and their RTSTRUCT/SEG",
-                "modality": {"0": modality or "CT"},
-                "labels": {"0": "background", **{str(n): label for n, (label, _) in enumerate(rois, start=1)}},
-                "numTraining": len(summary.cases),
-                "numTest": 0,
-                "training": [
-                    {"image": f"./imagesTr/{c['case']}.nii.gz", "label": f"./labelsTr/{c['case']}.nii.gz"}
-                    for c in summary.cases
-                ],
-                "test": [],
-            }
+            spec = _dataset_json(name or out.name, modality, rois, [c["case"] for c in summary.cases])
             (staging / "dataset.json").write_text(json.dumps(spec, indent=2))
             (staging / "sources.json").write_text(json.dumps(summary.cases, indent=1, ensure_ascii=False))
     log.debug("%s: %d case(s) imported, %d object(s) skipped", out, len(summary.cases), len(summary.skipped))
