@@ -55,20 +55,7 @@ def _case(obj: Path, folder: Path, scan, rois: Sequence[tuple[str, str]]):
     image = read_dicom_series(folder, series_id=labels.series, scan=scan)
     if image.shape != labels.volume.shape or not np.allclose(image.affine, labels.volume.affine, atol=1e-4):
         raise InputError(obj, f"its label map and series {labels.series} do not share a grid")
-    return image, labels, _object_id(obj)
-
-
-def _object_id(obj: Path) -> str:
-    """How sources.json names a label object: its modality and hashed instance UID (its path may hold
-    a patient's name; whoever has the export can find the object by the hash)."""
-    import pydicom
-
-    from medseg.io import uid_hash
-
-    ds = pydicom.dcmread(obj, stop_before_pixels=True, specific_tags=["Modality", "SOPInstanceUID"])
-    meta = getattr(ds, "file_meta", None)
-    uid = str(ds.get("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta else ""))
-    return f"{ds.get('Modality', '')} {uid_hash(uid) if uid else 'without an instance UID'}"
+    return image, labels
 
 
 def _dataset_json(name: str, modality: str, rois: Sequence[tuple[str, str]], cases: list[str]) -> dict:
@@ -124,7 +111,7 @@ def import_dicom_dataset(
             for obj in objects:
                 shown = obj.relative_to(folder) if obj.is_relative_to(folder) else obj
                 try:
-                    image, labels, object_id = _case(obj, folder, scan, rois)
+                    image, labels = _case(obj, folder, scan, rois)
                     if labels.series in taken:
                         raise InputError(shown, f"series {labels.series} already has its labels from {taken[labels.series]}")
                     this = str(image.meta.get("modality", "") or "")
@@ -142,7 +129,7 @@ def import_dicom_dataset(
                     {
                         "case": case,
                         "series": labels.series,
-                        "labels_from": object_id,
+                        "labels_from": labels.source,
                         "voxels": {labels.labels[v]: n for v, n in labels.counts.items()},
                         "notes": labels.notes,
                     }

@@ -46,6 +46,7 @@ class ImportedLabels:
     labels: dict[int, str]  # value -> name (0 is background)
     counts: dict[int, int]  # voxels per label value in the map
     series: str  # the series' hashed UID
+    source: str  # the object: its modality and hashed SOP instance UID (never its path)
     notes: list[str] = field(default_factory=list)  # what the user should know (overlaps, skipped contours)
 
 
@@ -158,9 +159,10 @@ def _instance_uid(ds: pydicom.Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta else ""))
 
 
-def _grid(path: Path, where: _Where, referenced_series: str) -> _Grid:
+def _grid(path: Path, where: _Where, referenced_series: str, *, instances: bool = False) -> _Grid:
     """The series the object was drawn on: the one it references if ``reference`` holds it, else
-    ``series_id`` or the main series (its frame of reference is checked by the caller)."""
+    ``series_id`` or the main series (its frame of reference is checked by the caller). The SOP
+    instance UIDs of its slices only with ``instances`` (a SEG's frames are matched by them)."""
     from medseg.io.archive import dicom_source
 
     notes = []
@@ -186,7 +188,7 @@ def _grid(path: Path, where: _Where, referenced_series: str) -> _Grid:
             )
         info, files, affine = series_grid(folder, series_id=chosen, scan=scan)
         try:
-            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in (files if instances else files[:1])]
         except Exception as exc:
             raise InputError(reference, f"cannot re-read series {info.uid_hash} ({_reason(exc)})") from exc
     return _Grid(
@@ -194,7 +196,7 @@ def _grid(path: Path, where: _Where, referenced_series: str) -> _Grid:
         affine_lps=affine,
         series=info.uid_hash,
         frame_of_reference=str(headers[0].get("FrameOfReferenceUID", "")),
-        instance_uids=[_instance_uid(h) for h in headers],
+        instance_uids=[_instance_uid(h) for h in headers] if instances else [],
         notes=notes,
     )
 
@@ -363,7 +365,7 @@ def _read_rtstruct(
             f"contours lie up to {farthest:.2f} slices from the slices they were put on "
             "(drawn on another series of the same frame of reference?)"
         )
-    return _labelled(path, grid, [label for label, _ in chosen], planes, notes, "rtstruct")
+    return _labelled(path, ds, grid, [label for label, _ in chosen], planes, notes)
 
 
 # ----------------------------------------------------------------------------- DICOM SEG
@@ -382,7 +384,7 @@ def _read_seg(path: Path, header: pydicom.Dataset, where: _Where, rois: Sequence
     names = [str(s.get("SegmentLabel", "") or f"segment {s.SegmentNumber}") for s in segments]
     chosen = _select(path, names, rois, "segment")
     referenced = [str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", [])]
-    grid = _grid(path, where, referenced[0] if referenced else "")
+    grid = _grid(path, where, referenced[0] if referenced else "", instances=True)
     _check_frame(path, [seg.get("FrameOfReferenceUID", "")], grid)
     planes = []
     for _, i in chosen:
@@ -396,14 +398,15 @@ def _read_seg(path: Path, header: pydicom.Dataset, where: _Where, rois: Sequence
             ) from exc
         voxels = np.asarray(frames)[..., 0] >= 0.5  # (k, rows, columns)
         planes.append({int(k): voxels[k].T.copy() for k in np.flatnonzero(voxels.any(axis=(1, 2)))})
-    return _labelled(path, grid, [label for label, _ in chosen], planes, list(grid.notes), "dicom-seg")
+    return _labelled(path, header, grid, [label for label, _ in chosen], planes, list(grid.notes))
 
 
 # ----------------------------------------------------------------------------- the label map
 
 
 def _labelled(
-    path: Path, grid: _Grid, names: list[str], planes: list[dict[int, np.ndarray]], notes: list[str], fmt: str
+    path: Path, header: pydicom.Dataset, grid: _Grid, names: list[str], planes: list[dict[int, np.ndarray]],
+    notes: list[str],
 ) -> ImportedLabels:
     """One label map from the labels' filled planes: where they overlap, the smallest label is kept."""
     sizes = [int(sum(int(p.sum()) for p in filled.values())) for filled in planes]
@@ -433,7 +436,11 @@ def _labelled(
             f"{sum(overlaps.values())} voxels lie in more than one label; each kept the smallest: {pairs}"
             + (" ..." if len(overlaps) > 3 else "")
         )
+    modality = str(header.get("Modality", "")).upper()
+    fmt = "rtstruct" if modality == "RTSTRUCT" else "dicom-seg"
     meta = {"kind": "label", "source_format": fmt, "series_uid_hash": grid.series, "n_slices": grid.shape[2]}
     volume = Volume(array=out, affine=LPS_TO_RAS @ grid.affine_lps, meta=meta, source=str(path))
     log.debug("%s: %d label(s) on series %s, %s", path.name, len(names), grid.series, counts)
-    return ImportedLabels(volume=volume, labels=labels, counts=counts, series=grid.series, notes=notes)
+    uid = _instance_uid(header)
+    source = f"{modality} {uid_hash(uid) if uid else 'without an instance UID'}"
+    return ImportedLabels(volume=volume, labels=labels, counts=counts, series=grid.series, source=source, notes=notes)
